@@ -1,0 +1,20 @@
+"""Hyperion: compile an ONNX model into an explicit schedule and run it under a memory cap."""
+
+from __future__ import annotations
+
+from hyperion.api import CompiledModel, compile, load
+from hyperion.errors import (FeedError, HyperionError, MemoryLimitError, ModelLoadError, OptionError,
+                             PassError, RuntimeExecutionError, ScheduleError, ShapeError,
+                             UnsupportedModelError)
+from hyperion.ir import EdgeKind, ExecutionMode
+from hyperion.runtime import RunStats
+from hyperion.schedule import Schedule
+from hyperion.units import parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompiledModel", "EdgeKind", "ExecutionMode", "FeedError", "HyperionError", "MemoryLimitError",
+    "ModelLoadError", "OptionError", "PassError", "RunStats", "RuntimeExecutionError", "Schedule",
+    "ScheduleError", "ShapeError", "UnsupportedModelError", "compile", "load", "parse_size",
+]

@@ -1,0 +1,140 @@
+"""The Python API: ``compile``, ``load`` and :class:`CompiledModel`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import networkx as nx
+import numpy as np
+
+from hyperion.errors import FeedError, ScheduleError
+from hyperion.ir import ExecutionMode, Graph
+from hyperion.onnx_import import ImportedModel, ModelLike, import_model, load_source, unbound_dims, require_bound
+from hyperion.planner import parse_mode, plan
+from hyperion.runtime import RunStats, Runtime, SessionConfig
+from hyperion.schedule import Schedule
+from hyperion.units import parse_size
+
+log = logging.getLogger(__name__)
+
+ShapeSignature = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+class CompiledModel:
+    """A model compiled for a mode and a memory cap; plans are cached per input shapes."""
+
+    def __init__(self, imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
+                 max_segment_steps: int | None = None, session_config: SessionConfig | None = None,
+                 schedule: Schedule | None = None) -> None:
+        self._base = imported
+        self.mode = mode
+        self.memory_limit = memory_limit
+        self.max_segment_steps = max_segment_steps
+        self.session_config = session_config or SessionConfig(enable_cpu_mem_arena=memory_limit is None)
+        self._plans: dict[ShapeSignature, tuple[ImportedModel, Schedule, Runtime]] = {}
+        self._current: ShapeSignature | None = None
+        if not unbound_dims(imported):
+            self._current = _signature(imported.input_shapes)
+            self._add_plan(self._current, imported, schedule)
+
+    # -- plans --------------------------------------------------------------------------
+    def _add_plan(self, signature: ShapeSignature, imported: ImportedModel,
+                  schedule: Schedule | None = None) -> None:
+        schedule = schedule or plan(imported, self.mode, self.memory_limit, self.max_segment_steps)
+        runtime = Runtime(imported.source, schedule, imported.value_types, self.session_config)
+        self._plans[signature] = (imported, schedule, runtime)
+
+    def _plan_for(self, signature: ShapeSignature) -> tuple[ImportedModel, Schedule, Runtime]:
+        if signature not in self._plans:
+            log.info("planning for new input shapes %s", dict(signature))
+            self._add_plan(signature, import_model(self._base.source, dict(signature)))
+        return self._plans[signature]
+
+    def _active(self) -> tuple[ImportedModel, Schedule, Runtime]:
+        if self._current is None:
+            require_bound(self._base)
+        return self._plans[self._current]
+
+    @property
+    def schedule(self) -> Schedule:
+        """The plan for the input shapes of the last run (or those given at compile time)."""
+        return self._active()[1]
+
+    @property
+    def ir(self) -> Graph:
+        return self._active()[0].graph
+
+    @property
+    def graph(self) -> nx.MultiDiGraph:
+        """The networkx graph: one node per ONNX node, edge attrs ``kind``, ``tensor``, ``bytes``."""
+        return self.ir.nx
+
+    @property
+    def stats(self) -> RunStats:
+        return self._active()[2].stats
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return self._base.graph.inputs
+
+    # -- running ------------------------------------------------------------------------
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model; returns every graph output by name, as onnxruntime does."""
+        signature = self._feed_signature(feeds)
+        _, _, runtime = self._plan_for(signature)
+        self._current = signature
+        return runtime.run(feeds)
+
+    def _feed_signature(self, feeds: Mapping[str, np.ndarray]) -> ShapeSignature:
+        shapes = {}
+        for name in self._base.graph.inputs:
+            if name not in feeds:
+                raise FeedError(f"{self._base.source.label}: missing input {name!r}; inputs are "
+                                f"{list(self._base.graph.inputs)}")
+            shapes[name] = tuple(int(d) for d in np.shape(feeds[name]))
+        return _signature(shapes)
+
+    def scheduler(self):
+        """The seed API's :class:`~hyperion.seed.ForwardScheduler`, filled from this plan."""
+        from hyperion.seed import ForwardScheduler
+
+        return ForwardScheduler.from_compiled(self)
+
+
+def _signature(shapes: Mapping[str, Sequence[int | str]]) -> ShapeSignature:
+    return tuple(sorted((name, tuple(shape)) for name, shape in shapes.items()))  # type: ignore[misc]
+
+
+def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str | ExecutionMode = "adaptive",
+            input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+            max_segment_steps: int | None = None) -> CompiledModel:
+    """Import ``model``, run the passes and plan it under ``memory_limit``.
+
+    ``memory_limit`` is bytes or a size string ("256MB", "1.5GiB"); ``None`` means
+    no cap. ``input_shapes`` binds symbolic input dims; without it, dims are bound
+    by the first run's feeds. ``max_segment_steps`` caps the steps per onnxruntime
+    session (1 runs every node in its own session).
+    """
+    limit = parse_size(memory_limit)
+    exec_mode = parse_mode(mode)
+    imported = import_model(load_source(model), input_shapes)
+    return CompiledModel(imported, exec_mode, limit, max_segment_steps)
+
+
+def load(model: ModelLike, schedule: str | os.PathLike | Schedule) -> CompiledModel:
+    """A compiled model from a saved schedule; refuses a schedule of another model."""
+    loaded = schedule if isinstance(schedule, Schedule) else Schedule.load(schedule)
+    source = load_source(model)
+    label = str(schedule) if not isinstance(schedule, Schedule) else "<schedule>"
+    if loaded.model.sha256 != source.sha256:
+        raise ScheduleError(f"{label}: schedule is for another model (sha256 {loaded.model.sha256[:12]}…, "
+                            f"{source.label} has {source.sha256[:12]}…); recompile it with hyperion compile")
+    shapes = {k: [int(d) for d in v] for k, v in loaded.input_shapes.items() if all(isinstance(d, int) for d in v)}
+    imported = import_model(source, shapes)
+    mode = ExecutionMode(loaded.requested_mode)
+    return CompiledModel(imported, mode, loaded.memory_limit, schedule=loaded)
+
+
+__all__ = ["CompiledModel", "compile", "load"]

@@ -1,0 +1,111 @@
+"""liveness: when every tensor is defined and when it is last used.
+
+Rules, for a topological order of steps 0..n-1:
+
+* an activation is defined at the step of its producer and lives until the step
+  of its last consumer; it is marked unneeded right after that step;
+* an activation nobody reads (e.g. an unused optional output) dies at the step
+  that defines it;
+* a graph input is resident before step 0 (``first = -1``) and lives until its
+  last use;
+* a graph output lives until the last step and is never marked unneeded;
+* a weight's interval spans its first and last use; whether it is resident all
+  along (``normal``) or only then (``memory_opt``) is the planner's business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from hyperion.ir import ExecutionMode, Graph, Program, TensorRole
+from hyperion.passes import Pass, PassResult, require
+
+BEFORE_FIRST_STEP = -1
+
+
+@dataclass(frozen=True)
+class Interval:
+    first: int
+    last: int
+
+    def __contains__(self, step: int) -> bool:
+        return self.first <= step <= self.last
+
+
+@dataclass(frozen=True)
+class Liveness:
+    order: tuple[str, ...]
+    intervals: Mapping[str, Interval]         # graph inputs, activations, outputs
+    weight_intervals: Mapping[str, Interval]  # weights, first to last use
+    frees: tuple[tuple[str, ...], ...]        # per step: marked unneeded right after it
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.order)
+
+
+class LivenessPass(Pass):
+    name: ClassVar[str] = "liveness"
+
+    def requires(self, program: Program) -> None:
+        require(program.order is not None, self.name, "an order (the 'order' pass)")
+
+    def call(self, program: Program) -> PassResult:
+        program.liveness = compute_liveness(program.graph, program.order or ())
+        return PassResult(program, False)
+
+
+def compute_liveness(graph: Graph, order: tuple[str, ...]) -> Liveness:
+    step_of = {node: i for i, node in enumerate(order)}
+    last_step = len(order) - 1
+    intervals: dict[str, Interval] = {}
+    weight_intervals: dict[str, Interval] = {}
+    for tensor in graph.tensors.values():
+        uses = [step_of[c] for c in tensor.consumers]
+        if tensor.role is TensorRole.WEIGHT:
+            if uses:
+                weight_intervals[tensor.name] = Interval(min(uses), max(uses))
+            continue
+        first = BEFORE_FIRST_STEP if tensor.producer is None else step_of[tensor.producer]
+        last = max(uses, default=first)
+        if tensor.name in graph.outputs:
+            last = max(last_step, first)
+        intervals[tensor.name] = Interval(first, max(last, first))
+    frees: list[list[str]] = [[] for _ in order]
+    for name, interval in intervals.items():
+        if name not in graph.outputs and 0 <= interval.last <= last_step:
+            frees[interval.last].append(name)
+    return Liveness(order, intervals, weight_intervals, tuple(tuple(sorted(f)) for f in frees))
+
+
+def activation_live_bytes(graph: Graph, liveness: Liveness) -> list[int]:
+    """Bytes of live activations and graph inputs still needed, at every step."""
+    n = liveness.num_steps
+    delta = [0] * (n + 1)
+    for name, interval in liveness.intervals.items():
+        size = graph.tensors[name].nbytes or 0
+        delta[max(interval.first, 0)] += size
+        delta[interval.last + 1] -= size
+    live, running = [], 0
+    for i in range(n):
+        running += delta[i]
+        live.append(running)
+    return live
+
+
+def step_weight_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode) -> list[int]:
+    """Resident weight bytes at every step: all weights in ``normal`` mode, else the
+    step's own (weights loaded per step, the finest grain)."""
+    if mode is ExecutionMode.NORMAL:
+        return [graph.weight_bytes()] * liveness.num_steps
+    return [sum(graph.tensors[w].nbytes or 0 for w in graph.weights_of(node)) for node in liveness.order]
+
+
+def step_live_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode) -> list[int]:
+    """Accounted bytes at every step with one step per segment: live activations
+    (the step's inputs and outputs included), graph inputs still needed, and
+    resident weights."""
+    weights = step_weight_bytes(graph, liveness, mode)
+    return [a + w for a, w in zip(activation_live_bytes(graph, liveness), weights)]
