@@ -79,6 +79,15 @@ class CompiledModel:
     def input_names(self) -> tuple[str, ...]:
         return self._base.graph.inputs
 
+    @property
+    def declared_ir(self) -> Graph:
+        """The IR with the input shapes as declared in the model (symbolic dims unbound)."""
+        return self._base.graph
+
+    @property
+    def source_label(self) -> str:
+        return self._base.source.label
+
     # -- running ------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model; returns every graph output by name, as onnxruntime does."""
@@ -88,12 +97,18 @@ class CompiledModel:
         return runtime.run(feeds)
 
     def _feed_signature(self, feeds: Mapping[str, np.ndarray]) -> ShapeSignature:
+        """The feeds' shapes, after checking them against the model's declared inputs."""
+        graph, label = self._base.graph, self._base.source.label
         shapes = {}
-        for name in self._base.graph.inputs:
+        for name in graph.inputs:
             if name not in feeds:
-                raise FeedError(f"{self._base.source.label}: missing input {name!r}; inputs are "
-                                f"{list(self._base.graph.inputs)}")
-            shapes[name] = tuple(int(d) for d in np.shape(feeds[name]))
+                raise FeedError(f"{label}: missing input {name!r}; inputs are {list(graph.inputs)}")
+            shape = tuple(int(d) for d in np.shape(feeds[name]))
+            declared = graph.tensors[name].shape
+            if declared is not None and (len(declared) != len(shape) or any(
+                    isinstance(d, int) and d != s for d, s in zip(declared, shape))):
+                raise FeedError(f"{label}: input {name!r} expects shape {list(declared)}, got {list(shape)}")
+            shapes[name] = shape
         return _signature(shapes)
 
     def scheduler(self):
@@ -109,18 +124,21 @@ def _signature(shapes: Mapping[str, Sequence[int | str]]) -> ShapeSignature:
 
 def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str | ExecutionMode = "adaptive",
             input_shapes: Mapping[str, Sequence[int]] | None = None, *,
-            max_segment_steps: int | None = None) -> CompiledModel:
+            max_segment_steps: int | None = None, whole_model_shortcut: bool = True) -> CompiledModel:
     """Import ``model``, run the passes and plan it under ``memory_limit``.
 
     ``memory_limit`` is bytes or a size string ("256MB", "1.5GiB"); ``None`` means
     no cap. ``input_shapes`` binds symbolic input dims; without it, dims are bound
     by the first run's feeds. ``max_segment_steps`` caps the steps per onnxruntime
-    session (1 runs every node in its own session).
+    session (1 runs every node in its own session). ``whole_model_shortcut=False``
+    builds segment models even when a single normal-mode segment could run the
+    user's model untouched.
     """
     limit = parse_size(memory_limit)
     exec_mode = parse_mode(mode)
     imported = import_model(load_source(model), input_shapes)
-    return CompiledModel(imported, exec_mode, limit, max_segment_steps)
+    config = SessionConfig(enable_cpu_mem_arena=limit is None, whole_model_shortcut=whole_model_shortcut)
+    return CompiledModel(imported, exec_mode, limit, max_segment_steps, config)
 
 
 def load(model: ModelLike, schedule: str | os.PathLike | Schedule) -> CompiledModel:

@@ -47,6 +47,9 @@ class RunStats:
 class SessionConfig:
     intra_op_num_threads: int = 0
     enable_cpu_mem_arena: bool = True
+    # False: build segment models even when one normal-mode segment could hand
+    # onnxruntime the user's model untouched (exercises the segment plumbing).
+    whole_model_shortcut: bool = True
 
 
 class Runtime:
@@ -82,7 +85,8 @@ class Runtime:
 
     def _whole_model(self) -> bool:
         """One segment in normal mode: hand onnxruntime the user's model untouched."""
-        return len(self.schedule.segments) == 1 and self.schedule.mode == "normal"
+        return (self.config.whole_model_shortcut and len(self.schedule.segments) == 1
+                and self.schedule.mode == "normal")
 
     def session(self, segment: Segment) -> ort.InferenceSession:
         if segment.index in self._sessions:

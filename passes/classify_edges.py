@@ -12,10 +12,12 @@ Rules, in order of precedence (an edge takes the first that matches):
      the mask edge into the Add and the V edge into the last MatMul.
 2. ``residual`` — a skip connection. An edge u→v is residual when another path
    u→…→v of length ≥ 2 exists (an identity shortcut). A projection shortcut
-   counts too: when u reaches a join node w through a chain of single-input,
-   single-consumer nodes (u→v→…→w, the shortcut) and through another path that
-   is strictly longer, the chain's first edge u→v is residual. For a chain of
-   one edge this is exactly the identity rule.
+   counts too: when u reaches a summing join w (Add, Sum) through a chain of
+   single-input, single-consumer nodes (u→v→…→w, e.g. a 1×1 Conv and a
+   BatchNormalization) and through another path that is strictly longer, the
+   chain's first edge u→v is residual. For a chain of one edge this is exactly
+   the identity rule. Joins that are not sums (Concat of Inception branches,
+   the MatMul that reads V in attention) take only the identity rule.
 3. ``sequential`` — every other edge.
 """
 
@@ -35,6 +37,8 @@ SCALE_OPS = frozenset({"Mul", "Div"})
 PROBABILITY_PASSTHROUGH_OPS = frozenset({"Dropout", "Cast"})
 # Longest projection-shortcut chain looked for; real shortcuts are 1-3 nodes (Conv, BN).
 MAX_SHORTCUT_CHAIN = 8
+# A projection shortcut rejoins the main path by summation.
+SUMMING_JOIN_OPS = frozenset({"Add", "Sum"})
 
 
 class ClassifyEdgesPass(Pass):
@@ -206,8 +210,9 @@ def residual_edges(graph: Graph) -> set[EdgeKey]:
         preds = _distinct_preds(graph, join)
         if len(preds) < 2:
             continue
+        sums = graph.nodes[join].op_type in SUMMING_JOIN_OPS
         for pred in preds:
-            fork, first, length = _shortcut_chain(graph, pred, join)
+            fork, first, length = _shortcut_chain(graph, pred, join) if sums else (pred, join, 1)
             others = [p for p in preds if p != pred and p != fork and reach.reaches(fork, p)]
             if any(reach.has_path_of_length(fork, p, length) for p in others):
                 edges.update((fork, first, key) for key in graph.nx[fork][first])

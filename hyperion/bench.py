@@ -1,0 +1,153 @@
+"""Side-by-side measurements of Hyperion and plain onnxruntime on one model.
+
+Latency: both run in this process, interleaved run by run, with the same
+thread settings; the figure is the median. Memory: each side runs in a fresh
+subprocess that reports its peak RSS; the figure is that minus the peak RSS of
+a process that only imports hyperion and onnxruntime (SPEC's definition).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from hyperion.units import format_size
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    model: str
+    memory_limit: int | None
+    mode: str
+    segments: int
+    ort_ms: float
+    hyperion_ms: float
+    accounted_peak_bytes: int
+    ort_rss_bytes: int | None
+    hyperion_rss_bytes: int | None
+
+    @property
+    def latency_ratio(self) -> float:
+        return self.hyperion_ms / self.ort_ms
+
+
+def _median_ms(samples: list[float]) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def interleaved_latency(first: Callable[[], object], second: Callable[[], object], repeats: int,
+                        warmup: int = 2) -> tuple[float, float]:
+    """Median milliseconds of ``first`` and ``second``, alternated run by run."""
+    for _ in range(warmup):
+        first()
+        second()
+    a, b = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        first()
+        t1 = time.perf_counter()
+        second()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return _median_ms(a), _median_ms(b)
+
+
+def ort_session(model: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+
+def bench_model(model: Path, limits: Sequence[int | None], *, mode: str = "adaptive",
+                input_shapes: Mapping[str, Sequence[int]] | None = None, repeats: int = 20,
+                measure_rss: bool = True, seed: int = 0) -> list[BenchRow]:
+    import hyperion
+    from hyperion.feeds import input_shapes_of, random_feeds
+
+    probe = hyperion.compile(model, input_shapes=input_shapes)
+    shapes = input_shapes_of(probe.declared_ir, input_shapes)
+    feeds = random_feeds(probe.declared_ir, shapes, seed)
+    session = ort_session(model)
+    rows = []
+    for limit in limits:
+        cm = hyperion.compile(model, memory_limit=limit, mode=mode, input_shapes=shapes)
+        ort_ms, hyperion_ms = interleaved_latency(lambda: session.run(None, feeds), lambda: cm.run(feeds), repeats)
+        ort_rss = hyperion_rss = None
+        if measure_rss:
+            ort_rss, hyperion_rss = rss_pair(model, feeds, limit, mode, shapes)
+        rows.append(BenchRow(model.stem, limit, cm.schedule.mode, len(cm.schedule.segments), ort_ms, hyperion_ms,
+                             cm.schedule.peak_bytes, ort_rss, hyperion_rss))
+    return rows
+
+
+# -- peak RSS in subprocesses ----------------------------------------------------------
+def rss_pair(model: Path, feeds: Mapping[str, np.ndarray], limit: int | None, mode: str,
+             shapes: Mapping[str, Sequence[int]]) -> tuple[int, int]:
+    """(plain onnxruntime, Hyperion) peak RSS above the import-only baseline, in bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        feeds_path = Path(tmp) / "feeds.npz"
+        np.savez(feeds_path, **feeds)
+        args = {"model": str(model), "feeds": str(feeds_path), "limit": limit, "mode": mode,
+                "shapes": {k: list(v) for k, v in shapes.items()}}
+        baseline = _child_rss("baseline", args)
+        return _child_rss("ort", args) - baseline, _child_rss("hyperion", args) - baseline
+
+
+def _child_rss(kind: str, args: dict) -> int:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "hyperion.bench", kind, json.dumps(args)],
+                          capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} measurement failed: {done.stderr.strip().splitlines()[-1:]}")
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _child(kind: str, args: dict) -> None:
+    import hyperion  # noqa: F401  (the baseline includes importing both)
+
+    if kind != "baseline":
+        feeds = dict(np.load(args["feeds"]))
+        if kind == "ort":
+            ort_session(Path(args["model"])).run(None, feeds)
+        else:
+            cm = hyperion.compile(args["model"], memory_limit=args["limit"], mode=args["mode"],
+                                  input_shapes=args["shapes"])
+            cm.run(feeds)
+    print(_peak_rss_bytes())
+
+
+# -- tables -------------------------------------------------------------------------------
+def _size(value: int | None) -> str:
+    return "-" if value is None else format_size(value)
+
+
+def markdown_table(rows: Sequence[BenchRow]) -> str:
+    lines = ["| model | cap | mode | segments | onnxruntime ms | hyperion ms | ratio | accounted peak "
+             "| onnxruntime RSS | hyperion RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.model} | {_size(r.memory_limit) if r.memory_limit else 'none'} | {r.mode} | "
+                     f"{r.segments} | {r.ort_ms:.3f} | {r.hyperion_ms:.3f} | {r.latency_ratio:.2f}x | "
+                     f"{_size(r.accounted_peak_bytes)} | {_size(r.ort_rss_bytes)} | {_size(r.hyperion_rss_bytes)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], json.loads(sys.argv[2]))

@@ -1,0 +1,261 @@
+"""The ``hyperion`` command line. Errors print one line and exit 2 (``--debug`` for a traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import secrets
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hyperion.errors import FeedError, HyperionError, OptionError
+from hyperion.units import format_size, parse_size
+
+EXIT_ERROR = 2
+EXIT_MISMATCH = 1
+MODES = ("normal", "memory_opt", "streaming", "adaptive")
+
+
+# -- argument helpers ------------------------------------------------------------------
+def _shape_arg(text: str) -> tuple[str, list[int]]:
+    name, _, dims = text.rpartition("=")
+    if not name or not re.fullmatch(r"\d+(x\d+)*", dims):
+        raise argparse.ArgumentTypeError(f"--input-shape: expected NAME=1x3x224x224, got {text!r}")
+    return name, [int(d) for d in dims.split("x")]
+
+
+def _input_arg(text: str) -> tuple[str, Path]:
+    name, _, path = text.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"--input: expected NAME=FILE.npy, got {text!r}")
+    return name, Path(path)
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text, "--memory-limit") or 0
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_plan_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory-limit", type=_size_arg, metavar="SIZE", help="cap, e.g. 256MB or 1.5GiB")
+    parser.add_argument("--mode", choices=MODES, default="adaptive")
+    parser.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS",
+                        help="bind an input's shape, e.g. input_ids=1x128 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyperion", description="Compile ONNX models into explicit "
+                                     "schedules and run them under a memory cap.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("compile", help="compile a model and save its schedule")
+    p.add_argument("model", type=Path)
+    _add_plan_options(p)
+    p.add_argument("-o", "--output", type=Path, help="schedule file (default: MODEL.schedule.json here)")
+
+    p = commands.add_parser("run", help="run a model, optionally checking against plain onnxruntime")
+    p.add_argument("model", type=Path)
+    p.add_argument("--schedule", type=Path, help="a schedule saved by 'hyperion compile'")
+    _add_plan_options(p)
+    p.add_argument("--input", type=_input_arg, action="append", default=[], metavar="NAME=FILE.npy")
+    p.add_argument("--output-dir", type=Path, help="write each output as NAME.npy here")
+    p.add_argument("--check", action="store_true", help="compare the outputs with plain onnxruntime")
+    p.add_argument("--seed", type=int, help="seed for generated inputs (printed when chosen at random)")
+
+    p = commands.add_parser("inspect", help="show layers, edge kinds, liveness and memory per step")
+    p.add_argument("target", type=Path, help="a model or a schedule file")
+    _add_plan_options(p)
+
+    p = commands.add_parser("plot", help="plot a schedule's memory timeline")
+    p.add_argument("schedule", type=Path)
+    p.add_argument("-o", "--output", type=Path, default=Path("memory.png"))
+
+    p = commands.add_parser("export", help="export a schedule as Graphviz dot or a Chrome trace")
+    p.add_argument("schedule", type=Path)
+    p.add_argument("--format", choices=("dot", "trace"), required=True)
+    p.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+
+    p = commands.add_parser("bench", help="latency and memory side by side with plain onnxruntime")
+    p.add_argument("model", type=Path)
+    p.add_argument("--memory-limit", type=_size_arg, action="append", default=[], metavar="SIZE",
+                   help="also measure under this cap (repeatable); no cap is always measured")
+    p.add_argument("--mode", choices=MODES, default="adaptive")
+    p.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+
+    p = commands.add_parser("demo", help="the bundled demo model, end to end")
+    p.add_argument("--model", type=Path, help="use another model instead of the bundled one")
+    p.add_argument("--output-dir", type=Path, default=Path("hyperion-demo"))
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------------
+def _compile(args: argparse.Namespace, model: Path):
+    import hyperion
+
+    return hyperion.compile(model, memory_limit=args.memory_limit, mode=args.mode,
+                            input_shapes=dict(args.input_shape) or None)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from hyperion.report import summary
+
+    cm = _compile(args, args.model)
+    output = args.output or Path(f"{args.model.stem}.schedule.json")
+    cm.schedule.save(output)
+    print(summary(cm.schedule))
+    print(f"schedule     {output}")
+    return 0
+
+
+def _load_inputs(cm, args: argparse.Namespace) -> dict[str, np.ndarray]:
+    from hyperion.feeds import input_shapes_of, random_feeds
+
+    given: dict[str, np.ndarray] = {}
+    for name, path in args.input:
+        if name not in cm.input_names:
+            raise FeedError(f"--input {name}: the model has no input {name!r}; inputs are {list(cm.input_names)}")
+        try:
+            given[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise FeedError(f"--input {name}: cannot read {path}: {exc}") from None
+    missing = [n for n in cm.input_names if n not in given]
+    if missing:
+        seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+        shapes = input_shapes_of(cm.declared_ir, {**dict(args.input_shape), **{k: v.shape for k, v in given.items()}})
+        generated = random_feeds(cm.declared_ir, shapes, seed)
+        print(f"generated random input(s) {', '.join(missing)} with --seed {seed}")
+        given.update((n, generated[n]) for n in missing)
+    return given
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import hyperion
+
+    if args.schedule:
+        cm = hyperion.load(args.model, args.schedule)
+    else:
+        cm = _compile(args, args.model)
+    feeds = _load_inputs(cm, args)
+    outputs = cm.run(feeds)
+    stats = cm.stats
+    print(f"ran {len(cm.schedule.steps)} steps in {len(cm.schedule.segments)} segment(s), mode {stats.mode}, "
+          f"{stats.total_ms:.1f} ms, accounted peak {format_size(stats.peak_bytes)}")
+    for name, value in outputs.items():
+        print(f"  {name}: {value.dtype}{list(value.shape)}")
+    if args.output_dir:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        for name, value in outputs.items():
+            np.save(args.output_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy", value)
+        print(f"outputs written to {args.output_dir}")
+    if args.check:
+        return _check_against_onnxruntime(args.model, feeds, outputs)
+    return 0
+
+
+def _check_against_onnxruntime(model: Path, feeds, outputs) -> int:
+    from hyperion.bench import ort_session
+
+    session = ort_session(model)
+    names = [o.name for o in session.get_outputs()]
+    expected = dict(zip(names, session.run(names, feeds)))
+    worst, ok = 0.0, True
+    for name, want in expected.items():
+        got = outputs[name]
+        if np.issubdtype(want.dtype, np.floating):
+            ok &= bool(np.allclose(got, want, rtol=1e-5, atol=1e-6))
+            worst = max(worst, float(np.max(np.abs(got - want), initial=0.0)))
+        else:
+            ok &= bool(np.array_equal(got, want))
+    print(f"check: {'outputs match' if ok else 'MISMATCH against'} plain onnxruntime "
+          f"(max abs difference {worst:.3g})")
+    return 0 if ok else EXIT_MISMATCH
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from hyperion.report import step_table, summary
+    from hyperion.schedule import Schedule
+
+    if args.target.suffix == ".json":
+        schedule = Schedule.load(args.target)
+    else:
+        schedule = _compile(args, args.target).schedule
+    print(summary(schedule))
+    print()
+    print(step_table(schedule))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from hyperion.plot import plot_memory
+    from hyperion.schedule import Schedule
+
+    print(f"memory timeline written to {plot_memory(Schedule.load(args.schedule), args.output)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hyperion.report import to_dot, to_trace
+    from hyperion.schedule import Schedule, write_atomic
+
+    schedule = Schedule.load(args.schedule)
+    text = to_dot(schedule) if args.format == "dot" else to_trace(schedule)
+    if args.output:
+        write_atomic(args.output, text)
+        print(f"{args.format} written to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hyperion.bench import bench_model, markdown_table
+
+    limits = [None, *args.memory_limit]
+    rows = bench_model(args.model, limits, mode=args.mode, input_shapes=dict(args.input_shape) or None,
+                       repeats=args.repeats, measure_rss=not args.no_rss)
+    print(markdown_table(rows))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hyperion.demo import run_demo
+
+    return run_demo(args.model, args.output_dir)
+
+
+COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "plot": cmd_plot,
+            "export": cmd_export, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except HyperionError as exc:
+        if args.debug:
+            raise
+        print(f"hyperion: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:  # a file the user named could not be read or written
+        if args.debug:
+            raise
+        print(f"hyperion: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("hyperion: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Random inputs for a model, for the CLI, the demo and the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from hyperion.errors import OptionError
+from hyperion.ir import Graph
+
+DEFAULT_DIM = 1  # what an unbound symbolic dim becomes when the user gave no shape
+
+
+def input_shapes_of(graph: Graph, given: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of the graph inputs: ``given`` first, unbound symbolic dims as 1."""
+    given = given or {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in graph.inputs:
+        if name in given:
+            shapes[name] = tuple(int(d) for d in given[name])
+            continue
+        shape = graph.tensors[name].shape
+        if shape is None:
+            raise OptionError(f"input {name!r} has unknown rank; give its shape (--input-shape {name}=...)")
+        shapes[name] = tuple(d if isinstance(d, int) else DEFAULT_DIM for d in shape)
+    return shapes
+
+
+def random_feeds(graph: Graph, shapes: Mapping[str, Sequence[int]], seed: int) -> dict[str, np.ndarray]:
+    """Seeded random values: normal floats, integers in {0, 1} (valid indices), random bools."""
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for name in graph.inputs:
+        dtype = graph.tensors[name].dtype
+        shape = tuple(shapes[name])
+        if dtype == "bool":
+            feeds[name] = rng.random(shape) < 0.5
+        elif dtype.startswith(("int", "uint")):
+            feeds[name] = rng.integers(0, 2, size=shape).astype(dtype)
+        elif dtype.startswith(("float", "bfloat")):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            raise OptionError(f"input {name!r} has type {dtype}; pass it from a file (--input {name}=FILE.npy)")
+    return feeds

@@ -1,0 +1,52 @@
+"""Shared test helpers: fixture models, plain-onnxruntime references, output checks."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # the fixtures package lives at the repo root
+
+from fixtures import FIXTURE_NAMES, example_feeds, fixture_path  # noqa: E402
+
+# float32 outputs must match plain onnxruntime to these tolerances; integers exactly.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def reference_outputs(model: str | Path | bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs of plain onnxruntime on the same model and feeds."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = str(model) if isinstance(model, Path) else model
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feeds))))
+
+
+def assert_outputs_equal(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> None:
+    assert set(actual) == set(expected)
+    for name, want in expected.items():
+        got = np.asarray(actual[name])
+        want = np.asarray(want)
+        assert got.shape == want.shape, f"{name}: shape {got.shape} != {want.shape}"
+        assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+        if np.issubdtype(want.dtype, np.floating):
+            np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+@pytest.fixture(params=FIXTURE_NAMES)
+def fixture_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+__all__ = ["FIXTURE_NAMES", "REPO", "assert_outputs_equal", "example_feeds", "fixture_path",
+           "reference_outputs"]

@@ -1,0 +1,24 @@
+"""Building IR graphs from inline ONNX text for pass tests."""
+
+from __future__ import annotations
+
+import onnx
+
+from hyperion.ir import Program
+from hyperion.onnx_import import import_model, load_source
+
+
+def program_from_text(text: str) -> Program:
+    """A Program for an ONNX model written in onnx.parser's text format."""
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model)
+    return Program(import_model(load_source(model)).graph)
+
+
+def program_from_model(model: onnx.ModelProto | str) -> Program:
+    return Program(import_model(load_source(model)).graph)
+
+
+def kinds(program: Program) -> dict[tuple[str, str], str]:
+    """(src, dst) -> kind for every edge (fixtures here have one tensor per node pair)."""
+    return {(e.src, e.dst): e.kind.value for e in program.graph.edges()}

@@ -1,0 +1,108 @@
+"""Import: the tensor table, external data located but not read, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+import hyperion
+from hyperion.ir import TensorRole
+from hyperion.onnx_import import import_model, load_source
+from tests.conftest import fixture_path
+
+
+def test_tensor_table_roles_sizes_producers_consumers() -> None:
+    graph = import_model(load_source(fixture_path("seed_residual"))).graph
+    x, weight, hidden, y = (graph.tensors[n] for n in ("x", "conv1.weight", "input_layer_out", "y"))
+    assert (x.role, x.dtype, x.shape, x.nbytes) == (TensorRole.INPUT, "float32", (1, 256), 1024)
+    assert (weight.role, weight.shape, weight.nbytes) == (TensorRole.WEIGHT, (256, 256), 256 * 256 * 4)
+    assert hidden.role is TensorRole.ACTIVATION and hidden.producer == "input_layer"
+    assert hidden.consumers == ("conv1", "residual")
+    assert y.role is TensorRole.OUTPUT and y.producer == "output"
+
+
+def test_external_data_is_located_not_read(tmp_path: Path) -> None:
+    for name in ("external_data.onnx", "external_data.onnx.data"):
+        shutil.copy(fixture_path("external_data").parent / name, tmp_path / name)
+    data = tmp_path / "external_data.onnx.data"
+    data.write_bytes(b"\xff" * data.stat().st_size)  # garbage: importing must not care
+    graph = import_model(load_source(tmp_path / "external_data.onnx")).graph
+    weights = [t for t in graph.tensors.values() if t.role is TensorRole.WEIGHT and t.external]
+    assert weights and all(t.external.path == str(data) for t in weights)
+    assert sum(t.external.length for t in weights) <= data.stat().st_size
+    assert all(t.external.length == t.nbytes for t in weights)
+
+
+def test_truncated_external_data_names_file_and_weight(tmp_path: Path) -> None:
+    for name in ("external_data.onnx", "external_data.onnx.data"):
+        shutil.copy(fixture_path("external_data").parent / name, tmp_path / name)
+    data = tmp_path / "external_data.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(hyperion.ModelLoadError, match=r"truncated external data.*weight"):
+        hyperion.compile(tmp_path / "external_data.onnx")
+    data.unlink()
+    with pytest.raises(hyperion.ModelLoadError, match="missing"):
+        hyperion.compile(tmp_path / "external_data.onnx")
+
+
+def test_not_an_onnx_file_and_missing_file(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf \x00\xff\xfe")
+    with pytest.raises(hyperion.ModelLoadError, match="junk.onnx"):
+        hyperion.compile(junk)
+    with pytest.raises(hyperion.ModelLoadError, match="no such model"):
+        hyperion.compile(tmp_path / "absent.onnx")
+
+
+def test_model_from_bytes_and_proto_give_the_same_plan() -> None:
+    path = fixture_path("mlp")
+    from_path = hyperion.compile(path).schedule
+    from_bytes = hyperion.compile(path.read_bytes()).schedule
+    from_proto = hyperion.compile(onnx.load(str(path))).schedule
+    assert from_bytes.model.sha256 == from_path.model.sha256
+    assert from_bytes.steps == from_path.steps == from_proto.steps
+
+
+def test_old_opset_initializers_listed_as_inputs_are_weights() -> None:
+    graph = import_model(load_source(fixture_path("old_opset"))).graph
+    assert graph.inputs == ("x",)
+    assert all(graph.tensors[t].role is TensorRole.WEIGHT for t in ("conv1.weight", "fc.weight"))
+
+
+def test_control_flow_outer_scope_reads_are_node_inputs() -> None:
+    graph = import_model(load_source(fixture_path("control_flow"))).graph
+    by_op = {node.op_type: node for node in graph.nodes.values()}
+    assert {"x", "W1"} <= set(by_op["If"].inputs)       # read inside the branches
+    assert "bias" in by_op["Loop"].inputs                # read inside the body
+
+
+def test_unnamed_and_duplicate_node_names_get_unique_ids() -> None:
+    model = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 17]>
+    g (float[2] x) => (float[2] y) {
+        a = Relu(x)
+        y = Relu(a)
+    }''')
+    model.graph.node[1].name = "Relu_0"  # collides with the generated name of node 0
+    graph = import_model(load_source(model)).graph
+    assert len(graph.nodes) == 2 and len(set(graph.nodes)) == 2
+
+
+def test_input_shapes_for_unknown_inputs_are_option_errors() -> None:
+    with pytest.raises(hyperion.OptionError, match="no input 'nope'"):
+        hyperion.compile(fixture_path("mlp"), input_shapes={"nope": [1]})
+    with pytest.raises(hyperion.OptionError, match="fixed at 64"):
+        hyperion.compile(fixture_path("mlp"), input_shapes={"x": [1, 65]})
+
+
+@pytest.mark.parametrize("bad", ["12 parsecs", "-5MB", "", 0, -1, 1.5, True])
+def test_bad_memory_limits_are_option_errors(bad: object) -> None:
+    with pytest.raises(hyperion.OptionError, match="memory_limit"):
+        hyperion.compile(fixture_path("mlp"), memory_limit=bad)  # type: ignore[arg-type]
+
+
+def test_bad_mode_is_an_option_error() -> None:
+    with pytest.raises(hyperion.OptionError, match="unknown mode 'fast'"):
+        hyperion.compile(fixture_path("mlp"), mode="fast")
