@@ -35,6 +35,7 @@ class CompiledModel:
         self.session_config = session_config or SessionConfig(enable_cpu_mem_arena=memory_limit is None)
         self._plans: dict[ShapeSignature, tuple[ImportedModel, Schedule, Runtime]] = {}
         self._current: ShapeSignature | None = None
+        self._sorted_inputs = tuple(sorted(imported.graph.inputs))
         if not unbound_dims(imported):
             self._current = _signature(imported.input_shapes)
             self._add_plan(self._current, imported, schedule)
@@ -97,19 +98,24 @@ class CompiledModel:
         return runtime.run(feeds)
 
     def _feed_signature(self, feeds: Mapping[str, np.ndarray]) -> ShapeSignature:
-        """The feeds' shapes, after checking them against the model's declared inputs."""
-        graph, label = self._base.graph, self._base.source.label
-        shapes = {}
-        for name in graph.inputs:
-            if name not in feeds:
-                raise FeedError(f"{label}: missing input {name!r}; inputs are {list(graph.inputs)}")
-            shape = tuple(int(d) for d in np.shape(feeds[name]))
+        """The feeds' shapes; new shapes are checked against the model's declared inputs."""
+        try:
+            signature = tuple((name, tuple(np.shape(feeds[name]))) for name in self._sorted_inputs)
+        except KeyError as exc:
+            raise FeedError(f"{self._base.source.label}: missing input {exc.args[0]!r}; inputs are "
+                            f"{list(self._base.graph.inputs)}") from None
+        if signature not in self._plans:
+            self._check_declared_shapes(dict(signature))
+        return signature
+
+    def _check_declared_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        graph = self._base.graph
+        for name, shape in shapes.items():
             declared = graph.tensors[name].shape
             if declared is not None and (len(declared) != len(shape) or any(
                     isinstance(d, int) and d != s for d, s in zip(declared, shape))):
-                raise FeedError(f"{label}: input {name!r} expects shape {list(declared)}, got {list(shape)}")
-            shapes[name] = shape
-        return _signature(shapes)
+                raise FeedError(f"{self._base.source.label}: input {name!r} expects shape {list(declared)}, "
+                                f"got {list(shape)}")
 
     def scheduler(self):
         """The seed API's :class:`~hyperion.seed.ForwardScheduler`, filled from this plan."""

@@ -115,8 +115,16 @@ def _child_rss(kind: str, args: dict) -> int:
     return int(done.stdout.strip().splitlines()[-1])
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. Linux's VmHWM belongs to the process image, whereas
+    ``ru_maxrss`` survives fork+exec and would report a larger parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _child(kind: str, args: dict) -> None:
@@ -130,7 +138,7 @@ def _child(kind: str, args: dict) -> None:
             cm = hyperion.compile(args["model"], memory_limit=args["limit"], mode=args["mode"],
                                   input_shapes=args["shapes"])
             cm.run(feeds)
-    print(_peak_rss_bytes())
+    print(peak_rss_bytes())
 
 
 # -- tables -------------------------------------------------------------------------------

@@ -56,3 +56,12 @@ class PassError(HyperionError):
 
 class RuntimeExecutionError(HyperionError):
     """onnxruntime failed while executing a segment of the schedule."""
+
+
+class SchedulerError(HyperionError):
+    """The seed API's forward scheduler was given a schedule it cannot run: an unknown
+    layer or dependency type, a cycle, conflicting sizes, or a call out of order."""
+
+
+class SchedulerMemoryError(SchedulerError, MemoryLimitError):
+    """A forward scheduler's plan does not fit its ``max_memory``; names the layer."""

@@ -67,6 +67,10 @@ class Runtime:
         self._sessions: dict[int, ort.InferenceSession] = {}
         self._node_protos: dict[str, NodeProto] | None = None
         self.stats = RunStats(mode=schedule.mode)
+        # Per segment, every tensor a step of it marks unneeded: dropped once the segment returns.
+        self._frees_after_segment = [tuple(t for i in seg.steps for t in schedule.steps[i].frees)
+                                     for seg in schedule.segments]
+        self._expected_feeds = {name: _expected_feed(name, schedule) for name in schedule.graph_inputs}
 
     @property
     def keeps_sessions(self) -> bool:
@@ -115,25 +119,31 @@ class Runtime:
 
     # -- running ------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        env = dict(self.check_feeds(feeds))
-        stats = RunStats(mode=self.schedule.mode)
+        env = self.check_feeds(feeds)
+        segment_ms: list[float] = []
+        held_peak = 0
         started = time.perf_counter()
-        for segment in self.schedule.segments:
+        for segment, frees in zip(self.schedule.segments, self._frees_after_segment):
             t0 = time.perf_counter()
             outputs = self._run_segment(segment, {name: env[name] for name in segment.inputs})
             env.update(zip(segment.outputs, outputs))
             del outputs
-            held = sum(a.nbytes for a in env.values() if isinstance(a, np.ndarray))
-            stats.held_peak_bytes = max(stats.held_peak_bytes, held)
-            for step in segment.steps:
-                for name in self.schedule.steps[step].frees:
-                    env.pop(name, None)
-            stats.segment_ms.append(1e3 * (time.perf_counter() - t0))
-        stats.total_ms = 1e3 * (time.perf_counter() - started)
-        stats.peak_bytes = max(self.schedule.peak_bytes, stats.held_peak_bytes)
-        self.stats = stats
+            held_peak = max(held_peak, sum(a.nbytes for a in env.values() if isinstance(a, np.ndarray)))
+            for name in frees:
+                env.pop(name, None)
+            segment_ms.append(1e3 * (time.perf_counter() - t0))
+        self.stats = RunStats(self.schedule.mode, max(self.schedule.peak_bytes, held_peak), held_peak,
+                              segment_ms, 1e3 * (time.perf_counter() - started))
         return {name: env[name] if name in env else self.weights.read(name)
                 for name in self.schedule.graph_outputs}
+
+    def run_segment(self, segment: Segment, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one segment on its inputs (``segment.inputs`` by name); its outputs by name.
+
+        The building block for stepping through a schedule one segment at a time, as
+        the seed API's ``ForwardScheduler`` does with one step per segment.
+        """
+        return dict(zip(segment.outputs, self._run_segment(segment, dict(feeds))))
 
     def _run_segment(self, segment: Segment, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         session = self.session(segment)
@@ -146,34 +156,42 @@ class Runtime:
 
     # -- feeds --------------------------------------------------------------------------
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        expected = self.schedule.graph_inputs
-        unknown = [n for n in feeds if n not in expected and
-                   (n not in self.schedule.tensors or self.schedule.tensors[n].role != "weight")]
-        if unknown:
-            raise FeedError(f"{self.source.label}: no input named {unknown[0]!r}; inputs are {list(expected)}")
-        missing = [n for n in expected if n not in feeds]
-        if missing:
-            raise FeedError(f"{self.source.label}: missing input {missing[0]!r}")
+        """The feeds by input name, after checking names, dtypes and shapes."""
         checked: dict[str, np.ndarray] = {}
-        for name in expected:
-            checked[name] = check_feed(name, feeds[name], self.schedule)
+        for name, (dtype, shape) in self._expected_feeds.items():
+            if name not in feeds:
+                raise FeedError(f"{self.source.label}: missing input {name!r}")
+            value = feeds[name]
+            if dtype is not None:
+                if not isinstance(value, np.ndarray):
+                    value = np.asarray(value)
+                if value.dtype != dtype:
+                    raise FeedError(f"input {name!r}: expected dtype {dtype}, got {value.dtype}")
+                if shape is not None and (len(shape) != value.ndim or any(
+                        d is not None and d != v for d, v in zip(shape, value.shape))):
+                    raise FeedError(f"input {name!r}: expected shape {[d or '?' for d in shape]}, "
+                                    f"got {list(value.shape)}")
+            checked[name] = value
+        if len(feeds) > len(checked):
+            unknown = [n for n in feeds if n not in checked and not self._is_weight(n)]
+            if unknown:
+                raise FeedError(f"{self.source.label}: no input named {unknown[0]!r}; "
+                                f"inputs are {list(self._expected_feeds)}")
         return checked
 
+    def _is_weight(self, name: str) -> bool:
+        record = self.schedule.tensors.get(name)
+        return record is not None and record.role == "weight"
 
-def check_feed(name: str, value: object, schedule: Schedule) -> np.ndarray:
+
+def _expected_feed(name: str, schedule: Schedule) -> tuple[np.dtype | None, tuple[int | None, ...] | None]:
+    """(dtype, shape with None for free dims) of an input; dtype None for non-tensor inputs."""
     record = schedule.tensors[name]
-    if not isinstance(value, np.ndarray):
-        if record.dtype in ("sequence", "optional", "map") or value is None:
-            return value  # onnxruntime checks non-tensor values itself
-        value = np.asarray(value)
-    if record.dtype not in ("unknown",) and value.dtype != np.dtype(record.dtype) \
-            and record.dtype in np.sctypeDict:
-        raise FeedError(f"input {name!r}: expected dtype {record.dtype}, got {value.dtype}")
+    if record.dtype not in np.sctypeDict:
+        return None, None  # sequences, optionals, maps: onnxruntime checks them itself
     shape = schedule.input_shapes.get(name)
-    if shape is not None:
-        if len(shape) != value.ndim or any(isinstance(d, int) and d != v for d, v in zip(shape, value.shape)):
-            raise FeedError(f"input {name!r}: expected shape {list(shape)}, got {list(value.shape)}")
-    return value
+    return np.dtype(record.dtype), None if shape is None else tuple(d if isinstance(d, int) else None
+                                                                    for d in shape)
 
 
 def _first_line(exc: BaseException) -> str:
