@@ -35,7 +35,7 @@ def half_peak_cap(model: Path, shapes: dict[str, tuple[int, ...]]) -> int:
 
 def concrete_shapes(model: Path) -> dict[str, tuple[int, ...]]:
     """Declared input shapes with symbolic dims bound to 1."""
-    return input_shapes_of(hyperion.compile(model).declared_ir)
+    return input_shapes_of(hyperion.compile(model).base_ir)
 
 
 def main() -> int:

@@ -9,6 +9,8 @@ from hyperion.errors import (FeedError, HyperionError, MemoryLimitError, ModelLo
 from hyperion.ir import EdgeKind, ExecutionMode
 from hyperion.runtime import RunStats
 from hyperion.schedule import Schedule
+from hyperion.seed import (DependencyType, ExecLayer, ForwardScheduler, MappedModel, MmapConfig, SchedulerError,
+                           SchedulerMemoryError, default_mmap_config, open_mapped_model)
 from hyperion.units import parse_size
 
 __version__ = "0.1.0"
@@ -18,3 +20,5 @@ __all__ = [
     "ModelLoadError", "OptionError", "PassError", "RunStats", "RuntimeExecutionError", "Schedule",
     "ScheduleError", "ShapeError", "UnsupportedModelError", "compile", "load", "parse_size",
 ]
+__all__ += ["DependencyType", "ExecLayer", "ForwardScheduler", "MappedModel", "MmapConfig", "SchedulerError",
+            "SchedulerMemoryError", "default_mmap_config", "open_mapped_model"]  # the seed API

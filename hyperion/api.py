@@ -11,7 +11,8 @@ import numpy as np
 
 from hyperion.errors import FeedError, ScheduleError
 from hyperion.ir import ExecutionMode, Graph
-from hyperion.onnx_import import ImportedModel, ModelLike, import_model, load_source, unbound_dims, require_bound
+from hyperion.onnx_import import (ImportedModel, ModelLike, declared_input_shapes, import_model, load_source,
+                                  require_bound, unbound_dims)
 from hyperion.planner import parse_mode, plan
 from hyperion.runtime import RunStats, Runtime, SessionConfig
 from hyperion.schedule import Schedule
@@ -81,8 +82,8 @@ class CompiledModel:
         return self._base.graph.inputs
 
     @property
-    def declared_ir(self) -> Graph:
-        """The IR with the input shapes as declared in the model (symbolic dims unbound)."""
+    def base_ir(self) -> Graph:
+        """The IR as compiled: input dims bound by ``input_shapes``, the others symbolic."""
         return self._base.graph
 
     @property
@@ -109,9 +110,9 @@ class CompiledModel:
         return signature
 
     def _check_declared_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        graph = self._base.graph
+        declared_shapes = declared_input_shapes(self._base.source)
         for name, shape in shapes.items():
-            declared = graph.tensors[name].shape
+            declared = declared_shapes.get(name)
             if declared is not None and (len(declared) != len(shape) or any(
                     isinstance(d, int) and d != s for d, s in zip(declared, shape))):
                 raise FeedError(f"{self._base.source.label}: input {name!r} expects shape {list(declared)}, "

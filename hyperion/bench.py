@@ -78,8 +78,8 @@ def bench_model(model: Path, limits: Sequence[int | None], *, mode: str = "adapt
     from hyperion.feeds import input_shapes_of, random_feeds
 
     probe = hyperion.compile(model, input_shapes=input_shapes)
-    shapes = input_shapes_of(probe.declared_ir, input_shapes)
-    feeds = random_feeds(probe.declared_ir, shapes, seed)
+    shapes = input_shapes_of(probe.base_ir, input_shapes)
+    feeds = random_feeds(probe.base_ir, shapes, seed)
     session = ort_session(model)
     rows = []
     for limit in limits:

@@ -26,13 +26,13 @@ def run_demo(model: Path | None, output_dir: Path) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     uncapped = hyperion.compile(model)
-    shapes = input_shapes_of(uncapped.declared_ir)
-    feeds = random_feeds(uncapped.declared_ir, shapes, DEMO_SEED)
+    shapes = input_shapes_of(uncapped.base_ir)
+    feeds = random_feeds(uncapped.base_ir, shapes, DEMO_SEED)
     session = ort_session(model)
     expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
 
-    print(f"== {model.name}: {len(uncapped.declared_ir.nodes)} nodes, "
-          f"{format_size(uncapped.declared_ir.weight_bytes())} of weights, inputs {shapes}\n")
+    print(f"== {model.name}: {len(uncapped.base_ir.nodes)} nodes, "
+          f"{format_size(uncapped.base_ir.weight_bytes())} of weights, inputs {shapes}\n")
     status = 0
     half: int | None = None
     for label in ("no memory limit", "memory limit = half the uncapped peak"):

@@ -207,6 +207,12 @@ def _bind_inputs(skeleton: ModelProto, weights: set[str],
     return bound
 
 
+def declared_input_shapes(source: ModelSource) -> dict[str, tuple[int | str, ...] | None]:
+    """Input shapes as the model file declares them (symbolic dims as names)."""
+    weights = {t.name for t in source.proto.graph.initializer}
+    return {i.name: _dims(i.type) for i in source.proto.graph.input if i.name not in weights}
+
+
 def _infer(skeleton: ModelProto, label: str) -> ModelProto:
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)

@@ -25,7 +25,7 @@ class PlannedLayer:
     index: int                            # the layer's index: the user's, or its step for ONNX
     node: str                             # its node in the IR graph
     dependencies: tuple[Dependency, ...]  # sorted by layer index
-    reads: tuple[str, ...]                # tensors it reads that other layers produce
+    reads: tuple[str, ...]                # other layers' outputs and graph inputs it reads
     outputs: tuple[str, ...]
     output_bytes: int
     released_after: int | None            # layer whose step releases every output; None: kept
@@ -90,7 +90,6 @@ def layer_plan(graph: Graph, order: Sequence[str], edges: Iterable[Edge], frees:
     """The plan of ``graph`` run in ``order``: one layer per node, dependencies from
     the classified ``edges``, release points from ``frees`` (liveness, per step)."""
     dependencies: dict[str, dict[int, DependencyType]] = {node: {} for node in order}
-    reads: dict[str, list[str]] = {node: [] for node in order}
     for edge in edges:
         if edge.kind is None:
             raise SchedulerError(f"edge {edge.src} -> {edge.dst} ({edge.tensor}) has no kind; "
@@ -100,13 +99,12 @@ def layer_plan(graph: Graph, order: Sequence[str], edges: Iterable[Edge], frees:
         known = dependencies[edge.dst].get(source)
         if known is None or kind.precedence > known.precedence:
             dependencies[edge.dst][source] = kind
-        reads[edge.dst].append(edge.tensor)
     free_step = {tensor: step for step, names in enumerate(frees) for tensor in names}
     layers = tuple(
         PlannedLayer(
             index=index_of[node], node=node,
             dependencies=tuple(Dependency(j, t) for j, t in sorted(dependencies[node].items())),
-            reads=tuple(dict.fromkeys(reads[node])), outputs=graph.nodes[node].outputs,
+            reads=_reads(graph, node), outputs=graph.nodes[node].outputs,
             output_bytes=sum(graph.tensors[t].nbytes or 0 for t in graph.nodes[node].outputs),
             released_after=_released_after(graph.nodes[node].outputs, free_step, order, index_of))
         for node in order)
@@ -115,6 +113,12 @@ def layer_plan(graph: Graph, order: Sequence[str], edges: Iterable[Edge], frees:
     return LayerPlan(layers, tuple(tuple(names) for names in frees),
                      tuple(activation_live_bytes(graph, liveness)),
                      tuple(step_weight_bytes(graph, liveness, planning_mode)), graph.outputs)
+
+
+def _reads(graph: Graph, node: str) -> tuple[str, ...]:
+    """What the node needs held when it runs: other layers' outputs and graph inputs."""
+    return tuple(t for t in dict.fromkeys(graph.nodes[node].inputs)
+                 if graph.tensors[t].producer is not None or t in graph.inputs)
 
 
 def _released_after(outputs: Sequence[str], free_step: Mapping[str, int], order: Sequence[str],

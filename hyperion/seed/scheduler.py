@@ -167,8 +167,7 @@ class ForwardScheduler:
         record = self._layer(layer_index)
         if not record.executed:
             raise SchedulerError(f"layer {layer_index} has not run yet; mark its output unneeded after it runs")
-        if self._plan is not None and layer_index in self._planned:
-            self._release(self._planned[layer_index].outputs)
+        self._release(self._planned[layer_index].outputs)
         self._sync(layer_index)
 
     def is_layer_executed(self, layer_index: int) -> bool:
