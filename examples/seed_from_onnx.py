@@ -31,12 +31,13 @@ def random_feeds(scheduler: ForwardScheduler, seed: int = 0) -> dict[str, np.nda
 
 
 def main(name: str = "seed_attention", mode: ExecutionMode = ExecutionMode.MEMORY_OPT,
-         max_memory: int = 100 * KB) -> ForwardScheduler:
+         max_memory: int = 1024 * KB) -> ForwardScheduler:
     scheduler = ForwardScheduler.from_onnx(FIXTURES / f"{name}.onnx", mode, max_memory)
     for layer in scheduler.layers:
         deps = ", ".join(f"{d.layer} ({d.dep_type.value})" for d in layer.dependencies) or "-"
-        print(f"layer {layer.layer_index} {layer.name}: depends on {deps}; "
-              f"released after layer {layer.released_after}")
+        released = "kept: a model output" if layer.released_after is None else \
+            f"released after layer {layer.released_after}"
+        print(f"layer {layer.layer_index} {layer.name}: depends on {deps}; {released}")
 
     scheduler.prepare(random_feeds(scheduler))
     while (layer_index := scheduler.execute_next_layer()) is not None:

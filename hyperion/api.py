@@ -35,11 +35,15 @@ class CompiledModel:
         self.max_segment_steps = max_segment_steps
         self.session_config = session_config or SessionConfig(enable_cpu_mem_arena=memory_limit is None)
         self._plans: dict[ShapeSignature, tuple[ImportedModel, Schedule, Runtime]] = {}
+        self._static_shapes = not any(
+            shape is None or any(isinstance(d, str) for d in shape)
+            for shape in declared_input_shapes(imported.source).values())
         self._current: ShapeSignature | None = None
         self._sorted_inputs = tuple(sorted(imported.graph.inputs))
         if not unbound_dims(imported):
             self._current = _signature(imported.input_shapes)
             self._add_plan(self._current, imported, schedule)
+        self._only_runtime = self._plans[self._current][2] if self._static_shapes else None
 
     # -- plans --------------------------------------------------------------------------
     def _add_plan(self, signature: ShapeSignature, imported: ImportedModel,
@@ -93,6 +97,8 @@ class CompiledModel:
     # -- running ------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model; returns every graph output by name, as onnxruntime does."""
+        if self._only_runtime is not None:  # static shapes, one plan: the runtime checks the feeds
+            return self._only_runtime.run(feeds)
         signature = self._feed_signature(feeds)
         _, _, runtime = self._plan_for(signature)
         self._current = signature

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from hyperion.api import CompiledModel
-from hyperion.errors import FeedError, SchedulerError, SchedulerMemoryError
+from hyperion.errors import FeedError, MemoryLimitError, SchedulerError, SchedulerMemoryError
 from hyperion.ir import ExecutionMode
 from hyperion.onnx_import import ImportedModel
 from hyperion.planner import parse_mode, plan
@@ -210,10 +210,19 @@ class ForwardScheduler:
             if self._table.layers:
                 self._install(plan_hand_layers(self._table, self.mode, self.max_memory), AbstractLayers())
             elif self.model is not None:
-                self._load_compiled(self.model.compile(self.mode, self.max_memory))
+                self._load_compiled(self._compile_model(self.model))
             else:
                 raise SchedulerError("no layers to schedule: add them with add_layer(...) or give a model")
         return self._require_plan()
+
+    def _compile_model(self, model: MappedModel) -> CompiledModel:
+        try:
+            return model.compile(self.mode, self.max_memory)
+        except MemoryLimitError as exc:
+            raise SchedulerMemoryError(
+                f"the model's plan does not fit max_memory (layer i is step i of its schedule): {exc}",
+                node=exc.node, needed_bytes=exc.needed_bytes, smallest_limit_bytes=exc.smallest_limit_bytes,
+            ) from None
 
     def _install(self, plan: LayerPlan, executor: LayerExecutor) -> None:
         self._plan, self._executor = plan, executor
