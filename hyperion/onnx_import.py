@@ -8,9 +8,11 @@ leaves a tensor unsized (contrib ops, symbolic arithmetic).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +226,10 @@ def _infer(skeleton: ModelProto, label: str) -> ModelProto:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=True)
+        # On incomplete inference it saves a debug model into the working directory;
+        # run it in a scratch folder so nothing is left behind in the user's.
+        with tempfile.TemporaryDirectory(prefix="hyperion-shapes-") as scratch, contextlib.chdir(scratch):
+            symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=True)
         return symbolic or inferred
     except Exception as exc:  # a best effort on top of onnx's inference
         log.info("%s: onnxruntime symbolic shape inference failed: %s", label, exc)
