@@ -31,7 +31,7 @@ def random_feeds(scheduler: ForwardScheduler, seed: int = 0) -> dict[str, np.nda
 
 
 def main(name: str = "seed_attention", mode: ExecutionMode = ExecutionMode.MEMORY_OPT,
-         max_memory: int = 1024 * KB) -> ForwardScheduler:
+         max_memory: int = 4096 * KB) -> ForwardScheduler:
     scheduler = ForwardScheduler.from_onnx(FIXTURES / f"{name}.onnx", mode, max_memory)
     for layer in scheduler.layers:
         deps = ", ".join(f"{d.layer} ({d.dep_type.value})" for d in layer.dependencies) or "-"

@@ -9,11 +9,11 @@ from collections.abc import Mapping, Sequence
 import networkx as nx
 import numpy as np
 
-from hyperion.errors import FeedError, ScheduleError
+from hyperion.errors import FeedError, OptionError, ScheduleError
 from hyperion.ir import ExecutionMode, Graph
 from hyperion.onnx_import import (ImportedModel, ModelLike, declared_input_shapes, import_model, load_source,
                                   require_bound, unbound_dims)
-from hyperion.planner import parse_mode, plan
+from hyperion.planner import optimal_batch_size, parse_mode, plan
 from hyperion.runtime import RunStats, Runtime, SessionConfig
 from hyperion.schedule import Schedule
 from hyperion.units import parse_size
@@ -21,6 +21,7 @@ from hyperion.units import parse_size
 log = logging.getLogger(__name__)
 
 ShapeSignature = tuple[tuple[str, tuple[int, ...]], ...]
+NON_TENSOR_DTYPES = frozenset({"sequence", "optional", "map", "sparse_tensor"})
 
 
 class CompiledModel:
@@ -28,18 +29,24 @@ class CompiledModel:
 
     def __init__(self, imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
                  max_segment_steps: int | None = None, session_config: SessionConfig | None = None,
-                 schedule: Schedule | None = None) -> None:
+                 schedule: Schedule | None = None, *, prefetch: bool = True,
+                 weight_cache_bytes: int | None = None) -> None:
         self._base = imported
         self.mode = mode
         self.memory_limit = memory_limit
         self.max_segment_steps = max_segment_steps
-        self.session_config = session_config or SessionConfig(enable_cpu_mem_arena=memory_limit is None)
+        self.prefetch = prefetch
+        self.weight_cache_bytes = weight_cache_bytes
+        self.session_config = session_config or SessionConfig(enable_cpu_mem_arena=memory_limit is None,
+                                                              return_freed_memory=memory_limit is not None)
         self._plans: dict[ShapeSignature, tuple[ImportedModel, Schedule, Runtime]] = {}
         self._static_shapes = not any(
             shape is None or any(isinstance(d, str) for d in shape)
             for shape in declared_input_shapes(imported.source).values())
         self._current: ShapeSignature | None = None
-        self._sorted_inputs = tuple(sorted(imported.graph.inputs))
+        # Sequences, optionals and maps have no shape to plan for: they stay out of the signature.
+        self._sorted_inputs = tuple(sorted(name for name in imported.graph.inputs
+                                           if imported.graph.tensors[name].dtype not in NON_TENSOR_DTYPES))
         if not unbound_dims(imported):
             self._current = _signature(imported.input_shapes)
             self._add_plan(self._current, imported, schedule)
@@ -48,7 +55,8 @@ class CompiledModel:
     # -- plans --------------------------------------------------------------------------
     def _add_plan(self, signature: ShapeSignature, imported: ImportedModel,
                   schedule: Schedule | None = None) -> None:
-        schedule = schedule or plan(imported, self.mode, self.memory_limit, self.max_segment_steps)
+        schedule = schedule or plan(imported, self.mode, self.memory_limit, self.max_segment_steps,
+                                    prefetch=self.prefetch, weight_cache_bytes=self.weight_cache_bytes)
         runtime = Runtime(imported.source, schedule, imported.value_types, self.session_config)
         self._plans[signature] = (imported, schedule, runtime)
 
@@ -124,6 +132,27 @@ class CompiledModel:
                 raise FeedError(f"{self._base.source.label}: input {name!r} expects shape {list(declared)}, "
                                 f"got {list(shape)}")
 
+    def calculate_optimal_batch_size(self, input_size: int = 0, output_size: int = 0,
+                                     max_batch_size: int = 1 << 20) -> int:
+        """The largest batch <= ``max_batch_size`` whose plan fits the memory limit (0: none).
+
+        Read off the plan of the current input shapes (activations scale with the
+        batch, weights do not), in this model's mode (memory_opt for adaptive and
+        streaming); ``input_size`` / ``output_size`` are bytes per sample of
+        buffers the caller holds for the whole batch.
+        """
+        if self.memory_limit is None:
+            raise OptionError("calculate_optimal_batch_size: the model was compiled without a memory_limit")
+        imported = self._active()[0]
+        return optimal_batch_size(imported, self.memory_limit, max_batch_size, mode=self.mode,
+                                  input_bytes_per_sample=input_size, output_bytes_per_sample=output_size,
+                                  prefetch=self.prefetch)
+
+    def close(self) -> None:
+        """Release every onnxruntime session (and the weights they hold)."""
+        for _, _, runtime in self._plans.values():
+            runtime.close()
+
     def scheduler(self):
         """The seed API's :class:`~hyperion.seed.ForwardScheduler`, filled from this plan."""
         from hyperion.seed import ForwardScheduler
@@ -137,7 +166,8 @@ def _signature(shapes: Mapping[str, Sequence[int | str]]) -> ShapeSignature:
 
 def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str | ExecutionMode = "adaptive",
             input_shapes: Mapping[str, Sequence[int]] | None = None, *,
-            max_segment_steps: int | None = None, whole_model_shortcut: bool = True) -> CompiledModel:
+            max_segment_steps: int | None = None, whole_model_shortcut: bool = True,
+            weight_cache: int | str | None = None, prefetch: bool = True) -> CompiledModel:
     """Import ``model``, run the passes and plan it under ``memory_limit``.
 
     ``memory_limit`` is bytes or a size string ("256MB", "1.5GiB"); ``None`` means
@@ -146,12 +176,26 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
     session (1 runs every node in its own session). ``whole_model_shortcut=False``
     builds segment models even when a single normal-mode segment could run the
     user's model untouched.
+
+    ``weight_cache`` (bytes or a size string) bounds the sessions, with their
+    weights, that memory_opt keeps alive across runs (``None``: as many as the
+    cap allows; 0: none). ``prefetch`` builds the next segment's session while
+    the current one computes (both are accounted). See docs/memory.md.
     """
     limit = parse_size(memory_limit)
     exec_mode = parse_mode(mode)
     imported = import_model(load_source(model), input_shapes)
-    config = SessionConfig(enable_cpu_mem_arena=limit is None, whole_model_shortcut=whole_model_shortcut)
-    return CompiledModel(imported, exec_mode, limit, max_segment_steps, config)
+    cache_bytes = None if weight_cache is None else _cache_size(weight_cache)
+    config = SessionConfig(enable_cpu_mem_arena=limit is None, whole_model_shortcut=whole_model_shortcut,
+                           return_freed_memory=limit is not None)
+    return CompiledModel(imported, exec_mode, limit, max_segment_steps, config, prefetch=prefetch,
+                         weight_cache_bytes=cache_bytes)
+
+
+def _cache_size(weight_cache: int | str) -> int:
+    if weight_cache == 0:
+        return 0
+    return parse_size(weight_cache, option="weight_cache") or 0
 
 
 def load(model: ModelLike, schedule: str | os.PathLike | Schedule) -> CompiledModel:

@@ -166,6 +166,7 @@ class Program:
     mode: ExecutionMode = ExecutionMode.NORMAL
     memory_limit: int | None = None
     order: tuple[str, ...] | None = None
+    order_result: object | None = None  # passes.order.OrderResult: peak, proven optimum, winner
     liveness: object | None = None      # passes.liveness.Liveness
     memory_plan: object | None = None   # passes.plan_memory.MemoryPlan
     segmentation: object | None = None  # passes.segment.Segmentation

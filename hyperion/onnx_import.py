@@ -66,6 +66,10 @@ def load_source(model: ModelLike) -> ModelSource:
     path = Path(model)
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such model file")
+    from hyperion.embedded import LEAN_LOAD_MIN_BYTES, load_lean
+    if path.stat().st_size >= LEAN_LOAD_MIN_BYTES:  # large weights stay in the file, never read here
+        proto, sha256 = load_lean(path)
+        return _source(proto, path.resolve(), path.resolve().parent, sha256)
     data = path.read_bytes()
     proto = _parse(data, str(path))
     return _source(proto, path.resolve(), path.resolve().parent, hashlib.sha256(data).hexdigest())
@@ -193,8 +197,12 @@ def _bind_inputs(skeleton: ModelProto, weights: set[str],
             raise OptionError(f"input_shapes: the model has no input {name!r}; its inputs are {sorted(real_inputs)}")
     bound: dict[str, tuple[int | str, ...]] = {}
     for name, value_info in real_inputs.items():
-        tensor_type = value_info.type.tensor_type
         if name in input_shapes:
+            if value_info.type.WhichOneof("value") != "tensor_type":
+                # Writing a shape into a sequence/optional type would turn it into a broken tensor type.
+                raise OptionError(f"input_shapes: input {name!r} is not a tensor (it is a "
+                                  f"{_type_facts(value_info.type)[0]}), so it has no shape to bind")
+            tensor_type = value_info.type.tensor_type
             shape = [int(d) for d in input_shapes[name]]
             declared = _dims(value_info.type)
             if declared is not None and len(declared) != len(shape):
@@ -215,25 +223,65 @@ def declared_input_shapes(source: ModelSource) -> dict[str, tuple[int | str, ...
     return {i.name: _dims(i.type) for i in source.proto.graph.input if i.name not in weights}
 
 
-def _infer(skeleton: ModelProto, label: str) -> ModelProto:
+def _infer(skeleton: ModelProto, label: str) -> tuple[ModelProto, ModelProto | None]:
+    """(onnx's inference, onnxruntime's symbolic inference where onnx's left tensors unsized).
+
+    onnx's result follows the operator specs; onnxruntime's symbolic inference
+    sizes more (contrib ops, value-dependent shapes) but can be wrong, e.g. for
+    Split lengths computed at run time, so it is only ever an estimate.
+    """
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception as exc:  # onnx raises several unrelated types here
         log.info("%s: onnx shape inference failed (%s); trying onnxruntime's", label, exc)
         inferred = skeleton
     if _all_sized(inferred):
-        return inferred
+        return inferred, None
+    return inferred, _infer_symbolic(inferred, label)
+
+
+def _infer_symbolic(inferred: ModelProto, label: str) -> ModelProto | None:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         # On incomplete inference it saves a debug model into the working directory;
         # run it in a scratch folder so nothing is left behind in the user's.
         with tempfile.TemporaryDirectory(prefix="hyperion-shapes-") as scratch, contextlib.chdir(scratch):
-            symbolic = SymbolicShapeInference.infer_shapes(inferred, auto_merge=True, guess_output_rank=True)
-        return symbolic or inferred
+            # No auto_merge / rank guessing: both make up dims (a broadcast [1, 1] merged into [3, 4]).
+            return SymbolicShapeInference.infer_shapes(inferred, auto_merge=False, guess_output_rank=False)
     except Exception as exc:  # a best effort on top of onnx's inference
         log.info("%s: onnxruntime symbolic shape inference failed: %s", label, exc)
-        return inferred
+        return None
+
+
+def _value_types(certain: ModelProto, estimated: ModelProto | None,
+                 declared_outputs: Iterable[onnx.ValueInfoProto]) -> tuple[dict[str, TypeProto], dict[str, TypeProto]]:
+    """(types that segment models may declare, types that size tensors for planning).
+
+    A segment model's declared input shapes are checked by onnxruntime against
+    the arrays fed, so they come from onnx's inference alone; an estimate from
+    onnxruntime's symbolic inference only sizes the plan (or, where onnx found
+    nothing, contributes the element type).
+    """
+    declared: dict[str, TypeProto] = {}
+    for value in list(certain.graph.input) + list(certain.graph.value_info) + list(certain.graph.output):
+        declared.setdefault(value.name, value.type)
+    for value in declared_outputs:  # declared outputs win over inferred guesses
+        if value.type.WhichOneof("value") and value.name not in declared:
+            declared[value.name] = value.type
+    sizing = dict(declared)
+    if estimated is None:
+        return declared, sizing
+    for value in list(estimated.graph.value_info) + list(estimated.graph.output):
+        if _type_facts(sizing.get(value.name))[2] is None and _type_facts(value.type)[2] is not None:
+            sizing[value.name] = value.type
+        if value.name not in declared and value.type.WhichOneof("value") == "tensor_type":
+            declared[value.name] = _element_type_only(value.type)
+    return declared, sizing
+
+
+def _element_type_only(type_proto: TypeProto) -> TypeProto:
+    return onnx.helper.make_tensor_type_proto(type_proto.tensor_type.elem_type, None)
 
 
 def _all_sized(model: ModelProto) -> bool:
@@ -286,14 +334,7 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
     weights = {t.name: t for t in proto.graph.initializer}
     skeleton = _skeleton(proto)
     bound = _bind_inputs(skeleton, set(weights), input_shapes or {})
-    inferred = _infer(skeleton, source.label)
-
-    types: dict[str, TypeProto] = {}
-    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        types.setdefault(value.name, value.type)
-    for value in proto.graph.output:  # declared outputs win over inferred guesses
-        if value.type.WhichOneof("value") and value.name not in types:
-            types[value.name] = value.type
+    types, sizing = _value_types(*_infer(skeleton, source.label), proto.graph.output)
 
     node_names = _unique_names(proto.graph.node)
     producers: dict[str, str] = {}
@@ -327,7 +368,7 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
                                        tensor_nbytes(_itemsize(init.data_type), shape), TensorRole.WEIGHT,
                                        None, tuple(consumers.get(name, ())), external)
             continue
-        dtype, shape, nbytes = _type_facts(types.get(name))
+        dtype, shape, nbytes = _type_facts(sizing.get(name))
         role = (TensorRole.INPUT if name in bound
                 else TensorRole.OUTPUT if name in graph_outputs else TensorRole.ACTIVATION)
         tensors[name] = TensorInfo(name, dtype, shape, nbytes, role, producers.get(name),

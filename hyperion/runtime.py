@@ -5,13 +5,19 @@ segment reads and returns, which tensors are marked unneeded after which step,
 which weights are resident when. Inside a segment onnxruntime frees tensors at
 their last use; between segments Hyperion drops every tensor whose ``frees``
 step has run, so nothing outlives the step liveness names.
+
+Weights live in the segments' sessions (:mod:`hyperion.sessions`): the plan's
+``extra`` says which sessions are kept across runs (the weight cache) and
+whether the next one is prefetched. A ``streaming`` schedule runs the batch in
+chunks of ``batch_chunk`` samples and writes each chunk's outputs into arrays
+for the whole batch.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,8 +27,12 @@ from onnx import NodeProto, TypeProto
 from hyperion.errors import FeedError, RuntimeExecutionError, UnsupportedModelError
 from hyperion.onnx_import import ModelSource
 from hyperion.schedule import Schedule, Segment
-from hyperion.segment_model import build_segment_model, nodes_by_name
+from hyperion.segment_model import build_segment_model, nodes_by_name, segment_model_inputs, with_free_batch
+from hyperion.sessions import SessionPool, SessionTimes, return_freed_memory
 from hyperion.weights import WeightStore
+
+# With a cap, blocks of this size or more go back to the OS when freed (see sessions.return_freed_memory).
+MMAP_THRESHOLD_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +46,8 @@ class RunStats:
     held_peak_bytes: int = 0      # measured: bytes of arrays Hyperion held between segments
     segment_ms: list[float] = field(default_factory=list)
     total_ms: float = 0.0
+    chunks: int = 1               # streaming: chunks the batch ran in
+    sessions: SessionTimes = field(default_factory=SessionTimes)
 
     @property
     def step_ms(self) -> list[float]:
@@ -50,12 +62,15 @@ class SessionConfig:
     # False: build segment models even when one normal-mode segment could hand
     # onnxruntime the user's model untouched (exercises the segment plumbing).
     whole_model_shortcut: bool = True
+    # With a cap: have glibc return large freed blocks to the OS, so RSS follows the plan.
+    return_freed_memory: bool = False
 
 
 class Runtime:
     """Runs one schedule. Sessions are kept for the next run in ``normal`` mode;
     in ``memory_opt`` mode a segment's session (and with it its weights) lives
-    only while the segment runs."""
+    only while the segment runs, unless the plan caches it, and the next
+    segment's session is built while it runs when the plan prefetches."""
 
     def __init__(self, source: ModelSource, schedule: Schedule, value_types: Mapping[str, TypeProto],
                  config: SessionConfig | None = None) -> None:
@@ -63,9 +78,19 @@ class Runtime:
         self.schedule = schedule
         self.value_types = value_types
         self.config = config or SessionConfig()
+        if self.config.return_freed_memory:
+            return_freed_memory(MMAP_THRESHOLD_BYTES)
+        if schedule.mode == "streaming":  # chunks are smaller than the batch the types were inferred for
+            self.value_types = with_free_batch(value_types)
         self.weights = WeightStore(source, schedule.tensors)
-        self._sessions: dict[int, ort.InferenceSession] = {}
+        if schedule.mode != "normal":
+            self.weights.spill_embedded()  # weights read by sessions from a file, never from the proto
         self._node_protos: dict[str, NodeProto] | None = None
+        self._model_inputs: dict[int, tuple[str, ...]] = {}  # per segment: what its model takes
+        extra = schedule.extra
+        keep = range(len(schedule.segments)) if schedule.mode == "normal" else extra.get("cached_segments", ())
+        self._cyclic = bool(extra.get("cyclic_prefetch", False))
+        self.pool = SessionPool(self._build_session, frozenset(keep), bool(extra.get("prefetch", False)))
         self._whole_model_ms: float | None = None
         self.stats = RunStats(mode=schedule.mode)
         # Per segment, every tensor a step of it marks unneeded: dropped once the segment returns.
@@ -85,9 +110,9 @@ class Runtime:
         options.log_severity_level = 3
         options.intra_op_num_threads = self.config.intra_op_num_threads
         options.enable_cpu_mem_arena = self.config.enable_cpu_mem_arena
-        # Relative external-data locations resolve against the model's folder.
+        # Relative external-data locations resolve against the model's folder (or the spill folder).
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                         str(self.source.base_dir))
+                                         str(self.weights.folder))
         return options
 
     def _whole_model(self) -> bool:
@@ -96,9 +121,17 @@ class Runtime:
                 and self.schedule.mode == "normal")
 
     def session(self, segment: Segment) -> ort.InferenceSession:
-        if segment.index in self._sessions:
-            return self._sessions[segment.index]
-        if self._whole_model():
+        """The session of ``segment``: kept, prefetched, or built now."""
+        return self.pool.acquire(segment.index)
+
+    def _next_segment(self, index: int) -> int | None:
+        if index + 1 < len(self.schedule.segments):
+            return index + 1
+        return 0 if self._cyclic and index > 0 else None
+
+    def _build_session(self, index: int) -> ort.InferenceSession:
+        segment = self.schedule.segments[index]
+        if self._whole_model() and not (self.config.return_freed_memory and self.weights.embedded_in_file()):
             model = str(self.source.path) if self.source.path else self.source.proto.SerializeToString()
         else:
             model = build_segment_model(self.source, self.schedule, segment, self.value_types,
@@ -111,9 +144,11 @@ class Runtime:
                 f"{self.source.label}: onnxruntime cannot load segment {segment.index} "
                 f"(steps {segment.first_step}-{segment.last_step}, from node {first.node!r}): "
                 f"{_first_line(exc)}") from None
-        if self.keeps_sessions:
-            self._sessions[segment.index] = session
         return session
+
+    def close(self) -> None:
+        """Release every session (and the weights they hold)."""
+        self.pool.close()
 
     def _nodes(self) -> dict[str, NodeProto]:
         if self._node_protos is None:
@@ -124,7 +159,7 @@ class Runtime:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._is_whole_model:
             # The fast path: onnxruntime checks the feeds itself; Hyperion only explains a failure.
-            session = self._sessions.get(0) or self.session(self.schedule.segments[0])
+            session = self.session(self.schedule.segments[0])
             started = time.perf_counter()
             try:
                 outputs = session.run(self._output_names, feeds)
@@ -134,10 +169,41 @@ class Runtime:
                                             f"{_first_line(exc)}") from None
             self._whole_model_ms = 1e3 * (time.perf_counter() - started)
             return dict(zip(self._output_names, outputs))
-        env = self.check_feeds(feeds)
-        segment_ms: list[float] = []
-        held_peak = 0
+        checked = self.check_feeds(feeds)
         started = time.perf_counter()
+        self.pool.reset_times()
+        segment_ms = [0.0] * len(self.schedule.segments)
+        held_peak, chunks = 0, 0
+        outputs: dict[str, np.ndarray] = {}
+        for start, part in self._chunks(checked):
+            result, held = self._run_segments(part, segment_ms)
+            held_peak, chunks = max(held_peak, held), chunks + 1
+            if start is None:
+                outputs = result
+                continue
+            for name, value in result.items():  # written into whole-batch arrays: no concatenation copy
+                if name not in outputs:
+                    outputs[name] = np.empty((self.schedule.extra["batch_size"], *value.shape[1:]), value.dtype)
+                outputs[name][start:start + len(value)] = value
+            del result
+        self.stats = RunStats(self.schedule.mode, max(self.schedule.peak_bytes, held_peak), held_peak,
+                              segment_ms, 1e3 * (time.perf_counter() - started), chunks, self.pool.reset_times())
+        return outputs
+
+    def _chunks(self, feeds: dict[str, np.ndarray]) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
+        """(first sample, feeds) per chunk of a streaming schedule; (None, feeds) otherwise."""
+        chunk, total = self.schedule.batch_chunk, self.schedule.extra.get("batch_size")
+        if self.schedule.mode != "streaming" or not chunk or total is None:
+            yield None, feeds
+            return
+        batched = set(self.schedule.extra.get("batched_inputs", ()))
+        for start in range(0, total, chunk):  # slices along axis 0 are views: no copies of the inputs
+            yield start, {n: v[start:start + chunk] if n in batched else v for n, v in feeds.items()}
+
+    def _run_segments(self, env: dict[str, np.ndarray], segment_ms: list[float]) -> tuple[dict[str, np.ndarray], int]:
+        """Every segment once, in order; the graph outputs and the most bytes held between segments."""
+        env = dict(env)
+        held_peak = 0
         for segment, frees in zip(self.schedule.segments, self._frees_after_segment):
             t0 = time.perf_counter()
             outputs = self._run_segment(segment, {name: env[name] for name in segment.inputs})
@@ -146,11 +212,9 @@ class Runtime:
             held_peak = max(held_peak, sum(a.nbytes for a in env.values() if isinstance(a, np.ndarray)))
             for name in frees:
                 env.pop(name, None)
-            segment_ms.append(1e3 * (time.perf_counter() - t0))
-        self.stats = RunStats(self.schedule.mode, max(self.schedule.peak_bytes, held_peak), held_peak,
-                              segment_ms, 1e3 * (time.perf_counter() - started))
+            segment_ms[segment.index] += 1e3 * (time.perf_counter() - t0)
         return {name: env[name] if name in env else self.weights.read(name)
-                for name in self.schedule.graph_outputs}
+                for name in self.schedule.graph_outputs}, held_peak
 
     @property
     def stats(self) -> RunStats:
@@ -173,13 +237,25 @@ class Runtime:
         return dict(zip(segment.outputs, self._run_segment(segment, dict(feeds))))
 
     def _run_segment(self, segment: Segment, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if not segment.outputs:
+            # Only dead nodes (outputs nobody reads): nothing to compute, and onnxruntime
+            # refuses both a run that fetches nothing and a graph with no outputs.
+            return []
         session = self.session(segment)
+        self.pool.prefetch(self._next_segment(segment.index))  # built while this one computes
         try:
-            return session.run(list(segment.outputs), feeds)
+            return session.run(list(segment.outputs), self._model_feeds(segment, feeds))
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RuntimeExecutionError(
                 f"{self.source.label}: onnxruntime failed in segment {segment.index} "
                 f"(steps {segment.first_step}-{segment.last_step}): {_first_line(exc)}") from None
+
+    def _model_feeds(self, segment: Segment, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``feeds`` less the small constants the segment's model recomputes itself."""
+        if segment.index not in self._model_inputs:
+            self._model_inputs[segment.index] = segment_model_inputs(self.schedule, segment, self._nodes())
+        names = self._model_inputs[segment.index]
+        return feeds if len(names) == len(feeds) else {name: feeds[name] for name in names}
 
     # -- feeds --------------------------------------------------------------------------
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

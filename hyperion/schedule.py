@@ -96,6 +96,7 @@ class Schedule:
     requested_mode: str = "normal"
     mode_reason: str = ""
     batch_chunk: int | None = None     # streaming: samples per chunk
+    optimal_peak_bytes: int | None = None  # proven minimum over all orders (one step per segment)
     format: str = FORMAT
     version: int = VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -135,6 +136,7 @@ class Schedule:
             requested_mode=data["requested_mode"],
             mode_reason=data["mode_reason"],
             batch_chunk=data["batch_chunk"],
+            optimal_peak_bytes=data.get("optimal_peak_bytes"),
             extra=data.get("extra", {}),
         )
 

@@ -1,21 +1,31 @@
-"""Weights as numpy arrays, read when the schedule says and not before.
+"""The model's weights: as the initializers segment models carry, and as arrays.
 
-External-data weights are read with one positioned read each (``np.fromfile``
-at an offset) into memory Hyperion owns, so a weight stops counting in the
-process's RSS as soon as it is released. Embedded weights are decoded from the
-model proto.
+Segment models carry external-data weights as references, which onnxruntime
+reads when a session is created. Large weights embedded in an in-memory model
+are spilled once to a Hyperion-owned file (:mod:`hyperion.embedded`) when the
+schedule streams weights, so they are read the same way; ``folder`` is where
+relative locations resolve.
+
+As arrays (a graph output that is a weight), external-data weights are read
+with one positioned read each (``np.fromfile`` at an offset); embedded weights
+are decoded from the model proto.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
+from hyperion.embedded import embedded_weights, spill
 from hyperion.errors import ModelLoadError
 from hyperion.onnx_import import ModelSource
 from hyperion.schedule import TensorRecord
+
+log = logging.getLogger(__name__)
 
 
 class WeightStore:
@@ -23,12 +33,39 @@ class WeightStore:
         self.source = source
         self.records = tensors
         self.protos: dict[str, TensorProto] = {t.name: t for t in source.proto.graph.initializer}
+        self._embedded = dict(self.protos)   # the originals, for reading arrays
+        self.folder: Path = source.base_dir
+
+    def embedded_in_file(self) -> bool:
+        """Whether weights embedded in the model file are served from it in place
+        (:func:`hyperion.embedded.load_lean`): then, under a cap, sessions are built from
+        the lean proto, since onnxruntime given the file itself copies them while loading."""
+        path = self.source.path
+        return path is not None and any(
+            e.key == "location" and e.value == path.name for t in self.protos.values() for e in t.external_data)
+
+    def spill_embedded(self) -> bool:
+        """Serve large embedded weights of an in-memory model from a spilled file.
+
+        Only for models without external data of their own (one folder must hold
+        every file a session reads). Returns whether anything was spilled.
+        """
+        initializers = list(self.source.proto.graph.initializer)
+        if self.source.path is not None or not embedded_weights(initializers):
+            return False
+        if any(t.data_location == TensorProto.EXTERNAL for t in initializers):
+            log.info("%s: embedded weights stay in the proto: the model also has external data",
+                     self.source.label)
+            return False
+        self.folder, references = spill(initializers, self.source.sha256)
+        self.protos.update(references)
+        return True
 
     def read(self, name: str) -> np.ndarray:
         record = self.records[name]
         if record.external is not None:
             return self._read_external(record)
-        return numpy_helper.to_array(self.protos[name])
+        return numpy_helper.to_array(self._embedded[name])
 
     def read_many(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         return {name: self.read(name) for name in names}

@@ -1,40 +1,64 @@
-"""order: choose the topological order the steps run in.
+"""order: choose the topological order the steps run in, minimising the peak of live bytes.
 
 Rules:
 
-* the result is a topological order of the graph (every producer before its
-  consumers);
-* candidates are the ONNX file's node order and a greedy memory-aware order
-  (Kahn's algorithm that prefers the ready node freeing the most bytes net);
-* the candidate with the lowest peak of accounted live bytes wins, the file's
-  order on ties — so the result is never worse than the file's order.
+* the result is a topological order of the graph (every producer before its consumers);
+* the objective is the peak of ``step_live_bytes`` (``passes/liveness.py``) at one step
+  per segment: live activations and graph inputs still needed, plus every weight in
+  ``normal`` mode or the step's own weights in ``memory_opt`` mode;
+* candidates: the ONNX file's order (or, if that is not topological, the topological
+  order closest to it), networkx's plain topological order, a greedy order (Kahn's
+  algorithm preferring the ready node that grows resident bytes least) and the searched
+  order — the base order cut at sequence points into regions, each region ordered by an
+  exact dynamic program over sets of executed nodes (SERENITY) within a state budget, or
+  by beam search past it (see ``order_regions.py`` and ``order_search.py``);
+* the candidate with the lowest peak wins, earlier candidates on ties — so the file's
+  order wins ties and the result is never worse than the file's or the plain
+  topological order;
+* ``optimal_peak_bytes`` is set when the search proved its peak optimal over every
+  topological order: every cut forced and every region that sets the peak solved exactly,
+  or the whole graph solved exactly as one region. The search counts states, not
+  seconds, so the same graph always gets the same order.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import networkx as nx
 
 from hyperion.errors import PassError
-from hyperion.ir import ExecutionMode, Graph, Program, TensorRole
+from hyperion.ir import ExecutionMode, Graph, Program
 from hyperion.passes import Pass, PassResult
 from hyperion.passes.liveness import compute_liveness, step_live_bytes
+from hyperion.passes.order_model import StepModel, build_step_model
+from hyperion.passes.order_regions import SearchBudget, exact_order, order_by_regions
 
 OrderStrategy = Callable[[Graph, ExecutionMode], tuple[str, ...]]
 
 
 @dataclass(frozen=True)
+class OrderResult:
+    order: tuple[str, ...]
+    peak_bytes: int                   # peak of step_live_bytes for ``order``
+    file_peak_bytes: int              # the same for the file's (base) order
+    optimal_peak_bytes: int | None    # the proven optimum over all topological orders
+    strategy: str                     # the candidate that won: file, topological, greedy, search
+
+
+@dataclass(frozen=True)
 class OrderPass(Pass):
     name: ClassVar[str] = "order"
+    budget: SearchBudget = field(default_factory=SearchBudget)
 
     def call(self, program: Program) -> PassResult:
-        order = choose_order(program.graph, _planning_mode(program.mode))
-        modified = order != program.order
-        program.order = order
+        result = plan_order(program.graph, _planning_mode(program.mode), self.budget)
+        modified = result.order != program.order
+        program.order = result.order
+        program.order_result = result
         return PassResult(program, modified)
 
 
@@ -46,65 +70,126 @@ def peak_live_bytes(graph: Graph, order: tuple[str, ...], mode: ExecutionMode) -
     return max(step_live_bytes(graph, compute_liveness(graph, order), mode), default=0)
 
 
+def base_order(graph: Graph) -> tuple[str, ...]:
+    """The file's order if it is topological, else the topological order closest to it."""
+    file_order = graph.file_order()
+    if _is_topological(graph, file_order):
+        return file_order
+    return tuple(nx.lexicographical_topological_sort(graph.nx, key=lambda n: graph.nodes[n].index))
+
+
+def plan_order(graph: Graph, mode: ExecutionMode, budget: SearchBudget | None = None) -> OrderResult:
+    """The lowest-peak candidate order of ``graph`` (see the module docstring)."""
+    budget = budget or SearchBudget()
+    base = base_order(graph)
+    model = build_step_model(graph, base, mode)
+    searched = order_by_regions(model, budget)
+    optimum = model.constant_bytes + searched.peak if searched.optimal and base else None
+    search_order = searched.order
+    # A forced decomposition is never harder than the whole graph: only unforced ones are retried.
+    if optimum is None and not searched.forced and 0 < model.size <= budget.whole_graph_nodes:
+        exact = exact_order(model, searched, budget)
+        if exact is not None:
+            search_order, optimum = exact[0], model.constant_bytes + exact[1]
+    candidates = {
+        "file": tuple(range(model.size)),
+        "topological": _generations(model),
+        "greedy": _greedy(model),
+        "search": search_order,
+    }
+    peaks = {name: model.peak(order) for name, order in candidates.items()}
+    strategy = min(peaks, key=peaks.__getitem__)  # the first of the lowest: the file's order on ties
+    if optimum is not None and peaks[strategy] != optimum:
+        raise PassError(f"order search claims an optimum of {optimum} bytes but its order peaks at "
+                        f"{peaks[strategy]}")
+    return OrderResult(tuple(base[i] for i in candidates[strategy]), peaks[strategy], peaks["file"], optimum,
+                       strategy)
+
+
 def choose_order(graph: Graph, mode: ExecutionMode,
                  strategies: Sequence[OrderStrategy] | None = None) -> tuple[str, ...]:
-    """The lowest-peak order among the file's order and each strategy's."""
-    file_order = graph.file_order()
-    if not _is_topological(graph, file_order):
-        file_order = tuple(nx.lexicographical_topological_sort(graph.nx, key=lambda n: graph.nodes[n].index))
-    best, best_peak = file_order, peak_live_bytes(graph, file_order, mode)
-    for strategy in strategies if strategies is not None else (greedy_order,):
+    """The lowest-peak order among the file's order and each strategy's (default: the search)."""
+    if strategies is None:
+        return plan_order(graph, mode).order
+    base = base_order(graph)
+    model = build_step_model(graph, base, mode)
+    candidates = {"file": tuple(range(model.size))}
+    for strategy in strategies:
         candidate = strategy(graph, mode)
         if not _is_topological(graph, candidate):
             raise PassError(f"order strategy {strategy.__name__} returned a non-topological order")
-        peak = peak_live_bytes(graph, candidate, mode)
-        if peak < best_peak:
-            best, best_peak = candidate, peak
-    return best
+        candidates[strategy.__name__] = _indices(model, candidate)
+    peaks = {name: model.peak(order) for name, order in candidates.items()}
+    return tuple(base[i] for i in candidates[min(peaks, key=peaks.__getitem__)])
+
+
+def _generations(model: StepModel) -> tuple[int, ...]:
+    """Plain topological order: Kahn's algorithm generation by generation, as networkx's
+    ``topological_sort``, each generation in base order."""
+    waiting = [len(p) for p in model.preds]
+    generation = [v for v in range(model.size) if waiting[v] == 0]
+    order: list[int] = []
+    while generation:
+        order += generation
+        following = []
+        for v in generation:
+            for w in model.succs[v]:
+                waiting[w] -= 1
+                if waiting[w] == 0:
+                    following.append(w)
+        generation = sorted(following)
+    return tuple(order)
+
+
+def _indices(model: StepModel, order: Sequence[str] | object) -> tuple[int, ...]:
+    index = {name: i for i, name in enumerate(model.names)}
+    return tuple(index[name] for name in order)  # type: ignore[union-attr]
 
 
 def _is_topological(graph: Graph, order: Sequence[str]) -> bool:
-    if len(order) != len(graph.nodes):
+    if len(order) != len(graph.nodes) or set(order) != set(graph.nodes):
         return False
     position = {node: i for i, node in enumerate(order)}
     return all(position[u] < position[v] for u, v in graph.nx.edges())
 
 
 def greedy_order(graph: Graph, mode: ExecutionMode) -> tuple[str, ...]:
-    """Kahn's algorithm preferring the ready node with the best net effect on live bytes.
+    """Kahn's algorithm preferring the ready node that grows resident bytes least."""
+    base = base_order(graph)
+    return tuple(base[i] for i in _greedy(build_step_model(graph, base, mode)))
 
-    A node's net effect is the bytes it allocates (its outputs) minus the bytes of
-    the inputs it is the last remaining reader of. Ties go to the file order.
-    """
-    remaining_readers = {name: len(set(t.consumers)) for name, t in graph.tensors.items()}
-    indegree = {n: len(set(graph.nx.predecessors(n))) for n in graph.nodes}
 
-    def net_bytes(node: str) -> int:
-        info = graph.nodes[node]
-        allocated = sum(graph.tensors[t].nbytes or 0 for t in info.outputs)
-        freed = sum(graph.tensors[t].nbytes or 0 for t in set(info.inputs)
-                    if remaining_readers[t] == 1 and t not in graph.outputs
-                    and (graph.tensors[t].role is not TensorRole.WEIGHT or mode is not ExecutionMode.NORMAL))
-        return allocated - freed
+def _greedy(model: StepModel) -> tuple[int, ...]:
+    """Greedy over node indices: a node's score is the bytes it keeps minus the bytes of
+    the inputs it is the last remaining reader of; ties go to the base order. Scores are
+    refreshed lazily (stale heap entries are skipped), so the whole run is O((V+T) log V)."""
+    pending = [len(r) for r in model.tensor_readers]
+    waiting = [len(p) for p in model.preds]
+    done = [False] * model.size
 
-    ready = [(net_bytes(n), graph.nodes[n].index, n) for n, d in indegree.items() if d == 0]
-    heapq.heapify(ready)
-    order: list[str] = []
-    while ready:
-        _, _, node = heapq.heappop(ready)
-        order.append(node)
-        touched: set[str] = set()
-        for tensor in set(graph.nodes[node].inputs):
-            remaining_readers[tensor] -= 1
-            touched.update(graph.tensors[tensor].consumers)
-        for succ in set(graph.nx.successors(node)):
-            indegree[succ] -= 1
-            if indegree[succ] == 0:
-                heapq.heappush(ready, (net_bytes(succ), graph.nodes[succ].index, succ))
-        # A node's score changes when an input it shares loses a reader: re-score those still ready.
-        stale = [entry for entry in ready if entry[2] in touched]
-        if stale:
-            ready = [entry for entry in ready if entry[2] not in touched]
-            ready.extend((net_bytes(n), graph.nodes[n].index, n) for _, _, n in stale)
-            heapq.heapify(ready)
+    def score(v: int) -> int:
+        return model.kept_bytes[v] - sum(model.tensor_bytes[t] for t in model.reads[v] if pending[t] == 1)
+
+    current = {v: score(v) for v in range(model.size) if waiting[v] == 0}
+    heap = [(s, v) for v, s in current.items()]
+    heapq.heapify(heap)
+    order: list[int] = []
+    while heap:
+        s, v = heapq.heappop(heap)
+        if done[v] or current.get(v) != s:
+            continue
+        done[v] = True
+        order.append(v)
+        for t in model.reads[v]:
+            pending[t] -= 1
+            if pending[t] == 1:  # its last reader now frees it: that reader's score drops
+                last = next(c for c in model.tensor_readers[t] if not done[c])
+                if last in current:
+                    current[last] = score(last)
+                    heapq.heappush(heap, (current[last], last))
+        for w in model.succs[v]:
+            waiting[w] -= 1
+            if waiting[w] == 0:
+                current[w] = score(w)
+                heapq.heappush(heap, (current[w], w))
     return tuple(order)

@@ -36,6 +36,7 @@ class StepModel:
     inert: tuple[bool, ...]                        # reads no data and pays nothing for weights
     tensor_bytes: tuple[int, ...]                  # per freeable tensor id
     tensor_readers: tuple[tuple[int, ...], ...]    # per freeable tensor id, distinct readers
+    tensor_producer: tuple[int, ...]               # per freeable tensor id; -1: a graph input
     initial_bytes: int                             # resident before step 0: graph inputs
     constant_bytes: int                            # every weight in normal mode, else 0
 
@@ -61,37 +62,44 @@ def build_step_model(graph: Graph, base: Sequence[str], mode: ExecutionMode) -> 
     """The model of ``graph`` with node indices given by the topological order ``base``."""
     index = {name: i for i, name in enumerate(base)}
     outputs = set(graph.outputs)
+    sizes: dict[str, int] = {}
+    readers: dict[str, tuple[int, ...]] = {}
+    producer: dict[str, int] = {}
     tensor_id: dict[str, int] = {}
-    tensor_bytes: list[int] = []
-    tensor_readers: list[tuple[int, ...]] = []
+    tensor_bytes, tensor_readers, tensor_producer = [], [], []
     initial = 0
-    for tensor in graph.tensors.values():
-        if tensor.role is TensorRole.WEIGHT:
+    weight_role = TensorRole.WEIGHT
+    for name, tensor in graph.tensors.items():
+        size = sizes[name] = tensor.nbytes or 0
+        if tensor.role is weight_role:
             continue
-        size = tensor.nbytes or 0
-        readers = tuple(sorted({index[c] for c in tensor.consumers}))
-        if tensor.producer is None and (readers or tensor.name in outputs):
-            initial += size
-        if readers and tensor.name not in outputs:
-            tensor_id[tensor.name] = len(tensor_bytes)
+        consumers = tensor.consumers
+        readers[name] = tuple(sorted({index[c] for c in consumers})) if len(consumers) > 1 else \
+            tuple(index[c] for c in consumers)
+        if tensor.producer is None:
+            initial += size if consumers or name in outputs else 0
+        else:
+            producer[name] = index[tensor.producer]
+        if consumers and name not in outputs:
+            tensor_id[name] = len(tensor_bytes)
             tensor_bytes.append(size)
-            tensor_readers.append(readers)
+            tensor_readers.append(readers[name])
+            tensor_producer.append(producer.get(name, -1))
 
+    normal = mode is ExecutionMode.NORMAL
     preds, succs, step, kept, reads, inert = [], [], [], [], [], []
     for name in base:
         node = graph.nodes[name]
-        data_inputs = [t for t in dict.fromkeys(node.inputs) if not graph.is_weight(t)]
-        own_weights = 0 if mode is ExecutionMode.NORMAL else sum(
-            graph.tensors[w].nbytes or 0 for w in graph.weights_of(name))
-        out_sizes = [(graph.tensors[t].nbytes or 0, bool(graph.tensors[t].consumers) or t in outputs)
-                     for t in node.outputs]
-        preds.append(tuple(sorted({index[p] for t in data_inputs
-                                   if (p := graph.tensors[t].producer) is not None})))
-        succs.append(tuple(sorted({index[c] for t in node.outputs for c in graph.tensors[t].consumers})))
-        step.append(sum(s for s, _ in out_sizes) + own_weights)
-        kept.append(sum(s for s, k in out_sizes if k))
-        reads.append(tuple(tensor_id[t] for t in data_inputs if t in tensor_id))
-        inert.append(not data_inputs and own_weights == 0)
-    constant = graph.weight_bytes() if mode is ExecutionMode.NORMAL else 0
+        inputs = dict.fromkeys(node.inputs)
+        data = [t for t in inputs if t in readers]
+        own_weights = 0 if normal else sum(sizes[t] for t in inputs if t not in readers)
+        preds.append(tuple(sorted({producer[t] for t in data if t in producer})))
+        succs.append(tuple(sorted({c for t in node.outputs for c in readers[t]})))
+        step.append(sum(sizes[t] for t in node.outputs) + own_weights)
+        kept.append(sum(sizes[t] for t in node.outputs if readers[t] or t in outputs))
+        reads.append(tuple(tensor_id[t] for t in data if t in tensor_id))
+        inert.append(not data and own_weights == 0)
+    constant = graph.weight_bytes() if normal else 0
     return StepModel(tuple(base), tuple(preds), tuple(succs), tuple(step), tuple(kept), tuple(reads),
-                     tuple(inert), tuple(tensor_bytes), tuple(tensor_readers), initial, constant)
+                     tuple(inert), tuple(tensor_bytes), tuple(tensor_readers), tuple(tensor_producer), initial,
+                     constant)

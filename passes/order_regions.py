@@ -12,18 +12,24 @@ drift later) and no node after ``v`` is a source (it could drift earlier). When 
 forced, the best order of the whole graph is the best order of each region, concatenated,
 and its peak the largest region optimum.
 
-*Floating* nodes (they read no data, only weights or nothing, and their weights cost
-nothing in the objective — a ``Constant``, a weight ``Transpose``) are moved into the
-region of their first reader and left out of the forcing test: running such a node right
-before its first reader never raises the peak (its own step costs at most that reader's,
-and every step in between holds its output no longer), so some optimum has it there.
+*Floating* nodes — they read no data (only weights, or nothing), their weights cost
+nothing in the objective and every output they make is read later (a ``Constant``, a
+weight ``Transpose``) — are moved into the region of their first reader and left out of
+the forcing test. Running such a node ``s`` right before its first reader ``c`` never
+raises the peak: its step costs ``resident + outputs(s)``, at most ``c``'s step
+``resident + outputs(s) + outputs(c) + weights(c)``, and every step in between holds its
+outputs no longer. So some optimum has it there. (A dead output would break this: it
+counts at ``s``'s own step only, which may be cheaper early.)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hyperion.passes.order_local import improve_locally
 from hyperion.passes.order_model import StepModel
+from hyperion.passes.order_problem import RegionProblem, RegionSet
+from hyperion.passes.order_search import SearchOutcome, frontier_search
 
 
 @dataclass(frozen=True)
@@ -34,13 +40,15 @@ class Decomposition:
 
 def decompose(model: StepModel) -> Decomposition:
     """Regions of ``model``'s base order, cut after every sequence point."""
-    floating = [model.inert[v] and not model.preds[v] and bool(model.succs[v]) for v in range(model.size)]
+    floating = [model.inert[v] and model.step_bytes[v] == model.kept_bytes[v] and bool(model.succs[v])
+                for v in range(model.size)]
     spine = [v for v in range(model.size) if not floating[v]]
     if not spine:
         return Decomposition((tuple(range(model.size)),) if model.size else (), True)
     position = {v: i for i, v in enumerate(spine)}
     cuts = [i for i, cut in enumerate(_sequence_points(model, spine, position)) if cut and i + 1 < len(spine)]
-    regions = [spine[start:stop] for start, stop in zip([0] + [c + 1 for c in cuts], cuts + [len(spine)])]
+    bounds = [0] + [c + 1 for c in cuts] + [len(spine)]
+    regions = [spine[start:stop] for start, stop in zip(bounds, bounds[1:])]
     forced = _cuts_forced(model, spine, floating, cuts)
     placed = _place_floating(model, floating, position, regions)
     return Decomposition(tuple(tuple(r) for r in placed), forced)
@@ -86,3 +94,128 @@ def _place_floating(model: StepModel, floating: list[bool], position: dict[int, 
     if not before:
         return regions
     return [[f for v in nodes for f in (*before.get(v, ()), v)] for nodes in regions]
+
+
+# -- solving the regions ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchBudget:
+    """Work limits of the ordering search, counted in states so results never depend on speed.
+
+    An exact search first gets ``quick_states`` (enough for most regions); past that, a
+    beam search of ``beam_width`` and local improvement (``local_states`` from each of two
+    starts) give an order whose peak bounds a second exact search of ``max_states`` (its
+    memory: about 80 bytes a state). ``total_states`` (exact and local) and
+    ``total_beam_states`` (width × nodes) bound all searches of one graph: the time.
+    A graph of at most ``whole_graph_nodes`` nodes whose cuts are not forced is also
+    searched whole (``max_states``) to prove its optimum.
+    """
+
+    quick_states: int = 10_000
+    max_states: int = 150_000
+    local_states: int = 40_000
+    total_states: int = 500_000
+    beam_width: int = 32
+    total_beam_states: int = 200_000
+    whole_graph_nodes: int = 96
+
+
+@dataclass(frozen=True)
+class RegionsOutcome:
+    order: tuple[int, ...]
+    peak: int                  # constant bytes excluded
+    optimal: bool              # ``peak`` is the optimum of the whole graph
+    regions: int
+    forced: bool               # every cut is forced: regions can be solved one by one
+
+
+Solution = tuple[tuple[int, ...], int, bool]  # (local order, its peak, proven optimal for the region)
+
+
+@dataclass
+class _Solver:
+    budget: SearchBudget
+    states_left: int
+    beam_left: int
+    cache: dict[tuple, Solution]
+
+    def solve(self, problem: RegionProblem, upper: int, settled: int) -> Solution:
+        """The region's best order found, below ``upper`` if it can be."""
+        cached = self.cache.get(problem.key())
+        if cached is not None and (cached[2] or cached[1] <= settled):
+            return cached
+        result = self._search(problem, upper, settled)
+        self.cache[problem.key()] = result
+        return result
+
+    def _search(self, problem: RegionProblem, upper: int, settled: int) -> Solution:
+        base = tuple(range(problem.size))
+        quick = self._exact(problem, upper, self.budget.quick_states)
+        if quick.complete:
+            return (quick.order, quick.peak, True) if quick.order else (base, upper, True)
+        order, peak = self._heuristic(problem, base, upper)
+        if peak <= settled:
+            return order, peak, False  # no region can go below what the graph needs anyway
+        full = self._exact(problem, peak, self.budget.max_states)
+        if full.complete:
+            return (full.order, full.peak, True) if full.order else (order, peak, True)
+        return order, peak, False
+
+    def _exact(self, problem: RegionProblem, bound: int, limit: int) -> SearchOutcome:
+        outcome = frontier_search(problem, bound, max_states=min(limit, self.states_left))
+        self.states_left = max(0, self.states_left - outcome.states)
+        return outcome
+
+    def _heuristic(self, problem: RegionProblem, base: tuple[int, ...], upper: int) -> tuple[tuple[int, ...], int]:
+        """The best of: base order and beam order, each improved locally."""
+        width = max(1, min(self.budget.beam_width, self.beam_left // max(problem.size, 1)))
+        self.beam_left = max(0, self.beam_left - width * problem.size)
+        beam = frontier_search(problem, upper, width=width).order
+        best, best_peak = base, upper
+        for start in (beam, base) if beam is not None else (base,):
+            improved, spent = improve_locally(problem, start, min(self.budget.local_states, self.states_left))
+            self.states_left = max(0, self.states_left - spent)
+            peak = problem.peak(improved)
+            if peak < best_peak:
+                best, best_peak = improved, peak
+        return best, best_peak
+
+
+def order_by_regions(model: StepModel, budget: SearchBudget) -> RegionsOutcome:
+    """Order every region, most demanding first, until none can lower the graph's peak.
+
+    ``settled`` is a proven lower bound of the optimum (when every cut is forced): the
+    largest region lower bound or proven region optimum so far. A region whose order
+    already peaks at or below it cannot lower the graph's peak and keeps its base order.
+    """
+    decomposition = decompose(model)
+    regions = RegionSet(model, decomposition.regions)
+    chosen: dict[int, tuple[int, ...]] = {}
+    peaks = list(regions.base_peaks)
+    settled = max(regions.lower_bounds, default=0)
+    solver = _Solver(budget, budget.total_states, budget.total_beam_states, {})
+    for r in sorted(range(len(regions)), key=lambda r: (-peaks[r], r)):
+        if peaks[r] <= settled:
+            break
+        problem = regions.problem(r)
+        if peaks[r] <= problem.lower_bound or problem.is_chain():
+            settled = max(settled, peaks[r])  # the base order is this region's optimum
+            continue
+        local, peaks[r], proven = solver.solve(problem, peaks[r], settled)
+        chosen[r] = tuple(problem.nodes[i] for i in local)
+        if proven:
+            settled = max(settled, peaks[r])
+    order = tuple(v for r, nodes in enumerate(regions.regions) for v in chosen.get(r, nodes))
+    peak = max(peaks, default=0)
+    return RegionsOutcome(order, peak, decomposition.forced and peak <= settled, len(regions), decomposition.forced)
+
+
+def exact_order(model: StepModel, incumbent: RegionsOutcome,
+                budget: SearchBudget) -> tuple[tuple[int, ...], int] | None:
+    """(optimal order, its peak) of the whole graph searched as one region, or None past the
+    budget; the incumbent's order when nothing beats it. Peaks exclude constant bytes."""
+    problem = RegionSet(model, [range(model.size)]).problem(0)
+    outcome = frontier_search(problem, incumbent.peak,
+                              max_states=min(budget.max_states, budget.total_states))
+    if not outcome.complete:
+        return None
+    return (outcome.order, outcome.peak) if outcome.order else (incumbent.order, incumbent.peak)

@@ -1,17 +1,23 @@
-"""plan_memory: arena offsets for activations, the peak and a lower bound.
+"""plan_memory: arena offsets for activations, the peak and its lower bounds.
 
 Rules:
 
-* every activation and graph output gets an offset in one arena; two tensors
-  whose lifetimes overlap never overlap in the arena;
-* offsets are assigned greedy-by-size (largest first, as TFLite's and
-  XNNPACK's planners do), each into the best-fitting gap among the tensors
-  already placed whose lifetimes overlap it;
-* ``peak_bytes`` is the maximum over steps of accounted live bytes (at one step
-  per segment; segmenting may raise it, see the ``segment`` pass);
-* ``lower_bound_bytes`` is the largest single step: its inputs, its outputs and
-  the weights it needs (every weight in ``normal`` mode) — no order or
-  segmentation can go below it.
+* every activation and graph output with a known, non-zero size gets an offset in one
+  arena (graph inputs are the caller's buffers and weights live elsewhere); two tensors
+  whose lifetimes (liveness intervals, both ends included) overlap never overlap in the
+  arena;
+* offsets are assigned greedy-by-size (largest first, as TFLite's and XNNPACK's
+  planners do), each tensor into the best-fitting gap — the smallest that holds it —
+  among the tensors already placed whose lifetimes overlap its own; a second pass in
+  order of first use (greedy-by-breadth-like) is kept when its arena is smaller;
+* ``live_peak_bytes`` is the largest total size of arena tensors live at one step:
+  no arena for these lifetimes can be smaller, so it is what ``arena_bytes`` is measured
+  against (``arena_bytes / live_peak_bytes - 1`` is the fragmentation);
+* ``peak_bytes`` is the maximum over steps of accounted live bytes (at one step per
+  segment; segmenting may raise it, see the ``segment`` pass);
+* ``lower_bound_bytes`` is the largest single step: its inputs, its outputs and the
+  weights it needs (every weight in ``normal`` mode) — no order or segmentation can go
+  below it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from hyperion.ir import ExecutionMode, Graph, Program, TensorRole
 from hyperion.passes import Pass, PassResult, require
 from hyperion.passes.liveness import Interval, Liveness, step_live_bytes
 from hyperion.passes.order import _planning_mode
+from hyperion.passes.plan_arena import best_placement, greedy_by_size, live_peak
+
+__all__ = ["MemoryPlan", "PlanMemoryPass", "arena_tensors", "greedy_by_size", "lower_bound", "plan_memory"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,8 @@ class MemoryPlan:
     peak_bytes: int              # accounted, one step per segment
     lower_bound_bytes: int
     step_bytes: tuple[int, ...]
+    live_peak_bytes: int = 0     # largest total of arena tensors live at one step
+    placement: str = "largest_first"
 
 
 class PlanMemoryPass(Pass):
@@ -47,41 +58,34 @@ class PlanMemoryPass(Pass):
 
 
 def plan_memory(graph: Graph, liveness: Liveness, mode: ExecutionMode) -> MemoryPlan:
-    planned = {name: interval for name, interval in liveness.intervals.items()
-               if graph.tensors[name].role is not TensorRole.INPUT and graph.tensors[name].nbytes}
-    offsets = greedy_by_size(planned, {n: graph.tensors[n].nbytes or 0 for n in planned})
-    arena = max((offsets[n] + (graph.tensors[n].nbytes or 0) for n in offsets), default=0)
+    intervals, sizes = arena_tensors(graph, liveness)
+    floor = live_peak(intervals, sizes, liveness.num_steps)
+    placement, offsets, arena = best_placement(intervals, sizes, floor)
     steps = step_live_bytes(graph, liveness, mode)
-    return MemoryPlan(offsets, arena, max(steps, default=0), lower_bound(graph, liveness, mode), tuple(steps))
+    return MemoryPlan(offsets, arena, max(steps, default=0), lower_bound(graph, liveness, mode), tuple(steps),
+                      floor, placement)
 
 
-def greedy_by_size(intervals: Mapping[str, Interval], sizes: Mapping[str, int]) -> dict[str, int]:
-    """Offsets such that tensors with overlapping intervals never share bytes."""
-    placed: list[tuple[int, int, Interval]] = []  # (offset, size, interval)
-    offsets: dict[str, int] = {}
-    for name in sorted(intervals, key=lambda n: (-sizes[n], intervals[n].first, n)):
-        size, interval = sizes[name], intervals[name]
-        busy = sorted((off, off + sz) for off, sz, other in placed
-                      if other.first <= interval.last and interval.first <= other.last)
-        best_offset, best_gap, cursor = None, None, 0
-        for start, end in busy:
-            gap = start - cursor
-            if gap >= size and (best_gap is None or gap < best_gap):
-                best_offset, best_gap = cursor, gap
-            cursor = max(cursor, end)
-        offset = best_offset if best_offset is not None else cursor
-        offsets[name] = offset
-        placed.append((offset, size, interval))
-    return offsets
+def arena_tensors(graph: Graph, liveness: Liveness) -> tuple[dict[str, Interval], dict[str, int]]:
+    """Lifetimes and sizes of the tensors the arena holds: activations and graph outputs."""
+    intervals, sizes = {}, {}
+    for name, interval in liveness.intervals.items():
+        tensor = graph.tensors[name]
+        if tensor.role is not TensorRole.INPUT and tensor.nbytes:
+            intervals[name], sizes[name] = interval, tensor.nbytes
+    return intervals, sizes
 
 
 def lower_bound(graph: Graph, liveness: Liveness, mode: ExecutionMode) -> int:
+    """The largest single step: its inputs and outputs, and its weights (all in normal mode)."""
+    sizes = {name: t.nbytes or 0 for name, t in graph.tensors.items()}
+    weights = {name for name, t in graph.tensors.items() if t.role is TensorRole.WEIGHT}
     all_weights = graph.weight_bytes() if mode is ExecutionMode.NORMAL else 0
     best = 0
     for node_name in liveness.order:
         node = graph.nodes[node_name]
-        io = sum(graph.tensors[t].nbytes or 0 for t in set(node.inputs) | set(node.outputs)
-                 if graph.tensors[t].role is not TensorRole.WEIGHT)
-        weights = all_weights or sum(graph.tensors[w].nbytes or 0 for w in graph.weights_of(node_name))
-        best = max(best, io + weights)
+        touched = set(node.inputs).union(node.outputs)
+        io = sum(sizes[t] for t in touched if t not in weights)
+        own_weights = all_weights or sum(sizes[t] for t in touched if t in weights)
+        best = max(best, io + own_weights)
     return best

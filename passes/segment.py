@@ -6,13 +6,28 @@ Rules:
   asks for smaller ones, e.g. one node per segment);
 * a segment holds its inputs until it returns: a tensor defined before the
   segment and last read inside it stays accounted until the segment's last step;
-* in ``memory_opt`` mode a segment's weights are all resident for the whole
-  segment (loaded before it, released after it); in ``normal`` mode every
-  weight is resident all the time;
-* segments are grown greedily, step by step, while the segment's accounted peak
-  stays at or under the cap; a step that does not fit even alone raises
+* a session holds its weights as :mod:`hyperion.session_costs` says: packed
+  copies for pre-packed weights, the plain bytes for the others; while it is
+  being created it also holds the original of the weight being packed;
+* ``normal`` mode: every weight is resident all the time, and the first step
+  of each segment also pays for its session's creation;
+* ``memory_opt`` mode: a segment's session exists only while the segment runs;
+  with ``prefetch`` the next segment's session is created while the current
+  one computes, so every step of a segment also accounts the next segment's
+  creation (after the last segment: segment 0's, for the next run, when that
+  fits); the first segment (every segment without prefetch) accounts its own
+  creation at its first step;
+* the weight cache: in ``memory_opt`` mode, sessions of segments kept alive
+  across runs, chosen in order while their held bytes (plus
+  ``SESSION_OVERHEAD_BYTES`` each) fit ``weight_cache_bytes`` (``None``: any
+  amount) and every step stays under the cap; a cached session counts at every
+  step;
+* ``pinned_bytes`` are held for the whole run outside the graph (streaming:
+  the whole batch's inputs and outputs) and count at every step;
+* segments are grown greedily while every constraint above holds; a step that
+  does not fit even as its own segment raises
   :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
-  the smallest cap that works.
+  the smallest cap that works (that cap always admits a plan).
 """
 
 from __future__ import annotations
@@ -20,10 +35,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+
 from hyperion.errors import MemoryLimitError
 from hyperion.ir import ExecutionMode, Graph, Program
 from hyperion.passes import Pass, PassResult, require
 from hyperion.passes.liveness import Liveness, activation_live_bytes
+from hyperion.session_costs import SESSION_OVERHEAD_BYTES, resident_bytes
 from hyperion.units import format_size
 
 
@@ -38,7 +56,13 @@ class Span:
 @dataclass(frozen=True)
 class Segmentation:
     spans: tuple[Span, ...]
-    step_bytes: tuple[int, ...]   # accounted bytes per step, with segments' held inputs and weights
+    step_bytes: tuple[int, ...]           # accounted bytes per step, everything above included
+    held_bytes: tuple[int, ...] = ()      # per segment: what its live session holds for its weights
+    loading_bytes: tuple[int, ...] = ()   # per segment: the most while its session is created
+    cached: tuple[int, ...] = ()          # segments whose sessions stay alive across runs
+    prefetch: bool = False
+    cyclic_prefetch: bool = False         # the last segment prefetches segment 0 for the next run
+    pinned_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
@@ -49,6 +73,9 @@ class Segmentation:
 class SegmentPass(Pass):
     name: ClassVar[str] = "segment"
     max_segment_steps: int | None = None
+    prefetch: bool = True
+    weight_cache_bytes: int | None = None
+    pinned_bytes: int = 0
 
     def requires(self, program: Program) -> None:
         require(program.liveness is not None, self.name, "liveness (the 'liveness' pass)")
@@ -56,104 +83,238 @@ class SegmentPass(Pass):
     def call(self, program: Program) -> PassResult:
         mode = ExecutionMode.NORMAL if program.mode is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
         program.segmentation = segment(program.graph, program.liveness, mode, program.memory_limit,
-                                       self.max_segment_steps)
+                                       self.max_segment_steps, prefetch=self.prefetch,
+                                       weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=self.pinned_bytes)
         return PassResult(program, False)
 
 
-class _SegmentCost:
-    """Accounted bytes of a growing segment, extended one step at a time.
+class _Costs:
+    """Per-step facts the segmentation needs: live activations, deaths, weights."""
 
-    Step i of a segment starting at ``first`` holds: the live activations of i,
-    the segment's inputs already read for the last time (held until it returns),
-    and the segment's weights (every weight in ``normal`` mode).
-    """
-
-    def __init__(self, graph: Graph, liveness: Liveness, mode: ExecutionMode) -> None:
-        self.graph, self.liveness, self.mode = graph, liveness, mode
+    def __init__(self, graph: Graph, liveness: Liveness, normal: bool) -> None:
+        self.graph, self.liveness, self.normal = graph, liveness, normal
+        self.n = liveness.num_steps
         self.activations = activation_live_bytes(graph, liveness)
-        self.deaths: list[list[str]] = [[] for _ in liveness.order]
+        self.deaths: list[list[str]] = [[] for _ in range(self.n)]
         for name, interval in liveness.intervals.items():
-            if 0 <= interval.last < len(self.deaths):
+            if 0 <= interval.last < self.n:
                 self.deaths[interval.last].append(name)
+        self.weights = [set(graph.weights_of(node)) for node in liveness.order]
+        names = {w for ws in self.weights for w in ws}
+        self.resident = {w: resident_bytes(graph, w) for w in names}
+        self.plain = {w: graph.tensors[w].nbytes or 0 for w in names}
+        self.all_held = sum(resident_bytes(graph, t.name) for t in graph.tensors.values()
+                            if graph.is_weight(t.name))
 
-    def _weights(self, step: int) -> set[str]:
-        if self.mode is ExecutionMode.NORMAL:
-            return set()
-        return set(self.graph.weights_of(self.liveness.order[step]))
+    def held(self, weights: set[str]) -> int:
+        return sum(self.resident[w] for w in weights)
 
-    def _bytes(self, tensors: set[str] | list[str]) -> int:
-        return sum(self.graph.tensors[t].nbytes or 0 for t in tensors)
+    def loading(self, weights: set[str]) -> int:
+        return self.held(weights) + max((self.plain[w] for w in weights), default=0)
 
-    def start(self, step: int) -> None:
-        self.first, self.held = step, 0
-        self.step_activation = [self.activations[step]]
-        self.activation_peak = self.activations[step]
-        self.weights = self._weights(step)
-        self.weight_bytes = (self.graph.weight_bytes() if self.mode is ExecutionMode.NORMAL
-                             else self._bytes(self.weights))
+    def largest(self, weights: set[str]) -> int:
+        return max((self.plain[w] for w in weights), default=0)
+
+    def newly_held(self, step: int, first: int) -> int:
+        """Bytes of inputs defined before ``first`` whose last reader is ``step``."""
+        return sum(self.graph.tensors[t].nbytes or 0 for t in self.deaths[step]
+                   if self.liveness.intervals[t].first < first)
+
+
+class _GrowingSpan:
+    """A segment being grown one step at a time: its activation profile and weights."""
+
+    def __init__(self, costs: _Costs, start: int) -> None:
+        self.costs, self.start, self.stop = costs, start, start + 1
+        self.held_inputs = 0
+        self.step_activation = [costs.activations[start]]
+        self.activation_peak = costs.activations[start]
+        self.weights = set(costs.weights[start])
 
     def grown(self, step: int) -> tuple[int, int, set[str]]:
-        """(peak, held bytes, new weights) of the segment grown to include ``step``."""
-        held = self.held + self._bytes([t for t in self.deaths[step - 1]
-                                        if self.liveness.intervals[t].first < self.first])
-        new_weights = self._weights(step) - self.weights
-        activation_peak = max(self.activation_peak, self.activations[step] + held)
-        return activation_peak + self.weight_bytes + self._bytes(new_weights), held, new_weights
+        """(activation peak, held input bytes, weights) with ``step`` added."""
+        held = self.held_inputs + self.costs.newly_held(step - 1, self.start)
+        peak = max(self.activation_peak, self.costs.activations[step] + held)
+        return peak, held, self.weights | self.costs.weights[step]
 
     def extend(self, step: int) -> None:
-        _, self.held, new_weights = self.grown(step)
-        self.weights |= new_weights
-        self.weight_bytes += self._bytes(new_weights)
-        self.step_activation.append(self.activations[step] + self.held)
-        self.activation_peak = max(self.activation_peak, self.step_activation[-1])
+        self.activation_peak, self.held_inputs, self.weights = self.grown(step)
+        self.step_activation.append(self.costs.activations[step] + self.held_inputs)
+        self.stop = step + 1
 
-    def peak(self) -> int:
-        return self.activation_peak + self.weight_bytes
 
-    def step_bytes(self) -> list[int]:
-        return [b + self.weight_bytes for b in self.step_activation]
+@dataclass(frozen=True)
+class _Rules:
+    budget: int | None        # the cap minus pinned bytes
+    prefetch: bool
+    max_segment_steps: int | None
+
+    def fits(self, costs: _Costs, span: _GrowingSpan, step: int, previous: _GrowingSpan | None) -> bool:
+        if self.max_segment_steps is not None and step - span.start >= self.max_segment_steps:
+            return False
+        if self.budget is None:
+            return True
+        peak, _, weights = span.grown(step)
+        first_activation = costs.activations[span.start]
+        if costs.normal:
+            return (peak + costs.all_held <= self.budget
+                    and first_activation + costs.all_held + costs.largest(weights) <= self.budget)
+        next_loading = costs.loading(costs.weights[step + 1]) if self.prefetch and step + 1 < costs.n else 0
+        if peak + costs.held(weights) + next_loading > self.budget:
+            return False
+        if self.prefetch and previous is not None:   # this segment is created while the previous runs
+            return previous.activation_peak + costs.held(previous.weights) + costs.loading(weights) <= self.budget
+        return first_activation + costs.loading(weights) <= self.budget
 
 
 def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit: int | None,
-            max_segment_steps: int | None = None) -> Segmentation:
-    n = liveness.num_steps
-    if n == 0:
+            max_segment_steps: int | None = None, *, prefetch: bool = True,
+            weight_cache_bytes: int | None = None, pinned_bytes: int = 0) -> Segmentation:
+    if liveness.num_steps == 0:
         return Segmentation((), ())
-    cost = _SegmentCost(graph, liveness, mode)
-    _check_single_steps(graph, liveness, cost, mode, memory_limit)
-    spans: list[Span] = []
-    step_bytes: list[int] = []
-    cost.start(0)
-    start = 0
-    for step in range(1, n):
-        too_long = max_segment_steps is not None and step - start >= max_segment_steps
-        fits = memory_limit is None or cost.grown(step)[0] <= memory_limit
-        if fits and not too_long:
-            cost.extend(step)
+    normal = mode is ExecutionMode.NORMAL
+    prefetch = prefetch and not normal
+    costs = _Costs(graph, liveness, normal)
+    _check_single_steps(costs, mode, memory_limit, prefetch, pinned_bytes)
+    budget = None if memory_limit is None else memory_limit - pinned_bytes
+    spans = _grow(costs, _Rules(budget, prefetch, max_segment_steps))
+    held = tuple(costs.held(s.weights) for s in spans)
+    loading = tuple(costs.loading(s.weights) for s in spans)
+    layout = _Layout(costs, spans, held, loading, prefetch, pinned_bytes)
+    cyclic = prefetch and len(spans) > 1 and (budget is None or layout.fits_cyclic(memory_limit))
+    layout.cyclic = cyclic
+    cached = tuple(range(len(spans))) if normal else layout.choose_cache(memory_limit, weight_cache_bytes)
+    return Segmentation(tuple(Span(s.start, s.stop) for s in spans), tuple(layout.step_bytes(cached)),
+                        held, loading, cached, prefetch, cyclic, pinned_bytes)
+
+
+def _grow(costs: _Costs, rules: _Rules) -> list[_GrowingSpan]:
+    spans: list[_GrowingSpan] = []
+    current = _GrowingSpan(costs, 0)
+    for step in range(1, costs.n):
+        if rules.fits(costs, current, step, spans[-1] if spans else None):
+            current.extend(step)
             continue
-        spans.append(Span(start, step))
-        step_bytes += cost.step_bytes()
-        cost.start(step)
-        start = step
-    spans.append(Span(start, n))
-    step_bytes += cost.step_bytes()
-    return Segmentation(tuple(spans), tuple(step_bytes))
+        spans.append(current)
+        current = _GrowingSpan(costs, step)
+    spans.append(current)
+    return spans
 
 
-def _check_single_steps(graph: Graph, liveness: Liveness, cost: _SegmentCost, mode: ExecutionMode,
-                        memory_limit: int | None) -> None:
+class _Layout:
+    """Accounted bytes per step of a fixed segmentation, for a choice of cached segments."""
+
+    def __init__(self, costs: _Costs, spans: list[_GrowingSpan], held: tuple[int, ...],
+                 loading: tuple[int, ...], prefetch: bool, pinned_bytes: int) -> None:
+        self.costs, self.spans, self.held, self.loading = costs, spans, held, loading
+        self.prefetch, self.pinned, self.cyclic = prefetch, pinned_bytes, False
+
+    def next_of(self, index: int) -> int | None:
+        if index + 1 < len(self.spans):
+            return index + 1
+        return 0 if self.cyclic else None
+
+    def _base(self, index: int) -> tuple[list[int], int]:
+        """(bytes of each step, bytes while the session is created) without cached sessions."""
+        span, costs = self.spans[index], self.costs
+        if costs.normal:
+            steps = [a + costs.all_held + self.pinned for a in span.step_activation]
+            return steps, span.step_activation[0] + costs.all_held + costs.largest(span.weights) + self.pinned
+        nxt = self.next_of(index)
+        ahead = self.loading[nxt] if self.prefetch and nxt is not None else 0
+        steps = [a + self.held[index] + ahead + self.pinned for a in span.step_activation]
+        created_alone = index == 0 or not self.prefetch
+        creation = span.step_activation[0] + self.loading[index] + self.pinned if created_alone else 0
+        return steps, creation
+
+    def fits_cyclic(self, memory_limit: int | None) -> bool:
+        self.cyclic = True
+        steps, _ = self._base(len(self.spans) - 1)
+        self.cyclic = False
+        return memory_limit is None or max(steps) <= memory_limit
+
+    def _cache_cost(self, index: int) -> int:
+        return self.held[index] + SESSION_OVERHEAD_BYTES
+
+    def choose_cache(self, memory_limit: int | None, weight_cache_bytes: int | None) -> tuple[int, ...]:
+        """Segments in order, each kept if it fits the cache budget and the cap."""
+        k = len(self.spans)
+        bases = [self._base(i) for i in range(k)]
+        limit = np.inf if memory_limit is None else memory_limit
+        step_slack = np.array([limit - max(steps) for steps, _ in bases], dtype=float)
+        creation_slack = np.array([limit - creation for _, creation in bases], dtype=float)
+        nexts = [self.next_of(i) for i in range(k)]
+        cached: list[int] = []
+        used = 0
+        for c in range(k):
+            cost = self._cache_cost(c)
+            if self.held[c] == 0 or (weight_cache_bytes is not None and used + cost > weight_cache_bytes):
+                continue
+            # A cached session counts everywhere but in its own segment and while it is prefetched.
+            touched_steps = np.array([i != c and nexts[i] != c for i in range(k)])
+            touched_creation = np.arange(k) != c
+            if (step_slack[touched_steps] < cost).any() or (creation_slack[touched_creation] < cost).any():
+                continue
+            step_slack[touched_steps] -= cost
+            creation_slack[touched_creation] -= cost
+            cached.append(c)
+            used += cost
+        return tuple(cached)
+
+    def step_bytes(self, cached: tuple[int, ...]) -> list[int]:
+        out: list[int] = []
+        for index in range(len(self.spans)):
+            steps, creation = self._base(index)
+            if not self.costs.normal:
+                nxt = self.next_of(index)
+                during = sum(self._cache_cost(c) for c in cached if c not in (index, nxt))
+                steps = [b + during for b in steps]
+                creation += sum(self._cache_cost(c) for c in cached if c != index) if creation else 0
+            steps[0] = max(steps[0], creation)
+            out.extend(steps)
+        return out
+
+
+def single_step_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode, *, prefetch: bool = True,
+                      pinned_bytes: int = 0) -> list[int]:
+    """Accounted bytes of every step when each step is its own segment: the
+    smallest cap that admits a plan is their maximum."""
+    normal = mode is ExecutionMode.NORMAL
+    return _single_steps(_Costs(graph, liveness, normal), prefetch and not normal, pinned_bytes)
+
+
+def _single_steps(costs: _Costs, prefetch: bool, pinned_bytes: int) -> list[int]:
+    singles = []
+    for step in range(costs.n):
+        weights, activation = costs.weights[step], costs.activations[step]
+        if costs.normal:
+            cost = activation + costs.all_held + costs.largest(weights)
+        elif prefetch:
+            ahead = costs.loading(costs.weights[step + 1]) if step + 1 < costs.n else 0
+            cost = activation + costs.held(weights) + ahead
+            if step == 0:
+                cost = max(cost, activation + costs.loading(weights))
+        else:
+            cost = activation + costs.loading(weights)
+        singles.append(cost + pinned_bytes)
+    return singles
+
+
+def _check_single_steps(costs: _Costs, mode: ExecutionMode, memory_limit: int | None, prefetch: bool,
+                        pinned_bytes: int) -> None:
     if memory_limit is None:
         return
-    singles = []
-    for step in range(liveness.num_steps):
-        cost.start(step)
-        singles.append(cost.peak())
+    singles = _single_steps(costs, prefetch, pinned_bytes)
     smallest = max(singles)
-    if smallest > memory_limit:
-        worst = singles.index(smallest)
-        node = liveness.order[worst]
-        raise MemoryLimitError(
-            f"memory_limit {format_size(memory_limit)} ({memory_limit} bytes) cannot be met in "
-            f"{mode.value} mode: step {worst} (node {node!r}, {graph.nodes[node].op_type}) needs "
-            f"{smallest} bytes ({format_size(smallest)}); the smallest limit that works in this mode is "
-            f"{smallest} bytes", node=node, needed_bytes=smallest, smallest_limit_bytes=smallest)
+    if smallest <= memory_limit:
+        return
+    worst = singles.index(smallest)
+    node = costs.liveness.order[worst]
+    what = ("its live tensors and every weight as onnxruntime holds them" if costs.normal else
+            "its live tensors, its weights as onnxruntime holds them"
+            + (" and the next step's weights being prefetched" if prefetch else ""))
+    raise MemoryLimitError(
+        f"memory_limit {format_size(memory_limit)} ({memory_limit} bytes) cannot be met in "
+        f"{mode.value} mode: step {worst} (node {node!r}, {costs.graph.nodes[node].op_type}) needs "
+        f"{smallest} bytes ({format_size(smallest)}: {what}); the smallest limit that works in this mode is "
+        f"{smallest} bytes", node=node, needed_bytes=smallest, smallest_limit_bytes=smallest)

@@ -7,8 +7,10 @@ from typing import Protocol
 
 import numpy as np
 
+from hyperion.api import CompiledModel
 from hyperion.errors import FeedError
 from hyperion.onnx_import import ImportedModel
+from hyperion.planner import plan
 from hyperion.runtime import Runtime, SessionConfig
 from hyperion.schedule import Schedule
 from hyperion.seed.plan import PlannedLayer
@@ -58,4 +60,15 @@ class OnnxLayers:
         return self.runtime.run_segment(segment, {name: values[name] for name in segment.inputs})
 
 
-__all__ = ["AbstractLayers", "LayerExecutor", "OnnxLayers"]
+def per_step_plan(compiled: CompiledModel) -> tuple[ImportedModel, Schedule, Runtime]:
+    """``compiled``'s model planned with one step per onnxruntime session. Reuses the
+    compiled plan (and its runtime's sessions) when it already is."""
+    imported, schedule, runtime = compiled._active()  # the plan for the bound input shapes
+    if all(segment.first_step == segment.last_step for segment in schedule.segments):
+        return imported, schedule, runtime
+    schedule = plan(imported, compiled.mode, compiled.memory_limit, max_segment_steps=1)
+    runtime = Runtime(imported.source, schedule, imported.value_types, compiled.session_config)
+    return imported, schedule, runtime
+
+
+__all__ = ["AbstractLayers", "LayerExecutor", "OnnxLayers", "per_step_plan"]

@@ -64,7 +64,7 @@ class LayerTable:
         layer = self.layers.setdefault(index, HandLayer(output_size))
         if layer.output_bytes != output_size:
             raise SchedulerError(
-                f"layer {index} was added with output_size {layer.output_bytes} bytes and now with "
+                f"layer {index} was added with output_size {layer.output_bytes} bytes and now "
                 f"{output_size}; a layer has one output, so pass the same size for each dependency")
         if depends_on != NO_LAYER:
             known = layer.dependencies.setdefault(depends_on, kind)
@@ -137,7 +137,8 @@ def plan_hand_layers(table: LayerTable, mode: ExecutionMode, max_memory: int | N
     except MemoryLimitError as exc:
         raise _over_memory(graph, program, exc, index_of, max_memory or 0) from None
     liveness = program.liveness
-    return layer_plan(graph, liveness.order, graph.edges(), liveness.frees, mode, index_of)
+    step_bytes = program.segmentation.step_bytes
+    return layer_plan(graph, liveness.order, graph.edges(), liveness.frees, step_bytes, index_of)
 
 
 def _over_memory(graph: Graph, program: Program, exc: MemoryLimitError, index_of: dict[str, int],
@@ -146,7 +147,8 @@ def _over_memory(graph: Graph, program: Program, exc: MemoryLimitError, index_of
     which earlier outputs are held while it runs."""
     layer = index_of[exc.node or ""]
     step = program.liveness.order.index(node_name(layer))
-    held = sorted(index_of[graph.tensors[name].producer or ""] for name, interval in program.liveness.intervals.items()
+    held = sorted(index_of[graph.tensors[name].producer or ""]
+                  for name, interval in program.liveness.intervals.items()
                   if step in interval and name != output_name(layer))
     own_bytes = graph.tensors[output_name(layer)].nbytes or 0
     return SchedulerMemoryError(

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hyperion.errors import SchedulerError
-from hyperion.ir import Edge, EdgeKind, ExecutionMode, Graph
+from hyperion.ir import Edge, EdgeKind, Graph
 from hyperion.onnx_import import ImportedModel
-from hyperion.passes.liveness import activation_live_bytes, compute_liveness, step_weight_bytes
+from hyperion.passes.liveness import activation_live_bytes, compute_liveness
 from hyperion.schedule import Schedule
 from hyperion.seed.types import Dependency, DependencyType
 
@@ -38,7 +38,7 @@ class LayerPlan:
     layers: tuple[PlannedLayer, ...]
     frees: tuple[tuple[str, ...], ...]     # per step: tensors marked unneeded right after it
     activation_bytes: tuple[int, ...]      # per step, per sample: live activations and inputs
-    weight_bytes: tuple[int, ...]          # per step: resident weights
+    weight_bytes: tuple[int, ...]          # per step: the rest of the plan's bytes (weights)
     graph_outputs: tuple[str, ...]
 
     @property
@@ -86,9 +86,14 @@ def optimal_batch_size(activation_bytes: Sequence[int], weight_bytes: Sequence[i
 
 
 def layer_plan(graph: Graph, order: Sequence[str], edges: Iterable[Edge], frees: Sequence[Sequence[str]],
-               mode: ExecutionMode, index_of: Mapping[str, int]) -> LayerPlan:
+               step_bytes: Sequence[int], index_of: Mapping[str, int]) -> LayerPlan:
     """The plan of ``graph`` run in ``order``: one layer per node, dependencies from
-    the classified ``edges``, release points from ``frees`` (liveness, per step)."""
+    the classified ``edges``, release points from ``frees`` (liveness, per step).
+
+    ``step_bytes`` are the plan's accounted bytes per step. The part that grows with
+    the batch is the live activations (liveness); the rest — weights, however the
+    segment pass accounts them — is taken as fixed.
+    """
     dependencies: dict[str, dict[int, DependencyType]] = {node: {} for node in order}
     for edge in edges:
         if edge.kind is None:
@@ -108,11 +113,9 @@ def layer_plan(graph: Graph, order: Sequence[str], edges: Iterable[Edge], frees:
             output_bytes=sum(graph.tensors[t].nbytes or 0 for t in graph.nodes[node].outputs),
             released_after=_released_after(graph.nodes[node].outputs, free_step, order, index_of))
         for node in order)
-    liveness = compute_liveness(graph, tuple(order))
-    planning_mode = ExecutionMode.NORMAL if mode is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
-    return LayerPlan(layers, tuple(tuple(names) for names in frees),
-                     tuple(activation_live_bytes(graph, liveness)),
-                     tuple(step_weight_bytes(graph, liveness, planning_mode)), graph.outputs)
+    activations = activation_live_bytes(graph, compute_liveness(graph, tuple(order)))
+    fixed = tuple(max(total - live, 0) for total, live in zip(step_bytes, activations))
+    return LayerPlan(layers, tuple(tuple(names) for names in frees), tuple(activations), fixed, graph.outputs)
 
 
 def _reads(graph: Graph, node: str) -> tuple[str, ...]:
@@ -135,7 +138,8 @@ def onnx_layer_plan(imported: ImportedModel, schedule: Schedule) -> LayerPlan:
     edges = (Edge(e.src, e.dst, e.tensor, EdgeKind(e.kind)) for e in schedule.edges)
     frees = [step.frees for step in schedule.steps]
     index_of = {node: step for step, node in enumerate(order)}
-    return layer_plan(imported.graph, order, edges, frees, ExecutionMode(schedule.mode), index_of)
+    step_bytes = [step.live_bytes for step in schedule.steps]
+    return layer_plan(imported.graph, order, edges, frees, step_bytes, index_of)
 
 
 __all__ = ["LayerPlan", "PlannedLayer", "layer_plan", "onnx_layer_plan", "optimal_batch_size"]

@@ -18,11 +18,9 @@ import numpy as np
 from hyperion.api import CompiledModel
 from hyperion.errors import FeedError, MemoryLimitError, SchedulerError, SchedulerMemoryError
 from hyperion.ir import ExecutionMode
-from hyperion.onnx_import import ImportedModel
-from hyperion.planner import parse_mode, plan
-from hyperion.runtime import Runtime
+from hyperion.planner import parse_mode
 from hyperion.schedule import Schedule
-from hyperion.seed.executors import AbstractLayers, LayerExecutor, OnnxLayers
+from hyperion.seed.executors import AbstractLayers, LayerExecutor, OnnxLayers, per_step_plan
 from hyperion.seed.hand import LayerTable, node_name, plan_hand_layers
 from hyperion.seed.mapped import MappedModel, open_mapped_model
 from hyperion.seed.plan import LayerPlan, PlannedLayer, onnx_layer_plan
@@ -74,7 +72,7 @@ class ForwardScheduler:
         return scheduler
 
     def _load_compiled(self, compiled: CompiledModel) -> None:
-        imported, schedule, runtime = _per_step_plan(compiled)
+        imported, schedule, runtime = per_step_plan(compiled)
         self._from_model = True
         self._schedule = schedule
         self._install(onnx_layer_plan(imported, schedule), OnnxLayers(imported, schedule, runtime=runtime))
@@ -106,7 +104,8 @@ class ForwardScheduler:
         self._require_prepared()
         if feeds is not None:
             if self._step > 0:
-                raise FeedError("feeds go with the first layer of a pass; call reset(feeds) to start a new one")
+                raise FeedError("feeds go with the first layer of a pass; "
+                                "call reset(feeds) to start a new one")
             self._feeds = self._executor.check_feeds(feeds)
         plan = self._require_plan()
         if self._step >= len(plan.layers):
@@ -146,8 +145,9 @@ class ForwardScheduler:
         batch = plan.optimal_batch_size(input_size, output_size, self.max_memory, max_batch_size)
         if batch < 1:
             needed = plan.batch_peak_bytes(1, input_size, output_size)
-            raise SchedulerMemoryError(f"not even a batch of 1 fits max_memory {self.max_memory} bytes: it "
-                                       f"needs {needed} bytes", needed_bytes=needed, smallest_limit_bytes=needed)
+            raise SchedulerMemoryError(
+                f"not even a batch of 1 fits max_memory {self.max_memory} bytes: it needs {needed} bytes",
+                needed_bytes=needed, smallest_limit_bytes=needed)
         return batch
 
     @property
@@ -166,7 +166,8 @@ class ForwardScheduler:
         output after its last reader, so this only ever releases one earlier."""
         record = self._layer(layer_index)
         if not record.executed:
-            raise SchedulerError(f"layer {layer_index} has not run yet; mark its output unneeded after it runs")
+            raise SchedulerError(f"layer {layer_index} has not run yet; "
+                                 "mark its output unneeded after it runs")
         self._release(self._planned[layer_index].outputs)
         self._sync(layer_index)
 
@@ -197,7 +198,8 @@ class ForwardScheduler:
         """The pass's results by name (for an ONNX model, its graph outputs)."""
         plan = self._require_plan()
         if not self._prepared or self._step < len(plan.layers):
-            raise SchedulerError(f"the pass is not finished: {len(plan.layers) - self._step} layers still to run")
+            left = len(plan.layers) - self._step
+            raise SchedulerError(f"the pass is not finished: {left} layers still to run")
         released = [name for name in plan.graph_outputs if name not in self._outputs]
         if released:
             raise SchedulerError(f"output {released[0]!r} was released by mark_output_unneeded "
@@ -257,8 +259,8 @@ class ForwardScheduler:
                                      "after its last reader has run")
             if tensor not in self._producer and tensor not in self._feeds:
                 raise FeedError(f"layer {layer.index} (node {layer.node!r}) reads graph input {tensor!r}: "
-                                f"pass the graph inputs {list(self._executor.graph_inputs)} to prepare(feeds), "
-                                "reset(feeds) or the first execute_next_layer(feeds)")
+                                f"pass the graph inputs {list(self._executor.graph_inputs)} to "
+                                "prepare(feeds), reset(feeds) or the first execute_next_layer(feeds)")
 
     def _release(self, tensors: Sequence[str]) -> None:
         for name in tensors:
@@ -283,16 +285,6 @@ class ForwardScheduler:
         source = "hand" if self._table.layers else "model" if self._from_model or self.model else "empty"
         return (f"ForwardScheduler({len(self._layers)} layers from {source}, mode={self.mode.value}, "
                 f"max_memory={self.max_memory}, next step {self._step})")
-
-
-def _per_step_plan(compiled: CompiledModel) -> tuple[ImportedModel, Schedule, Runtime]:
-    """``compiled``'s model planned with one step per onnxruntime session. Reuses the
-    compiled plan (and its runtime's sessions) when it already is."""
-    imported, schedule, runtime = compiled._active()  # the plan for the bound input shapes
-    if all(segment.first_step == segment.last_step for segment in schedule.segments):
-        return imported, schedule, runtime
-    schedule = plan(imported, compiled.mode, compiled.memory_limit, max_segment_steps=1)
-    return imported, schedule, Runtime(imported.source, schedule, imported.value_types, compiled.session_config)
 
 
 def _nbytes(value: object) -> int:

@@ -1,0 +1,121 @@
+"""How a plan scales with the batch, and the largest batch that fits a cap.
+
+A batched tensor (axis 0 is the sample axis, see the ``batch_separable`` pass)
+has ``bytes(b) = b * bytes_per_sample``; weights and shared tensors do not
+change. Every step's accounted bytes when each step is its own segment are
+therefore a line in the batch, ``fixed + per_sample * b``, and the largest
+batch whose plan fits is where the first of those lines crosses the cap -- read
+off the plan, never found by running the model. That cap admits a plan at
+that batch (the segment pass guarantees it) and none at one more sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from hyperion.ir import ExecutionMode, Graph, Program, TensorInfo
+from hyperion.onnx_import import ImportedModel
+from hyperion.passes import PassManager
+from hyperion.passes.batch_separable import BatchSeparability, analyze, constant_values
+from hyperion.passes.liveness import LivenessPass, compute_liveness
+from hyperion.passes.plan_memory import PlanMemoryPass
+from hyperion.passes.segment import SegmentPass, single_step_bytes
+from hyperion.segment_model import nodes_by_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """The segment pass's options, as ``compile`` takes them."""
+
+    max_segment_steps: int | None = None
+    prefetch: bool = True
+    weight_cache_bytes: int | None = None
+
+    def segment_pass(self, pinned_bytes: int = 0) -> SegmentPass:
+        return SegmentPass(max_segment_steps=self.max_segment_steps, prefetch=self.prefetch,
+                           weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=pinned_bytes)
+
+
+def batch_analysis(imported: ImportedModel, order: tuple[str, ...] | None = None) -> BatchSeparability:
+    source = imported.source
+    graph = imported.graph
+    return analyze(graph, order or graph.file_order(), nodes_by_name(source), constant_values(source.proto),
+                   source.opset)
+
+
+def scaled_graph(graph: Graph, analysis: BatchSeparability, batch: int) -> Graph:
+    """``graph`` with every batched tensor resized to ``batch`` samples; edge kinds kept."""
+    tensors = {name: _scaled(info, analysis, batch) for name, info in graph.tensors.items()}
+    scaled = Graph(list(graph.nodes.values()), tensors, graph.inputs, graph.outputs)
+    for edge in graph.edges():
+        if edge.kind is not None:
+            scaled.set_edge_kind(edge.src, edge.dst, edge.tensor, edge.kind)
+    return scaled
+
+
+def _scaled(info: TensorInfo, analysis: BatchSeparability, batch: int) -> TensorInfo:
+    if info.name not in analysis.batched or not info.shape or info.nbytes is None:
+        return info
+    per_sample = info.nbytes // analysis.batch_size
+    return dataclasses.replace(info, shape=(batch, *info.shape[1:]), nbytes=per_sample * batch)
+
+
+def per_sample_bytes(graph: Graph, analysis: BatchSeparability, names: tuple[str, ...]) -> int:
+    return sum((graph.tensors[n].nbytes or 0) // analysis.batch_size for n in names if n in analysis.batched)
+
+
+def stream_pinned_bytes(graph: Graph, analysis: BatchSeparability) -> int:
+    """What streaming holds for the whole run: the batch's inputs and its outputs."""
+    return analysis.batch_size * per_sample_bytes(graph, analysis, graph.inputs + graph.outputs)
+
+
+def largest_batch(program: Program, analysis: BatchSeparability, memory_limit: int, max_batch_size: int, *,
+                  prefetch: bool = True, fixed_bytes: int = 0, extra_bytes_per_sample: int = 0) -> int:
+    """The largest batch <= ``max_batch_size`` whose plan fits ``memory_limit``; 0 if none does.
+
+    ``fixed_bytes`` are held whatever the batch (streaming: the whole batch's
+    inputs and outputs); ``extra_bytes_per_sample`` scale with it (a caller's
+    buffers).
+    """
+    order = program.order or program.graph.file_order()
+    lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch)
+    best = max_batch_size
+    for fixed, per_sample in lines:
+        fixed += fixed_bytes
+        per_sample += extra_bytes_per_sample
+        if fixed + per_sample > memory_limit:
+            return 0
+        if per_sample > 0:
+            best = min(best, (memory_limit - fixed) // per_sample)
+    return max(best, 0)
+
+
+def smallest_limit(program: Program, analysis: BatchSeparability, batch: int, *, prefetch: bool = True,
+                   fixed_bytes: int = 0, extra_bytes_per_sample: int = 0) -> int:
+    """The smallest cap that admits a plan at ``batch`` samples."""
+    order = program.order or program.graph.file_order()
+    lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch)
+    return max(fixed + fixed_bytes + (per_sample + extra_bytes_per_sample) * batch for fixed, per_sample in lines)
+
+
+def _cost_lines(graph: Graph, order: tuple[str, ...], analysis: BatchSeparability, mode: ExecutionMode,
+                prefetch: bool) -> list[tuple[int, int]]:
+    """Per step, (fixed, per-sample) bytes of the single-step plan: exact, it is linear."""
+    one, two = (single_step_bytes(g, compute_liveness(g, order), mode, prefetch=prefetch)
+                for g in (scaled_graph(graph, analysis, 1), scaled_graph(graph, analysis, 2)))
+    return [(a - (b - a), b - a) for a, b in zip(one, two)]
+
+
+def chunk_program(program: Program, analysis: BatchSeparability, chunk: int, memory_limit: int | None,
+                  options: SegmentOptions, pinned_bytes: int = 0) -> Program:
+    """The plan of one chunk of ``chunk`` samples, in the order chosen for the whole batch."""
+    chunked = Program(scaled_graph(program.graph, analysis, chunk), mode=ExecutionMode.STREAMING,
+                      memory_limit=memory_limit, order=program.order)
+    PassManager([LivenessPass(), PlanMemoryPass(), options.segment_pass(pinned_bytes)])(chunked)
+    chunked.notes["batch_chunk"] = chunk
+    chunked.notes["batch_separability"] = analysis
+    return chunked

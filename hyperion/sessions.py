@@ -1,0 +1,145 @@
+"""The onnxruntime sessions of one schedule: built on demand, kept, or prefetched.
+
+A session owns its segment's weights (onnxruntime reads them from the
+external-data file when it is created, and releases them when it is dropped),
+so keeping, prefetching and dropping sessions is how weights are loaded,
+cached and evicted:
+
+* kept sessions (every segment in ``normal`` mode, the weight cache's segments
+  in ``memory_opt``) stay alive across runs;
+* with prefetch, the next segment's session is built on a background thread
+  while the current segment computes (onnxruntime releases the GIL in both);
+  at most one build is pending, and a session is dropped before the build
+  after next starts, so at most two uncached sessions exist at once -- what
+  the plan accounts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+Builder = Callable[[int], ort.InferenceSession]
+
+
+@dataclass
+class SessionTimes:
+    """Where session time went in one run."""
+
+    build_ms: float = 0.0       # creating sessions, on any thread
+    wait_ms: float = 0.0        # the run blocked waiting for a session (built inline or still prefetching)
+    built: int = 0
+    prefetched: int = 0         # sessions that were ready (or in progress) when the run needed them
+    reused: int = 0             # kept sessions used again
+
+
+class SessionPool:
+    def __init__(self, build: Builder, keep: frozenset[int], prefetch: bool) -> None:
+        self._build_fn = build
+        self._keep = keep
+        self._prefetch = prefetch
+        self._kept: dict[int, ort.InferenceSession] = {}
+        self._pending: tuple[int, Future[ort.InferenceSession]] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.times = SessionTimes()
+
+    def reset_times(self) -> SessionTimes:
+        times, self.times = self.times, SessionTimes()
+        return times
+
+    def _build(self, index: int) -> ort.InferenceSession:
+        started = time.perf_counter()
+        session = self._build_fn(index)
+        with self._lock:
+            self.times.build_ms += 1e3 * (time.perf_counter() - started)
+            self.times.built += 1
+        return session
+
+    def acquire(self, index: int) -> ort.InferenceSession:
+        """The session of segment ``index``: kept, prefetched, or built now."""
+        if index in self._kept:
+            self.times.reused += 1
+            return self._kept[index]
+        started = time.perf_counter()
+        session = self._take_pending(index)
+        if session is None:
+            session = self._build(index)
+        else:
+            self.times.prefetched += 1
+        self.times.wait_ms += 1e3 * (time.perf_counter() - started)
+        if index in self._keep:
+            self._kept[index] = session
+        return session
+
+    def _take_pending(self, index: int) -> ort.InferenceSession | None:
+        if self._pending is None:
+            return None
+        pending_index, future = self._pending
+        self._pending = None
+        session = future.result()   # a build error surfaces here, in the run that needs it
+        if pending_index == index:
+            return session
+        del session  # prefetched for another order of segments: drop it before building
+        return None
+
+    def prefetch(self, index: int | None) -> None:
+        """Start building segment ``index``'s session in the background."""
+        if not self._prefetch or index is None or index in self._kept or self._pending is not None:
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hyperion-prefetch")
+        self._pending = (index, self._executor.submit(self._build, index))
+
+    def is_kept(self, index: int) -> bool:
+        return index in self._kept
+
+    def close(self) -> None:
+        """Drop every session, waiting for a pending build first."""
+        if self._pending is not None:
+            self._pending[1].exception()
+            self._pending = None
+        self._kept.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+
+# -- the C heap --------------------------------------------------------------------------
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_heap_tuned = False
+
+
+def return_freed_memory(mmap_threshold_bytes: int) -> bool:
+    """Make glibc give freed blocks of ``mmap_threshold_bytes`` or more back to the OS.
+
+    By default glibc raises its mmap threshold to the size of the largest
+    block freed (up to 32 MiB): after a 20 MB weight is released, later
+    blocks of that size come from the heap and stay in RSS when freed. A fixed
+    threshold keeps large blocks in their own mappings, returned on free.
+    Process-wide and idempotent; a no-op off glibc. Returns whether it applied.
+    """
+    global _heap_tuned
+    if _heap_tuned:
+        return True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    _heap_tuned = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold_bytes))
+    log.debug("glibc mmap threshold fixed at %d bytes: %s", mmap_threshold_bytes, _heap_tuned)
+    return _heap_tuned

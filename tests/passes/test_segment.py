@@ -1,0 +1,158 @@
+"""segment: segment sizes under a cap, the session accounting (packing, creation,
+prefetch, weight cache, pinned bytes), and the smallest limit it reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from hyperion.errors import MemoryLimitError
+from hyperion.ir import ExecutionMode, Program
+from hyperion.passes.liveness import Liveness, compute_liveness
+from hyperion.passes.segment import SegmentPass, segment
+from hyperion.session_costs import SESSION_OVERHEAD_BYTES, loading_bytes, packed_bytes, resident_bytes
+from tests.passes.helpers import program_from_model
+
+ROW_BYTES = 64 * 4   # one activation row of the chains below
+WEIGHT_BYTES = 64 * 64 * 4
+
+
+def matmul_chain(layers: int = 3, cols: int = 64) -> onnx.ModelProto:
+    """x[1,64] -> (MatMul w_i[64,cols] -> Relu) x layers, the last Relu dropped."""
+    rng = np.random.default_rng(0)
+    nodes, weights, previous = [], [], "x"
+    for i in range(layers):
+        width = cols if i == layers - 1 else 64
+        weights.append(numpy_helper.from_array(rng.standard_normal((64, width)).astype(np.float32), f"w{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [out], name=f"mm{i}"))
+        if i < layers - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"r{i}"], name=f"relu{i}"))
+            previous = f"r{i}"
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, cols])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def segmented(model: onnx.ModelProto, mode: ExecutionMode, limit: int | None, **options: object) -> Program:
+    program = program_from_model(model)
+    program.mode, program.memory_limit = mode, limit
+    program.order = program.graph.file_order()
+    program.liveness = compute_liveness(program.graph, program.order)
+    SegmentPass(**options)(program)  # type: ignore[arg-type]
+    return program
+
+
+def test_no_cap_is_one_segment_and_one_step_segments_on_request() -> None:
+    assert len(segmented(matmul_chain(), ExecutionMode.NORMAL, None).segmentation.spans) == 1
+    spans = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, max_segment_steps=1).segmentation.spans
+    assert [(s.start, s.stop) for s in spans] == [(i, i + 1) for i in range(5)]
+
+
+def test_packing_rounds_columns_up_to_sixteen() -> None:
+    graph = program_from_model(matmul_chain(layers=2, cols=10)).graph
+    assert packed_bytes(graph, "w0") == 64 * 64 * 4
+    assert packed_bytes(graph, "w1") == 64 * 16 * 4          # 10 columns pack as 16
+    assert resident_bytes(graph, "w1") == 64 * 16 * 4
+    assert loading_bytes(graph, {"w0", "w1"}) == 64 * 64 * 4 + 64 * 16 * 4 + 64 * 64 * 4
+
+
+def test_a_weight_also_read_unpacked_counts_twice() -> None:
+    model = matmul_chain(layers=1)
+    model.graph.node.append(helper.make_node("Identity", ["w0"], ["w_copy"], name="copy"))
+    model.graph.output.append(helper.make_tensor_value_info("w_copy", TensorProto.FLOAT, [64, 64]))
+    graph = program_from_model(model).graph
+    assert resident_bytes(graph, "w0") == 2 * WEIGHT_BYTES
+
+
+def test_memory_opt_accounts_creation_prefetch_and_the_cyclic_prefetch() -> None:
+    seg = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, max_segment_steps=1,
+                    weight_cache_bytes=0).segmentation
+    act = 2 * ROW_BYTES                         # every step reads one row and writes one
+    held, loading = WEIGHT_BYTES, 2 * WEIGHT_BYTES
+    assert seg.held_bytes == (held, 0, held, 0, held)
+    assert seg.loading_bytes == (loading, 0, loading, 0, loading)
+    assert seg.prefetch and seg.cyclic_prefetch and seg.cached == ()
+    # Step 0 creates its own session; every step accounts the next segment's creation;
+    # the last one prefetches segment 0 for the next run.
+    assert seg.step_bytes == (act + loading, act + loading, act + held, act + loading, act + held + loading)
+
+
+def test_without_prefetch_each_segment_pays_only_for_its_own_creation() -> None:
+    seg = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, max_segment_steps=1, prefetch=False,
+                    weight_cache_bytes=0).segmentation
+    act, loading = 2 * ROW_BYTES, 2 * WEIGHT_BYTES
+    assert not seg.prefetch and not seg.cyclic_prefetch
+    assert seg.step_bytes == (act + loading, act, act + loading, act, act + loading)
+
+
+def test_normal_mode_holds_every_weight_and_pays_creation_once_per_segment() -> None:
+    seg = segmented(matmul_chain(), ExecutionMode.NORMAL, None, max_segment_steps=2).segmentation
+    act, all_held = 2 * ROW_BYTES, 3 * WEIGHT_BYTES
+    assert [(s.start, s.stop) for s in seg.spans] == [(0, 2), (2, 4), (4, 5)]
+    assert seg.cached == (0, 1, 2)
+    held_input = ROW_BYTES   # a segment holds its inputs until it returns
+    assert seg.step_bytes == (act + all_held + WEIGHT_BYTES, act + held_input + all_held,
+                              act + all_held + WEIGHT_BYTES, act + held_input + all_held,
+                              act + all_held + WEIGHT_BYTES)
+
+
+def test_segments_grow_while_the_double_buffer_fits() -> None:
+    cap = 2 * ROW_BYTES + WEIGHT_BYTES + 2 * WEIGHT_BYTES    # a held segment plus the next one's creation
+    seg = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, cap, weight_cache_bytes=0).segmentation
+    assert seg.peak_bytes <= cap and 2 <= len(seg.spans) < 5
+    # While a segment runs, the next one's session is being created: both fit.
+    assert all(seg.held_bytes[i] + seg.loading_bytes[i + 1] <= cap for i in range(len(seg.spans) - 1))
+
+
+def test_the_smallest_limit_reported_admits_a_plan_and_one_byte_less_does_not() -> None:
+    with pytest.raises(MemoryLimitError) as info:
+        segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, 1000)
+    smallest = info.value.smallest_limit_bytes
+    assert info.value.node == "mm0" and "prefetched" in str(info.value)
+    assert segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, smallest).segmentation.peak_bytes <= smallest
+    with pytest.raises(MemoryLimitError):
+        segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, smallest - 1)
+
+
+def test_the_weight_cache_keeps_what_fits_its_budget_and_the_cap() -> None:
+    budget = WEIGHT_BYTES + SESSION_OVERHEAD_BYTES
+    seg = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, max_segment_steps=1,
+                    weight_cache_bytes=budget).segmentation
+    assert seg.cached == (0,)                       # the first session that fits; the budget holds one
+    everything = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, max_segment_steps=1).segmentation
+    assert everything.cached == (0, 2, 4)           # no budget and no cap: every session with weights
+    # Under a cap, caching never pushes a step over it.
+    cap = 2 * ROW_BYTES + 3 * WEIGHT_BYTES + SESSION_OVERHEAD_BYTES
+    capped = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, cap, max_segment_steps=1).segmentation
+    assert capped.peak_bytes <= cap and len(capped.cached) < 3
+
+
+def test_a_cached_session_counts_at_every_step_outside_its_own_segment() -> None:
+    seg = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, max_segment_steps=1, prefetch=False,
+                    weight_cache_bytes=WEIGHT_BYTES + SESSION_OVERHEAD_BYTES).segmentation
+    act, loading, kept = 2 * ROW_BYTES, 2 * WEIGHT_BYTES, WEIGHT_BYTES + SESSION_OVERHEAD_BYTES
+    assert seg.cached == (0,)
+    assert seg.step_bytes == (act + loading, act + kept, act + loading + kept, act + kept, act + loading + kept)
+
+
+def test_pinned_bytes_count_at_every_step_and_against_the_cap() -> None:
+    plain = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, weight_cache_bytes=0).segmentation
+    pinned = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, weight_cache_bytes=0,
+                       pinned_bytes=1000).segmentation
+    assert [b + 1000 for b in plain.step_bytes] == list(pinned.step_bytes)
+    with pytest.raises(MemoryLimitError) as info:
+        segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, 1000)
+    smallest = info.value.smallest_limit_bytes
+    with pytest.raises(MemoryLimitError):
+        segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, smallest + 999, pinned_bytes=1000)
+    assert segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, smallest + 1000,
+                     pinned_bytes=1000).segmentation.peak_bytes <= smallest + 1000
+
+
+def test_no_steps_no_segments() -> None:
+    graph = program_from_model(matmul_chain()).graph
+    empty = segment(graph, Liveness((), {}, {}, ()), ExecutionMode.MEMORY_OPT, 1)
+    assert empty.spans == () and empty.peak_bytes == 0

@@ -1,0 +1,175 @@
+"""memory_opt: weights streamed from external data segment by segment, the next segment
+prefetched on a background thread, a bounded cache of sessions kept across runs, and
+models whose weights are embedded in the .onnx file."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import hyperion
+from fixtures.streaming_mlp import build_streaming_mlp
+from hyperion.onnx_import import load_source
+from hyperion.session_costs import SESSION_OVERHEAD_BYTES
+from tests.conftest import reference_outputs
+
+HIDDEN, LAYERS = 256, 6
+WEIGHT_BYTES = HIDDEN * HIDDEN * 4
+CAP = 3 * WEIGHT_BYTES + 65536   # one layer's session, the next one's creation, activations
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_streaming_mlp(tmp_path_factory.mktemp("mlp") / "mlp.onnx", layers=LAYERS, hidden=HIDDEN)
+
+
+def feeds(batch: int = 2) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(batch).standard_normal((batch, HIDDEN)).astype(np.float32)}
+
+
+def compiled(model: Path | onnx.ModelProto, cap: int | None = CAP, **options: object) -> hyperion.CompiledModel:
+    """memory_opt, by default one layer (MatMul, Relu) per segment."""
+    options.setdefault("max_segment_steps", 2)
+    return hyperion.compile(model, memory_limit=cap, mode="memory_opt", input_shapes={"x": [2, HIDDEN]},
+                            **options)  # type: ignore[arg-type]
+
+
+def test_outputs_are_bit_identical_to_onnxruntime_run_after_run(mlp: Path) -> None:
+    cm = compiled(mlp, weight_cache=0)
+    assert len(cm.schedule.segments) == LAYERS
+    expected = reference_outputs(mlp, feeds())
+    for _ in range(2):
+        np.testing.assert_array_equal(cm.run(feeds())["y"], expected["y"])  # same pre-packed kernels
+    assert cm.stats.peak_bytes <= CAP
+
+
+def test_the_next_session_is_built_on_a_background_thread(mlp: Path) -> None:
+    cm = compiled(mlp, weight_cache=0)
+    runtime = cm._active()[2]
+    threads: list[str] = []
+    build = runtime.pool._build_fn
+
+    def recording(index: int):
+        threads.append(threading.current_thread().name)
+        return build(index)
+
+    runtime.pool._build_fn = recording
+    segments = len(cm.schedule.segments)
+    cm.run(feeds())
+    assert cm.schedule.extra["prefetch"] and cm.schedule.extra["cyclic_prefetch"]
+    assert cm.stats.sessions.prefetched == segments - 1    # all but the first, built while another ran
+    assert threads[0] == threading.current_thread().name
+    assert all(name.startswith("hyperion-prefetch") for name in threads[1:])
+    cm.run(feeds())
+    assert cm.stats.sessions.prefetched == segments        # the last segment prefetched the first
+
+
+def test_without_prefetch_sessions_are_built_when_needed(mlp: Path) -> None:
+    cm = compiled(mlp, prefetch=False, weight_cache=0)
+    assert not cm.schedule.extra["prefetch"]
+    cm.run(feeds())
+    assert cm.stats.sessions.prefetched == 0 and cm.stats.sessions.built == len(cm.schedule.segments)
+
+
+def test_the_plan_accounts_the_next_segments_creation_while_one_runs(mlp: Path) -> None:
+    schedule = compiled(mlp, weight_cache=0).schedule
+    held, loading = schedule.extra["session_held_bytes"], schedule.extra["session_loading_bytes"]
+    assert max(loading) == 2 * WEIGHT_BYTES                # the packed copy and the original, while packing
+    for segment in schedule.segments[:-1]:
+        ahead = loading[segment.index + 1]
+        assert all(schedule.steps[i].live_bytes >= held[segment.index] + ahead for i in segment.steps)
+    assert schedule.peak_bytes <= CAP
+
+
+def test_the_weight_cache_keeps_sessions_alive_across_runs(mlp: Path) -> None:
+    budget = 2 * (WEIGHT_BYTES + SESSION_OVERHEAD_BYTES)
+    cm = compiled(mlp, cap=8 * WEIGHT_BYTES, weight_cache=budget)
+    schedule = cm.schedule
+    cached = schedule.extra["cached_segments"]
+    assert 1 <= len(cached) <= 2
+    assert sum(schedule.extra["session_held_bytes"][i] + SESSION_OVERHEAD_BYTES for i in cached) <= budget
+    for index in cached:   # cached weights are loaded once and never evicted
+        assert schedule.steps[schedule.segments[index].last_step].evicts == ()
+    expected = reference_outputs(mlp, feeds())
+    cm.run(feeds())
+    np.testing.assert_array_equal(cm.run(feeds())["y"], expected["y"])
+    assert cm.stats.sessions.reused == len(cached)
+    assert cm.stats.sessions.built <= len(schedule.segments) - len(cached)
+    cm.close()
+    assert not any(cm._active()[2].pool.is_kept(i) for i in cached)
+
+
+def test_a_zero_cache_keeps_nothing_and_a_bad_size_is_refused(mlp: Path) -> None:
+    assert compiled(mlp, cap=None, weight_cache=0).schedule.extra["cached_segments"] == []
+    assert compiled(mlp, cap=None).schedule.extra["cached_segments"] == list(range(LAYERS))  # no cap, no bound
+    with pytest.raises(hyperion.OptionError, match="weight_cache"):
+        compiled(mlp, weight_cache="lots")
+
+
+def matmul_chain(folder: Path) -> Path:
+    """MatMuls back to back: every step has a weight, so the double buffer costs a weight more."""
+    rng = np.random.default_rng(1)
+    weights = [onnx.numpy_helper.from_array(rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32) / 16, f"w{i}")
+               for i in range(4)]
+    names = ["x", "h0", "h1", "h2", "y"]
+    nodes = [onnx.helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]]) for i in range(4)]
+    value = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(nodes, "chain", [value("x", onnx.TensorProto.FLOAT, ["n", HIDDEN])],
+                                   [value("y", onnx.TensorProto.FLOAT, ["n", HIDDEN])], weights)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    path = folder / "chain.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="chain.data", size_threshold=0)
+    return path
+
+
+def test_prefetch_is_dropped_when_the_double_buffer_does_not_fit(tmp_path: Path) -> None:
+    path = matmul_chain(tmp_path)
+    with pytest.raises(hyperion.MemoryLimitError) as info:
+        compiled(path, cap=1000, max_segment_steps=None)
+    smallest = info.value.smallest_limit_bytes                 # the smallest that works, without prefetch
+    with_prefetch = compiled(path, cap=4 * WEIGHT_BYTES, max_segment_steps=None)
+    assert with_prefetch.schedule.extra["prefetch"] and smallest < 3 * WEIGHT_BYTES
+    cm = compiled(path, cap=smallest, max_segment_steps=None)
+    assert not cm.schedule.extra["prefetch"] and "prefetch off" in cm.schedule.mode_reason
+    np.testing.assert_array_equal(cm.run(feeds())["y"], reference_outputs(path, feeds())["y"])
+
+
+def _embedded_copy(mlp: Path, folder: Path) -> Path:
+    model = onnx.load(str(mlp))                                # external data loaded into the proto
+    path = folder / "embedded.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_model_file_with_embedded_weights_is_read_in_place(mlp: Path, tmp_path: Path) -> None:
+    path = _embedded_copy(mlp, tmp_path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    source = load_source(path)
+    weights = [t for t in source.proto.graph.initializer if t.name.startswith("w")]
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in weights)
+    assert {e.value for t in weights for e in t.external_data if e.key == "location"} == {"embedded.onnx"}
+    assert source.proto.ByteSize() < 10_000 and source.sha256 == before
+    cm = compiled(path, weight_cache=0)
+    np.testing.assert_array_equal(cm.run(feeds())["y"], reference_outputs(path, feeds())["y"])
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before and list(tmp_path.iterdir()) == [path]
+
+
+def test_an_in_memory_model_spills_its_weights_once_to_the_cache(mlp: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HYPERION_CACHE_DIR", str(tmp_path / "cache"))
+    model = onnx.load(str(mlp))
+    untouched = model.SerializeToString()
+    cm = compiled(model, weight_cache=0)
+    expected = reference_outputs(untouched, feeds())
+    np.testing.assert_array_equal(cm.run(feeds())["y"], expected["y"])
+    spilled = list((tmp_path / "cache" / "weights").glob("*/weights.bin"))
+    assert len(spilled) == 1 and spilled[0].stat().st_size == LAYERS * WEIGHT_BYTES
+    assert model.SerializeToString() == untouched
+    again = compiled(model, weight_cache=0)                    # the spilled file is reused
+    np.testing.assert_array_equal(again.run(feeds())["y"], expected["y"])
+    assert len(list((tmp_path / "cache" / "weights").glob("*/*"))) == 1

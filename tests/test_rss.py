@@ -1,0 +1,80 @@
+"""The cap holds in the real process (SPEC): a model whose weights are 4x the cap runs
+with peak RSS, above a process that only imports hyperion and onnxruntime, of at most
+memory_limit + 32 MiB, and its outputs equal plain onnxruntime's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from fixtures.streaming_mlp import DEFAULT_HIDDEN, build_streaming_mlp, weight_bytes
+from tests.conftest import reference_outputs
+
+CAP_BYTES = 100 * 10**6
+ALLOWANCE_BYTES = 32 * 2**20
+
+_PEAK = """
+def peak_rss_bytes():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+"""
+BASELINE = _PEAK + """
+import hyperion, onnxruntime
+print(peak_rss_bytes())
+"""
+RUN = _PEAK + """
+import json, sys
+import numpy as np
+import hyperion
+model, feeds, out, cap = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+x = np.load(feeds)
+cm = hyperion.compile(model, memory_limit=cap, input_shapes={"x": list(x.shape)})
+for _ in range(2):
+    y = cm.run({"x": x})["y"]
+np.save(out, y)
+print(json.dumps({"mode": cm.schedule.mode, "peak_bytes": cm.schedule.peak_bytes,
+                  "segments": len(cm.schedule.segments), "rss": peak_rss_bytes()}))
+"""
+
+
+def _python(code: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_streaming_mlp(tmp_path_factory.mktemp("big") / "mlp.onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("storage", ["external", "embedded"])
+def test_peak_rss_stays_under_the_cap_for_a_model_four_times_larger(big_model: Path, tmp_path: Path,
+                                                                    storage: str) -> None:
+    assert weight_bytes() >= 4 * CAP_BYTES
+    model = big_model
+    if storage == "embedded":   # the same weights inside the .onnx file
+        model = tmp_path / "embedded.onnx"
+        onnx.save(onnx.load(str(big_model)), str(model))
+    x = np.random.default_rng(0).standard_normal((1, DEFAULT_HIDDEN)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    baseline = int(_python(BASELINE))
+    report = json.loads(_python(RUN, str(model), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), str(CAP_BYTES)))
+    above_baseline = report["rss"] - baseline
+    print(f"\n{storage}: peak RSS {report['rss'] / 2**20:.1f} MiB, baseline {baseline / 2**20:.1f} MiB, "
+          f"above baseline {above_baseline / 2**20:.1f} MiB, cap {CAP_BYTES / 2**20:.1f} MiB, "
+          f"accounted peak {report['peak_bytes'] / 2**20:.1f} MiB, {report['segments']} segments")
+    assert report["mode"] == "memory_opt" and report["peak_bytes"] <= CAP_BYTES
+    assert above_baseline <= CAP_BYTES + ALLOWANCE_BYTES
+    expected = reference_outputs(big_model, {"x": x})["y"]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected)
