@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,7 +91,7 @@ class Runtime:
         extra = schedule.extra
         keep = range(len(schedule.segments)) if schedule.mode == "normal" else extra.get("cached_segments", ())
         self._cyclic = bool(extra.get("cyclic_prefetch", False))
-        self.pool = SessionPool(self._build_session, frozenset(keep), bool(extra.get("prefetch", False)))
+        self.pool = SessionPool(_weak_builder(self), frozenset(keep), bool(extra.get("prefetch", False)))
         self._whole_model_ms: float | None = None
         self.stats = RunStats(mode=schedule.mode)
         # Per segment, every tensor a step of it marks unneeded: dropped once the segment returns.
@@ -295,6 +296,24 @@ def _expected_feed(name: str, schedule: Schedule) -> tuple[np.dtype | None, tupl
     shape = schedule.input_shapes.get(name)
     return np.dtype(record.dtype), None if shape is None else tuple(d if isinstance(d, int) else None
                                                                     for d in shape)
+
+
+def _weak_builder(runtime: Runtime) -> Callable[[int], ort.InferenceSession]:
+    """``runtime._build_session`` without a reference to ``runtime``.
+
+    The pool belongs to the runtime; a bound method would close a cycle, and a
+    dropped model's sessions (their weights, their thread pools) would then live
+    on until the garbage collector's next full pass.
+    """
+    ref = weakref.ref(runtime)
+
+    def build(index: int) -> ort.InferenceSession:
+        owner = ref()
+        if owner is None:
+            raise RuntimeExecutionError("the runtime that owns this session pool was dropped")
+        return owner._build_session(index)
+
+    return build
 
 
 def _first_line(exc: BaseException) -> str:

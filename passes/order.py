@@ -7,11 +7,13 @@ Rules:
   per segment: live activations and graph inputs still needed, plus every weight in
   ``normal`` mode or the step's own weights in ``memory_opt`` mode;
 * candidates: the ONNX file's order (or, if that is not topological, the topological
-  order closest to it), networkx's plain topological order, a greedy order (Kahn's
-  algorithm preferring the ready node that grows resident bytes least) and the searched
-  order — the base order cut at sequence points into regions, each region ordered by an
-  exact dynamic program over sets of executed nodes (SERENITY) within a state budget, or
-  by beam search past it (see ``order_regions.py`` and ``order_search.py``);
+  order closest to it), the plain topological order (Kahn's algorithm generation by
+  generation, as networkx's ``topological_sort``), a greedy order (Kahn's algorithm
+  preferring the ready node that grows resident bytes least) and the searched order —
+  the base order cut at sequence points into regions (``order_regions.py``), each
+  region that sets the peak ordered by an exact dynamic program over sets of executed
+  nodes (SERENITY, ``order_search.py``) within a state budget, or past it by beam search
+  and exact re-search of windows around the peak (``order_local.py``);
 * the candidate with the lowest peak wins, earlier candidates on ties — so the file's
   order wins ties and the result is never worse than the file's or the plain
   topological order;

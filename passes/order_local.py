@@ -38,8 +38,8 @@ def window_problem(problem: RegionProblem, order: Sequence[int], start: int, sto
     return RegionProblem(tuple(problem.nodes[v] for v in window), resident,
                          tuple(remap(problem.preds[v] & inside) for v in window),
                          tuple(tuple(local[w] for w in problem.succs[v] if w in local) for v in window),
-                         tuple(problem.step_bytes[v] for v in window), tuple(problem.kept_bytes[v] for v in window),
-                         frees, 0, tuple(sum(size for size, _ in f) for f in frees))
+                         tuple(problem.step_bytes[v] for v in window),
+                         tuple(problem.kept_bytes[v] for v in window), frees, lower_bound=0)
 
 
 def improve_locally(problem: RegionProblem, order: Sequence[int], max_states: int,

@@ -101,5 +101,5 @@ def build_step_model(graph: Graph, base: Sequence[str], mode: ExecutionMode) -> 
         inert.append(not data and own_weights == 0)
     constant = graph.weight_bytes() if normal else 0
     return StepModel(tuple(base), tuple(preds), tuple(succs), tuple(step), tuple(kept), tuple(reads),
-                     tuple(inert), tuple(tensor_bytes), tuple(tensor_readers), tuple(tensor_producer), initial,
-                     constant)
+                     tuple(inert), tuple(tensor_bytes), tuple(tensor_readers), tuple(tensor_producer),
+                     initial, constant)

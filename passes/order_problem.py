@@ -9,7 +9,7 @@ bit ``i``) that the searches work on without looking at the rest of the graph.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hyperion.passes.order_model import StepModel
 
@@ -28,7 +28,10 @@ class RegionProblem:
     kept_bytes: tuple[int, ...]
     frees: tuple[Frees, ...]         # inputs a node may free: their readers all end in this region
     lower_bound: int                 # no order of the region peaks lower (constant excluded)
-    max_freed: tuple[int, ...]       # per node: the bytes it frees at most
+    max_freed: tuple[int, ...] = field(init=False)  # per node: the bytes it frees at most
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_freed", tuple(sum(size for size, _ in f) for f in self.frees))
 
     @property
     def size(self) -> int:
@@ -60,24 +63,24 @@ class RegionSet:
                 region_of[v] = r
         self.last_region = [max(region_of[c] for c in readers) for readers in model.tensor_readers]
         self.producer_region = [-1 if p < 0 else region_of[p] for p in model.tensor_producer]
-        self.start_bytes, self.held_bytes, self.base_peaks, self.lower_bounds = self._sweep()
+        self.start_bytes, self.base_peaks, self.lower_bounds = self._sweep()
 
     def __len__(self) -> int:
         return len(self.regions)
 
-    def _sweep(self) -> tuple[list[int], list[int], list[int], list[int]]:
+    def _sweep(self) -> tuple[list[int], list[int], list[int]]:
+        """(start bytes, base-order peak, lower bound) of every region, in one pass."""
         model, last_region, producer_region = self.model, self.last_region, self.producer_region
         inherited_freed = [0] * len(self.regions)  # bytes resident at a region's start it frees
         for t, r in enumerate(last_region):
             if producer_region[t] < r:
                 inherited_freed[r] += model.tensor_bytes[t]
         pending = [len(readers) for readers in model.tensor_readers]
-        starts, helds, peaks, lowers = [], [], [], []
+        starts, peaks, lowers = [], [], []
         resident = model.initial_bytes
         for r, nodes in enumerate(self.regions):
-            held = resident - inherited_freed[r]
+            held = resident - inherited_freed[r]  # resident all through the region
             starts.append(resident)
-            helds.append(held)
             peak = lower = 0
             for v in nodes:
                 peak = max(peak, resident + model.step_bytes[v])
@@ -92,7 +95,7 @@ class RegionSet:
                         resident -= model.tensor_bytes[t]
             peaks.append(peak)
             lowers.append(lower)
-        return starts, helds, peaks, lowers
+        return starts, peaks, lowers
 
     def problem(self, r: int) -> RegionProblem:
         model, nodes = self.model, self.regions[r]
@@ -101,12 +104,16 @@ class RegionSet:
         for v in nodes:
             preds.append(sum(1 << local[p] for p in model.preds[v] if p in local))
             succs.append(tuple(local[w] for w in model.succs[v] if w in local))
-            frees.append(tuple((model.tensor_bytes[t], sum(1 << local[c] for c in model.tensor_readers[t]
-                                                           if c != v and c in local))
+            frees.append(tuple((model.tensor_bytes[t], _mask(local, model.tensor_readers[t], v))
                                for t in model.reads[v] if self.last_region[t] == r))
         return RegionProblem(nodes, self.start_bytes[r], tuple(preds), tuple(succs),
-                             tuple(model.step_bytes[v] for v in nodes), tuple(model.kept_bytes[v] for v in nodes),
-                             tuple(frees), self.lower_bounds[r], tuple(sum(size for size, _ in f) for f in frees))
+                             tuple(model.step_bytes[v] for v in nodes),
+                             tuple(model.kept_bytes[v] for v in nodes), tuple(frees), self.lower_bounds[r])
+
+
+def _mask(local: dict[int, int], readers: Sequence[int], reader: int) -> int:
+    """Local bits of ``readers`` in the region, ``reader`` itself left out."""
+    return sum(1 << local[c] for c in readers if c != reader and c in local)
 
 
 def step_costs(problem: RegionProblem, order: Sequence[int]) -> list[int]:

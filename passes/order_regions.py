@@ -38,19 +38,27 @@ class Decomposition:
     forced: bool                          # every cut is forced (see the module docstring)
 
 
-def decompose(model: StepModel) -> Decomposition:
-    """Regions of ``model``'s base order, cut after every sequence point."""
+def decompose(model: StepModel, max_region_nodes: int | None = None) -> Decomposition:
+    """Regions of ``model``'s base order, cut after every sequence point.
+
+    A region longer than ``max_region_nodes`` is cut into consecutive chunks of that many
+    nodes (cuts that are not forced: the search stays fast, but proves nothing).
+    """
     floating = [model.inert[v] and model.step_bytes[v] == model.kept_bytes[v] and bool(model.succs[v])
                 for v in range(model.size)]
     spine = [v for v in range(model.size) if not floating[v]]
     if not spine:
         return Decomposition((tuple(range(model.size)),) if model.size else (), True)
     position = {v: i for i, v in enumerate(spine)}
-    cuts = [i for i, cut in enumerate(_sequence_points(model, spine, position)) if cut and i + 1 < len(spine)]
+    points = _sequence_points(model, spine, position)
+    cuts = [i for i, cut in enumerate(points) if cut and i + 1 < len(spine)]
     bounds = [0] + [c + 1 for c in cuts] + [len(spine)]
     regions = [spine[start:stop] for start, stop in zip(bounds, bounds[1:])]
     forced = _cuts_forced(model, spine, floating, cuts)
     placed = _place_floating(model, floating, position, regions)
+    if max_region_nodes is not None and any(len(r) > max_region_nodes for r in placed):
+        placed = [r[i:i + max_region_nodes] for r in placed for i in range(0, len(r), max_region_nodes)]
+        forced = False
     return Decomposition(tuple(tuple(r) for r in placed), forced)
 
 
@@ -107,16 +115,19 @@ class SearchBudget:
     memory: about 80 bytes a state). ``total_states`` (exact and local) and
     ``total_beam_states`` (width × nodes) bound all searches of one graph: the time.
     A graph of at most ``whole_graph_nodes`` nodes whose cuts are not forced is also
-    searched whole (``max_states``) to prove its optimum.
+    searched whole (``max_states``) to prove its optimum. Regions longer than
+    ``max_region_nodes`` are searched in chunks of that many nodes (bitmask states of
+    thousands of bits would make every step slow).
     """
 
     quick_states: int = 10_000
-    max_states: int = 150_000
-    local_states: int = 40_000
-    total_states: int = 500_000
+    max_states: int = 100_000
+    local_states: int = 30_000
+    total_states: int = 250_000
     beam_width: int = 32
     total_beam_states: int = 200_000
     whole_graph_nodes: int = 96
+    max_region_nodes: int = 256
 
 
 @dataclass(frozen=True)
@@ -165,7 +176,8 @@ class _Solver:
         self.states_left = max(0, self.states_left - outcome.states)
         return outcome
 
-    def _heuristic(self, problem: RegionProblem, base: tuple[int, ...], upper: int) -> tuple[tuple[int, ...], int]:
+    def _heuristic(self, problem: RegionProblem, base: tuple[int, ...],
+                   upper: int) -> tuple[tuple[int, ...], int]:
         """The best of: base order and beam order, each improved locally."""
         width = max(1, min(self.budget.beam_width, self.beam_left // max(problem.size, 1)))
         self.beam_left = max(0, self.beam_left - width * problem.size)
@@ -187,7 +199,7 @@ def order_by_regions(model: StepModel, budget: SearchBudget) -> RegionsOutcome:
     largest region lower bound or proven region optimum so far. A region whose order
     already peaks at or below it cannot lower the graph's peak and keeps its base order.
     """
-    decomposition = decompose(model)
+    decomposition = decompose(model, budget.max_region_nodes)
     regions = RegionSet(model, decomposition.regions)
     chosen: dict[int, tuple[int, ...]] = {}
     peaks = list(regions.base_peaks)
@@ -206,7 +218,8 @@ def order_by_regions(model: StepModel, budget: SearchBudget) -> RegionsOutcome:
             settled = max(settled, peaks[r])
     order = tuple(v for r, nodes in enumerate(regions.regions) for v in chosen.get(r, nodes))
     peak = max(peaks, default=0)
-    return RegionsOutcome(order, peak, decomposition.forced and peak <= settled, len(regions), decomposition.forced)
+    forced = decomposition.forced
+    return RegionsOutcome(order, peak, forced and peak <= settled, len(regions), forced)
 
 
 def exact_order(model: StepModel, incumbent: RegionsOutcome,

@@ -10,16 +10,18 @@ cannot beat an order already known.
 * exact: every state is kept; the search gives up (``complete=False``) once it has stored
   ``max_states`` states, so its work is bounded by a count, not a clock — the result does
   not depend on the machine;
-* beam: each level keeps only the ``width`` states with the lowest (peak, resident bytes),
-  HMCOS-style scalable and deterministic, but not a proof of optimality.
+* beam: each level keeps only the ``width`` states with the lowest (peak, resident bytes):
+  linear in the region's size and deterministic, but not a proof of optimality.
+
+A *free move* prunes both: see :func:`_free_move`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hyperion.passes.order_problem import RegionProblem
+
 
 @dataclass(frozen=True)
 class SearchOutcome:

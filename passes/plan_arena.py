@@ -70,7 +70,8 @@ def greedy_by_size(intervals: Mapping[str, Interval], sizes: Mapping[str, int],
     return place(intervals, sizes, sorted(intervals, key=lambda n: key(n, intervals[n], sizes[n])))
 
 
-def place(intervals: Mapping[str, Interval], sizes: Mapping[str, int], order: Sequence[str]) -> dict[str, int]:
+def place(intervals: Mapping[str, Interval], sizes: Mapping[str, int],
+          order: Sequence[str]) -> dict[str, int]:
     """Best-fit offsets, placing tensors in ``order``."""
     index = _TimeIndex()
     offsets: dict[str, int] = {}

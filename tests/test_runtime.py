@@ -1,0 +1,100 @@
+"""Runtime: segment extraction and execution on graphs the ONNX backend suite found bugs in.
+
+Every case runs with one node per segment and no whole-model shortcut, so each
+node goes through its own segment model and session, and is compared with
+plain onnxruntime on the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime as ort
+
+import hyperion
+from hyperion.onnx_import import load_source
+from hyperion.segment_model import inlined_constants, nodes_by_name
+from tests.conftest import assert_outputs_equal
+
+
+def _per_node(text: str) -> tuple[onnx.ModelProto, hyperion.CompiledModel]:
+    model = onnx.parser.parse_model(text)
+    return model, hyperion.compile(model, max_segment_steps=1, whole_model_shortcut=False)
+
+
+def _onnxruntime(model: onnx.ModelProto, feeds: Mapping[str, Any]) -> dict[str, Any]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feeds))))
+
+
+def test_segments_of_dead_nodes_are_not_run() -> None:
+    # 'unused' and 'scale' feed nothing: their segments have no outputs, which
+    # onnxruntime refuses to load (a lone Constant) or to run (fetching nothing).
+    model, compiled = _per_node("""<ir_version: 8, opset_import: ["" : 18]>
+        g (float[2,3] x) => (float[2,3] y) {
+            scale = Constant <value = float {2.0}> ()
+            unused = Neg (x)
+            y = Relu (x)
+        }""")
+    assert [s.outputs for s in compiled.schedule.segments].count(()) == 2
+    feeds = {"x": np.array([[-1, 2, -3], [4, -5, 6]], np.float32)}
+    assert_outputs_equal(compiled.run(feeds), _onnxruntime(model, feeds))
+
+
+def test_scan_body_reading_an_outer_constant_gets_its_value() -> None:
+    # The body's Unsqueeze takes its axes from the outer scope. Fed as a segment
+    # input, the axes are unknown when the session is built, so the body's state
+    # has no shape and Scan refuses to run; the Constant is recomputed inside instead.
+    model, compiled = _per_node("""<ir_version: 8, opset_import: ["" : 18]>
+        g (float[2,1] s0, float[3,2] xs) => (float[2,1] last, float[3,2,1] ys) {
+            axes = Constant <value = int64[1] {-1}> ()
+            last, ys = Scan <num_scan_inputs = 1, body = step (float[2,1] s, float[2] x) => (float[2,1] s_out, float[2,1] y) {
+                u = Unsqueeze (x, axes)
+                s_out = Add (s, u)
+                y = Identity (s_out)
+            }> (s0, xs)
+        }""")
+    schedule = compiled.schedule
+    scan = next(seg for seg in schedule.segments if schedule.steps[seg.first_step].op_type == "Scan")
+    assert inlined_constants(schedule, scan, nodes_by_name(load_source(model))) == ("axes",)
+    feeds = {"s0": np.zeros((2, 1), np.float32), "xs": np.arange(6, dtype=np.float32).reshape(3, 2)}
+    assert_outputs_equal(compiled.run(feeds), _onnxruntime(model, feeds))
+
+
+def test_sequence_and_optional_inputs_are_fed_as_they_are() -> None:
+    # A list feed has no single shape: it must not be taken for a tensor when the
+    # plan is looked up by the feeds' shapes.
+    model, compiled = _per_node("""<ir_version: 8, opset_import: ["" : 18]>
+        g (seq(float[2]) s, optional(float[2]) o, float[2] x) => (float[3,2] y, float[2] z) {
+            t = SequenceInsert (s, x)
+            y = ConcatFromSequence <axis = 0, new_axis = 1> (t)
+            present = OptionalHasElement (o)
+            v = OptionalGetElement (o)
+            z = Where (present, v, x)
+        }""")
+    feeds = {"s": [np.ones(2, np.float32), np.full(2, 2, np.float32)], "o": np.full(2, 7, np.float32),
+             "x": np.array([3, 4], np.float32)}
+    assert_outputs_equal(compiled.run(feeds), _onnxruntime(model, feeds))
+
+
+def test_shapes_onnx_cannot_infer_are_not_declared_to_onnxruntime() -> None:
+    # ReduceMean over axes computed at run time keeps both dims ([1, 1]); a guessed
+    # [3, 4] declared on the next segment's input made onnxruntime reject the feed.
+    model, compiled = _per_node("""<ir_version: 8, opset_import: ["" : 18]>
+        g (float[3,4] x) => (float[3,4] y) {
+            shape = Shape (x)
+            rank = Size (shape)
+            zero = Constant <value = int64 {0}> ()
+            one = Constant <value = int64 {1}> ()
+            axes = Range (zero, rank, one)
+            squared = Mul (x, x)
+            mean = ReduceMean (squared, axes)
+            y = Div (x, mean)
+        }""")
+    feeds = {"x": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    assert_outputs_equal(compiled.run(feeds), _onnxruntime(model, feeds))
