@@ -6,14 +6,18 @@ Models: a generated 20 x (MatMul 2240x2240 -> Relu) model, 401 MB of external-da
 weights (written to a temporary folder, or DIR if given, and reused there), at batch
 1, 8, 64 and 256 under a 100 MB cap; and the fixtures, at batch 1 under the smallest
 cap memory_opt accepts (``demo`` also at 8, 64 and 256 under 8 MB, where adaptive
-streams the batch).
+streams the batch once it no longer fits whole).
 
-Every figure comes from its own fresh subprocess: the model is compiled (or the
-onnxruntime session created), run once to warm up, then timed over ``repeats`` runs
-(the median is reported); peak RSS is the process's VmHWM minus that of a process that
-only imports hyperion and onnxruntime (SPEC's definition). ``build``/``wait`` are the
-milliseconds per run spent creating onnxruntime sessions (on any thread) and blocked
-waiting for one: with prefetch working, wait is well below build. Prints Markdown.
+Peak RSS: each side compiles (or creates its onnxruntime session) and runs once in a
+fresh subprocess; the figure is its VmHWM minus that of a process that only imports
+hyperion and onnxruntime (SPEC's definition).
+
+Latency: one more subprocess holds both, warms both up, then alternates them run by run
+and reports medians, so that load from elsewhere on the machine hits both alike. A
+prefetch Hyperion leaves running after a run (the first segment, for the next run) is
+waited for and charged to Hyperion before onnxruntime's turn. ``build``/``wait`` are the
+milliseconds per run spent creating sessions (on any thread) and blocked waiting for
+one: with prefetch working, wait is below build. Prints Markdown.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 BIG_CAP_BYTES = 100 * 10**6
+DEMO_CAP_BYTES = 8 * 2**20
 BATCHES = (1, 8, 64, 256)
 
 
@@ -43,7 +48,7 @@ def _peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
-# -- the measuring child -----------------------------------------------------------------
+# -- the measuring children ----------------------------------------------------------------
 def _feeds(spec: dict) -> dict:
     import numpy as np
 
@@ -55,64 +60,70 @@ def _feeds(spec: dict) -> dict:
     return example_feeds(spec["fixture"], batch=spec["batch"])
 
 
-def _child(spec: dict) -> dict:
-    import hyperion  # noqa: F401  (the baseline imports both)
+def _onnxruntime(spec: dict, feeds: dict):
     import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(spec["model"], options, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, feeds)
+
+
+def _hyperion(spec: dict, feeds: dict, prefetch: bool):
+    import hyperion
+
+    shapes = {name: list(value.shape) for name, value in feeds.items()}
+    return hyperion.compile(spec["model"], memory_limit=spec["cap"], mode=spec["mode"], input_shapes=shapes,
+                            prefetch=prefetch)
+
+
+def _rss_child(spec: dict) -> dict:
+    import hyperion  # noqa: F401  (the baseline imports both)
+    import onnxruntime  # noqa: F401
 
     if spec["kind"] == "baseline":
         return {"rss": _peak_rss_bytes()}
     feeds = _feeds(spec)
-    result: dict = {}
     if spec["kind"] == "ort":
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(spec["model"], options, providers=["CPUExecutionProvider"])
-        run = lambda: session.run(None, feeds)  # noqa: E731
-    else:
-        shapes = {name: list(value.shape) for name, value in feeds.items()}
-        cm = hyperion.compile(spec["model"], memory_limit=spec["cap"], mode=spec["mode"], input_shapes=shapes,
-                              prefetch=spec["prefetch"])
-        run = lambda: cm.run(feeds)  # noqa: E731
-        result.update(mode=cm.schedule.mode, peak=cm.schedule.peak_bytes, segments=len(cm.schedule.segments),
-                      chunk=cm.schedule.batch_chunk, prefetch=cm.schedule.extra.get("prefetch", False))
-    run()
-    times, build, wait = [], [], []
-    for _ in range(spec["repeats"]):
+        _onnxruntime(spec, feeds)()
+        return {"rss": _peak_rss_bytes()}
+    cm = _hyperion(spec, feeds, spec["prefetch"])
+    cm.run(feeds)
+    schedule = cm.schedule
+    return {"rss": _peak_rss_bytes(), "mode": schedule.mode, "peak": schedule.peak_bytes,
+            "segments": len(schedule.segments), "chunk": schedule.batch_chunk,
+            "prefetch": schedule.extra.get("prefetch", False)}
+
+
+def _latency_child(spec: dict) -> dict:
+    feeds = _feeds(spec)
+    plain = _onnxruntime(spec, feeds)
+    models = {prefetch: _hyperion(spec, feeds, prefetch) for prefetch in (True, False)}
+    samples: dict[str, list[float]] = {"ort": [], "True": [], "False": [], "build": [], "wait": []}
+    for repeat in range(spec["repeats"] + 1):          # the first round warms everything up
         started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-        if spec["kind"] != "ort":
-            build.append(cm.stats.sessions.build_ms)
-            wait.append(cm.stats.sessions.wait_ms)
-    result.update(rss=_peak_rss_bytes(), ms=1e3 * statistics.median(times))
-    if build:
-        result.update(build_ms=statistics.median(build), wait_ms=statistics.median(wait))
-    return result
+        plain()
+        ort_s = time.perf_counter() - started
+        for prefetch, cm in models.items():
+            started = time.perf_counter()
+            cm.run(feeds)
+            runtime = cm._active()[2]
+            runtime.settle()                            # its prefetch of the next run is its own cost
+            elapsed = time.perf_counter() - started
+            if repeat:
+                samples[str(prefetch)].append(elapsed)
+                if prefetch:
+                    samples["build"].append(cm.stats.sessions.build_ms)
+                    samples["wait"].append(cm.stats.sessions.wait_ms)
+        if repeat:
+            samples["ort"].append(ort_s)
+    return {key: statistics.median(values) * (1 if key in ("build", "wait") else 1e3)
+            for key, values in samples.items()}
 
 
-def _runnable_tasks() -> int:
-    with open("/proc/loadavg") as loadavg:
-        return int(loadavg.read().split()[3].split("/")[0])
-
-
-def wait_for_quiet(max_wait_s: float, samples: int = 4) -> bool:
-    """Wait until at most one other task is runnable for ``samples`` checks in a row (the
-    machine is shared); False if it never got quiet within ``max_wait_s``."""
-    deadline, quiet = time.monotonic() + max_wait_s, 0
-    while quiet < samples:
-        if time.monotonic() > deadline:
-            return False
-        quiet = quiet + 1 if _runnable_tasks() <= 2 else 0
-        time.sleep(0.25)
-    return True
-
-
-def measure(spec: dict, max_wait_s: float = 0.0) -> dict:
-    if max_wait_s and not wait_for_quiet(max_wait_s):
-        print(f"<!-- the machine stayed busy: {spec.get('kind')} {spec.get('model', '')} batch "
-              f"{spec.get('batch')} measured anyway -->", flush=True)
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+def _run_child(kind: str, spec: dict) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], capture_output=True,
+                          text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -123,22 +134,23 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f} MiB"
 
 
-def _row(label: str, batch: int, cap: int | None, ort: dict, ours: dict, baseline: int, prefetch: bool) -> str:
-    if "error" in ours:
-        return f"| {label} | {batch} | - | {_mib(cap)} | {'on' if prefetch else 'off'} | {ours['error']} |" + " |" * 8
-    ratio = ours["ms"] / ort["ms"]
-    rss, ort_rss = ours["rss"] - baseline, ort["rss"] - baseline
-    mode = ours["mode"] + (f" (chunks of {ours['chunk']})" if ours.get("chunk") else "")
-    pf = "on" if ours.get("prefetch") else ("off" if not prefetch else "off (does not fit)")
-    sessions = f"{ours['build_ms']:.0f} / {ours['wait_ms']:.0f}" if "build_ms" in ours else "-"
-    return (f"| {label} | {batch} | {mode} | {_mib(cap)} | {pf} | {ours['ms']:.1f} | {ort['ms']:.1f} | "
-            f"{ratio:.2f}x | {_mib(rss)} | {_mib(ort_rss)} | {100 * rss / max(ort_rss, 1):.0f}% | "
-            f"{_mib(ours['peak'])} | {sessions} |")
+HEADER = ("| model | batch | mode | cap | prefetch | hyperion ms | onnxruntime ms | latency ratio "
+          "| hyperion peak RSS | onnxruntime peak RSS | RSS vs onnxruntime | accounted peak "
+          "| session build / wait ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-HEADER = ("| model | batch | mode | cap | prefetch | hyperion ms | onnxruntime ms | latency ratio | hyperion peak RSS "
-          "| onnxruntime peak RSS | RSS vs onnxruntime | accounted peak | session build / wait ms |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+def _row(label: str, spec: dict, rss: dict, ort_rss: dict, latency: dict, baseline: int, prefetch: bool) -> str:
+    if "error" in rss or "error" in latency or "error" in ort_rss:
+        error = rss.get("error") or latency.get("error") or ort_rss.get("error")
+        return f"| {label} | {spec['batch']} | error: {error} |" + " |" * 10
+    ours_ms, ort_ms = latency[str(prefetch)], latency["ort"]
+    ours, theirs = rss["rss"] - baseline, ort_rss["rss"] - baseline
+    mode = rss["mode"] + (f" (chunks of {rss['chunk']})" if rss.get("chunk") else "")
+    used = "on" if rss["prefetch"] else ("off" if not prefetch else "off (does not fit)")
+    sessions = f"{latency['build']:.0f} / {latency['wait']:.0f}" if prefetch else "-"
+    return (f"| {label} | {spec['batch']} | {mode} | {_mib(spec['cap'])} | {used} | {ours_ms:.1f} | {ort_ms:.1f} "
+            f"| {ours_ms / ort_ms:.2f}x | {_mib(ours)} | {_mib(theirs)} | {100 * ours / max(theirs, 1):.0f}% "
+            f"| {_mib(rss['peak'])} | {sessions} |")
 
 
 def smallest_memory_opt_cap(model: Path, fixture: str) -> int:
@@ -153,35 +165,33 @@ def smallest_memory_opt_cap(model: Path, fixture: str) -> int:
     raise AssertionError("a 1-byte cap fitted")
 
 
-def cases(big: Path, quick: bool) -> list[tuple[str, dict, int | None]]:
-    """(label, spec without kind/prefetch/repeats, cap) for every row group."""
+def cases(big: Path, quick: bool) -> list[tuple[str, dict]]:
     from fixtures import FIXTURE_NAMES, fixture_path
     from fixtures.streaming_mlp import DEFAULT_HIDDEN
 
-    out = [("mlp 20x20MB", {"model": str(big), "fixture": None, "hidden": DEFAULT_HIDDEN, "batch": b,
-                            "mode": "memory_opt", "cap": BIG_CAP_BYTES}, BIG_CAP_BYTES)
-           for b in (BATCHES[:2] if quick else BATCHES)]
+    out = [("mlp 20x20MB", {"model": str(big), "fixture": None, "hidden": DEFAULT_HIDDEN, "batch": batch,
+                            "mode": "memory_opt", "cap": BIG_CAP_BYTES})
+           for batch in (BATCHES[::3] if quick else BATCHES)]
     for name in (("demo",) if quick else FIXTURE_NAMES):
         path = fixture_path(name)
-        cap = smallest_memory_opt_cap(path, name)
-        out.append((name, {"model": str(path), "fixture": name, "batch": 1, "mode": "adaptive", "cap": cap}, cap))
+        out.append((name, {"model": str(path), "fixture": name, "batch": 1, "mode": "adaptive",
+                           "cap": smallest_memory_opt_cap(path, name)}))
     for batch in (() if quick else BATCHES[1:]):
         out.append(("demo", {"model": str(fixture_path("demo")), "fixture": "demo", "batch": batch,
-                             "mode": "adaptive", "cap": 8 * 2**20}, 8 * 2**20))
+                             "mode": "adaptive", "cap": DEMO_CAP_BYTES}))
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true", help="fewer rows (batches 1 and 8, demo only)")
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="fewer rows (the big model at batch 1 and 256, demo)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model-dir", type=Path, help="where the 401 MB model is (or is written)")
-    parser.add_argument("--max-wait", type=float, default=60.0,
-                        help="seconds to wait for a quiet machine before each measurement (0: never)")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(json.loads(args.child))))
+        kind, spec = args.child[0], json.loads(args.child[1])
+        print(json.dumps(_latency_child(spec) if kind == "latency" else _rss_child(spec)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model_dir or Path(tmp)
@@ -191,16 +201,17 @@ def main() -> None:
             from fixtures.streaming_mlp import build_streaming_mlp
 
             build_streaming_mlp(big)
-        baseline = measure({"kind": "baseline"}, args.max_wait)["rss"]
-        print(f"baseline (import hyperion + onnxruntime): {_mib(baseline)}; load average before: "
-              f"{os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs\n")
+        baseline = _run_child("rss", {"kind": "baseline"})["rss"]
+        print(f"baseline (import hyperion + onnxruntime): {_mib(baseline)}; {os.cpu_count()} CPUs; "
+              f"load average before: {os.getloadavg()[0]:.1f}\n")
         print(HEADER)
-        for label, spec, cap in cases(big, args.quick):
-            base = {**spec, "repeats": args.repeats}
-            ort = measure({**base, "kind": "ort"}, args.max_wait)
+        for label, spec in cases(big, args.quick):
+            spec = {**spec, "repeats": args.repeats}
+            ort_rss = _run_child("rss", {**spec, "kind": "ort"})
+            latency = _run_child("latency", spec)
             for prefetch in (True, False):
-                ours = measure({**base, "kind": "hyperion", "prefetch": prefetch}, args.max_wait)
-                print(_row(label, spec["batch"], cap, ort, ours, baseline, prefetch), flush=True)
+                rss = _run_child("rss", {**spec, "kind": "hyperion", "prefetch": prefetch})
+                print(_row(label, spec, rss, ort_rss, latency, baseline, prefetch), flush=True)
         print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 

@@ -328,6 +328,33 @@ def _unique_names(nodes: Iterable[onnx.NodeProto]) -> list[str]:
     return names
 
 
+def unread_unsized_optional_outputs(proto: ModelProto, sizing: Mapping[str, TypeProto]) -> set[str]:
+    """Optional outputs that nothing reads and inference cannot size (an opset-9 Dropout's mask).
+
+    They stay out of the IR, and segment models leave them unrequested, so
+    onnxruntime does not compute them: nothing needs them, and a size nobody
+    knows could not be accounted under a cap.
+    """
+    read = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        read.update(node.input)
+        read.update(outer_scope_reads(node))
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
+    return {name for node in proto.graph.node for index, name in enumerate(node.output)
+            if name and name not in read and _type_facts(sizing.get(name))[2] is None
+            and _is_optional_output(node, index, opsets)}
+
+
+def _is_optional_output(node: onnx.NodeProto, index: int, opsets: Mapping[str, int]) -> bool:
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), domain)
+    except onnx.defs.SchemaError:
+        return False  # an op onnx does not know: its outputs are not ours to drop
+    return (index < len(schema.outputs)
+            and schema.outputs[index].option == onnx.defs.OpSchema.FormalParameterOption.Optional)
+
+
 def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ImportedModel:
     """Build the IR of ``source`` with symbolic input dims bound by ``input_shapes``."""
     proto = source.proto
@@ -337,12 +364,13 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
     types, sizing = _value_types(*_infer(skeleton, source.label), proto.graph.output)
 
     node_names = _unique_names(proto.graph.node)
+    dropped = unread_unsized_optional_outputs(proto, sizing)
     producers: dict[str, str] = {}
     consumers: dict[str, list[str]] = {}
     nodes: list[NodeInfo] = []
     for index, (name, node) in enumerate(zip(node_names, proto.graph.node)):
         inputs = tuple(dict.fromkeys([i for i in node.input if i] + outer_scope_reads(node)))
-        outputs = tuple(o for o in node.output if o)
+        outputs = tuple(o for o in node.output if o and o not in dropped)
         nodes.append(NodeInfo(name, node.op_type, node.domain, inputs, outputs, index))
         for tensor in inputs:
             consumers.setdefault(tensor, []).append(name)

@@ -102,6 +102,7 @@ def _adaptive(imported: ImportedModel, memory_limit: int, options: SegmentOption
         return program, f"normal mode fits: peak {format_size(program.segmentation.peak_bytes)} <= limit {limit}"
     except MemoryLimitError as normal_error:
         normal_needs = f"normal mode needs at least {format_size(normal_error.smallest_limit_bytes)} > limit {limit}"
+        normal_smallest = normal_error.smallest_limit_bytes
     try:
         program = run_passes(imported, ExecutionMode.MEMORY_OPT, memory_limit, options=options)
         return program, (f"{normal_needs}; memory_opt fits with peak "
@@ -111,10 +112,14 @@ def _adaptive(imported: ImportedModel, memory_limit: int, options: SegmentOption
     try:
         program = plan_streaming(imported, memory_limit, options)
     except (MemoryLimitError, UnsupportedModelError) as streaming_error:
+        # The smallest cap adaptive can meet is the smallest over the modes it tries
+        # (memory_opt's can exceed normal's: it accounts a prefetched segment too).
+        smallest = min(normal_smallest, memory_opt_error.smallest_limit_bytes,
+                       getattr(streaming_error, "smallest_limit_bytes", 0) or memory_opt_error.smallest_limit_bytes)
         raise MemoryLimitError(
-            f"{memory_opt_error}; streaming cannot help: {streaming_error}", node=memory_opt_error.node,
-            needed_bytes=memory_opt_error.needed_bytes,
-            smallest_limit_bytes=memory_opt_error.smallest_limit_bytes) from None
+            f"{memory_opt_error}; streaming cannot help: {streaming_error}; the smallest limit that works in "
+            f"adaptive mode is {smallest} bytes ({format_size(smallest)})", node=memory_opt_error.node,
+            needed_bytes=memory_opt_error.needed_bytes, smallest_limit_bytes=smallest) from None
     return program, (f"{normal_needs}; memory_opt needs at least "
                      f"{format_size(memory_opt_error.smallest_limit_bytes)} for the whole batch; "
                      f"{_chunk_phrase(program)}")

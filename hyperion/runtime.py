@@ -151,6 +151,11 @@ class Runtime:
         """Release every session (and the weights they hold)."""
         self.pool.close()
 
+    def settle(self) -> float:
+        """Wait until no session is being prefetched (e.g. before timing something else);
+        milliseconds waited."""
+        return self.pool.settle()
+
     def _nodes(self) -> dict[str, NodeProto]:
         if self._node_protos is None:
             self._node_protos = nodes_by_name(self.source)

@@ -36,7 +36,7 @@ def build_segment_model(source: ModelSource, schedule: Schedule, segment: Segmen
     graph = onnx.GraphProto(name=f"segment_{segment.index}")
     constants = inlined_constants(schedule, segment, nodes)
     graph.node.extend(nodes[schedule.tensors[name].producer] for name in constants)
-    graph.node.extend(nodes[schedule.steps[i].node] for i in segment.steps)
+    graph.node.extend(_requested_outputs_only(nodes[schedule.steps[i].node], schedule) for i in segment.steps)
     graph.input.extend(_value_info(name, schedule, value_types) for name in segment.inputs if name not in constants)
     graph.output.extend(_value_info(name, schedule, value_types) for name in segment.outputs)
     graph.initializer.extend(initializers[w] for w in segment.weights)
@@ -63,6 +63,20 @@ def inlined_constants(schedule: Schedule, segment: Segment, nodes: Mapping[str, 
                 and record.bytes is not None and record.bytes <= MAX_INLINED_CONSTANT_BYTES):
             inlined.append(name)
     return tuple(inlined)
+
+
+def _requested_outputs_only(node: NodeProto, schedule: Schedule) -> NodeProto:
+    """``node`` with the optional outputs import left out of the IR blanked ("")."""
+    if all(not name or name in schedule.tensors for name in node.output):
+        return node
+    trimmed = NodeProto()
+    trimmed.CopyFrom(node)
+    for index, name in enumerate(node.output):
+        if name and name not in schedule.tensors:
+            trimmed.output[index] = ""
+    while trimmed.output and not trimmed.output[-1]:
+        trimmed.output.pop()  # trailing optional outputs are simply omitted
+    return trimmed
 
 
 def segment_model_inputs(schedule: Schedule, segment: Segment, nodes: Mapping[str, NodeProto]) -> tuple[str, ...]:

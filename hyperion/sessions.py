@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import inspect
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,9 +45,26 @@ class SessionTimes:
     reused: int = 0             # kept sessions used again
 
 
+def _weakly(build: Builder) -> Builder:
+    """``build`` without a strong reference to its object: a runtime owns its pool, and a
+    cycle back would keep both (and every kept session's threads) alive until the
+    garbage collector happens to run."""
+    if not inspect.ismethod(build):
+        return build
+    method = weakref.WeakMethod(build)
+
+    def call(index: int) -> ort.InferenceSession:
+        bound = method()
+        if bound is None:
+            raise RuntimeError("the runtime of this session pool is gone")
+        return bound(index)
+
+    return call
+
+
 class SessionPool:
     def __init__(self, build: Builder, keep: frozenset[int], prefetch: bool) -> None:
-        self._build_fn = build
+        self._build_fn = _weakly(build)
         self._keep = keep
         self._prefetch = prefetch
         self._kept: dict[int, ort.InferenceSession] = {}
@@ -103,6 +122,14 @@ class SessionPool:
 
     def is_kept(self, index: int) -> bool:
         return index in self._kept
+
+    def settle(self) -> float:
+        """Wait for a pending prefetch to finish (it stays pending); milliseconds waited."""
+        if self._pending is None:
+            return 0.0
+        started = time.perf_counter()
+        self._pending[1].exception()
+        return 1e3 * (time.perf_counter() - started)
 
     def close(self) -> None:
         """Drop every session, waiting for a pending build first."""

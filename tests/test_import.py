@@ -106,3 +106,48 @@ def test_bad_memory_limits_are_option_errors(bad: object) -> None:
 def test_bad_mode_is_an_option_error() -> None:
     with pytest.raises(hyperion.OptionError, match="unknown mode 'fast'"):
         hyperion.compile(fixture_path("mlp"), mode="fast")
+
+
+def test_shapes_from_onnxruntime_estimates_size_the_plan_but_are_not_declared() -> None:
+    # onnx leaves the Split outputs unsized (their lengths are computed); onnxruntime's
+    # symbolic inference sizes them, but it also guesses wrong in such graphs (an even
+    # split), and a wrong declared shape makes onnxruntime reject a segment's feed.
+    imported = import_model(load_source(onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 18]>
+    g (float[2,8] x) => (float[2,8] y) {
+        n = Shape <start = 1, end = 2> (x)
+        zero = Sub (n, n)
+        lengths = Concat <axis = 0> (n, zero)
+        a, b = Split <axis = 1> (x, lengths)
+        y = Concat <axis = 1> (a, b)
+    }''')))
+    assert imported.graph.tensors["a"].shape == (2, 8)
+    declared = imported.value_types["a"].tensor_type
+    assert declared.elem_type == onnx.TensorProto.FLOAT and not declared.HasField("shape")
+
+
+def test_broadcast_partners_are_not_merged_into_one_shape() -> None:
+    # mean is [1, 1] (ReduceMean over every axis, keepdims); merging it with x's dims
+    # in Div(x, mean) gave [3, 4], a size that was never true.
+    model = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 18]>
+    g (float[3,4] x) => (float[3,4] y) {
+        shape = Shape (x)
+        rank = Size (shape)
+        zero = Constant <value = int64 {0}> ()
+        one = Constant <value = int64 {1}> ()
+        axes = Range (zero, rank, one)
+        squared = Mul (x, x)
+        mean = ReduceMean (squared, axes)
+        y = Div (x, mean)
+    }''')
+    graph = import_model(load_source(model)).graph
+    assert graph.tensors["mean"].shape != (3, 4)
+    assert graph.tensors["mean"].nbytes is None
+
+
+def test_input_shapes_for_a_sequence_input_is_an_option_error() -> None:
+    model = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 18]>
+    g (seq(float[2]) s) => (int64 n) {
+        n = SequenceLength (s)
+    }''')
+    with pytest.raises(hyperion.OptionError, match="'s' is not a tensor"):
+        hyperion.compile(model, input_shapes={"s": [3, 2]})

@@ -7,6 +7,8 @@ plain onnxruntime on the whole model.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -98,3 +100,21 @@ def test_shapes_onnx_cannot_infer_are_not_declared_to_onnxruntime() -> None:
         }""")
     feeds = {"x": np.arange(12, dtype=np.float32).reshape(3, 4)}
     assert_outputs_equal(compiled.run(feeds), _onnxruntime(model, feeds))
+
+
+def test_a_dropped_model_releases_its_runtime_at_once() -> None:
+    # The session pool used to hold a bound method of its runtime: a cycle that kept
+    # every session (weights, thread pools) alive until a full garbage collection.
+    model, compiled = _per_node("""<ir_version: 8, opset_import: ["" : 18]>
+        g (float[2,3] x) => (float[2,3] y) {
+            a = Relu (x)
+            y = Neg (a)
+        }""")
+    compiled.run({"x": np.ones((2, 3), np.float32)})
+    schedule = weakref.ref(compiled.schedule)
+    gc.disable()
+    try:
+        del compiled
+        assert schedule() is None
+    finally:
+        gc.enable()

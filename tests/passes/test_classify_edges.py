@@ -181,3 +181,21 @@ def test_fused_attention_op_edges_are_attention() -> None:
     got = _non_sequential("transformer_block_fused")
     assert got[("ln1", "attention")] == "attention"
     assert {e for e, k in got.items() if k == "attention"} == {("ln1", "attention")}
+
+
+def test_projection_shortcut_with_generated_weights_is_residual() -> None:
+    # The ONNX package's light models generate their weights with ConstantOfShape:
+    # the shortcut's Mul then has two producers, but one computes a constant, so
+    # the chain is still single-input and fork->proj is the skip.
+    result = classified(f"""{HEADER}
+    g (float[4] x) => (float[4] y) {{
+        f = Relu(x)
+        m1 = Sigmoid(f)
+        m2 = Tanh(m1)
+        shape = Constant <value = int64[1] {{4}}> ()
+        w = ConstantOfShape <value = float[1] {{0.5}}> (shape)
+        p = Mul(f, w)
+        y = Add(m2, p)
+    }}""")
+    assert result[("Relu_0", "Mul_5")] == "residual"
+    assert [kind for edge, kind in result.items() if edge != ("Relu_0", "Mul_5")] == ["sequential"] * 6
