@@ -34,6 +34,9 @@ from hyperion.weights import WeightStore
 
 # With a cap, blocks of this size or more go back to the OS when freed (see sessions.return_freed_memory).
 MMAP_THRESHOLD_BYTES = 1 << 20
+# Serialized segment models are kept for the next run up to this size: larger ones carry
+# embedded weights, which must not stay resident outside the plan.
+KEPT_SEGMENT_MODEL_BYTES = 64 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ class Runtime:
         if schedule.mode != "normal":
             self.weights.spill_embedded()  # weights read by sessions from a file, never from the proto
         self._node_protos: dict[str, NodeProto] | None = None
+        self._segment_models: dict[int, bytes] = {}
         self._model_inputs: dict[int, tuple[str, ...]] = {}  # per segment: what its model takes
         extra = schedule.extra
         keep = range(len(schedule.segments)) if schedule.mode == "normal" else extra.get("cached_segments", ())
@@ -114,6 +118,10 @@ class Runtime:
         # Relative external-data locations resolve against the model's folder (or the spill folder).
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.weights.folder))
+        if self.schedule.mode != "normal":
+            # Sessions are created while others compute: idle workers spinning (onnxruntime's
+            # default) more than doubled the CPU a session's creation takes, stealing it from both.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
     def _whole_model(self) -> bool:
@@ -135,8 +143,12 @@ class Runtime:
         if self._whole_model() and not (self.config.return_freed_memory and self.weights.embedded_in_file()):
             model = str(self.source.path) if self.source.path else self.source.proto.SerializeToString()
         else:
-            model = build_segment_model(self.source, self.schedule, segment, self.value_types,
-                                        self._nodes(), self.weights.protos).SerializeToString()
+            model = self._segment_models.get(index)
+            if model is None:
+                model = build_segment_model(self.source, self.schedule, segment, self.value_types,
+                                            self._nodes(), self.weights.protos).SerializeToString()
+                if len(model) <= KEPT_SEGMENT_MODEL_BYTES:  # memory_opt creates it again every run
+                    self._segment_models[index] = model
         try:
             session = ort.InferenceSession(model, self._options(), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors

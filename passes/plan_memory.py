@@ -8,8 +8,12 @@ Rules:
   arena;
 * offsets are assigned greedy-by-size (largest first, as TFLite's and XNNPACK's
   planners do), each tensor into the best-fitting gap — the smallest that holds it —
-  among the tensors already placed whose lifetimes overlap its own; a second pass in
-  order of first use (greedy-by-breadth-like) is kept when its arena is smaller;
+  among the tensors already placed whose lifetimes overlap its own (``plan_arena.py``,
+  near-linear: placed tensors are indexed by time);
+* other placement orders (last use first, longest first, first use first) are tried
+  until one reaches ``live_peak_bytes``; with at most 256 arena tensors, a bounded
+  search also moves the tensor at the top of the arena earlier in the order; the
+  smallest arena wins, the earlier strategy on ties (``placement`` names it);
 * ``live_peak_bytes`` is the largest total size of arena tensors live at one step:
   no arena for these lifetimes can be smaller, so it is what ``arena_bytes`` is measured
   against (``arena_bytes / live_peak_bytes - 1`` is the fragmentation);

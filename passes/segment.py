@@ -131,14 +131,19 @@ class _GrowingSpan:
         self.activation_peak = costs.activations[start]
         self.weights = set(costs.weights[start])
 
+    def _grown_activations(self, step: int) -> tuple[int, int]:
+        held = self.held_inputs + self.costs.newly_held(step - 1, self.start)
+        return max(self.activation_peak, self.costs.activations[step] + held), held
+
     def grown(self, step: int) -> tuple[int, int, set[str]]:
         """(activation peak, held input bytes, weights) with ``step`` added."""
-        held = self.held_inputs + self.costs.newly_held(step - 1, self.start)
-        peak = max(self.activation_peak, self.costs.activations[step] + held)
+        peak, held = self._grown_activations(step)
         return peak, held, self.weights | self.costs.weights[step]
 
     def extend(self, step: int) -> None:
-        self.activation_peak, self.held_inputs, self.weights = self.grown(step)
+        # In place: a fresh union per step would make an uncapped model quadratic.
+        self.activation_peak, self.held_inputs = self._grown_activations(step)
+        self.weights |= self.costs.weights[step]
         self.step_activation.append(self.costs.activations[step] + self.held_inputs)
         self.stop = step + 1
 
