@@ -37,8 +37,9 @@ class MappedModel:
 
     def compile(self, mode: ExecutionMode, max_memory: int | None) -> CompiledModel:
         """The model compiled with one step per onnxruntime session, so a scheduler can
-        run it layer by layer."""
-        return CompiledModel(self.imported, mode, max_memory, max_segment_steps=1)
+        run it layer by layer; ``MmapConfig.max_cache_size`` bounds the weight cache."""
+        return CompiledModel(self.imported, mode, max_memory, max_segment_steps=1,
+                             weight_cache_bytes=self.config.max_cache_size)
 
     def close(self) -> None:
         """The seed's ``hyperionCloseMappedModel``; closing twice is harmless."""
