@@ -34,12 +34,13 @@ def random_feeds(graph: Graph, shapes: Mapping[str, Sequence[int]], seed: int) -
     for name in graph.inputs:
         dtype = graph.tensors[name].dtype
         shape = tuple(shapes[name])
+        # np.asarray: for a scalar shape () numpy hands back a scalar, onnxruntime wants an array.
         if dtype == "bool":
-            feeds[name] = rng.random(shape) < 0.5
+            feeds[name] = np.asarray(rng.random(shape) < 0.5)
         elif dtype.startswith(("int", "uint")):
-            feeds[name] = rng.integers(0, 2, size=shape).astype(dtype)
+            feeds[name] = np.asarray(rng.integers(0, 2, size=shape), dtype=dtype)
         elif dtype.startswith(("float", "bfloat")):
-            feeds[name] = rng.standard_normal(shape).astype(dtype)
+            feeds[name] = np.asarray(rng.standard_normal(shape), dtype=dtype)
         else:
             raise OptionError(f"input {name!r} has type {dtype}; pass it from a file (--input {name}=FILE.npy)")
     return feeds

@@ -95,3 +95,9 @@ def test_errors_print_one_line_and_exit_non_zero(args: list[str], needle: str) -
 def test_bad_size_is_a_usage_error() -> None:
     done = _cli("compile", str(fixture_path("mlp")), "--memory-limit", "lots")
     assert done.returncode == 2 and "cannot read 'lots' as a size" in done.stderr
+
+
+def test_generated_inputs_for_scalar_bool_and_int_inputs(capsys: pytest.CaptureFixture) -> None:
+    # control_flow has a scalar bool condition and a scalar int64 trip count.
+    assert main(["run", str(fixture_path("control_flow")), "--seed", "4", "--check"]) == 0
+    assert "outputs match" in capsys.readouterr().out
