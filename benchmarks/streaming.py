@@ -148,6 +148,8 @@ def _row(label: str, spec: dict, rss: dict, ort_rss: dict, latency: dict, baseli
     ours, theirs = rss["rss"] - baseline, ort_rss["rss"] - baseline
     mode = rss["mode"] + (f" (chunks of {rss['chunk']})" if rss.get("chunk") else "")
     used = "on" if rss["prefetch"] else ("off" if not prefetch else "off (does not fit)")
+    if rss["mode"] == "normal":
+        used = "-"   # every session is kept: nothing to prefetch
     sessions = f"{latency['build']:.0f} / {latency['wait']:.0f}" if prefetch else "-"
     return (f"| {label} | {spec['batch']} | {mode} | {_mib(spec['cap'])} | {used} | {ours_ms:.1f} | {ort_ms:.1f} "
             f"| {ours_ms / ort_ms:.2f}x | {_mib(ours)} | {_mib(theirs)} | {100 * ours / max(theirs, 1):.0f}% "

@@ -112,10 +112,10 @@ def _adaptive(imported: ImportedModel, memory_limit: int, options: SegmentOption
     try:
         program = plan_streaming(imported, memory_limit, options)
     except (MemoryLimitError, UnsupportedModelError) as streaming_error:
-        # The smallest cap adaptive can meet is the smallest over the modes it tries
-        # (memory_opt's can exceed normal's: it accounts a prefetched segment too).
-        smallest = min(normal_smallest, memory_opt_error.smallest_limit_bytes,
-                       getattr(streaming_error, "smallest_limit_bytes", 0) or memory_opt_error.smallest_limit_bytes)
+        # The smallest cap adaptive can meet: the smaller of normal's and memory_opt's, both
+        # planned under a cap (memory_opt's can exceed normal's: it accounts a prefetched
+        # segment). Streaming's figure is read off an uncapped plan, so it is no promise.
+        smallest = min(normal_smallest, memory_opt_error.smallest_limit_bytes)
         raise MemoryLimitError(
             f"{memory_opt_error}; streaming cannot help: {streaming_error}; the smallest limit that works in "
             f"adaptive mode is {smallest} bytes ({format_size(smallest)})", node=memory_opt_error.node,

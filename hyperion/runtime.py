@@ -98,6 +98,8 @@ class Runtime:
         self.pool = SessionPool(_weak_builder(self), frozenset(keep), bool(extra.get("prefetch", False)))
         self._whole_model_ms: float | None = None
         self.stats = RunStats(mode=schedule.mode)
+        # Inputs no segment reads and no output returns are not held: the plan does not count them.
+        self._held_feeds = frozenset(n for seg in schedule.segments for n in seg.inputs) | set(schedule.graph_outputs)
         # Per segment, every tensor a step of it marks unneeded: dropped once the segment returns.
         self._frees_after_segment = [tuple(t for i in seg.steps for t in schedule.steps[i].frees)
                                      for seg in schedule.segments]
@@ -220,7 +222,7 @@ class Runtime:
 
     def _run_segments(self, env: dict[str, np.ndarray], segment_ms: list[float]) -> tuple[dict[str, np.ndarray], int]:
         """Every segment once, in order; the graph outputs and the most bytes held between segments."""
-        env = dict(env)
+        env = {name: value for name, value in env.items() if name in self._held_feeds}
         held_peak = 0
         for segment, frees in zip(self.schedule.segments, self._frees_after_segment):
             t0 = time.perf_counter()

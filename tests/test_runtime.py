@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import onnxruntime as ort
+import pytest
 
 import hyperion
 from hyperion.onnx_import import load_source
@@ -118,3 +119,49 @@ def test_a_dropped_model_releases_its_runtime_at_once() -> None:
         assert schedule() is None
     finally:
         gc.enable()
+
+
+def _smallest_cap(model: onnx.ModelProto) -> int:
+    with pytest.raises(hyperion.MemoryLimitError) as refused:
+        hyperion.compile(model, memory_limit=1)
+    return refused.value.smallest_limit_bytes
+
+
+def test_an_input_nothing_reads_is_not_held() -> None:
+    # The plan counts graph inputs while they are needed; 'unused' never is, so the
+    # runtime must not hold it either, or the bytes it holds exceed the plan's.
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 18]>
+        g (float[1,8] x, float[1,256] unused) => (float[1,8] y) {
+            a = Relu (x)
+            y = Neg (a)
+        }""")
+    cap = _smallest_cap(model)
+    compiled = hyperion.compile(model, memory_limit=cap, max_segment_steps=1)
+    feeds = {"x": np.ones((1, 8), np.float32), "unused": np.ones((1, 256), np.float32)}
+    assert_outputs_equal(compiled.run(feeds), _onnxruntime(model, feeds))
+    assert compiled.stats.held_peak_bytes <= compiled.schedule.peak_bytes <= cap
+    assert compiled.stats.peak_bytes <= cap
+
+
+def test_the_smallest_limit_adaptive_names_can_be_met() -> None:
+    # normal and memory_opt each name the smallest cap they can meet; adaptive used to
+    # name a figure read off an uncapped plan (the streaming fallback's), 8 bytes short.
+    model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 18]>
+        g (float[1,8] x0) => (float[1,4] t12) <float[4,2] w0 = {1, 2, 3, 4, 5, 6, 7, 8}> {
+            t1, t2 = Split <axis = 1, num_outputs = 2> (x0)
+            t3 = Sub (t1, t2)
+            t4 = Sigmoid (t3)
+            t5 = Relu (t2)
+            t6, t7 = Split <axis = 1, num_outputs = 2> (t1)
+            t8, t9 = Split <axis = 1, num_outputs = 2> (t2)
+            t10 = Concat <axis = 1> (t9, x0)
+            t11 = MatMul (t2, w0)
+            t12 = Relu (t3)
+        }""")
+    cap = _smallest_cap(model)
+    compiled = hyperion.compile(model, memory_limit=cap)
+    feeds = {"x0": np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 8)}
+    assert_outputs_equal(compiled.run(feeds), _onnxruntime(model, feeds))
+    assert compiled.stats.peak_bytes <= cap
+    with pytest.raises(hyperion.MemoryLimitError):
+        hyperion.compile(model, memory_limit=cap - 1)
