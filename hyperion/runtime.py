@@ -120,9 +120,11 @@ class Runtime:
         # Relative external-data locations resolve against the model's folder (or the spill folder).
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.weights.folder))
-        if self.schedule.mode != "normal":
-            # Sessions are created while others compute: idle workers spinning (onnxruntime's
-            # default) more than doubled the CPU a session's creation takes, stealing it from both.
+        if self.schedule.mode != "normal" or len(self.schedule.segments) > 1:
+            # Segments run one after another, and sessions are created while others compute:
+            # a session's idle workers spinning (onnxruntime's default) steal the CPU from the
+            # next segment, and a session with spinning workers took 28 ms to destroy against
+            # 0.1 ms without (2 cores, per-session thread pools).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 

@@ -18,9 +18,10 @@ Rules:
   order wins ties and the result is never worse than the file's or the plain
   topological order;
 * ``optimal_peak_bytes`` is set when the search proved its peak optimal over every
-  topological order: every cut forced and every region that sets the peak solved exactly,
-  or the whole graph solved exactly as one region. The search counts states, not
-  seconds, so the same graph always gets the same order.
+  topological order: the peak equals the largest single step (no order can go lower),
+  every cut forced and every region that sets the peak solved exactly, or the whole graph
+  solved exactly as one region. The search counts states, not seconds, so the same graph
+  always gets the same order.
 """
 
 from __future__ import annotations
@@ -86,10 +87,14 @@ def plan_order(graph: Graph, mode: ExecutionMode, budget: SearchBudget | None = 
     base = base_order(graph)
     model = build_step_model(graph, base, mode)
     searched = order_by_regions(model, budget)
-    optimum = model.constant_bytes + searched.peak if searched.optimal and base else None
+    proven = searched.optimal or searched.peak <= model.step_lower_bound()
+    optimum = model.constant_bytes + searched.peak if proven and base else None
     search_order = searched.order
-    # A forced decomposition is never harder than the whole graph: only unforced ones are retried.
-    if optimum is None and not searched.forced and 0 < model.size <= budget.whole_graph_nodes:
+    # A forced decomposition is never harder than the whole graph: only unforced ones are
+    # retried. The whole graph contains every region, so once a region's exact search ran
+    # out of states, the same budget over the whole graph would too: skip it.
+    if (optimum is None and not searched.forced and not searched.exhausted
+            and 0 < model.size <= budget.whole_graph_nodes):
         exact = exact_order(model, searched, budget)
         if exact is not None:
             search_order, optimum = exact[0], model.constant_bytes + exact[1]

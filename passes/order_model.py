@@ -57,6 +57,12 @@ class StepModel:
                     resident -= self.tensor_bytes[t]
         return (peak + self.constant_bytes) if order else 0
 
+    def step_lower_bound(self) -> int:
+        """No order peaks lower (constant excluded): every step holds at least the inputs it
+        reads, its outputs and its weights, whatever runs before it."""
+        return max((self.step_bytes[v] + sum(self.tensor_bytes[t] for t in self.reads[v])
+                    for v in range(self.size)), default=0)
+
 
 def build_step_model(graph: Graph, base: Sequence[str], mode: ExecutionMode) -> StepModel:
     """The model of ``graph`` with node indices given by the topological order ``base``."""

@@ -137,6 +137,7 @@ class RegionsOutcome:
     optimal: bool              # ``peak`` is the optimum of the whole graph
     regions: int
     forced: bool               # every cut is forced: regions can be solved one by one
+    exhausted: bool            # an exact search of some region ran out of budget
 
 
 Solution = tuple[tuple[int, ...], int, bool]  # (local order, its peak, proven optimal for the region)
@@ -148,6 +149,7 @@ class _Solver:
     states_left: int
     beam_left: int
     cache: dict[tuple, Solution]
+    exhausted: bool = False
 
     def solve(self, problem: RegionProblem, upper: int, settled: int) -> Solution:
         """The region's best order found, below ``upper`` if it can be."""
@@ -169,6 +171,7 @@ class _Solver:
         full = self._exact(problem, peak, self.budget.max_states)
         if full.complete:
             return (full.order, full.peak, True) if full.order else (order, peak, True)
+        self.exhausted = True
         return order, peak, False
 
     def _exact(self, problem: RegionProblem, bound: int, limit: int) -> SearchOutcome:
@@ -219,7 +222,7 @@ def order_by_regions(model: StepModel, budget: SearchBudget) -> RegionsOutcome:
     order = tuple(v for r, nodes in enumerate(regions.regions) for v in chosen.get(r, nodes))
     peak = max(peaks, default=0)
     forced = decomposition.forced
-    return RegionsOutcome(order, peak, forced and peak <= settled, len(regions), forced)
+    return RegionsOutcome(order, peak, forced and peak <= settled, len(regions), forced, solver.exhausted)
 
 
 def exact_order(model: StepModel, incumbent: RegionsOutcome,
