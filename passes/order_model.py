@@ -33,7 +33,8 @@ class StepModel:
     step_bytes: tuple[int, ...]                    # outputs(v) + weights(v), constant excluded
     kept_bytes: tuple[int, ...]                    # outputs that outlive the step
     reads: tuple[tuple[int, ...], ...]             # freeable tensors each node reads (tensor ids)
-    inert: tuple[bool, ...]                        # reads no data and pays nothing for weights
+    reads_data: tuple[bool, ...]                   # reads a graph input or another node's output
+    weight_bytes: tuple[int, ...]                  # the part of step_bytes that is the node's own weights
     tensor_bytes: tuple[int, ...]                  # per freeable tensor id
     tensor_readers: tuple[tuple[int, ...], ...]    # per freeable tensor id, distinct readers
     tensor_producer: tuple[int, ...]               # per freeable tensor id; -1: a graph input
@@ -56,6 +57,16 @@ class StepModel:
                 if pending[t] == 0:
                     resident -= self.tensor_bytes[t]
         return (peak + self.constant_bytes) if order else 0
+
+    def floating(self) -> list[bool]:
+        """Per node: it reads no data, every output it makes is read later, and its own
+        weights cost no more than any reader's step (a ``Constant``, a generated weight).
+        Such a node is a source, and some optimal order runs it right before its first
+        reader (``passes/order_regions.py``)."""
+        return [not self.reads_data[v] and bool(self.succs[v])
+                and self.step_bytes[v] - self.weight_bytes[v] == self.kept_bytes[v]
+                and all(self.weight_bytes[v] <= self.step_bytes[c] for c in self.succs[v])
+                for v in range(self.size)]
 
     def step_lower_bound(self) -> int:
         """No order peaks lower (constant excluded): every step holds at least the inputs it
@@ -93,7 +104,7 @@ def build_step_model(graph: Graph, base: Sequence[str], mode: ExecutionMode) -> 
             tensor_producer.append(producer.get(name, -1))
 
     normal = mode is ExecutionMode.NORMAL
-    preds, succs, step, kept, reads, inert = [], [], [], [], [], []
+    preds, succs, step, kept, reads, reads_data, weight_bytes = [], [], [], [], [], [], []
     for name in base:
         node = graph.nodes[name]
         inputs = dict.fromkeys(node.inputs)
@@ -104,8 +115,9 @@ def build_step_model(graph: Graph, base: Sequence[str], mode: ExecutionMode) -> 
         step.append(sum(sizes[t] for t in node.outputs) + own_weights)
         kept.append(sum(sizes[t] for t in node.outputs if readers[t] or t in outputs))
         reads.append(tuple(tensor_id[t] for t in data if t in tensor_id))
-        inert.append(not data and own_weights == 0)
+        reads_data.append(bool(data))
+        weight_bytes.append(own_weights)
     constant = graph.weight_bytes() if normal else 0
     return StepModel(tuple(base), tuple(preds), tuple(succs), tuple(step), tuple(kept), tuple(reads),
-                     tuple(inert), tuple(tensor_bytes), tuple(tensor_readers), tuple(tensor_producer),
-                     initial, constant)
+                     tuple(reads_data), tuple(weight_bytes), tuple(tensor_bytes), tuple(tensor_readers),
+                     tuple(tensor_producer), initial, constant)

@@ -12,14 +12,16 @@ drift later) and no node after ``v`` is a source (it could drift earlier). When 
 forced, the best order of the whole graph is the best order of each region, concatenated,
 and its peak the largest region optimum.
 
-*Floating* nodes — they read no data (only weights, or nothing), their weights cost
-nothing in the objective and every output they make is read later (a ``Constant``, a
-weight ``Transpose``) — are moved into the region of their first reader and left out of
-the forcing test. Running such a node ``s`` right before its first reader ``c`` never
-raises the peak: its step costs ``resident + outputs(s)``, at most ``c``'s step
+*Floating* nodes — they read no data (only weights, or nothing), every output they make is
+read later, and their own weights cost no more than any reader's step (a ``Constant``, a
+weight ``Transpose``, a ``ConstantOfShape`` generating a weight) — are moved into the region
+of their first reader and left out of the forcing test. Running such a node ``s`` right
+before its first reader ``c`` never raises the peak: its step costs
+``resident + outputs(s) + weights(s)``, at most ``c``'s step
 ``resident + outputs(s) + outputs(c) + weights(c)``, and every step in between holds its
 outputs no longer. So some optimum has it there. (A dead output would break this: it
-counts at ``s``'s own step only, which may be cheaper early.)
+counts at ``s``'s own step only, which may be cheaper early.) The region searches use the
+same fact: a floating node with one reader waits for that reader's other producers.
 """
 
 from __future__ import annotations
@@ -44,8 +46,7 @@ def decompose(model: StepModel, max_region_nodes: int | None = None) -> Decompos
     A region longer than ``max_region_nodes`` is cut into consecutive chunks of that many
     nodes (cuts that are not forced: the search stays fast, but proves nothing).
     """
-    floating = [model.inert[v] and model.step_bytes[v] == model.kept_bytes[v] and bool(model.succs[v])
-                for v in range(model.size)]
+    floating = model.floating()
     spine = [v for v in range(model.size) if not floating[v]]
     if not spine:
         return Decomposition((tuple(range(model.size)),) if model.size else (), True)
