@@ -154,7 +154,10 @@ def node_model(node: NodeProto, inputs: Any, outputs_info: Sequence[tuple[np.dty
     imports = [onnx.helper.make_opsetid("", opset or onnx.defs.onnx_opset_version())]
     if node.domain not in ("", "ai.onnx"):
         imports.append(onnx.helper.make_opsetid(node.domain, 1))
-    return onnx.helper.make_model(graph, opset_imports=imports)
+    model = onnx.helper.make_model(graph, opset_imports=imports)
+    if len(infos) < len(outputs):  # outputs the caller did not type: as onnx's shape inference types them
+        model = onnx.shape_inference.infer_shapes(model)
+    return model
 
 
 def _positional(node: NodeProto, inputs: Any) -> list[Any]:
