@@ -4,16 +4,20 @@
 
 Models: a generated 20 x (MatMul 2240x2240 -> Relu) model, 401 MB of external-data
 weights (written to a temporary folder, or DIR if given, and reused there), at batch
-1, 8, 64 and 256 under a 100 MB cap; and the fixtures, at batch 1 under the smallest
-cap memory_opt accepts (``demo`` also at 8, 64 and 256 under 8, 8 and 24 MiB, where
-adaptive streams the batch once it no longer fits whole).
+1, 8, 64 and 256 under a 100 MB cap, with onnxruntime's weight pre-packing (the default)
+and without it (``prepack_weights=False``), and at 256 once more with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` for Hyperion (see docs/memory.md); and the
+fixtures, at batch 1 under the smallest cap memory_opt accepts (``demo`` also at 8, 64 and
+256 under 8, 8 and 24 MiB, where adaptive streams the batch once it no longer fits whole).
+onnxruntime always runs as installed (pre-packing on).
 
 Peak RSS: each side compiles (or creates its onnxruntime session) and runs once in a
 fresh subprocess; the figure is its VmHWM minus that of a process that only imports
 hyperion and onnxruntime (SPEC's definition).
 
 Latency: one more subprocess holds both, warms both up, then alternates them run by run
-and reports medians, so that load from elsewhere on the machine hits both alike. A
+and reports medians, so that load from elsewhere on the machine hits both alike; the CPU
+milliseconds per run (all threads) are reported too, as they depend less on that load. A
 prefetch Hyperion leaves running after a run (the first segment, for the next run) is
 waited for and charged to Hyperion before onnxruntime's turn. ``build``/``wait`` are the
 milliseconds per run spent creating sessions (on any thread) and blocked waiting for
@@ -39,6 +43,7 @@ BIG_CAP_BYTES = 100 * 10**6
 # demo under caps that make adaptive stream: at batch 256 the input alone is 12 MiB.
 DEMO_CAP_BYTES = {8: 8 * 2**20, 64: 8 * 2**20, 256: 24 * 2**20}
 BATCHES = (1, 8, 64, 256)
+HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 def _peak_rss_bytes() -> int:
@@ -75,7 +80,7 @@ def _hyperion(spec: dict, feeds: dict, prefetch: bool):
 
     shapes = {name: list(value.shape) for name, value in feeds.items()}
     return hyperion.compile(spec["model"], memory_limit=spec["cap"], mode=spec["mode"], input_shapes=shapes,
-                            prefetch=prefetch)
+                            prefetch=prefetch, prepack_weights=spec.get("prepack", True))
 
 
 def _rss_child(spec: dict) -> dict:
@@ -100,31 +105,31 @@ def _latency_child(spec: dict) -> dict:
     feeds = _feeds(spec)
     plain = _onnxruntime(spec, feeds)
     models = {prefetch: _hyperion(spec, feeds, prefetch) for prefetch in (True, False)}
-    samples: dict[str, list[float]] = {"ort": [], "True": [], "False": [], "build": [], "wait": []}
+    samples: dict[str, list[float]] = {key: [] for key in ("ort", "True", "False", "ort_cpu", "True_cpu",
+                                                           "False_cpu", "build", "wait")}
     for repeat in range(spec["repeats"] + 1):          # the first round warms everything up
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         plain()
-        ort_s = time.perf_counter() - started
+        if repeat:
+            samples["ort"].append(1e3 * (time.perf_counter() - started))
+            samples["ort_cpu"].append(1e3 * (time.process_time() - cpu))
         for prefetch, cm in models.items():
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             cm.run(feeds)
-            runtime = cm._active()[2]
-            runtime.settle()                            # its prefetch of the next run is its own cost
-            elapsed = time.perf_counter() - started
+            cm._active()[2].settle()                    # its prefetch of the next run is its own cost
             if repeat:
-                samples[str(prefetch)].append(elapsed)
+                samples[str(prefetch)].append(1e3 * (time.perf_counter() - started))
+                samples[f"{prefetch}_cpu"].append(1e3 * (time.process_time() - cpu))
                 if prefetch:
                     samples["build"].append(cm.stats.sessions.build_ms)
                     samples["wait"].append(cm.stats.sessions.wait_ms)
-        if repeat:
-            samples["ort"].append(ort_s)
-    return {key: statistics.median(values) * (1 if key in ("build", "wait") else 1e3)
-            for key, values in samples.items()}
+    return {key: statistics.median(values) for key, values in samples.items()}
 
 
 def _run_child(kind: str, spec: dict) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **spec.get("env", {})}
     done = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)], capture_output=True,
-                          text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          text=True, check=False, env=env)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -137,13 +142,14 @@ def _mib(value: float | None) -> str:
 
 HEADER = ("| model | batch | mode | cap | prefetch | hyperion ms | onnxruntime ms | latency ratio "
           "| hyperion peak RSS | onnxruntime peak RSS | RSS vs onnxruntime | accounted peak "
-          "| session build / wait ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| session build / wait ms | CPU ms hyperion / onnxruntime |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _row(label: str, spec: dict, rss: dict, ort_rss: dict, latency: dict, baseline: int, prefetch: bool) -> str:
     if "error" in rss or "error" in latency or "error" in ort_rss:
         error = rss.get("error") or latency.get("error") or ort_rss.get("error")
-        return f"| {label} | {spec['batch']} | error: {error} |" + " |" * 10
+        return f"| {label} | {spec['batch']} | error: {error} |" + " |" * 11
     ours_ms, ort_ms = latency[str(prefetch)], latency["ort"]
     ours, theirs = rss["rss"] - baseline, ort_rss["rss"] - baseline
     mode = rss["mode"] + (f" (chunks of {rss['chunk']})" if rss.get("chunk") else "")
@@ -153,7 +159,7 @@ def _row(label: str, spec: dict, rss: dict, ort_rss: dict, latency: dict, baseli
     sessions = f"{latency['build']:.0f} / {latency['wait']:.0f}" if prefetch else "-"
     return (f"| {label} | {spec['batch']} | {mode} | {_mib(spec['cap'])} | {used} | {ours_ms:.1f} | {ort_ms:.1f} "
             f"| {ours_ms / ort_ms:.2f}x | {_mib(ours)} | {_mib(theirs)} | {100 * ours / max(theirs, 1):.0f}% "
-            f"| {_mib(rss['peak'])} | {sessions} |")
+            f"| {_mib(rss['peak'])} | {sessions} | {latency[f'{prefetch}_cpu']:.0f} / {latency['ort_cpu']:.0f} |")
 
 
 def smallest_memory_opt_cap(model: Path, fixture: str) -> int:
@@ -172,9 +178,12 @@ def cases(big: Path, quick: bool) -> list[tuple[str, dict]]:
     from fixtures import FIXTURE_NAMES, fixture_path
     from fixtures.streaming_mlp import DEFAULT_HIDDEN
 
-    out = [("mlp 20x20MB", {"model": str(big), "fixture": None, "hidden": DEFAULT_HIDDEN, "batch": batch,
-                            "mode": "memory_opt", "cap": BIG_CAP_BYTES})
-           for batch in (BATCHES[::3] if quick else BATCHES)]
+    out = [(label, {"model": str(big), "fixture": None, "hidden": DEFAULT_HIDDEN, "batch": batch,
+                    "mode": "memory_opt", "cap": BIG_CAP_BYTES, "prepack": prepack})
+           for batch in (BATCHES[::3] if quick else BATCHES)
+           for label, prepack in (("mlp 20x20MB", True), ("mlp 20x20MB, unpacked", False))]
+    # glibc backing large blocks with huge pages: far fewer page faults while sessions are created.
+    out.append(("mlp 20x20MB, hugetlb", {**out[-2][1], "env": {"GLIBC_TUNABLES": HUGETLB}}))
     for name in (("demo",) if quick else FIXTURE_NAMES):
         path = fixture_path(name)
         out.append((name, {"model": str(path), "fixture": name, "batch": 1, "mode": "adaptive",
@@ -210,7 +219,7 @@ def main() -> None:
         print(HEADER)
         for label, spec in cases(big, args.quick):
             spec = {**spec, "repeats": args.repeats}
-            ort_rss = _run_child("rss", {**spec, "kind": "ort"})
+            ort_rss = _run_child("rss", {**spec, "kind": "ort", "env": {}})   # plain onnxruntime as installed
             latency = _run_child("latency", spec)
             for prefetch in (True, False):
                 rss = _run_child("rss", {**spec, "kind": "hyperion", "prefetch": prefetch})

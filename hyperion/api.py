@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import networkx as nx
 import numpy as np
@@ -56,7 +56,8 @@ class CompiledModel:
     def _add_plan(self, signature: ShapeSignature, imported: ImportedModel,
                   schedule: Schedule | None = None) -> None:
         schedule = schedule or plan(imported, self.mode, self.memory_limit, self.max_segment_steps,
-                                    prefetch=self.prefetch, weight_cache_bytes=self.weight_cache_bytes)
+                                    prefetch=self.prefetch, weight_cache_bytes=self.weight_cache_bytes,
+                                    prepack_weights=self.session_config.prepack_weights)
         runtime = Runtime(imported.source, schedule, imported.value_types, self.session_config)
         self._plans[signature] = (imported, schedule, runtime)
 
@@ -103,14 +104,28 @@ class CompiledModel:
         return self._base.source.label
 
     # -- running ------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model; returns every graph output by name, as onnxruntime does."""
+    def run(self, feeds: Mapping[str, np.ndarray],
+            progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+        """Run the model; returns every graph output by name, as onnxruntime does.
+
+        ``progress(done, total)`` is called after every segment a run goes through
+        (every segment once per chunk when streaming)."""
         if self._only_runtime is not None:  # static shapes, one plan: the runtime checks the feeds
-            return self._only_runtime.run(feeds)
-        signature = self._feed_signature(feeds)
-        _, _, runtime = self._plan_for(signature)
-        self._current = signature
-        return runtime.run(feeds)
+            runtime = self._only_runtime
+        else:
+            signature = self._feed_signature(feeds)
+            _, _, runtime = self._plan_for(signature)
+            self._current = signature
+        if progress is None:
+            return runtime.run(feeds)
+        total, done = runtime.segment_runs, 0
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            progress(done, total)
+
+        return runtime.run(feeds, advance)
 
     def _feed_signature(self, feeds: Mapping[str, np.ndarray]) -> ShapeSignature:
         """The feeds' shapes; new shapes are checked against the model's declared inputs."""
@@ -167,7 +182,8 @@ def _signature(shapes: Mapping[str, Sequence[int | str]]) -> ShapeSignature:
 def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str | ExecutionMode = "adaptive",
             input_shapes: Mapping[str, Sequence[int]] | None = None, *,
             max_segment_steps: int | None = None, whole_model_shortcut: bool = True,
-            weight_cache: int | str | None = None, prefetch: bool = True) -> CompiledModel:
+            weight_cache: int | str | None = None, prefetch: bool | None = None,
+            prepack_weights: bool = True) -> CompiledModel:
     """Import ``model``, run the passes and plan it under ``memory_limit``.
 
     ``memory_limit`` is bytes or a size string ("256MB", "1.5GiB"); ``None`` means
@@ -179,15 +195,23 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
 
     ``weight_cache`` (bytes or a size string) bounds the sessions, with their
     weights, that memory_opt keeps alive across runs (``None``: as many as the
-    cap allows; 0: none). ``prefetch`` builds the next segment's session while
-    the current one computes (both are accounted). See docs/memory.md.
+    cap allows; 0: none). ``prepack_weights=False`` stops onnxruntime from
+    packing a copy of every MatMul/Gemm weight when a session is created:
+    memory_opt sessions are then built about 15x faster and hold less, at the
+    price of outputs that differ from plain onnxruntime's by float32 rounding
+    (they are as close to the exact result). ``prefetch`` builds the next
+    segment's session while the current one computes (both are accounted);
+    ``None``: only when weights are packed, since an unpacked session is built
+    in about 2 ms and the double buffer would only take cap. See docs/memory.md.
     """
+    if prefetch is None:
+        prefetch = prepack_weights
     limit = parse_size(memory_limit)
     exec_mode = parse_mode(mode)
     imported = import_model(load_source(model), input_shapes)
     cache_bytes = None if weight_cache is None else _cache_size(weight_cache)
     config = SessionConfig(enable_cpu_mem_arena=limit is None, whole_model_shortcut=whole_model_shortcut,
-                           return_freed_memory=limit is not None)
+                           return_freed_memory=limit is not None, prepack_weights=prepack_weights)
     return CompiledModel(imported, exec_mode, limit, max_segment_steps, config, prefetch=prefetch,
                          weight_cache_bytes=cache_bytes)
 
@@ -198,8 +222,10 @@ def _cache_size(weight_cache: int | str) -> int:
     return parse_size(weight_cache, option="weight_cache") or 0
 
 
-def load(model: ModelLike, schedule: str | os.PathLike | Schedule) -> CompiledModel:
-    """A compiled model from a saved schedule; refuses a schedule of another model."""
+def load(model: ModelLike, schedule: str | os.PathLike | Schedule, *, prepack_weights: bool = True) -> CompiledModel:
+    """A compiled model from a saved schedule; refuses a schedule of another model.
+    ``prepack_weights=False`` runs unpacked (see :func:`compile`); a schedule
+    planned unpacked always runs unpacked."""
     loaded = schedule if isinstance(schedule, Schedule) else Schedule.load(schedule)
     source = load_source(model)
     label = str(schedule) if not isinstance(schedule, Schedule) else "<schedule>"
@@ -209,7 +235,9 @@ def load(model: ModelLike, schedule: str | os.PathLike | Schedule) -> CompiledMo
     shapes = {k: [int(d) for d in v] for k, v in loaded.input_shapes.items() if all(isinstance(d, int) for d in v)}
     imported = import_model(source, shapes)
     mode = ExecutionMode(loaded.requested_mode)
-    return CompiledModel(imported, mode, loaded.memory_limit, schedule=loaded)
+    config = SessionConfig(enable_cpu_mem_arena=loaded.memory_limit is None,
+                           return_freed_memory=loaded.memory_limit is not None, prepack_weights=prepack_weights)
+    return CompiledModel(imported, mode, loaded.memory_limit, session_config=config, schedule=loaded)
 
 
 __all__ = ["CompiledModel", "compile", "load"]

@@ -34,10 +34,12 @@ class SegmentOptions:
     max_segment_steps: int | None = None
     prefetch: bool = True
     weight_cache_bytes: int | None = None
+    prepack_weights: bool = True
 
     def segment_pass(self, pinned_bytes: int = 0) -> SegmentPass:
         return SegmentPass(max_segment_steps=self.max_segment_steps, prefetch=self.prefetch,
-                           weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=pinned_bytes)
+                           weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=pinned_bytes,
+                           prepack_weights=self.prepack_weights)
 
 
 def batch_analysis(imported: ImportedModel, order: tuple[str, ...] | None = None) -> BatchSeparability:

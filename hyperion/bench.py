@@ -65,9 +65,13 @@ def interleaved_latency(first: Callable[[], object], second: Callable[[], object
     return _median_ms(a), _median_ms(b)
 
 
-def ort_session(model: Path) -> ort.InferenceSession:
+def ort_session(model: Path, prepack_weights: bool = True) -> ort.InferenceSession:
+    """Plain onnxruntime on ``model``; ``prepack_weights=False`` runs the same unpacked
+    kernels as a Hyperion model compiled so."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not prepack_weights:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 

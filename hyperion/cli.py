@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, help="write each output as NAME.npy here")
     p.add_argument("--check", action="store_true", help="compare the outputs with plain onnxruntime")
     p.add_argument("--seed", type=int, help="seed for generated inputs (printed when chosen at random)")
+    p.add_argument("--no-prepack", action="store_true",
+                   help="sessions use weights unpacked: built faster, outputs differ by float32 rounding")
 
     p = commands.add_parser("inspect", help="show layers, edge kinds, liveness and memory per step")
     p.add_argument("target", type=Path, help="a model or a schedule file")
@@ -102,7 +105,8 @@ def _compile(args: argparse.Namespace, model: Path):
     import hyperion
 
     return hyperion.compile(model, memory_limit=args.memory_limit, mode=args.mode,
-                            input_shapes=dict(args.input_shape) or None)
+                            input_shapes=dict(args.input_shape) or None,
+                            prepack_weights=not getattr(args, "no_prepack", False))
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -141,11 +145,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     import hyperion
 
     if args.schedule:
-        cm = hyperion.load(args.model, args.schedule)
+        cm = hyperion.load(args.model, args.schedule, prepack_weights=not args.no_prepack)
     else:
         cm = _compile(args, args.model)
     feeds = _load_inputs(cm, args)
-    outputs = cm.run(feeds)
+    with _progress_bar(f"running {args.model.name}") as progress:
+        outputs = cm.run(feeds, progress)
     stats = cm.stats
     print(f"ran {len(cm.schedule.steps)} steps in {len(cm.schedule.segments)} segment(s), mode {stats.mode}, "
           f"{stats.total_ms:.1f} ms, accounted peak {format_size(stats.peak_bytes)}")
@@ -157,14 +162,30 @@ def cmd_run(args: argparse.Namespace) -> int:
             np.save(args.output_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy", value)
         print(f"outputs written to {args.output_dir}")
     if args.check:
-        return _check_against_onnxruntime(args.model, feeds, outputs)
+        return _check_against_onnxruntime(args.model, feeds, outputs, prepack_weights=not args.no_prepack)
     return 0
 
 
-def _check_against_onnxruntime(model: Path, feeds, outputs) -> int:
+@contextlib.contextmanager
+def _progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar over the segments of a run, on a terminal only (tqdm)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(desc=label, unit="segment", leave=False, file=sys.stderr, mininterval=0.2) as bar:
+        def update(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        yield update
+
+
+def _check_against_onnxruntime(model: Path, feeds, outputs, prepack_weights: bool) -> int:
     from hyperion.bench import ort_session
 
-    session = ort_session(model)
+    session = ort_session(model, prepack_weights)
     names = [o.name for o in session.get_outputs()]
     expected = dict(zip(names, session.run(names, feeds)))
     worst, ok = 0.0, True

@@ -63,15 +63,26 @@ def _run(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
 
 def plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
          max_segment_steps: int | None = None, *, prefetch: bool = True,
-         weight_cache_bytes: int | None = None) -> Schedule:
+         weight_cache_bytes: int | None = None, prepack_weights: bool = True) -> Schedule:
     """The schedule of ``imported`` in ``mode`` under ``memory_limit`` bytes.
 
     ``prefetch``: in memory_opt, create the next segment's session while the
     current one computes (accounted: both are resident then).
     ``weight_cache_bytes``: the most bytes of sessions kept alive across runs
     in memory_opt (``None``: as many as the cap allows; 0: none).
+    ``prepack_weights=False``: sessions will not pre-pack weights, so each holds
+    its weights at their own size (recorded in the schedule: the runtime must
+    then run unpacked).
     """
-    options = SegmentOptions(max_segment_steps, prefetch, weight_cache_bytes)
+    options = SegmentOptions(max_segment_steps, prefetch, weight_cache_bytes, prepack_weights)
+    schedule = _plan(imported, mode, memory_limit, options)
+    if prepack_weights:
+        return schedule
+    return dataclasses.replace(schedule, extra={**schedule.extra, "prepack_weights": False})
+
+
+def _plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
+          options: SegmentOptions) -> Schedule:
     if memory_limit is not None:
         unsized = [t.name for t in imported.graph.tensors.values()
                    if t.nbytes is None and (t.consumers or t.producer)]

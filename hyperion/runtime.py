@@ -68,6 +68,8 @@ class SessionConfig:
     whole_model_shortcut: bool = True
     # With a cap: have glibc return large freed blocks to the OS, so RSS follows the plan.
     return_freed_memory: bool = False
+    # False: sessions use MatMul/Gemm weights where they are mapped instead of packing a copy.
+    prepack_weights: bool = True
 
 
 class Runtime:
@@ -97,6 +99,7 @@ class Runtime:
         self._cyclic = bool(extra.get("cyclic_prefetch", False))
         self.pool = SessionPool(_weak_builder(self), frozenset(keep), bool(extra.get("prefetch", False)))
         self._whole_model_ms: float | None = None
+        self._progress: Callable[[int], None] | None = None
         self.stats = RunStats(mode=schedule.mode)
         # Inputs no segment reads and no output returns are not held: the plan does not count them.
         self._held_feeds = frozenset(n for seg in schedule.segments for n in seg.inputs) | set(schedule.graph_outputs)
@@ -106,6 +109,12 @@ class Runtime:
         self._expected_feeds = {name: _expected_feed(name, schedule) for name in schedule.graph_inputs}
         self._output_names = list(schedule.graph_outputs)
         self._is_whole_model = self._whole_model()
+
+    @property
+    def prepack_weights(self) -> bool:
+        """False when the config asks so, or the schedule was planned so (its plan counts
+        unpacked weights, which packing would exceed)."""
+        return self.config.prepack_weights and self.schedule.extra.get("prepack_weights", True)
 
     @property
     def keeps_sessions(self) -> bool:
@@ -120,6 +129,11 @@ class Runtime:
         # Relative external-data locations resolve against the model's folder (or the spill folder).
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(self.weights.folder))
+        if not self.prepack_weights:
+            # Packing is most of a session's creation (18 of 19 ms for a 2240x2240 float32
+            # MatMul weight); unpacked, MLAS packs panels during each GEMM instead, which sums
+            # in another order: outputs then differ from plain onnxruntime's by float32 rounding.
+            options.add_session_config_entry("session.disable_prepacking", "1")
         if self.schedule.mode != "normal" or len(self.schedule.segments) > 1:
             # Segments run one after another, and sessions are created while others compute:
             # a session's idle workers spinning (onnxruntime's default) steal the CPU from the
@@ -178,7 +192,17 @@ class Runtime:
         return self._node_protos
 
     # -- running ------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def segment_runs(self) -> int:
+        """Segments a run goes through: every segment once per chunk."""
+        chunk, total = self.schedule.batch_chunk, self.schedule.extra.get("batch_size")
+        chunks = -(-total // chunk) if self.schedule.mode == "streaming" and chunk and total else 1
+        return len(self.schedule.segments) * chunks
+
+    def run(self, feeds: Mapping[str, np.ndarray], progress: Callable[[int], None] | None = None
+            ) -> dict[str, np.ndarray]:
+        """Run the schedule; ``progress(1)`` is called after every segment (``segment_runs`` a run)."""
+        self._progress = progress
         if self._is_whole_model:
             # The fast path: onnxruntime checks the feeds itself; Hyperion only explains a failure.
             session = self.session(self.schedule.segments[0])
@@ -190,6 +214,8 @@ class Runtime:
                 raise RuntimeExecutionError(f"{self.source.label}: onnxruntime failed: "
                                             f"{_first_line(exc)}") from None
             self._whole_model_ms = 1e3 * (time.perf_counter() - started)
+            if progress is not None:
+                progress(1)
             return dict(zip(self._output_names, outputs))
         checked = self.check_feeds(feeds)
         started = time.perf_counter()
@@ -235,6 +261,8 @@ class Runtime:
             for name in frees:
                 env.pop(name, None)
             segment_ms[segment.index] += 1e3 * (time.perf_counter() - t0)
+            if self._progress is not None:
+                self._progress(1)
         return {name: env[name] if name in env else self.weights.read(name)
                 for name in self.schedule.graph_outputs}, held_peak
 

@@ -8,7 +8,9 @@ Rules:
   segment and last read inside it stays accounted until the segment's last step;
 * a session holds its weights as :mod:`hyperion.session_costs` says: packed
   copies for pre-packed weights, the plain bytes for the others; while it is
-  being created it also holds the original of the weight being packed;
+  being created it also holds the original of the weight being packed. With
+  ``prepack_weights=False`` sessions pack nothing: every weight is held at its
+  own size, mapped, and creating a session holds nothing more;
 * ``normal`` mode: every weight is resident all the time, and the first step
   of each segment also pays for its session's creation;
 * ``memory_opt`` mode: a segment's session exists only while the segment runs;
@@ -76,6 +78,7 @@ class SegmentPass(Pass):
     prefetch: bool = True
     weight_cache_bytes: int | None = None
     pinned_bytes: int = 0
+    prepack_weights: bool = True
 
     def requires(self, program: Program) -> None:
         require(program.liveness is not None, self.name, "liveness (the 'liveness' pass)")
@@ -84,15 +87,16 @@ class SegmentPass(Pass):
         mode = ExecutionMode.NORMAL if program.mode is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
         program.segmentation = segment(program.graph, program.liveness, mode, program.memory_limit,
                                        self.max_segment_steps, prefetch=self.prefetch,
-                                       weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=self.pinned_bytes)
+                                       weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=self.pinned_bytes,
+                                       prepack_weights=self.prepack_weights)
         return PassResult(program, False)
 
 
 class _Costs:
     """Per-step facts the segmentation needs: live activations, deaths, weights."""
 
-    def __init__(self, graph: Graph, liveness: Liveness, normal: bool) -> None:
-        self.graph, self.liveness, self.normal = graph, liveness, normal
+    def __init__(self, graph: Graph, liveness: Liveness, normal: bool, prepack: bool = True) -> None:
+        self.graph, self.liveness, self.normal, self.prepack = graph, liveness, normal, prepack
         self.n = liveness.num_steps
         self.activations = activation_live_bytes(graph, liveness)
         self.deaths: list[list[str]] = [[] for _ in range(self.n)]
@@ -101,19 +105,21 @@ class _Costs:
                 self.deaths[interval.last].append(name)
         self.weights = [set(graph.weights_of(node)) for node in liveness.order]
         names = {w for ws in self.weights for w in ws}
-        self.resident = {w: resident_bytes(graph, w) for w in names}
         self.plain = {w: graph.tensors[w].nbytes or 0 for w in names}
-        self.all_held = sum(resident_bytes(graph, t.name) for t in graph.tensors.values()
-                            if graph.is_weight(t.name))
+        # Unpacked, a session holds each weight where it is mapped, at its own size.
+        self.resident = {w: resident_bytes(graph, w) for w in names} if prepack else self.plain
+        self.all_held = sum(resident_bytes(graph, t.name) if prepack else t.nbytes or 0
+                            for t in graph.tensors.values() if graph.is_weight(t.name))
 
     def held(self, weights: set[str]) -> int:
         return sum(self.resident[w] for w in weights)
 
     def loading(self, weights: set[str]) -> int:
-        return self.held(weights) + max((self.plain[w] for w in weights), default=0)
+        return self.held(weights) + self.transient(weights)
 
-    def largest(self, weights: set[str]) -> int:
-        return max((self.plain[w] for w in weights), default=0)
+    def transient(self, weights: set[str]) -> int:
+        """Held only while a session is created: the original of the weight being packed."""
+        return max((self.plain[w] for w in weights), default=0) if self.prepack else 0
 
     def newly_held(self, step: int, first: int) -> int:
         """Bytes of inputs defined before ``first`` whose last reader is ``step``."""
@@ -163,7 +169,7 @@ class _Rules:
         first_activation = costs.activations[span.start]
         if costs.normal:
             return (peak + costs.all_held <= self.budget
-                    and first_activation + costs.all_held + costs.largest(weights) <= self.budget)
+                    and first_activation + costs.all_held + costs.transient(weights) <= self.budget)
         next_loading = costs.loading(costs.weights[step + 1]) if self.prefetch and step + 1 < costs.n else 0
         if peak + costs.held(weights) + next_loading > self.budget:
             return False
@@ -174,12 +180,13 @@ class _Rules:
 
 def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit: int | None,
             max_segment_steps: int | None = None, *, prefetch: bool = True,
-            weight_cache_bytes: int | None = None, pinned_bytes: int = 0) -> Segmentation:
+            weight_cache_bytes: int | None = None, pinned_bytes: int = 0,
+            prepack_weights: bool = True) -> Segmentation:
     if liveness.num_steps == 0:
         return Segmentation((), ())
     normal = mode is ExecutionMode.NORMAL
     prefetch = prefetch and not normal
-    costs = _Costs(graph, liveness, normal)
+    costs = _Costs(graph, liveness, normal, prepack_weights)
     _check_single_steps(costs, mode, memory_limit, prefetch, pinned_bytes)
     budget = None if memory_limit is None else memory_limit - pinned_bytes
     spans = _grow(costs, _Rules(budget, prefetch, max_segment_steps))
@@ -224,7 +231,7 @@ class _Layout:
         span, costs = self.spans[index], self.costs
         if costs.normal:
             steps = [a + costs.all_held + self.pinned for a in span.step_activation]
-            return steps, span.step_activation[0] + costs.all_held + costs.largest(span.weights) + self.pinned
+            return steps, span.step_activation[0] + costs.all_held + costs.transient(span.weights) + self.pinned
         nxt = self.next_of(index)
         ahead = self.loading[nxt] if self.prefetch and nxt is not None else 0
         steps = [a + self.held[index] + ahead + self.pinned for a in span.step_activation]
@@ -293,7 +300,7 @@ def _single_steps(costs: _Costs, prefetch: bool, pinned_bytes: int) -> list[int]
     for step in range(costs.n):
         weights, activation = costs.weights[step], costs.activations[step]
         if costs.normal:
-            cost = activation + costs.all_held + costs.largest(weights)
+            cost = activation + costs.all_held + costs.transient(weights)
         elif prefetch:
             ahead = costs.loading(costs.weights[step + 1]) if step + 1 < costs.n else 0
             cost = activation + costs.held(weights) + ahead

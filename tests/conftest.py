@@ -20,10 +20,14 @@ from fixtures import FIXTURE_NAMES, example_feeds, fixture_path  # noqa: E402
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def reference_outputs(model: str | Path | bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Outputs of plain onnxruntime on the same model and feeds."""
+def reference_outputs(model: str | Path | bytes, feeds: Mapping[str, np.ndarray],
+                      prepack_weights: bool = True) -> dict[str, np.ndarray]:
+    """Outputs of plain onnxruntime on the same model and feeds (with the same kernels as
+    Hyperion compiled with ``prepack_weights``)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not prepack_weights:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     source = str(model) if isinstance(model, Path) else model
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]

@@ -54,6 +54,18 @@ def test_run_from_a_saved_schedule(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "outputs match" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("schedule", [False, True])
+def test_run_unpacked_checks_against_onnxruntime_running_unpacked(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                  schedule: bool) -> None:
+    model = fixture_path("external_data")
+    given = ["--schedule", str(tmp_path / "s.json")] if schedule else ["--memory-limit", "700KB"]
+    if schedule:
+        assert main(["compile", str(model), "--memory-limit", "700KB", "-o", str(tmp_path / "s.json")]) == 0
+    assert main(["run", str(model), *given, "--seed", "2", "--no-prepack", "--check"]) == 0
+    text = capsys.readouterr().out
+    assert "mode memory_opt" in text and "outputs match plain onnxruntime (max abs difference 0)" in text
+
+
 def test_plot_and_exports(tmp_path: Path) -> None:
     schedule = tmp_path / "s.json"
     assert main(["compile", str(fixture_path("demo")), "--memory-limit", "2MB", "--input-shape", "image=1x3x64x64",
@@ -101,3 +113,12 @@ def test_generated_inputs_for_scalar_bool_and_int_inputs(capsys: pytest.CaptureF
     # control_flow has a scalar bool condition and a scalar int64 trip count.
     assert main(["run", str(fixture_path("control_flow")), "--seed", "4", "--check"]) == 0
     assert "outputs match" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_run_shows_progress_on_a_terminal_only(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                               terminal: bool) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    assert main(["run", str(fixture_path("demo")), "--memory-limit", "1.5MB", "--seed", "0"]) == 0
+    err = capsys.readouterr().err
+    assert ("running demo.onnx" in err and "segment" in err) == terminal

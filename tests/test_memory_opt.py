@@ -173,3 +173,27 @@ def test_an_in_memory_model_spills_its_weights_once_to_the_cache(mlp: Path, tmp_
     again = compiled(model, weight_cache=0)                    # the spilled file is reused
     np.testing.assert_array_equal(again.run(feeds())["y"], expected["y"])
     assert len(list((tmp_path / "cache" / "weights").glob("*/*"))) == 1
+
+
+def _smallest_cap(mlp: Path, **options: object) -> int:
+    with pytest.raises(hyperion.MemoryLimitError) as refused:
+        hyperion.compile(mlp, memory_limit=1, mode="memory_opt", input_shapes={"x": [2, HIDDEN]},
+                         **options)  # type: ignore[arg-type]
+    return refused.value.smallest_limit_bytes
+
+
+def test_unpacked_weights_are_planned_at_their_size_and_run_unpacked(mlp: Path, tmp_path: Path) -> None:
+    packed_smallest = _smallest_cap(mlp, prefetch=False)
+    unpacked_smallest = _smallest_cap(mlp, prepack_weights=False)
+    # Packed: a session holds the packed copy and, while created, the original too.
+    assert packed_smallest - unpacked_smallest == WEIGHT_BYTES
+    cm = compiled(mlp, unpacked_smallest, prepack_weights=False, max_segment_steps=None)
+    assert cm.schedule.extra["prepack_weights"] is False and cm.schedule.extra["prefetch"] is False
+    assert cm.schedule.peak_bytes <= unpacked_smallest
+    x = feeds()
+    np.testing.assert_array_equal(cm.run(x)["y"], reference_outputs(mlp, x, prepack_weights=False)["y"])
+    # A saved schedule planned unpacked runs unpacked, whatever load is asked.
+    path = cm.schedule.save(tmp_path / "unpacked.json")
+    again = hyperion.load(mlp, path)
+    assert not again._active()[2].prepack_weights
+    np.testing.assert_array_equal(again.run(x)["y"], cm.run(x)["y"])

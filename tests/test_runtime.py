@@ -165,3 +165,17 @@ def test_the_smallest_limit_adaptive_names_can_be_met() -> None:
     assert compiled.stats.peak_bytes <= cap
     with pytest.raises(hyperion.MemoryLimitError):
         hyperion.compile(model, memory_limit=cap - 1)
+
+
+@pytest.mark.parametrize(("limit", "batch"), [(None, 1), ("1.5MB", 1), ("3MB", 8)])
+def test_progress_counts_every_segment_of_every_chunk(limit: str | None, batch: int) -> None:
+    from fixtures import example_feeds, fixture_path
+
+    cm = hyperion.compile(fixture_path("demo"), memory_limit=limit, input_shapes={"image": [batch, 3, 64, 64]})
+    calls: list[tuple[int, int]] = []
+    cm.run(example_feeds("demo", batch=batch), lambda done, total: calls.append((done, total)))
+    chunks = -(-batch // cm.schedule.batch_chunk) if cm.schedule.mode == "streaming" else 1
+    total = len(cm.schedule.segments) * chunks
+    assert calls == [(done, total) for done in range(1, total + 1)]
+    assert (cm.schedule.mode, chunks > 1) == {None: ("normal", False), "1.5MB": ("memory_opt", False),
+                                              "3MB": ("streaming", True)}[limit]
