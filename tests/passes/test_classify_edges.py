@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hyperion.ir import EdgeKind
-from hyperion.passes.classify_edges import ClassifyEdgesPass
+from hyperion.passes.classify_edges import ClassifyEdgesPass, classify_edges
 from tests.conftest import fixture_path
 from tests.passes.helpers import kinds, program_from_model, program_from_text
 
@@ -199,3 +199,20 @@ def test_projection_shortcut_with_generated_weights_is_residual() -> None:
     }}""")
     assert result[("Relu_0", "Mul_5")] == "residual"
     assert [kind for edge, kind in result.items() if edge != ("Relu_0", "Mul_5")] == ["sequential"] * 6
+
+
+def test_reachability_memory_grows_with_the_joins_not_the_square_of_the_nodes() -> None:
+    import tracemalloc
+
+    from fixtures.irregular import transformer
+
+    graph = program_from_model(transformer(300)).graph   # 10,201 nodes, 2 residual joins a layer
+    tracemalloc.start()
+    try:
+        kinds = classify_edges(graph)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(kind is EdgeKind.RESIDUAL for kind in kinds.values()) == 3 * 300 - 1
+    # A bit per node per node would be 10,201^2 bits = 13 MB of sets alone (22.8 MB measured).
+    assert peak < 10 * 2**20
