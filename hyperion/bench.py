@@ -77,7 +77,9 @@ def ort_session(model: Path, prepack_weights: bool = True) -> ort.InferenceSessi
 
 def bench_model(model: Path, limits: Sequence[int | None], *, mode: str = "adaptive",
                 input_shapes: Mapping[str, Sequence[int]] | None = None, repeats: int = 20,
-                measure_rss: bool = True, seed: int = 0) -> list[BenchRow]:
+                measure_rss: bool = True, seed: int = 0, prepack_weights: bool = True) -> list[BenchRow]:
+    """Hyperion under each of ``limits`` next to plain onnxruntime as installed (which
+    pre-packs weights whatever ``prepack_weights`` Hyperion compiles with)."""
     import hyperion
     from hyperion.feeds import input_shapes_of, random_feeds
 
@@ -87,11 +89,12 @@ def bench_model(model: Path, limits: Sequence[int | None], *, mode: str = "adapt
     session = ort_session(model)
     rows = []
     for limit in limits:
-        cm = hyperion.compile(model, memory_limit=limit, mode=mode, input_shapes=shapes)
+        cm = hyperion.compile(model, memory_limit=limit, mode=mode, input_shapes=shapes,
+                              prepack_weights=prepack_weights)
         ort_ms, hyperion_ms = interleaved_latency(lambda: session.run(None, feeds), lambda: cm.run(feeds), repeats)
         ort_rss = hyperion_rss = None
         if measure_rss:
-            ort_rss, hyperion_rss = rss_pair(model, feeds, limit, mode, shapes)
+            ort_rss, hyperion_rss = rss_pair(model, feeds, limit, mode, shapes, prepack_weights)
         rows.append(BenchRow(model.stem, limit, cm.schedule.mode, len(cm.schedule.segments), ort_ms, hyperion_ms,
                              cm.schedule.peak_bytes, ort_rss, hyperion_rss))
     return rows
@@ -99,13 +102,13 @@ def bench_model(model: Path, limits: Sequence[int | None], *, mode: str = "adapt
 
 # -- peak RSS in subprocesses ----------------------------------------------------------
 def rss_pair(model: Path, feeds: Mapping[str, np.ndarray], limit: int | None, mode: str,
-             shapes: Mapping[str, Sequence[int]]) -> tuple[int, int]:
+             shapes: Mapping[str, Sequence[int]], prepack_weights: bool = True) -> tuple[int, int]:
     """(plain onnxruntime, Hyperion) peak RSS above the import-only baseline, in bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
         np.savez(feeds_path, **feeds)
         args = {"model": str(model), "feeds": str(feeds_path), "limit": limit, "mode": mode,
-                "shapes": {k: list(v) for k, v in shapes.items()}}
+                "shapes": {k: list(v) for k, v in shapes.items()}, "prepack_weights": prepack_weights}
         baseline = _child_rss("baseline", args)
         return _child_rss("ort", args) - baseline, _child_rss("hyperion", args) - baseline
 
@@ -140,7 +143,7 @@ def _child(kind: str, args: dict) -> None:
             ort_session(Path(args["model"])).run(None, feeds)
         else:
             cm = hyperion.compile(args["model"], memory_limit=args["limit"], mode=args["mode"],
-                                  input_shapes=args["shapes"])
+                                  input_shapes=args["shapes"], prepack_weights=args["prepack_weights"])
             cm.run(feeds)
     print(peak_rss_bytes())
 

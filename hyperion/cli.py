@@ -50,6 +50,11 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="bind an input's shape, e.g. input_ids=1x128 (repeatable)")
 
 
+def _add_no_prepack(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="sessions use weights unpacked: built faster, outputs differ by float32 rounding")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hyperion", description="Compile ONNX models into explicit "
                                      "schedules and run them under a memory cap.")
@@ -69,8 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, help="write each output as NAME.npy here")
     p.add_argument("--check", action="store_true", help="compare the outputs with plain onnxruntime")
     p.add_argument("--seed", type=int, help="seed for generated inputs (printed when chosen at random)")
-    p.add_argument("--no-prepack", action="store_true",
-                   help="sessions use weights unpacked: built faster, outputs differ by float32 rounding")
+    _add_no_prepack(p)
 
     p = commands.add_parser("inspect", help="show layers, edge kinds, liveness and memory per step")
     p.add_argument("target", type=Path, help="a model or a schedule file")
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    _add_no_prepack(p)
 
     p = commands.add_parser("demo", help="the bundled demo model, end to end")
     p.add_argument("--model", type=Path, help="use another model instead of the bundled one")
@@ -242,7 +247,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     limits = [None, *args.memory_limit]
     rows = bench_model(args.model, limits, mode=args.mode, input_shapes=dict(args.input_shape) or None,
-                       repeats=args.repeats, measure_rss=not args.no_rss)
+                       repeats=args.repeats, measure_rss=not args.no_rss, prepack_weights=not args.no_prepack)
     print(markdown_table(rows))
     return 0
 

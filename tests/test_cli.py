@@ -122,3 +122,14 @@ def test_run_shows_progress_on_a_terminal_only(capsys: pytest.CaptureFixture, mo
     assert main(["run", str(fixture_path("demo")), "--memory-limit", "1.5MB", "--seed", "0"]) == 0
     err = capsys.readouterr().err
     assert ("running demo.onnx" in err and "segment" in err) == terminal
+
+
+@pytest.mark.parametrize(("extra", "capped_mode"), [([], "memory_opt"), (["--no-prepack", "--no-rss"], "normal")])
+def test_bench_prints_a_row_per_cap(capsys: pytest.CaptureFixture, extra: list[str], capped_mode: str) -> None:
+    assert main(["bench", str(fixture_path("mlp")), "--memory-limit", "150KB", "--repeats", "2", *extra]) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| mlp ")]
+    # Unpacked, the plan holds each weight once, not packed beside its original: normal fits.
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("none", "normal"), ("146.5 KiB", capped_mode)]
+    for row in rows:
+        assert float(row[4]) > 0 and float(row[5]) > 0                        # both latencies measured
+        assert (row[8].strip() == "-") == ("--no-rss" in extra)               # RSS only when asked
