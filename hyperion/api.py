@@ -161,7 +161,7 @@ class CompiledModel:
         imported = self._active()[0]
         return optimal_batch_size(imported, self.memory_limit, max_batch_size, mode=self.mode,
                                   input_bytes_per_sample=input_size, output_bytes_per_sample=output_size,
-                                  prefetch=self.prefetch)
+                                  prefetch=self.prefetch, prepack_weights=self.session_config.prepack_weights)
 
     def close(self) -> None:
         """Release every onnxruntime session (and the weights they hold)."""

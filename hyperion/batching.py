@@ -76,7 +76,8 @@ def stream_pinned_bytes(graph: Graph, analysis: BatchSeparability) -> int:
 
 
 def largest_batch(program: Program, analysis: BatchSeparability, memory_limit: int, max_batch_size: int, *,
-                  prefetch: bool = True, fixed_bytes: int = 0, extra_bytes_per_sample: int = 0) -> int:
+                  prefetch: bool = True, fixed_bytes: int = 0, extra_bytes_per_sample: int = 0,
+                  prepack_weights: bool = True) -> int:
     """The largest batch <= ``max_batch_size`` whose plan fits ``memory_limit``; 0 if none does.
 
     ``fixed_bytes`` are held whatever the batch (streaming: the whole batch's
@@ -84,7 +85,7 @@ def largest_batch(program: Program, analysis: BatchSeparability, memory_limit: i
     buffers).
     """
     order = program.order or program.graph.file_order()
-    lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch)
+    lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch, prepack_weights)
     best = max_batch_size
     for fixed, per_sample in lines:
         fixed += fixed_bytes
@@ -97,17 +98,18 @@ def largest_batch(program: Program, analysis: BatchSeparability, memory_limit: i
 
 
 def smallest_limit(program: Program, analysis: BatchSeparability, batch: int, *, prefetch: bool = True,
-                   fixed_bytes: int = 0, extra_bytes_per_sample: int = 0) -> int:
+                   fixed_bytes: int = 0, extra_bytes_per_sample: int = 0, prepack_weights: bool = True) -> int:
     """The smallest cap that admits a plan at ``batch`` samples."""
     order = program.order or program.graph.file_order()
-    lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch)
+    lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch, prepack_weights)
     return max(fixed + fixed_bytes + (per_sample + extra_bytes_per_sample) * batch for fixed, per_sample in lines)
 
 
 def _cost_lines(graph: Graph, order: tuple[str, ...], analysis: BatchSeparability, mode: ExecutionMode,
-                prefetch: bool) -> list[tuple[int, int]]:
+                prefetch: bool, prepack_weights: bool) -> list[tuple[int, int]]:
     """Per step, (fixed, per-sample) bytes of the single-step plan: exact, it is linear."""
-    one, two = (single_step_bytes(g, compute_liveness(g, order), mode, prefetch=prefetch)
+    one, two = (single_step_bytes(g, compute_liveness(g, order), mode, prefetch=prefetch,
+                                  prepack_weights=prepack_weights)
                 for g in (scaled_graph(graph, analysis, 1), scaled_graph(graph, analysis, 2)))
     return [(a - (b - a), b - a) for a, b in zip(one, two)]
 

@@ -152,17 +152,18 @@ def plan_streaming(imported: ImportedModel, memory_limit: int | None, options: S
     chunk = analysis.batch_size
     if memory_limit is not None:
         chunk = largest_batch(whole, analysis, memory_limit, analysis.batch_size, prefetch=options.prefetch,
-                              fixed_bytes=pinned)
+                              fixed_bytes=pinned, prepack_weights=options.prepack_weights)
         if chunk < 1 and options.prefetch:
             options = dataclasses.replace(options, prefetch=False)
             chunk = largest_batch(whole, analysis, memory_limit, analysis.batch_size, prefetch=False,
-                                  fixed_bytes=pinned)
+                                  fixed_bytes=pinned, prepack_weights=options.prepack_weights)
             whole.notes["prefetch_dropped"] = True
         if chunk < 1:
             if analysis.batch_size == 1:
                 raise MemoryLimitError(f"the batch of {imported.source.label} has one sample: nothing to split",
                                        smallest_limit_bytes=whole.segmentation.peak_bytes)
-            needed = smallest_limit(whole, analysis, 1, prefetch=options.prefetch, fixed_bytes=pinned)
+            needed = smallest_limit(whole, analysis, 1, prefetch=options.prefetch, fixed_bytes=pinned,
+                                    prepack_weights=options.prepack_weights)
             raise MemoryLimitError(
                 f"memory_limit {format_size(memory_limit)} ({memory_limit} bytes) cannot be met even one sample "
                 f"at a time: streaming the batch of {analysis.batch_size} needs {needed} bytes "
@@ -175,7 +176,8 @@ def plan_streaming(imported: ImportedModel, memory_limit: int | None, options: S
 
 def optimal_batch_size(imported: ImportedModel, memory_limit: int, max_batch_size: int, *,
                        mode: ExecutionMode = ExecutionMode.MEMORY_OPT, input_bytes_per_sample: int | None = None,
-                       output_bytes_per_sample: int | None = None, prefetch: bool = True) -> int:
+                       output_bytes_per_sample: int | None = None, prefetch: bool = True,
+                       prepack_weights: bool = True) -> int:
     """The largest batch <= ``max_batch_size`` whose plan fits ``memory_limit`` bytes (0: none).
 
     Read off the plan: activations scale with the batch, weights do not. The
@@ -187,11 +189,12 @@ def optimal_batch_size(imported: ImportedModel, memory_limit: int, max_batch_siz
     if max_batch_size < 1:
         raise OptionError(f"max_batch_size: must be at least 1, got {max_batch_size}")
     run_mode = ExecutionMode.NORMAL if mode is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
-    whole = run_passes(imported, run_mode, None, options=SegmentOptions(prefetch=prefetch))
+    options = SegmentOptions(prefetch=prefetch, prepack_weights=prepack_weights)
+    whole = run_passes(imported, run_mode, None, options=options)
     analysis = batch_analysis(imported, whole.order)
     extra = (input_bytes_per_sample or 0) + (output_bytes_per_sample or 0)
     return largest_batch(whole, analysis, memory_limit, max_batch_size, prefetch=prefetch,
-                         extra_bytes_per_sample=extra)
+                         extra_bytes_per_sample=extra, prepack_weights=prepack_weights)
 
 
 def _prefetch_note(program: Program) -> str:

@@ -288,11 +288,11 @@ class _Layout:
 
 
 def single_step_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode, *, prefetch: bool = True,
-                      pinned_bytes: int = 0) -> list[int]:
+                      pinned_bytes: int = 0, prepack_weights: bool = True) -> list[int]:
     """Accounted bytes of every step when each step is its own segment: the
     smallest cap that admits a plan is their maximum."""
     normal = mode is ExecutionMode.NORMAL
-    return _single_steps(_Costs(graph, liveness, normal), prefetch and not normal, pinned_bytes)
+    return _single_steps(_Costs(graph, liveness, normal, prepack_weights), prefetch and not normal, pinned_bytes)
 
 
 def _single_steps(costs: _Costs, prefetch: bool, pinned_bytes: int) -> list[int]:

@@ -197,3 +197,19 @@ def test_unpacked_weights_are_planned_at_their_size_and_run_unpacked(mlp: Path, 
     again = hyperion.load(mlp, path)
     assert not again._active()[2].prepack_weights
     np.testing.assert_array_equal(again.run(x)["y"], cm.run(x)["y"])
+
+
+def test_the_optimal_batch_of_an_unpacked_plan_is_read_off_that_plan(mlp: Path) -> None:
+    cap = 3 * WEIGHT_BYTES
+    sizes = {}
+    for prepack in (True, False):
+        cm = hyperion.compile(mlp, memory_limit=cap, mode="memory_opt", input_shapes={"x": [1, HIDDEN]},
+                              prepack_weights=prepack)
+        sizes[prepack] = best = cm.calculate_optimal_batch_size(max_batch_size=1 << 16)
+        fits = hyperion.compile(mlp, memory_limit=cap, mode="memory_opt", input_shapes={"x": [best, HIDDEN]},
+                                prepack_weights=prepack)
+        assert fits.schedule.peak_bytes <= cap
+        with pytest.raises(hyperion.MemoryLimitError):
+            hyperion.compile(mlp, memory_limit=cap, mode="memory_opt", input_shapes={"x": [best + 1, HIDDEN]},
+                             prepack_weights=prepack)
+    assert sizes[False] > sizes[True] > 0   # unpacked sessions hold less: room for more samples
