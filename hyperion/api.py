@@ -64,7 +64,8 @@ class CompiledModel:
     def _plan_for(self, signature: ShapeSignature) -> tuple[ImportedModel, Schedule, Runtime]:
         if signature not in self._plans:
             log.info("planning for new input shapes %s", dict(signature))
-            self._add_plan(signature, import_model(self._base.source, dict(signature)))
+            self._add_plan(signature, import_model(self._base.source, dict(signature),
+                                                   isolate_symbolic=self.memory_limit is not None))
         return self._plans[signature]
 
     def _active(self) -> tuple[ImportedModel, Schedule, Runtime]:
@@ -208,7 +209,8 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
         prefetch = prepack_weights
     limit = parse_size(memory_limit)
     exec_mode = parse_mode(mode)
-    imported = import_model(load_source(model), input_shapes)
+    # Under a cap, sympy (onnxruntime's symbolic shape inference) must not load here.
+    imported = import_model(load_source(model), input_shapes, isolate_symbolic=limit is not None)
     cache_bytes = None if weight_cache is None else _cache_size(weight_cache)
     config = SessionConfig(enable_cpu_mem_arena=limit is None, whole_model_shortcut=whole_model_shortcut,
                            return_freed_memory=limit is not None, prepack_weights=prepack_weights)
@@ -233,7 +235,7 @@ def load(model: ModelLike, schedule: str | os.PathLike | Schedule, *, prepack_we
         raise ScheduleError(f"{label}: schedule is for another model (sha256 {loaded.model.sha256[:12]}…, "
                             f"{source.label} has {source.sha256[:12]}…); recompile it with hyperion compile")
     shapes = {k: [int(d) for d in v] for k, v in loaded.input_shapes.items() if all(isinstance(d, int) for d in v)}
-    imported = import_model(source, shapes)
+    imported = import_model(source, shapes, isolate_symbolic=loaded.memory_limit is not None)
     mode = ExecutionMode(loaded.requested_mode)
     config = SessionConfig(enable_cpu_mem_arena=loaded.memory_limit is None,
                            return_freed_memory=loaded.memory_limit is not None, prepack_weights=prepack_weights)

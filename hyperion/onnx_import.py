@@ -8,11 +8,9 @@ leaves a tensor unsized (contrib ops, symbolic arithmetic).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from onnx import GraphProto, ModelProto, TensorProto, TypeProto
 
 from hyperion.errors import ModelLoadError, OptionError, ShapeError
 from hyperion.ir import ExternalLocation, Graph, NodeInfo, TensorInfo, TensorRole, tensor_nbytes
+from hyperion.symbolic_shapes import infer_symbolic
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +222,14 @@ def declared_input_shapes(source: ModelSource) -> dict[str, tuple[int | str, ...
     return {i.name: _dims(i.type) for i in source.proto.graph.input if i.name not in weights}
 
 
-def _infer(skeleton: ModelProto, label: str) -> tuple[ModelProto, ModelProto | None]:
+def _infer(skeleton: ModelProto, label: str, isolate_symbolic: bool) -> tuple[ModelProto, ModelProto | None]:
     """(onnx's inference, onnxruntime's symbolic inference where onnx's left tensors unsized).
 
     onnx's result follows the operator specs; onnxruntime's symbolic inference
     sizes more (contrib ops, value-dependent shapes) but can be wrong, e.g. for
     Split lengths computed at run time, so it is only ever an estimate.
+    ``isolate_symbolic`` runs the latter in a child process (see
+    :mod:`hyperion.symbolic_shapes`).
     """
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
@@ -237,21 +238,7 @@ def _infer(skeleton: ModelProto, label: str) -> tuple[ModelProto, ModelProto | N
         inferred = skeleton
     if _all_sized(inferred):
         return inferred, None
-    return inferred, _infer_symbolic(inferred, label)
-
-
-def _infer_symbolic(inferred: ModelProto, label: str) -> ModelProto | None:
-    try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        # On incomplete inference it saves a debug model into the working directory;
-        # run it in a scratch folder so nothing is left behind in the user's.
-        with tempfile.TemporaryDirectory(prefix="hyperion-shapes-") as scratch, contextlib.chdir(scratch):
-            # No auto_merge / rank guessing: both make up dims (a broadcast [1, 1] merged into [3, 4]).
-            return SymbolicShapeInference.infer_shapes(inferred, auto_merge=False, guess_output_rank=False)
-    except Exception as exc:  # a best effort on top of onnx's inference
-        log.info("%s: onnxruntime symbolic shape inference failed: %s", label, exc)
-        return None
+    return inferred, infer_symbolic(inferred, label, isolated=isolate_symbolic)
 
 
 def _value_types(certain: ModelProto, estimated: ModelProto | None,
@@ -355,13 +342,18 @@ def _is_optional_output(node: onnx.NodeProto, index: int, opsets: Mapping[str, i
             and schema.outputs[index].option == onnx.defs.OpSchema.FormalParameterOption.Optional)
 
 
-def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] | None = None) -> ImportedModel:
-    """Build the IR of ``source`` with symbolic input dims bound by ``input_shapes``."""
+def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+                 isolate_symbolic: bool = False) -> ImportedModel:
+    """Build the IR of ``source`` with symbolic input dims bound by ``input_shapes``.
+
+    ``isolate_symbolic``: run onnxruntime's symbolic shape inference, when needed, in a
+    child process, so that sympy never loads here (compiling under a cap does).
+    """
     proto = source.proto
     weights = {t.name: t for t in proto.graph.initializer}
     skeleton = _skeleton(proto)
     bound = _bind_inputs(skeleton, set(weights), input_shapes or {})
-    types, sizing = _value_types(*_infer(skeleton, source.label), proto.graph.output)
+    types, sizing = _value_types(*_infer(skeleton, source.label, isolate_symbolic), proto.graph.output)
 
     node_names = _unique_names(proto.graph.node)
     dropped = unread_unsized_optional_outputs(proto, sizing)

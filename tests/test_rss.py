@@ -14,7 +14,8 @@ import onnx
 import pytest
 
 from fixtures.streaming_mlp import DEFAULT_HIDDEN, build_streaming_mlp, weight_bytes
-from tests.conftest import reference_outputs
+import hyperion
+from tests.conftest import REPO, fixture_path, reference_outputs
 
 CAP_BYTES = 100 * 10**6
 ALLOWANCE_BYTES = 32 * 2**20
@@ -103,3 +104,31 @@ def _float64_reference(model: Path, x: np.ndarray) -> np.ndarray:
         else:
             h = np.maximum(h, 0)
     return h
+
+
+FIXTURE_RUN = _PEAK + """
+import json, sys
+import hyperion
+from fixtures import example_feeds
+name, cap = sys.argv[1], int(sys.argv[2])
+cm = hyperion.compile(f"fixtures/{name}.onnx", memory_limit=cap, mode="memory_opt")
+cm.run(example_feeds(name))
+print(json.dumps({"rss": peak_rss_bytes(), "sympy": "sympy" in sys.modules}))
+"""
+
+
+@pytest.mark.slow
+def test_a_contrib_op_model_under_a_tiny_cap_keeps_sympy_out_of_the_process() -> None:
+    # com.microsoft Attention needs onnxruntime's symbolic shape inference, whose sympy
+    # import alone (about 33 MiB) would exceed the 32 MiB allowance at a cap of a few KiB.
+    name = "seed_attention"
+    with pytest.raises(hyperion.MemoryLimitError) as refused:
+        hyperion.compile(fixture_path(name), memory_limit=1, mode="memory_opt")
+    cap = refused.value.smallest_limit_bytes
+    baseline = int(_python(BASELINE))
+    done = subprocess.run([sys.executable, "-c", FIXTURE_RUN, name, str(cap)], capture_output=True, text=True,
+                          check=False, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not report["sympy"]
+    assert report["rss"] - baseline <= cap + ALLOWANCE_BYTES
