@@ -3,9 +3,9 @@
 It sizes what onnx's inference leaves unsized (contrib ops, value-dependent shapes),
 but it runs on sympy, and importing sympy adds about 33 MiB to the process for good.
 Under a memory cap that is RSS no plan accounts, and more than the 32 MiB allowance
-of the promise, so a capped compile runs it in a child process, which costs about a
-second: ``python -m hyperion.symbolic_shapes`` reads the model from standard input and
-writes the inferred one to standard output.
+of the promise, so a capped compile runs it in a child process: this file, run as a
+script (it imports nothing of Hyperion's, so the child skips the package's imports),
+reads the model from standard input and writes the inferred one to standard output.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def _infer(model: ModelProto) -> ModelProto:
 
 
 def _in_child(model: ModelProto, label: str) -> ModelProto | None:
-    done = subprocess.run([sys.executable, "-m", "hyperion.symbolic_shapes"], input=model.SerializeToString(),
-                          capture_output=True, check=False)
+    done = subprocess.run([sys.executable, __file__], input=model.SerializeToString(), capture_output=True,
+                          check=False)
     if done.returncode != 0:
         reason = (done.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
         log.info("%s: onnxruntime symbolic shape inference failed: %s", label, reason)
