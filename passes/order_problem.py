@@ -64,6 +64,7 @@ class RegionSet:
         self.last_region = [max(region_of[c] for c in readers) for readers in model.tensor_readers]
         self.producer_region = [-1 if p < 0 else region_of[p] for p in model.tensor_producer]
         self.start_bytes, self.base_peaks, self.lower_bounds = self._sweep()
+        self.floating = model.floating()
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -111,7 +112,6 @@ class RegionSet:
                              tuple(model.step_bytes[v] for v in nodes),
                              tuple(model.kept_bytes[v] for v in nodes), tuple(frees), self.lower_bounds[r])
 
-
     def _pin_floating(self, nodes: Sequence[int], local: dict[int, int], preds: list[int],
                       succs: list[tuple[int, ...]]) -> None:
         """Make each floating node with one reader wait for that reader's other producers.
@@ -122,8 +122,7 @@ class RegionSet:
         state expands all of them (ordering a 446-node network with generated weights
         spent 27 million expansions).
         """
-        model = self.model
-        floating = model.floating()
+        model, floating = self.model, self.floating
         floating_bits = sum(1 << i for i, v in enumerate(nodes) if floating[v])
         for i, v in enumerate(nodes):
             if not floating[v] or len(model.succs[v]) != 1 or model.succs[v][0] not in local:
