@@ -27,6 +27,7 @@ from fixtures.irregular import NODES_PER_LAYER, transformer  # noqa: E402
 from hyperion.ir import ExecutionMode  # noqa: E402
 from hyperion.onnx_import import ImportedModel, import_model, load_source  # noqa: E402
 from hyperion.planner import run_passes  # noqa: E402
+from hyperion.report import markdown_table  # noqa: E402
 
 TARGET_SECONDS = 3.0
 TARGET_RATIO = 15.0
@@ -72,13 +73,11 @@ def measure(nodes: int, mode: ExecutionMode, repeats: int) -> dict[str, object]:
 
 
 def table(rows: list[dict[str, object]]) -> str:
-    lines = ["| nodes | mode | import s | all passes s | " + " | ".join(f"{p} ms" for p in PASSES) + " |",
-             "|---|---|---|---|" + "---|" * len(PASSES)]
-    for row in rows:
-        per_pass = row["per_pass"]
-        cells = " | ".join(f"{per_pass.get(p, float('nan')):.0f}" for p in PASSES)  # type: ignore[union-attr]
-        lines.append(f"| {row['nodes']} | {row['mode']} | {row['import_s']:.2f} | {row['total_s']:.2f} | {cells} |")
-    return "\n".join(lines)
+    header = ("nodes", "mode", "import s", "all passes s", *(f"{p} ms" for p in PASSES))
+    return markdown_table(header, (
+        (row["nodes"], row["mode"], f"{row['import_s']:.2f}", f"{row['total_s']:.2f}",
+         *(f"{row['per_pass'].get(p, float('nan')):.0f}" for p in PASSES))  # type: ignore[union-attr]
+        for row in rows))
 
 
 def main() -> int:

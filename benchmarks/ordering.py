@@ -49,6 +49,7 @@ from hyperion.passes.liveness import compute_liveness  # noqa: E402
 from hyperion.passes.order import plan_order  # noqa: E402
 from hyperion.passes.order_model import build_step_model  # noqa: E402
 from hyperion.passes.order_regions import SearchBudget, decompose  # noqa: E402
+from hyperion.report import markdown_table  # noqa: E402
 from hyperion.passes.plan_memory import plan_memory  # noqa: E402
 from hyperion.units import format_size  # noqa: E402
 
@@ -109,19 +110,21 @@ def _size(value: int | None) -> str:
     return "—" if value is None else format_size(value)
 
 
+HEADER = ("model", "nodes", "regions", "file order", "Hyperion", "saved", "optimum", "arena", "live peak",
+          "normal peak", "onnxruntime RSS", "Hyperion RSS", "order ms")
+
+
 def table(rows: list[Row]) -> str:
-    lines = ["| model | nodes | regions | file order | Hyperion | saved | optimum | arena | live peak "
-             "| normal peak | onnxruntime RSS | Hyperion RSS | order ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        optimum = _size(r.optimum) if r.optimum is not None else (
-            f"({_size(r.optimum_large)})" if r.optimum_large is not None else "—")
-        saved = 1 - r.hyperion_peak / r.file_peak if r.file_peak else 0.0
-        lines.append(f"| {r.model} | {r.nodes} | {r.regions} | {_size(r.file_peak)} | {_size(r.hyperion_peak)} "
-                     f"| {saved:.1%} | {optimum} | {_size(r.arena)} | {_size(r.live_peak)} "
-                     f"| {_size(r.normal_peak)} | {_size(r.ort_rss)} | {_size(r.hyperion_rss)} "
-                     f"| {r.order_ms:.0f} |")
-    return "\n".join(lines)
+    return markdown_table(HEADER, (_cells(r) for r in rows))
+
+
+def _cells(r: Row) -> tuple[object, ...]:
+    optimum = _size(r.optimum) if r.optimum is not None else (
+        f"({_size(r.optimum_large)})" if r.optimum_large is not None else "—")
+    saved = 1 - r.hyperion_peak / r.file_peak if r.file_peak else 0.0
+    return (r.model, r.nodes, r.regions, _size(r.file_peak), _size(r.hyperion_peak), f"{saved:.1%}", optimum,
+            _size(r.arena), _size(r.live_peak), _size(r.normal_peak), _size(r.ort_rss), _size(r.hyperion_rss),
+            f"{r.order_ms:.0f}")
 
 
 def main() -> int:

@@ -200,7 +200,7 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
     packing a copy of every MatMul/Gemm weight when a session is created:
     memory_opt sessions are then built about 15x faster and hold less, at the
     price of outputs that differ from plain onnxruntime's by float32 rounding
-    (they are as close to the exact result). ``prefetch`` builds the next
+    (within twice its own error against float64, tested). ``prefetch`` builds the next
     segment's session while the current one computes (both are accounted);
     ``None``: only when weights are packed, since an unpacked session is built
     in about 2 ms and the double buffer would only take cap. See docs/memory.md.

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from hyperion import report
 from hyperion.units import format_size
 
 
@@ -153,15 +154,15 @@ def _size(value: int | None) -> str:
     return "-" if value is None else format_size(value)
 
 
+BENCH_HEADER = ("model", "cap", "mode", "segments", "onnxruntime ms", "hyperion ms", "ratio", "accounted peak",
+                "onnxruntime RSS", "hyperion RSS")
+
+
 def markdown_table(rows: Sequence[BenchRow]) -> str:
-    lines = ["| model | cap | mode | segments | onnxruntime ms | hyperion ms | ratio | accounted peak "
-             "| onnxruntime RSS | hyperion RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r.model} | {_size(r.memory_limit) if r.memory_limit else 'none'} | {r.mode} | "
-                     f"{r.segments} | {r.ort_ms:.3f} | {r.hyperion_ms:.3f} | {r.latency_ratio:.2f}x | "
-                     f"{_size(r.accounted_peak_bytes)} | {_size(r.ort_rss_bytes)} | {_size(r.hyperion_rss_bytes)} |")
-    return "\n".join(lines)
+    return report.markdown_table(BENCH_HEADER, (
+        (r.model, _size(r.memory_limit) if r.memory_limit else "none", r.mode, r.segments, f"{r.ort_ms:.3f}",
+         f"{r.hyperion_ms:.3f}", f"{r.latency_ratio:.2f}x", _size(r.accounted_peak_bytes), _size(r.ort_rss_bytes),
+         _size(r.hyperion_rss_bytes)) for r in rows))
 
 
 if __name__ == "__main__":

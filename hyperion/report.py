@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from hyperion.schedule import Schedule
 from hyperion.units import format_size
@@ -26,6 +26,13 @@ def summary(schedule: Schedule) -> str:
     ]
     if schedule.batch_chunk:
         lines.append(f"batch chunk  {schedule.batch_chunk}")
+    return "\n".join(lines)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A Markdown table: the benchmarks print theirs with it, for docs/."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

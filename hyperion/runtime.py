@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -99,7 +99,6 @@ class Runtime:
         self._cyclic = bool(extra.get("cyclic_prefetch", False))
         self.pool = SessionPool(_weak_builder(self), frozenset(keep), bool(extra.get("prefetch", False)))
         self._whole_model_ms: float | None = None
-        self._progress: Callable[[int], None] | None = None
         self.stats = RunStats(mode=schedule.mode)
         # Inputs no segment reads and no output returns are not held: the plan does not count them.
         self._held_feeds = frozenset(n for seg in schedule.segments for n in seg.inputs) | set(schedule.graph_outputs)
@@ -195,14 +194,11 @@ class Runtime:
     @property
     def segment_runs(self) -> int:
         """Segments a run goes through: every segment once per chunk."""
-        chunk, total = self.schedule.batch_chunk, self.schedule.extra.get("batch_size")
-        chunks = -(-total // chunk) if self.schedule.mode == "streaming" and chunk and total else 1
-        return len(self.schedule.segments) * chunks
+        return len(self.schedule.segments) * len(self._chunk_starts())
 
     def run(self, feeds: Mapping[str, np.ndarray], progress: Callable[[int], None] | None = None
             ) -> dict[str, np.ndarray]:
         """Run the schedule; ``progress(1)`` is called after every segment (``segment_runs`` a run)."""
-        self._progress = progress
         if self._is_whole_model:
             # The fast path: onnxruntime checks the feeds itself; Hyperion only explains a failure.
             session = self.session(self.schedule.segments[0])
@@ -224,7 +220,7 @@ class Runtime:
         held_peak, chunks = 0, 0
         outputs: dict[str, np.ndarray] = {}
         for start, part in self._chunks(checked):
-            result, held = self._run_segments(part, segment_ms)
+            result, held = self._run_segments(part, segment_ms, progress)
             held_peak, chunks = max(held_peak, held), chunks + 1
             if start is None:
                 outputs = result
@@ -238,17 +234,23 @@ class Runtime:
                               segment_ms, 1e3 * (time.perf_counter() - started), chunks, self.pool.reset_times())
         return outputs
 
-    def _chunks(self, feeds: dict[str, np.ndarray]) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
-        """(first sample, feeds) per chunk of a streaming schedule; (None, feeds) otherwise."""
+    def _chunk_starts(self) -> Sequence[int | None]:
+        """The first sample of every chunk of a streaming schedule; [None]: the batch is whole."""
         chunk, total = self.schedule.batch_chunk, self.schedule.extra.get("batch_size")
         if self.schedule.mode != "streaming" or not chunk or total is None:
-            yield None, feeds
-            return
-        batched = set(self.schedule.extra.get("batched_inputs", ()))
-        for start in range(0, total, chunk):  # slices along axis 0 are views: no copies of the inputs
-            yield start, {n: v[start:start + chunk] if n in batched else v for n, v in feeds.items()}
+            return [None]
+        return range(0, total, chunk)
 
-    def _run_segments(self, env: dict[str, np.ndarray], segment_ms: list[float]) -> tuple[dict[str, np.ndarray], int]:
+    def _chunks(self, feeds: dict[str, np.ndarray]) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
+        """(first sample, feeds) per chunk of a streaming schedule; (None, feeds) otherwise."""
+        chunk = self.schedule.batch_chunk
+        batched = set(self.schedule.extra.get("batched_inputs", ()))
+        for start in self._chunk_starts():  # slices along axis 0 are views: no copies of the inputs
+            yield start, feeds if start is None else {n: v[start:start + chunk] if n in batched else v
+                                                      for n, v in feeds.items()}
+
+    def _run_segments(self, env: dict[str, np.ndarray], segment_ms: list[float],
+                      progress: Callable[[int], None] | None) -> tuple[dict[str, np.ndarray], int]:
         """Every segment once, in order; the graph outputs and the most bytes held between segments."""
         env = {name: value for name, value in env.items() if name in self._held_feeds}
         held_peak = 0
@@ -261,8 +263,8 @@ class Runtime:
             for name in frees:
                 env.pop(name, None)
             segment_ms[segment.index] += 1e3 * (time.perf_counter() - t0)
-            if self._progress is not None:
-                self._progress(1)
+            if progress is not None:
+                progress(1)
         return {name: env[name] if name in env else self.weights.read(name)
                 for name in self.schedule.graph_outputs}, held_peak
 

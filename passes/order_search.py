@@ -37,18 +37,22 @@ _Level = dict[int | bytes, tuple[int, int, int, int, int]]
 _StateKey = Callable[[int], int | bytes]
 
 
-def state_key(size: int) -> _StateKey:
-    """How states of a region of ``size`` nodes are keyed in dicts.
+def state_key(size: int) -> _StateKey | None:
+    """How states of a region of ``size`` nodes are keyed in dicts; None: by the state itself.
 
     Python hashes an int modulo 2**61 - 1, so the sets {k} and {k + 61} hash alike; sets of
     a wide region differ in exactly such bits, and dict lookups of bitmask states degraded
-    to 8 us each (a 446-node network took 290 s to order). Past 61 nodes the key is the
-    state's bytes, which hash uniformly.
+    to about 8 us each (profiled; compiling a 446-node network under a cap took over four
+    minutes). Past 61 nodes the key is the state's bytes, which hash uniformly.
     """
     if size <= 61:
-        return int
+        return None
     width = (size + 7) // 8
     return lambda state: state.to_bytes(width, "little")
+
+
+def _keyed(key: _StateKey | None, state: int) -> int | bytes:
+    return state if key is None else key(state)
 
 
 def frontier_search(problem: RegionProblem, bound: int, *, max_states: int | None = None,
@@ -56,7 +60,7 @@ def frontier_search(problem: RegionProblem, bound: int, *, max_states: int | Non
     """The lowest-peak order of ``problem`` peaking below ``bound`` (see the module docstring)."""
     ready = sum(1 << i for i in range(problem.size) if problem.preds[i] == 0)
     key = state_key(problem.size)
-    level: _Level = {key(0): (0, problem.start_bytes, ready, -1, 0)}
+    level: _Level = {_keyed(key, 0): (0, problem.start_bytes, ready, -1, 0)}
     trail: list[dict[int | bytes, int]] = []  # per level: key -> node run last (the parent is state - bit)
     states, complete = 0, True
     for _ in range(problem.size):
@@ -70,11 +74,11 @@ def frontier_search(problem: RegionProblem, bound: int, *, max_states: int | Non
         if max_states is not None and states > max_states:
             return SearchOutcome(None, None, False, states)
         trail.append({k: entry[3] for k, entry in level.items()})
-    final = level[key((1 << problem.size) - 1)]
+    final = level[_keyed(key, (1 << problem.size) - 1)]
     return SearchOutcome(_walk_back(trail, key), final[0], complete, states)
 
 
-def _expand(problem: RegionProblem, level: _Level, bound: int, key: _StateKey) -> _Level:
+def _expand(problem: RegionProblem, level: _Level, bound: int, key: _StateKey | None) -> _Level:
     step_bytes, kept_bytes, frees = problem.step_bytes, problem.kept_bytes, problem.frees
     preds, succs = problem.preds, problem.succs
     may_be_free = sum(1 << v for v in range(problem.size) if kept_bytes[v] <= problem.max_freed[v])
@@ -90,7 +94,7 @@ def _expand(problem: RegionProblem, level: _Level, bound: int, key: _StateKey) -
             if new_peak >= bound:
                 continue
             after = done | bit
-            after_key = key(after)
+            after_key = after if key is None else key(after)  # inlined: the hot loop
             known = following.get(after_key)
             if known is not None:
                 if known[0] > new_peak:  # same set, so same resident bytes and ready nodes
@@ -133,11 +137,11 @@ def _free_move(problem: RegionProblem, done: int, peak: int, resident: int, cand
     return 0
 
 
-def _walk_back(trail: list[dict[int | bytes, int]], key: _StateKey) -> tuple[int, ...]:
+def _walk_back(trail: list[dict[int | bytes, int]], key: _StateKey | None) -> tuple[int, ...]:
     order: list[int] = []
     state = (1 << len(trail)) - 1
     for level in reversed(trail):
-        v = level[key(state)]
+        v = level[_keyed(key, state)]
         order.append(v)
         state ^= 1 << v
     return tuple(reversed(order))

@@ -19,6 +19,20 @@ from fixtures import FIXTURE_NAMES, example_feeds, fixture_path  # noqa: E402
 # float32 outputs must match plain onnxruntime to these tolerances; integers exactly.
 RTOL, ATOL = 1e-5, 1e-6
 
+# x / mean(x * x) over axes computed at run time: mean keeps both dims as [1, 1], a shape
+# only a guess could make [3, 4] (onnxruntime's symbolic inference merged it so once).
+RUNTIME_AXES_MEAN = '''<ir_version: 8, opset_import: ["" : 18]>
+g (float[3,4] x) => (float[3,4] y) {
+    shape = Shape (x)
+    rank = Size (shape)
+    zero = Constant <value = int64 {0}> ()
+    one = Constant <value = int64 {1}> ()
+    axes = Range (zero, rank, one)
+    squared = Mul (x, x)
+    mean = ReduceMean (squared, axes)
+    y = Div (x, mean)
+}'''
+
 
 def reference_outputs(model: str | Path | bytes, feeds: Mapping[str, np.ndarray],
                       prepack_weights: bool = True) -> dict[str, np.ndarray]:

@@ -11,7 +11,7 @@ import pytest
 import hyperion
 from hyperion.ir import TensorRole
 from hyperion.onnx_import import import_model, load_source
-from tests.conftest import fixture_path
+from tests.conftest import RUNTIME_AXES_MEAN, fixture_path
 
 
 def test_tensor_table_roles_sizes_producers_consumers() -> None:
@@ -128,17 +128,7 @@ def test_shapes_from_onnxruntime_estimates_size_the_plan_but_are_not_declared() 
 def test_broadcast_partners_are_not_merged_into_one_shape() -> None:
     # mean is [1, 1] (ReduceMean over every axis, keepdims); merging it with x's dims
     # in Div(x, mean) gave [3, 4], a size that was never true.
-    model = onnx.parser.parse_model('''<ir_version: 8, opset_import: ["" : 18]>
-    g (float[3,4] x) => (float[3,4] y) {
-        shape = Shape (x)
-        rank = Size (shape)
-        zero = Constant <value = int64 {0}> ()
-        one = Constant <value = int64 {1}> ()
-        axes = Range (zero, rank, one)
-        squared = Mul (x, x)
-        mean = ReduceMean (squared, axes)
-        y = Div (x, mean)
-    }''')
+    model = onnx.parser.parse_model(RUNTIME_AXES_MEAN)
     graph = import_model(load_source(model)).graph
     assert graph.tensors["mean"].shape != (3, 4)
     assert graph.tensors["mean"].nbytes is None

@@ -83,7 +83,7 @@ def test_peak_rss_stays_under_the_cap_for_a_model_four_times_larger(big_model: P
     # Unpacked, each GEMM sums in another order than plain onnxruntime's default: the
     # outputs are those of onnxruntime running the same unpacked kernels.
     np.testing.assert_array_equal(ours, reference_outputs(big_model, {"x": x}, prepack_weights=prepack)["y"])
-    if not prepack:  # ... and as close to the exact result as onnxruntime's default
+    if not prepack:  # ... and within twice the error of onnxruntime's default against float64
         exact = _float64_reference(big_model, x)
         packed = reference_outputs(big_model, {"x": x})["y"]
         assert np.abs(ours - exact).max() <= 2 * np.abs(packed - exact).max()

@@ -21,7 +21,7 @@ import pytest
 import hyperion
 from hyperion.onnx_import import load_source
 from hyperion.segment_model import inlined_constants, nodes_by_name
-from tests.conftest import assert_outputs_equal
+from tests.conftest import RUNTIME_AXES_MEAN, assert_outputs_equal
 
 
 def _per_node(text: str) -> tuple[onnx.ModelProto, hyperion.CompiledModel]:
@@ -88,17 +88,7 @@ def test_sequence_and_optional_inputs_are_fed_as_they_are() -> None:
 def test_shapes_onnx_cannot_infer_are_not_declared_to_onnxruntime() -> None:
     # ReduceMean over axes computed at run time keeps both dims ([1, 1]); a guessed
     # [3, 4] declared on the next segment's input made onnxruntime reject the feed.
-    model, compiled = _per_node("""<ir_version: 8, opset_import: ["" : 18]>
-        g (float[3,4] x) => (float[3,4] y) {
-            shape = Shape (x)
-            rank = Size (shape)
-            zero = Constant <value = int64 {0}> ()
-            one = Constant <value = int64 {1}> ()
-            axes = Range (zero, rank, one)
-            squared = Mul (x, x)
-            mean = ReduceMean (squared, axes)
-            y = Div (x, mean)
-        }""")
+    model, compiled = _per_node(RUNTIME_AXES_MEAN)
     feeds = {"x": np.arange(12, dtype=np.float32).reshape(3, 4)}
     assert_outputs_equal(compiled.run(feeds), _onnxruntime(model, feeds))
 

@@ -209,10 +209,10 @@ def test_reachability_memory_grows_with_the_joins_not_the_square_of_the_nodes() 
     graph = program_from_model(transformer(300)).graph   # 10,201 nodes, 2 residual joins a layer
     tracemalloc.start()
     try:
-        kinds = classify_edges(graph)
+        result = classify_edges(graph)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert sum(kind is EdgeKind.RESIDUAL for kind in kinds.values()) == 3 * 300 - 1
+    assert sum(kind is EdgeKind.RESIDUAL for kind in result.values()) == 3 * 300 - 1
     # A bit per node per node would be 10,201^2 bits = 13 MB of sets alone (22.8 MB measured).
     assert peak < 10 * 2**20
