@@ -20,8 +20,8 @@ sys.path.insert(0, str(REPO))
 
 import hyperion  # noqa: E402
 from fixtures import FIXTURE_NAMES, fixture_path  # noqa: E402
-from hyperion.bench import bench_model, markdown_table  # noqa: E402
-from hyperion.feeds import input_shapes_of  # noqa: E402
+from hyperion.tools.bench import bench_model, markdown_table  # noqa: E402
+from hyperion.tools.feeds import input_shapes_of  # noqa: E402
 
 
 def half_peak_cap(model: Path, shapes: dict[str, tuple[int, ...]]) -> int:

@@ -16,7 +16,7 @@ step's own weights, the order pass's objective):
   with a process that holds the whole model;
 * onnxruntime RSS / Hyperion RSS: peak RSS of a fresh process that loads and runs the
   model (plain onnxruntime; Hyperion compile + run, no cap) minus that of a process that
-  only imports them, read from Linux's VmHWM (``hyperion.bench.rss_pair``): a child's
+  only imports them, read from Linux's VmHWM (``hyperion.tools.bench.rss_pair``): a child's
   ``ru_maxrss`` inherits the parent's peak across exec, so it would report this process.
 
     python benchmarks/ordering.py
@@ -41,16 +41,16 @@ import onnx  # noqa: E402
 
 from fixtures import FIXTURE_NAMES, example_feeds, fixture_path  # noqa: E402
 from fixtures.irregular import inception, random_wired, unet  # noqa: E402
-from hyperion.bench import rss_pair  # noqa: E402
-from hyperion.feeds import input_shapes_of, random_feeds  # noqa: E402
+from hyperion.tools.bench import rss_pair  # noqa: E402
+from hyperion.tools.feeds import input_shapes_of, random_feeds  # noqa: E402
 from hyperion.ir import ExecutionMode  # noqa: E402
-from hyperion.onnx_import import import_model, load_source  # noqa: E402
+from hyperion.frontend import import_model, load_source  # noqa: E402
 from hyperion.passes.liveness import compute_liveness  # noqa: E402
-from hyperion.passes.order import plan_order  # noqa: E402
-from hyperion.passes.order_model import build_step_model  # noqa: E402
-from hyperion.passes.order_regions import SearchBudget, decompose  # noqa: E402
-from hyperion.report import markdown_table  # noqa: E402
-from hyperion.passes.plan_memory import plan_memory  # noqa: E402
+from hyperion.passes.ordering.order import plan_order  # noqa: E402
+from hyperion.passes.ordering.model import build_step_model  # noqa: E402
+from hyperion.passes.ordering.regions import SearchBudget, decompose  # noqa: E402
+from hyperion.tools.report import markdown_table  # noqa: E402
+from hyperion.passes.memory.plan_memory import plan_memory  # noqa: E402
 from hyperion.units import format_size  # noqa: E402
 
 SPATIAL = 64

@@ -11,7 +11,7 @@ import numpy as np
 
 from hyperion.errors import FeedError, OptionError, ScheduleError
 from hyperion.ir import ExecutionMode, Graph
-from hyperion.onnx_import import (ImportedModel, ModelLike, declared_input_shapes, import_model, load_source,
+from hyperion.frontend import (ImportedModel, ModelLike, declared_input_shapes, import_model, load_source,
                                   require_bound, unbound_dims)
 from hyperion.planner import optimal_batch_size, parse_mode, plan
 from hyperion.runtime import RunStats, Runtime, SessionConfig

@@ -17,6 +17,10 @@ import networkx as nx
 
 from hyperion.errors import PassError
 
+# Tensors up to this size are "small": shape-like constants whose values the IR
+# carries, that shape inference keeps in its skeleton, and that segment models
+# recompute instead of taking as inputs. Larger ones are data, never read at import.
+SMALL_TENSOR_BYTES = 4096
 
 class TensorRole(str, enum.Enum):
     INPUT = "input"

@@ -6,7 +6,7 @@ Rules:
   asks for smaller ones, e.g. one node per segment);
 * a segment holds its inputs until it returns: a tensor defined before the
   segment and last read inside it stays accounted until the segment's last step;
-* a session holds its weights as :mod:`hyperion.session_costs` says: packed
+* a session holds its weights as :mod:`hyperion.passes.memory.costs` says: packed
   copies for pre-packed weights, the plain bytes for the others; while it is
   being created it also holds the original of the weight being packed. With
   ``prepack_weights=False`` sessions pack nothing: every weight is held at its
@@ -43,7 +43,7 @@ from hyperion.errors import MemoryLimitError
 from hyperion.ir import ExecutionMode, Graph, Program
 from hyperion.passes import Pass, PassResult, require
 from hyperion.passes.liveness import Liveness, activation_live_bytes
-from hyperion.session_costs import SESSION_OVERHEAD_BYTES, resident_bytes
+from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, resident_bytes
 from hyperion.units import format_size
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hyperion.cli import main
+from hyperion.tools.cli import main
 from tests.conftest import fixture_path
 
 
@@ -87,7 +87,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hyperion.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hyperion.tools.cli", *args], capture_output=True, text=True,
                           check=False)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import hyperion
 from hyperion.ir import TensorRole
-from hyperion.onnx_import import import_model, load_source
+from hyperion.frontend import import_model, load_source
 from tests.conftest import RUNTIME_AXES_MEAN, fixture_path
 
 

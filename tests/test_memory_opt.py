@@ -14,8 +14,8 @@ import pytest
 
 import hyperion
 from fixtures.streaming_mlp import build_streaming_mlp
-from hyperion.onnx_import import load_source
-from hyperion.session_costs import SESSION_OVERHEAD_BYTES
+from hyperion.frontend import load_source
+from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES
 from tests.conftest import reference_outputs
 
 HIDDEN, LAYERS = 256, 6

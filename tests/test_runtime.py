@@ -19,8 +19,8 @@ import onnxruntime as ort
 import pytest
 
 import hyperion
-from hyperion.onnx_import import load_source
-from hyperion.segment_model import inlined_constants, nodes_by_name
+from hyperion.frontend import load_source
+from hyperion.runtime.segment_model import inlined_constants, nodes_by_name
 from tests.conftest import RUNTIME_AXES_MEAN, assert_outputs_equal
 
 

@@ -10,9 +10,9 @@ import onnx
 import pytest
 
 import hyperion
-from hyperion.batching import SegmentOptions, batch_analysis, smallest_limit, stream_pinned_bytes
+from hyperion.planner.streaming import SegmentOptions, batch_analysis, smallest_limit, stream_pinned_bytes
 from hyperion.ir import ExecutionMode
-from hyperion.onnx_import import import_model, load_source
+from hyperion.frontend import import_model, load_source
 from hyperion.planner import optimal_batch_size, run_passes
 from tests.conftest import assert_outputs_equal, example_feeds, fixture_path, reference_outputs
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from hyperion.api import CompiledModel
 from hyperion.errors import FeedError
-from hyperion.onnx_import import ImportedModel
+from hyperion.frontend import ImportedModel
 from hyperion.planner import plan
 from hyperion.runtime import Runtime, SessionConfig
 from hyperion.schedule import Schedule

@@ -18,8 +18,8 @@ from hyperion.errors import MemoryLimitError, SchedulerError, SchedulerMemoryErr
 from hyperion.ir import ExecutionMode, Graph, NodeInfo, Program, TensorInfo, TensorRole
 from hyperion.passes import PassManager
 from hyperion.passes.liveness import LivenessPass
-from hyperion.passes.order import OrderPass
-from hyperion.passes.plan_memory import PlanMemoryPass
+from hyperion.passes.ordering.order import OrderPass
+from hyperion.passes.memory.plan_memory import PlanMemoryPass
 from hyperion.passes.segment import SegmentPass
 from hyperion.seed.plan import LayerPlan, layer_plan
 from hyperion.seed.types import DependencyType

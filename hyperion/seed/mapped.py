@@ -10,7 +10,7 @@ from types import TracebackType
 from hyperion.api import CompiledModel
 from hyperion.errors import SchedulerError
 from hyperion.ir import ExecutionMode
-from hyperion.onnx_import import ImportedModel, ModelLike, import_model, load_source
+from hyperion.frontend import ImportedModel, ModelLike, import_model, load_source
 from hyperion.seed.types import MmapConfig, default_mmap_config
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from hyperion.errors import SchedulerError
 from hyperion.ir import Edge, EdgeKind, Graph
-from hyperion.onnx_import import ImportedModel
+from hyperion.frontend import ImportedModel
 from hyperion.passes.liveness import activation_live_bytes, compute_liveness
 from hyperion.schedule import Schedule
 from hyperion.seed.types import Dependency, DependencyType

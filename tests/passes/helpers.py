@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 from hyperion.ir import Program
-from hyperion.onnx_import import import_model, load_source
+from hyperion.frontend import import_model, load_source
 
 
 def program_from_text(text: str) -> Program:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from hyperion.batching import batch_analysis
+from hyperion.planner.streaming import batch_analysis
 from hyperion.errors import UnsupportedModelError
 from hyperion.ir import Program
-from hyperion.onnx_import import import_model, load_source
-from hyperion.passes.batch_separable import BatchSeparability, BatchSeparablePass, BatchState, constant_values
-from hyperion.segment_model import nodes_by_name
+from hyperion.frontend import import_model, load_source
+from hyperion.passes.batch.separable import BatchSeparability, BatchSeparablePass, BatchState, constant_values
+from hyperion.runtime.segment_model import nodes_by_name
 from tests.conftest import fixture_path
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'

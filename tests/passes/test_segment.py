@@ -12,7 +12,7 @@ from hyperion.errors import MemoryLimitError
 from hyperion.ir import ExecutionMode, Program
 from hyperion.passes.liveness import Liveness, compute_liveness
 from hyperion.passes.segment import SegmentPass, segment
-from hyperion.session_costs import SESSION_OVERHEAD_BYTES, loading_bytes, packed_bytes, resident_bytes
+from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, loading_bytes, packed_bytes, resident_bytes
 from tests.passes.helpers import program_from_model
 
 ROW_BYTES = 64 * 4   # one activation row of the chains below

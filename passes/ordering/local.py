@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hyperion.passes.order_problem import RegionProblem, resident_after, step_costs
-from hyperion.passes.order_search import frontier_search
+from hyperion.passes.ordering.problem import RegionProblem, resident_after, step_costs
+from hyperion.passes.ordering.search import frontier_search
 
 # Window sizes tried in turn: small windows are cheap, larger ones escape their local optima.
 WINDOWS = (12, 16, 24, 32, 48)

@@ -14,15 +14,15 @@ import logging
 import dataclasses
 from typing import Any
 
-from hyperion.batching import (SegmentOptions, batch_analysis, chunk_program, largest_batch, per_sample_bytes,
+from hyperion.planner.streaming import (SegmentOptions, batch_analysis, chunk_program, largest_batch, per_sample_bytes,
                                smallest_limit, stream_pinned_bytes)
 from hyperion.errors import MemoryLimitError, OptionError, ShapeError, UnsupportedModelError
 from hyperion.ir import ExecutionMode, Program, TensorRole
-from hyperion.onnx_import import ImportedModel
+from hyperion.frontend import ImportedModel
 from hyperion.passes import PassManager, default_passes
-from hyperion.passes.batch_separable import refusal_message
+from hyperion.passes.batch.separable import refusal_message
 from hyperion.passes.liveness import Liveness
-from hyperion.passes.plan_memory import MemoryPlan
+from hyperion.passes.memory.plan_memory import MemoryPlan
 from hyperion.passes.segment import SegmentPass, Segmentation
 from hyperion.schedule import EdgeRecord, ModelRef, Schedule, Segment, Step, TensorRecord
 from hyperion.units import format_size

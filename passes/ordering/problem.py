@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from hyperion.passes.order_model import StepModel
+from hyperion.passes.ordering.model import StepModel
 
 Frees = tuple[tuple[int, int], ...]  # (bytes, bitmask of the tensor's other readers in the region)
 

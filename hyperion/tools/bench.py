@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from hyperion import report
+from hyperion.tools import report
 from hyperion.units import format_size
 
 
@@ -82,7 +82,7 @@ def bench_model(model: Path, limits: Sequence[int | None], *, mode: str = "adapt
     """Hyperion under each of ``limits`` next to plain onnxruntime as installed (which
     pre-packs weights whatever ``prepack_weights`` Hyperion compiles with)."""
     import hyperion
-    from hyperion.feeds import input_shapes_of, random_feeds
+    from hyperion.tools.feeds import input_shapes_of, random_feeds
 
     probe = hyperion.compile(model, input_shapes=input_shapes)
     shapes = input_shapes_of(probe.base_ir, input_shapes)
@@ -116,7 +116,7 @@ def rss_pair(model: Path, feeds: Mapping[str, np.ndarray], limit: int | None, mo
 
 def _child_rss(kind: str, args: dict) -> int:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "hyperion.bench", kind, json.dumps(args)],
+    done = subprocess.run([sys.executable, "-m", "hyperion.tools.bench", kind, json.dumps(args)],
                           capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} measurement failed: {done.stderr.strip().splitlines()[-1:]}")

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hyperion.passes.order_local import improve_locally
-from hyperion.passes.order_model import StepModel
-from hyperion.passes.order_problem import RegionProblem, RegionSet
-from hyperion.passes.order_search import SearchOutcome, frontier_search
+from hyperion.passes.ordering.local import improve_locally
+from hyperion.passes.ordering.model import StepModel
+from hyperion.passes.ordering.problem import RegionProblem, RegionSet
+from hyperion.passes.ordering.search import SearchOutcome, frontier_search
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, TypeProto
 
-from hyperion.onnx_import import ModelSource, _unique_names
+from hyperion.frontend.build import unique_node_names
+from hyperion.frontend.source import ModelSource
 from hyperion.schedule import Schedule, Segment
 
 MIN_IR_VERSION = 4  # initializers need not be graph inputs from IR v4 on
@@ -27,7 +28,7 @@ MAX_INLINED_CONSTANT_BYTES = 4096
 
 
 def nodes_by_name(source: ModelSource) -> dict[str, NodeProto]:
-    return dict(zip(_unique_names(source.proto.graph.node), source.proto.graph.node))
+    return dict(zip(unique_node_names(source.proto.graph.node), source.proto.graph.node))
 
 
 def build_segment_model(source: ModelSource, schedule: Schedule, segment: Segment,

@@ -49,7 +49,7 @@ from onnx import NodeProto
 from hyperion.errors import UnsupportedModelError
 from hyperion.ir import Graph, Program
 from hyperion.passes import Pass, PassResult
-from hyperion.passes.batch_rules import B, RULES, S, SHAPE_AWARE, V, BatchState, Refuse, RuleNode, axis_not_zero
+from hyperion.passes.batch.rules import B, RULES, S, SHAPE_AWARE, V, BatchState, Refuse, RuleNode, axis_not_zero
 
 @dataclass(frozen=True)
 class Offender:

@@ -2,7 +2,7 @@
 
 Segment models carry external-data weights as references, which onnxruntime
 reads when a session is created. Large weights embedded in an in-memory model
-are spilled once to a Hyperion-owned file (:mod:`hyperion.embedded`) when the
+are spilled once to a Hyperion-owned file (:mod:`hyperion.frontend.embedded`) when the
 schedule streams weights, so they are read the same way; ``folder`` is where
 relative locations resolve.
 
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
-from hyperion.embedded import embedded_weights, spill
+from hyperion.frontend.embedded import embedded_weights, spill
 from hyperion.errors import ModelLoadError
-from hyperion.onnx_import import ModelSource
+from hyperion.frontend import ModelSource
 from hyperion.schedule import TensorRecord
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class WeightStore:
 
     def embedded_in_file(self) -> bool:
         """Whether weights embedded in the model file are served from it in place
-        (:func:`hyperion.embedded.load_lean`): then, under a cap, sessions are built from
+        (:func:`hyperion.frontend.embedded.load_lean`): then, under a cap, sessions are built from
         the lean proto, since onnxruntime given the file itself copies them while loading."""
         path = self.source.path
         return path is not None and any(

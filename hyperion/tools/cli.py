@@ -115,7 +115,7 @@ def _compile(args: argparse.Namespace, model: Path):
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from hyperion.report import summary
+    from hyperion.tools.report import summary
 
     cm = _compile(args, args.model)
     output = args.output or Path(f"{args.model.stem}.schedule.json")
@@ -126,7 +126,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _load_inputs(cm, args: argparse.Namespace) -> dict[str, np.ndarray]:
-    from hyperion.feeds import input_shapes_of, random_feeds
+    from hyperion.tools.feeds import input_shapes_of, random_feeds
 
     given: dict[str, np.ndarray] = {}
     for name, path in args.input:
@@ -188,7 +188,7 @@ def _progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
 
 
 def _check_against_onnxruntime(model: Path, feeds, outputs, prepack_weights: bool) -> int:
-    from hyperion.bench import ort_session
+    from hyperion.tools.bench import ort_session
 
     session = ort_session(model, prepack_weights)
     names = [o.name for o in session.get_outputs()]
@@ -207,7 +207,7 @@ def _check_against_onnxruntime(model: Path, feeds, outputs, prepack_weights: boo
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from hyperion.report import step_table, summary
+    from hyperion.tools.report import step_table, summary
     from hyperion.schedule import Schedule
 
     if args.target.suffix == ".json":
@@ -221,7 +221,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from hyperion.plot import plot_memory
+    from hyperion.tools.plot import plot_memory
     from hyperion.schedule import Schedule
 
     print(f"memory timeline written to {plot_memory(Schedule.load(args.schedule), args.output)}")
@@ -229,7 +229,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hyperion.report import to_dot, to_trace
+    from hyperion.tools.report import to_dot, to_trace
     from hyperion.schedule import Schedule, write_atomic
 
     schedule = Schedule.load(args.schedule)
@@ -243,7 +243,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hyperion.bench import bench_model, markdown_table
+    from hyperion.tools.bench import bench_model, markdown_table
 
     limits = [None, *args.memory_limit]
     rows = bench_model(args.model, limits, mode=args.mode, input_shapes=dict(args.input_shape) or None,
@@ -253,7 +253,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hyperion.demo import run_demo
+    from hyperion.tools.demo import run_demo
 
     return run_demo(args.model, args.output_dir)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hyperion.passes.order_problem import RegionProblem
+from hyperion.passes.ordering.problem import RegionProblem
 
 
 @dataclass(frozen=True)

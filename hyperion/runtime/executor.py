@@ -6,7 +6,7 @@ which weights are resident when. Inside a segment onnxruntime frees tensors at
 their last use; between segments Hyperion drops every tensor whose ``frees``
 step has run, so nothing outlives the step liveness names.
 
-Weights live in the segments' sessions (:mod:`hyperion.sessions`): the plan's
+Weights live in the segments' sessions (:mod:`hyperion.runtime.sessions`): the plan's
 ``extra`` says which sessions are kept across runs (the weight cache) and
 whether the next one is prefetched. A ``streaming`` schedule runs the batch in
 chunks of ``batch_chunk`` samples and writes each chunk's outputs into arrays
@@ -26,11 +26,11 @@ import onnxruntime as ort
 from onnx import NodeProto, TypeProto
 
 from hyperion.errors import FeedError, RuntimeExecutionError, UnsupportedModelError
-from hyperion.onnx_import import ModelSource
+from hyperion.frontend import ModelSource
 from hyperion.schedule import Schedule, Segment
-from hyperion.segment_model import build_segment_model, nodes_by_name, segment_model_inputs, with_free_batch
-from hyperion.sessions import SessionPool, SessionTimes, return_freed_memory
-from hyperion.weights import WeightStore
+from hyperion.runtime.segment_model import build_segment_model, nodes_by_name, segment_model_inputs, with_free_batch
+from hyperion.runtime.sessions import SessionPool, SessionTimes, return_freed_memory
+from hyperion.runtime.weights import WeightStore
 
 # With a cap, blocks of this size or more go back to the OS when freed (see sessions.return_freed_memory).
 MMAP_THRESHOLD_BYTES = 1 << 20

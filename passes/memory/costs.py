@@ -21,7 +21,7 @@ external-data weights:
   and Hyperion's own data.
 
 Weights embedded in the ONNX file are turned into external data first
-(:mod:`hyperion.embedded`), so the same rules hold for them. With pre-packing
+(:mod:`hyperion.frontend.embedded`), so the same rules hold for them. With pre-packing
 off (``session.disable_prepacking``, ``compile(prepack_weights=False)``) every
 weight stays mapped at its own size and creating a session holds nothing more;
 ``passes/segment.py`` applies that rule itself.

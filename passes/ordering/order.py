@@ -37,8 +37,8 @@ from hyperion.errors import PassError
 from hyperion.ir import ExecutionMode, Graph, Program
 from hyperion.passes import Pass, PassResult
 from hyperion.passes.liveness import compute_liveness, step_live_bytes
-from hyperion.passes.order_model import StepModel, build_step_model
-from hyperion.passes.order_regions import SearchBudget, exact_order, order_by_regions
+from hyperion.passes.ordering.model import StepModel, build_step_model
+from hyperion.passes.ordering.regions import SearchBudget, exact_order, order_by_regions
 
 OrderStrategy = Callable[[Graph, ExecutionMode], tuple[str, ...]]
 

@@ -16,13 +16,13 @@ import logging
 from dataclasses import dataclass
 
 from hyperion.ir import ExecutionMode, Graph, Program, TensorInfo
-from hyperion.onnx_import import ImportedModel
+from hyperion.frontend import ImportedModel
 from hyperion.passes import PassManager
-from hyperion.passes.batch_separable import BatchSeparability, analyze, constant_values
+from hyperion.passes.batch.separable import BatchSeparability, analyze, constant_values
 from hyperion.passes.liveness import LivenessPass, compute_liveness
-from hyperion.passes.plan_memory import PlanMemoryPass
+from hyperion.passes.memory.plan_memory import PlanMemoryPass
 from hyperion.passes.segment import SegmentPass, single_step_bytes
-from hyperion.segment_model import nodes_by_name
+from hyperion.runtime.segment_model import nodes_by_name
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,162 @@
+"""IR construction: nodes with stable unique names, the tensor table, roles.
+
+Tensors that subgraphs (If / Loop / Scan bodies) read from the outer scope
+count as inputs of the node that owns the subgraph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import onnx
+from onnx import GraphProto, ModelProto, TensorProto, TypeProto
+
+from hyperion.errors import ModelLoadError, ShapeError
+from hyperion.frontend.shapes import bind_inputs, infer_types, skeleton_of, split_value_types
+from hyperion.frontend.source import ModelSource, external_location
+from hyperion.frontend.types import dtype_name, itemsize, type_facts
+from hyperion.ir import Graph, NodeInfo, TensorInfo, TensorRole, tensor_nbytes
+
+
+@dataclass
+class ImportedModel:
+    source: ModelSource
+    graph: Graph
+    value_types: dict[str, TypeProto]
+    input_shapes: dict[str, tuple[int | str, ...]]
+
+
+
+def outer_scope_reads(node: onnx.NodeProto) -> list[str]:
+    """Tensors that the subgraphs of ``node`` read from enclosing scopes."""
+    reads: list[str] = []
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for graph in graphs:
+            reads.extend(_free_names(graph))
+    return list(dict.fromkeys(reads))
+
+
+def _free_names(graph: GraphProto) -> list[str]:
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    free: list[str] = []
+    for node in graph.node:
+        for name in list(node.input) + outer_scope_reads(node):
+            if name and name not in defined:
+                free.append(name)
+        defined.update(node.output)
+    return free
+
+
+def unique_node_names(nodes: Iterable[onnx.NodeProto]) -> list[str]:
+    names: list[str] = []
+    seen: set[str] = set()
+    for index, node in enumerate(nodes):
+        name = node.name or f"{node.op_type}_{index}"
+        while name in seen:
+            name = f"{name}_{index}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def unread_unsized_optional_outputs(proto: ModelProto, sizing: Mapping[str, TypeProto]) -> set[str]:
+    """Optional outputs that nothing reads and inference cannot size (an opset-9 Dropout's mask).
+
+    They stay out of the IR, and segment models leave them unrequested, so
+    onnxruntime does not compute them: nothing needs them, and a size nobody
+    knows could not be accounted under a cap.
+    """
+    read = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        read.update(node.input)
+        read.update(outer_scope_reads(node))
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
+    return {name for node in proto.graph.node for index, name in enumerate(node.output)
+            if name and name not in read and type_facts(sizing.get(name))[2] is None
+            and _is_optional_output(node, index, opsets)}
+
+
+def _is_optional_output(node: onnx.NodeProto, index: int, opsets: Mapping[str, int]) -> bool:
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), domain)
+    except onnx.defs.SchemaError:
+        return False  # an op onnx does not know: its outputs are not ours to drop
+    return (index < len(schema.outputs)
+            and schema.outputs[index].option == onnx.defs.OpSchema.FormalParameterOption.Optional)
+
+
+def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+                 isolate_symbolic: bool = False) -> ImportedModel:
+    """Build the IR of ``source`` with symbolic input dims bound by ``input_shapes``.
+
+    ``isolate_symbolic``: run onnxruntime's symbolic shape inference, when needed, in a
+    child process, so that sympy never loads here (compiling under a cap does).
+    """
+    proto = source.proto
+    weights = {t.name: t for t in proto.graph.initializer}
+    skeleton = skeleton_of(proto)
+    bound = bind_inputs(skeleton, set(weights), input_shapes or {})
+    types, sizing = split_value_types(*infer_types(skeleton, source.label, isolate_symbolic), proto.graph.output)
+
+    node_names = unique_node_names(proto.graph.node)
+    dropped = unread_unsized_optional_outputs(proto, sizing)
+    producers: dict[str, str] = {}
+    consumers: dict[str, list[str]] = {}
+    nodes: list[NodeInfo] = []
+    for index, (name, node) in enumerate(zip(node_names, proto.graph.node)):
+        inputs = tuple(dict.fromkeys([i for i in node.input if i] + outer_scope_reads(node)))
+        outputs = tuple(o for o in node.output if o and o not in dropped)
+        nodes.append(NodeInfo(name, node.op_type, node.domain, inputs, outputs, index))
+        for tensor in inputs:
+            consumers.setdefault(tensor, []).append(name)
+        for tensor in outputs:
+            producers[tensor] = name
+
+    graph_outputs = tuple(o.name for o in proto.graph.output)
+    graph_inputs = tuple(name for name in bound)
+    tensors: dict[str, TensorInfo] = {}
+    known = set(graph_inputs) | set(weights) | set(producers)
+    for node in nodes:
+        for tensor in node.inputs:
+            if tensor not in known:
+                raise ModelLoadError(f"{source.label}: node {node.name!r} reads tensor {tensor!r}, "
+                                     "which no node, input or initializer defines")
+    for name in list(dict.fromkeys(list(graph_inputs) + list(weights) + list(producers))):
+        if name in weights:
+            init = weights[name]
+            shape = tuple(int(d) for d in init.dims)
+            external = (external_location(source, init)
+                        if init.data_location == TensorProto.EXTERNAL else None)
+            tensors[name] = TensorInfo(name, dtype_name(init.data_type), shape,
+                                       tensor_nbytes(itemsize(init.data_type), shape), TensorRole.WEIGHT,
+                                       None, tuple(consumers.get(name, ())), external)
+            continue
+        dtype, shape, nbytes = type_facts(sizing.get(name))
+        role = (TensorRole.INPUT if name in bound
+                else TensorRole.OUTPUT if name in graph_outputs else TensorRole.ACTIVATION)
+        tensors[name] = TensorInfo(name, dtype, shape, nbytes, role, producers.get(name),
+                                   tuple(consumers.get(name, ())))
+    for name in graph_outputs:
+        if name not in tensors:
+            raise ModelLoadError(f"{source.label}: graph output {name!r} is produced by no node")
+    graph = Graph(nodes, tensors, graph_inputs, graph_outputs)
+    return ImportedModel(source, graph, types, bound)
+
+
+def unbound_dims(imported: ImportedModel) -> dict[str, list[str]]:
+    """Symbolic dims of each graph input that no shape binds yet."""
+    return {name: [d for d in shape if isinstance(d, str)]
+            for name, shape in imported.input_shapes.items() if any(isinstance(d, str) for d in shape)}
+
+
+def require_bound(imported: ImportedModel) -> None:
+    unbound = unbound_dims(imported)
+    if unbound:
+        name, dims = next(iter(unbound.items()))
+        raise ShapeError(
+            f"{imported.source.label}: input {name!r} has unbound symbolic dim(s) {dims}; "
+            f"give input_shapes={{'{name}': [...]}} (CLI: --input-shape {name}=1x...) or run with feeds")
