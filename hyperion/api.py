@@ -169,12 +169,6 @@ class CompiledModel:
         for _, _, runtime in self._plans.values():
             runtime.close()
 
-    def scheduler(self):
-        """The seed API's :class:`~hyperion.seed.ForwardScheduler`, filled from this plan."""
-        from hyperion.seed import ForwardScheduler
-
-        return ForwardScheduler.from_compiled(self)
-
 
 def _signature(shapes: Mapping[str, Sequence[int | str]]) -> ShapeSignature:
     return tuple(sorted((name, tuple(shape)) for name, shape in shapes.items()))  # type: ignore[misc]

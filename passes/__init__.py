@@ -8,6 +8,12 @@ onnxruntime's cost model), ``batch/`` (batch separability).
 
 from __future__ import annotations
 
-from hyperion.passes._infra import Pass, PassManager, PassResult, default_passes, require
+from hyperion.passes._infra import (
+    Pass,
+    PassManager,
+    PassResult,
+    default_passes,
+    require,
+)
 
 __all__ = ["Pass", "PassManager", "PassResult", "default_passes", "require"]

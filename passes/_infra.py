@@ -78,8 +78,8 @@ def default_passes(*, max_segment_steps: int | None = None) -> list[Pass]:
     """The standard pipeline: classify, order, liveness, plan memory, segment."""
     from hyperion.passes.classify_edges import ClassifyEdgesPass
     from hyperion.passes.liveness import LivenessPass
-    from hyperion.passes.ordering.order import OrderPass
     from hyperion.passes.memory.plan_memory import PlanMemoryPass
+    from hyperion.passes.ordering.order import OrderPass
     from hyperion.passes.segment import SegmentPass
 
     return [ClassifyEdgesPass(), OrderPass(), LivenessPass(), PlanMemoryPass(),

@@ -28,8 +28,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import ClassVar
 
-from hyperion.ir import EdgeKind, Graph, Program
 from hyperion.passes import Pass, PassResult
+
+from hyperion.ir import EdgeKind, Graph, Program
 
 EdgeKey = tuple[str, str, str]  # (src node, dst node, tensor)
 

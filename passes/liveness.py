@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from hyperion.ir import ExecutionMode, Graph, Program, TensorRole
 from hyperion.passes import Pass, PassResult, require
+
+from hyperion.ir import ExecutionMode, Graph, Program, TensorRole
 
 BEFORE_FIRST_STEP = -1
 

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-
-from hyperion.errors import MemoryLimitError
-from hyperion.ir import ExecutionMode, Graph, Program
 from hyperion.passes import Pass, PassResult, require
 from hyperion.passes.liveness import Liveness, activation_live_bytes
 from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, resident_bytes
+
+from hyperion.errors import MemoryLimitError
+from hyperion.ir import ExecutionMode, Graph, Program
 from hyperion.units import format_size
 
 

@@ -213,7 +213,7 @@ def test_onnx_feeds_are_required_and_checked() -> None:
 def test_from_compiled_steps_through_a_segmented_plan() -> None:
     compiled = hyperion.compile(fixture_path("mlp"), mode="normal")
     assert len(compiled.schedule.segments) == 1  # the whole model in one session
-    scheduler = compiled.scheduler()
+    scheduler = ForwardScheduler.from_compiled(compiled)
     feeds = example_feeds("mlp")
     scheduler.prepare(feeds)
     assert run_all(scheduler) == [0, 1, 2, 3, 4]

@@ -7,7 +7,12 @@ constructs the IR; ``embedded`` serves large embedded weights as external data.
 
 from __future__ import annotations
 
-from hyperion.frontend.build import ImportedModel, import_model, require_bound, unbound_dims
+from hyperion.frontend.build import (
+           ImportedModel,
+           import_model,
+           require_bound,
+           unbound_dims,
+)
 from hyperion.frontend.shapes import declared_input_shapes
 from hyperion.frontend.source import ModelLike, ModelSource, load_source
 

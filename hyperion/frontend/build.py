@@ -13,7 +13,12 @@ import onnx
 from onnx import GraphProto, ModelProto, TensorProto, TypeProto
 
 from hyperion.errors import ModelLoadError, ShapeError
-from hyperion.frontend.shapes import bind_inputs, infer_types, skeleton_of, split_value_types
+from hyperion.frontend.shapes import (
+    bind_inputs,
+    infer_types,
+    skeleton_of,
+    split_value_types,
+)
 from hyperion.frontend.source import ModelSource, external_location
 from hyperion.frontend.types import dtype_name, itemsize, type_facts
 from hyperion.ir import Graph, NodeInfo, TensorInfo, TensorRole, tensor_nbytes

@@ -15,8 +15,8 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 
-from hyperion.ir import ExecutionMode, Graph, Program, TensorInfo
 from hyperion.frontend import ImportedModel
+from hyperion.ir import ExecutionMode, Graph, Program, TensorInfo
 from hyperion.passes import PassManager
 from hyperion.passes.batch.separable import BatchSeparability, analyze, constant_values
 from hyperion.passes.liveness import LivenessPass, compute_liveness

@@ -27,10 +27,15 @@ from onnx import NodeProto, TypeProto
 
 from hyperion.errors import FeedError, RuntimeExecutionError, UnsupportedModelError
 from hyperion.frontend import ModelSource
-from hyperion.schedule import Schedule, Segment
-from hyperion.runtime.segment_model import build_segment_model, nodes_by_name, segment_model_inputs, with_free_batch
+from hyperion.runtime.segment_model import (
+    build_segment_model,
+    nodes_by_name,
+    segment_model_inputs,
+    with_free_batch,
+)
 from hyperion.runtime.sessions import SessionPool, SessionTimes, return_freed_memory
 from hyperion.runtime.weights import WeightStore
+from hyperion.schedule import Schedule, Segment
 
 # With a cap, blocks of this size or more go back to the OS when freed (see sessions.return_freed_memory).
 MMAP_THRESHOLD_BYTES = 1 << 20

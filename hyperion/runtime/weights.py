@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
-from hyperion.frontend.embedded import embedded_weights, spill
 from hyperion.errors import ModelLoadError
 from hyperion.frontend import ModelSource
+from hyperion.frontend.embedded import embedded_weights, spill
 from hyperion.schedule import TensorRecord
 
 log = logging.getLogger(__name__)

@@ -207,8 +207,8 @@ def _check_against_onnxruntime(model: Path, feeds, outputs, prepack_weights: boo
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from hyperion.tools.report import step_table, summary
     from hyperion.schedule import Schedule
+    from hyperion.tools.report import step_table, summary
 
     if args.target.suffix == ".json":
         schedule = Schedule.load(args.target)
@@ -221,16 +221,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from hyperion.tools.plot import plot_memory
     from hyperion.schedule import Schedule
+    from hyperion.tools.plot import plot_memory
 
     print(f"memory timeline written to {plot_memory(Schedule.load(args.schedule), args.output)}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hyperion.tools.report import to_dot, to_trace
     from hyperion.schedule import Schedule, write_atomic
+    from hyperion.tools.report import to_dot, to_trace
 
     schedule = Schedule.load(args.schedule)
     text = to_dot(schedule) if args.format == "dot" else to_trace(schedule)

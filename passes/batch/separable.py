@@ -44,12 +44,23 @@ from typing import ClassVar
 
 import numpy as np
 import onnx
+from hyperion.passes import Pass, PassResult
+from hyperion.passes.batch.rules import (
+    RULES,
+    SHAPE_AWARE,
+    B,
+    BatchState,
+    Refuse,
+    RuleNode,
+    S,
+    V,
+    axis_not_zero,
+)
 from onnx import NodeProto
 
 from hyperion.errors import UnsupportedModelError
 from hyperion.ir import Graph, Program
-from hyperion.passes import Pass, PassResult
-from hyperion.passes.batch.rules import B, RULES, S, SHAPE_AWARE, V, BatchState, Refuse, RuleNode, axis_not_zero
+
 
 @dataclass(frozen=True)
 class Offender:

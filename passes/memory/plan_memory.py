@@ -30,11 +30,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from hyperion.ir import ExecutionMode, Graph, Program, TensorRole
 from hyperion.passes import Pass, PassResult, require
 from hyperion.passes.liveness import Interval, Liveness, step_live_bytes
-from hyperion.passes.ordering.order import _planning_mode
 from hyperion.passes.memory.arena import best_placement, greedy_by_size, live_peak
+from hyperion.passes.ordering.order import _planning_mode
+
+from hyperion.ir import ExecutionMode, Graph, Program, TensorRole
 
 __all__ = ["MemoryPlan", "PlanMemoryPass", "arena_tensors", "greedy_by_size", "lower_bound", "plan_memory"]
 

@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import networkx as nx
-
-from hyperion.errors import PassError
-from hyperion.ir import ExecutionMode, Graph, Program
 from hyperion.passes import Pass, PassResult
 from hyperion.passes.liveness import compute_liveness, step_live_bytes
 from hyperion.passes.ordering.model import StepModel, build_step_model
 from hyperion.passes.ordering.regions import SearchBudget, exact_order, order_by_regions
+
+from hyperion.errors import PassError
+from hyperion.ir import ExecutionMode, Graph, Program
 
 OrderStrategy = Callable[[Graph, ExecutionMode], tuple[str, ...]]
 

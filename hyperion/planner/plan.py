@@ -1,0 +1,207 @@
+"""From an imported model and options to a :class:`~hyperion.schedule.Schedule`.
+
+Runs the pass pipeline in the requested mode and, for ``adaptive``, picks the
+fastest mode whose plan fits the cap -- normal if everything fits, else
+memory_opt, else memory_opt over chunks of the batch (streaming) -- recording
+the choice and the reason. :func:`optimal_batch_size` reads the largest batch
+that fits a cap off the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from hyperion.errors import (
+    MemoryLimitError,
+    OptionError,
+    ShapeError,
+    UnsupportedModelError,
+)
+from hyperion.frontend import ImportedModel
+from hyperion.ir import ExecutionMode, Program
+from hyperion.passes import PassManager, default_passes
+from hyperion.passes.batch.separable import refusal_message
+from hyperion.passes.segment import SegmentPass
+from hyperion.planner.emit import build_schedule
+from hyperion.planner.streaming import (
+    SegmentOptions,
+    batch_analysis,
+    chunk_program,
+    largest_batch,
+    smallest_limit,
+    stream_pinned_bytes,
+)
+from hyperion.schedule import (
+    Schedule,
+)
+from hyperion.units import format_size
+
+log = logging.getLogger(__name__)
+
+
+def parse_mode(mode: str | ExecutionMode) -> ExecutionMode:
+    try:
+        return ExecutionMode(mode)
+    except ValueError:
+        raise OptionError(f"mode: unknown mode {mode!r}; choose one of "
+                          f"{', '.join(m.value for m in ExecutionMode)}") from None
+
+
+def run_passes(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
+               max_segment_steps: int | None = None, options: SegmentOptions | None = None) -> Program:
+    options = options or SegmentOptions(max_segment_steps)
+    try:
+        return _run(imported, mode, memory_limit, options)
+    except MemoryLimitError:
+        if mode is ExecutionMode.NORMAL or not options.prefetch:
+            raise
+    # The double buffer does not fit: each segment's weights are loaded when it starts.
+    program = _run(imported, mode, memory_limit, dataclasses.replace(options, prefetch=False))
+    program.notes["prefetch_dropped"] = True
+    return program
+
+
+def _run(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
+         options: SegmentOptions) -> Program:
+    program = Program(imported.graph, mode=mode, memory_limit=memory_limit)
+    passes = [options.segment_pass() if isinstance(p, SegmentPass) else p
+              for p in default_passes(max_segment_steps=options.max_segment_steps)]
+    PassManager(passes)(program)
+    return program
+
+
+def plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
+         max_segment_steps: int | None = None, *, prefetch: bool = True,
+         weight_cache_bytes: int | None = None, prepack_weights: bool = True) -> Schedule:
+    """The schedule of ``imported`` in ``mode`` under ``memory_limit`` bytes.
+
+    ``prefetch``: in memory_opt, create the next segment's session while the
+    current one computes (accounted: both are resident then).
+    ``weight_cache_bytes``: the most bytes of sessions kept alive across runs
+    in memory_opt (``None``: as many as the cap allows; 0: none).
+    ``prepack_weights=False``: sessions will not pre-pack weights, so each holds
+    its weights at their own size (recorded in the schedule: the runtime must
+    then run unpacked).
+    """
+    options = SegmentOptions(max_segment_steps, prefetch, weight_cache_bytes, prepack_weights)
+    schedule = _plan(imported, mode, memory_limit, options)
+    if prepack_weights:
+        return schedule
+    return dataclasses.replace(schedule, extra={**schedule.extra, "prepack_weights": False})
+
+
+def _plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
+          options: SegmentOptions) -> Schedule:
+    if memory_limit is not None:
+        unsized = [t.name for t in imported.graph.tensors.values()
+                   if t.nbytes is None and (t.consumers or t.producer)]
+        if unsized:
+            raise ShapeError(f"{imported.source.label}: the size of tensor {unsized[0]!r} is unknown "
+                             "before running, so a memory cap cannot be promised; bind the input shapes "
+                             "(input_shapes=...) or compile without a cap")
+    if mode is ExecutionMode.STREAMING:
+        program = plan_streaming(imported, memory_limit, options)
+        return build_schedule(imported, program, requested=mode, reason=f"streaming mode was requested; "
+                              f"{_chunk_phrase(program)}")
+    if mode is not ExecutionMode.ADAPTIVE:
+        program = run_passes(imported, mode, memory_limit, options=options)
+        return build_schedule(imported, program, requested=mode, reason=f"{mode.value} mode was requested")
+    if memory_limit is None:
+        program = run_passes(imported, ExecutionMode.NORMAL, None, options=options)
+        return build_schedule(imported, program, requested=mode,
+                              reason="no memory limit: normal mode, every weight resident")
+    program, reason = _adaptive(imported, memory_limit, options)
+    return build_schedule(imported, program, requested=mode, reason=reason)
+
+
+def _adaptive(imported: ImportedModel, memory_limit: int, options: SegmentOptions) -> tuple[Program, str]:
+    """The fastest mode whose plan fits: normal, else memory_opt, else streaming."""
+    limit = format_size(memory_limit)
+    try:
+        program = run_passes(imported, ExecutionMode.NORMAL, memory_limit, options=options)
+        return program, f"normal mode fits: peak {format_size(program.segmentation.peak_bytes)} <= limit {limit}"
+    except MemoryLimitError as normal_error:
+        normal_needs = f"normal mode needs at least {format_size(normal_error.smallest_limit_bytes)} > limit {limit}"
+        normal_smallest = normal_error.smallest_limit_bytes
+    try:
+        program = run_passes(imported, ExecutionMode.MEMORY_OPT, memory_limit, options=options)
+        return program, (f"{normal_needs}; memory_opt fits with peak "
+                         f"{format_size(program.segmentation.peak_bytes)}")
+    except MemoryLimitError as error:
+        memory_opt_error = error
+    try:
+        program = plan_streaming(imported, memory_limit, options)
+    except (MemoryLimitError, UnsupportedModelError) as streaming_error:
+        # The smallest cap adaptive can meet: the smaller of normal's and memory_opt's, both
+        # planned under a cap (memory_opt's can exceed normal's: it accounts a prefetched
+        # segment). Streaming's figure is read off an uncapped plan, so it is no promise.
+        smallest = min(normal_smallest, memory_opt_error.smallest_limit_bytes)
+        raise MemoryLimitError(
+            f"{memory_opt_error}; streaming cannot help: {streaming_error}; the smallest limit that works in "
+            f"adaptive mode is {smallest} bytes ({format_size(smallest)})", node=memory_opt_error.node,
+            needed_bytes=memory_opt_error.needed_bytes, smallest_limit_bytes=smallest) from None
+    return program, (f"{normal_needs}; memory_opt needs at least "
+                     f"{format_size(memory_opt_error.smallest_limit_bytes)} for the whole batch; "
+                     f"{_chunk_phrase(program)}")
+
+
+def _chunk_phrase(program: Program) -> str:
+    analysis = program.notes["batch_separability"]
+    return (f"the batch of {analysis.batch_size} runs in chunks of {program.notes['batch_chunk']} with peak "
+            f"{format_size(program.segmentation.peak_bytes)}")
+
+
+def plan_streaming(imported: ImportedModel, memory_limit: int | None, options: SegmentOptions) -> Program:
+    """The plan of the largest chunk of the batch that fits, in memory_opt mode."""
+    whole = run_passes(imported, ExecutionMode.MEMORY_OPT, None, options=options)
+    analysis = batch_analysis(imported, whole.order)
+    if not analysis.separable:
+        raise UnsupportedModelError(f"{imported.source.label}: mode 'streaming': {refusal_message(analysis)}")
+    pinned = stream_pinned_bytes(imported.graph, analysis)
+    chunk = analysis.batch_size
+    if memory_limit is not None:
+        chunk = largest_batch(whole, analysis, memory_limit, analysis.batch_size, prefetch=options.prefetch,
+                              fixed_bytes=pinned, prepack_weights=options.prepack_weights)
+        if chunk < 1 and options.prefetch:
+            options = dataclasses.replace(options, prefetch=False)
+            chunk = largest_batch(whole, analysis, memory_limit, analysis.batch_size, prefetch=False,
+                                  fixed_bytes=pinned, prepack_weights=options.prepack_weights)
+            whole.notes["prefetch_dropped"] = True
+        if chunk < 1:
+            if analysis.batch_size == 1:
+                raise MemoryLimitError(f"the batch of {imported.source.label} has one sample: nothing to split",
+                                       smallest_limit_bytes=whole.segmentation.peak_bytes)
+            needed = smallest_limit(whole, analysis, 1, prefetch=options.prefetch, fixed_bytes=pinned,
+                                    prepack_weights=options.prepack_weights)
+            raise MemoryLimitError(
+                f"memory_limit {format_size(memory_limit)} ({memory_limit} bytes) cannot be met even one sample "
+                f"at a time: streaming the batch of {analysis.batch_size} needs {needed} bytes "
+                f"({format_size(needed)}) with one-sample chunks", needed_bytes=needed, smallest_limit_bytes=needed)
+    chunked = chunk_program(whole, analysis, chunk, memory_limit, options, pinned)
+    if whole.notes.get("prefetch_dropped"):
+        chunked.notes["prefetch_dropped"] = True
+    return chunked
+
+
+def optimal_batch_size(imported: ImportedModel, memory_limit: int, max_batch_size: int, *,
+                       mode: ExecutionMode = ExecutionMode.MEMORY_OPT, input_bytes_per_sample: int | None = None,
+                       output_bytes_per_sample: int | None = None, prefetch: bool = True,
+                       prepack_weights: bool = True) -> int:
+    """The largest batch <= ``max_batch_size`` whose plan fits ``memory_limit`` bytes (0: none).
+
+    Read off the plan: activations scale with the batch, weights do not. The
+    batch's inputs and outputs count once in the plan as graph tensors;
+    ``input_bytes_per_sample`` / ``output_bytes_per_sample`` add buffers of
+    that size per sample that the caller holds for the whole batch (the seed's
+    ``calculate_optimal_batch_size(input_size, output_size, max_batch_size)``).
+    """
+    if max_batch_size < 1:
+        raise OptionError(f"max_batch_size: must be at least 1, got {max_batch_size}")
+    run_mode = ExecutionMode.NORMAL if mode is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
+    options = SegmentOptions(prefetch=prefetch, prepack_weights=prepack_weights)
+    whole = run_passes(imported, run_mode, None, options=options)
+    analysis = batch_analysis(imported, whole.order)
+    extra = (input_bytes_per_sample or 0) + (output_bytes_per_sample or 0)
+    return largest_batch(whole, analysis, memory_limit, max_batch_size, prefetch=prefetch,
+                         extra_bytes_per_sample=extra, prepack_weights=prepack_weights)
