@@ -31,7 +31,7 @@ fixtures: $(BIN)/hyperion
 
 # The installable wheel, in dist/ (what .ci/run installs into a throw-away venv).
 wheel: $(BIN)/hyperion
-	rm -rf dist build
+	rm -rf dist build *.egg-info
 	$(BIN)/python -m pip wheel --quiet --no-deps -w dist .
 
 clean:
