@@ -1,13 +1,14 @@
-# Quick start: `make demo` runs the bundled model end to end, `make test` runs the tests.
+# Quick start: `make demo` runs the bundled model end to end, `make test` runs lint and the tests.
 # Both create .venv from the package registries on first use, with the versions the
 # tests were validated against (constraints.txt; the ONNX backend pass list depends on them).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+LINTED := hyperion passes tests benchmarks fixtures examples setup.py
 
-.PHONY: demo test bench fixtures clean
+.PHONY: demo test lint bench fixtures wheel clean
 
-$(BIN)/hyperion: pyproject.toml constraints.txt
+$(BIN)/hyperion: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,plot]' -c constraints.txt
@@ -16,8 +17,11 @@ $(BIN)/hyperion: pyproject.toml constraints.txt
 demo: $(BIN)/hyperion
 	$(BIN)/hyperion demo
 
-test: $(BIN)/hyperion
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/hyperion
+	$(BIN)/ruff check $(LINTED)
 
 bench: $(BIN)/hyperion
 	$(BIN)/python benchmarks/compare.py
@@ -25,5 +29,10 @@ bench: $(BIN)/hyperion
 fixtures: $(BIN)/hyperion
 	$(BIN)/python -m fixtures.generate
 
+# The installable wheel, in dist/ (what .ci/run installs into a throw-away venv).
+wheel: $(BIN)/hyperion
+	rm -rf dist build *.egg-info
+	$(BIN)/python -m pip wheel --quiet --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

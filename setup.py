@@ -1,10 +1,18 @@
-"""The package list, found automatically: ``hyperion`` and its subpackages, and the
-compiler passes, which live in ``passes/`` and install as ``hyperion.passes``."""
+"""Package discovery, the one thing pyproject.toml cannot express here.
+
+The compiler passes live in the top-level ``passes/`` folder and install as
+``hyperion.passes`` (``[tool.setuptools.package-dir]`` in pyproject.toml). Setuptools'
+automatic discovery (``[tool.setuptools.packages.find]``) names packages after their folders,
+so it finds ``passes.ordering`` where ``hyperion.passes.ordering`` is meant; this file finds
+both trees and prefixes the second. New subpackages are picked up without being listed.
+"""
 
 from setuptools import find_packages, setup
 
-setup(
-    packages=find_packages(include=["hyperion", "hyperion.*"])
-    + ["hyperion.passes"] + [f"hyperion.passes.{name}" for name in find_packages("passes")],
-    package_dir={"hyperion.passes": "passes"},
-)
+PASSES = "hyperion.passes"
+
+setup(packages=[
+    *find_packages(include=["hyperion", "hyperion.*"]),
+    PASSES,
+    *(f"{PASSES}.{name}" for name in find_packages("passes")),
+])

@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fixtures.irregular import NODES_PER_LAYER, transformer  # noqa: E402
-from hyperion.ir import ExecutionMode  # noqa: E402
 from hyperion.frontend import ImportedModel, import_model, load_source  # noqa: E402
+from hyperion.ir import ExecutionMode  # noqa: E402
 from hyperion.planner import run_passes  # noqa: E402
 from hyperion.tools.report import markdown_table  # noqa: E402
 

@@ -41,16 +41,16 @@ import onnx  # noqa: E402
 
 from fixtures import FIXTURE_NAMES, example_feeds, fixture_path  # noqa: E402
 from fixtures.irregular import inception, random_wired, unet  # noqa: E402
+from hyperion.frontend import import_model, load_source  # noqa: E402
+from hyperion.ir import ExecutionMode  # noqa: E402
+from hyperion.passes.liveness import compute_liveness  # noqa: E402
+from hyperion.passes.memory.plan_memory import plan_memory  # noqa: E402
+from hyperion.passes.ordering.model import build_step_model  # noqa: E402
+from hyperion.passes.ordering.order import plan_order  # noqa: E402
+from hyperion.passes.ordering.regions import SearchBudget, decompose  # noqa: E402
 from hyperion.tools.bench import rss_pair  # noqa: E402
 from hyperion.tools.feeds import input_shapes_of, random_feeds  # noqa: E402
-from hyperion.ir import ExecutionMode  # noqa: E402
-from hyperion.frontend import import_model, load_source  # noqa: E402
-from hyperion.passes.liveness import compute_liveness  # noqa: E402
-from hyperion.passes.ordering.order import plan_order  # noqa: E402
-from hyperion.passes.ordering.model import build_step_model  # noqa: E402
-from hyperion.passes.ordering.regions import SearchBudget, decompose  # noqa: E402
 from hyperion.tools.report import markdown_table  # noqa: E402
-from hyperion.passes.memory.plan_memory import plan_memory  # noqa: E402
 from hyperion.units import format_size  # noqa: E402
 
 SPATIAL = 64

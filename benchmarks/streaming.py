@@ -46,14 +46,6 @@ BATCHES = (1, 8, 64, 256)
 HUGETLB = "glibc.malloc.hugetlb=1"
 
 
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
 # -- the measuring children ----------------------------------------------------------------
 def _feeds(spec: dict) -> dict:
     import numpy as np
@@ -84,19 +76,21 @@ def _hyperion(spec: dict, feeds: dict, prefetch: bool):
 
 
 def _rss_child(spec: dict) -> dict:
-    import hyperion  # noqa: F401  (the baseline imports both)
-    import onnxruntime  # noqa: F401
+    import onnxruntime  # noqa: F401  (the baseline imports both)
+
+    import hyperion  # noqa: F401
+    from hyperion.tools.rss import peak_rss_bytes
 
     if spec["kind"] == "baseline":
-        return {"rss": _peak_rss_bytes()}
+        return {"rss": peak_rss_bytes()}
     feeds = _feeds(spec)
     if spec["kind"] == "ort":
         _onnxruntime(spec, feeds)()
-        return {"rss": _peak_rss_bytes()}
+        return {"rss": peak_rss_bytes()}
     cm = _hyperion(spec, feeds, spec["prefetch"])
     cm.run(feeds)
     schedule = cm.schedule
-    return {"rss": _peak_rss_bytes(), "mode": schedule.mode, "peak": schedule.peak_bytes,
+    return {"rss": peak_rss_bytes(), "mode": schedule.mode, "peak": schedule.peak_bytes,
             "segments": len(schedule.segments), "chunk": schedule.batch_chunk,
             "prefetch": schedule.extra.get("prefetch", False)}
 

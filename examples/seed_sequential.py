@@ -11,8 +11,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hyperion import (DependencyType, ExecutionMode, ForwardScheduler, HyperionError, default_mmap_config,
-                      open_mapped_model)
+from hyperion import (
+    DependencyType,
+    ExecutionMode,
+    ForwardScheduler,
+    HyperionError,
+    default_mmap_config,
+    open_mapped_model,
+)
 
 # A model whose weights live in an external data file, like the seed's large_model.tmai.
 MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "external_data.onnx"

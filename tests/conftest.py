@@ -45,7 +45,7 @@ def reference_outputs(model: str | Path | bytes, feeds: Mapping[str, np.ndarray]
     source = str(model) if isinstance(model, Path) else model
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feeds))))
+    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
 
 
 def assert_outputs_equal(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray]) -> None:

@@ -25,7 +25,7 @@ def _examples() -> list[tuple[str, str]]:
 @pytest.mark.parametrize(("where", "code"), _examples(), ids=[w for w, _ in _examples()])
 def test_example_runs(where: str, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Examples use paths relative to the repository root; run them in a scratch copy of its layout.
-    for name in ("fixtures", "examples"):
+    for name in ("fixtures", "examples", "hyperion"):  # hyperion/data/demo.onnx
         if (REPO / name).exists():
             os.symlink(REPO / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)

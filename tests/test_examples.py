@@ -85,7 +85,7 @@ def test_hand_and_onnx_schedules_agree(name: str) -> None:
     by_hand.prepare()
     automatic = ForwardScheduler.from_onnx(fixture_path(name))
     assert len(by_hand.layers) == len(automatic.layers)
-    for hand, auto in zip(by_hand.layers, automatic.layers):
+    for hand, auto in zip(by_hand.layers, automatic.layers, strict=True):
         assert hand.layer_index == auto.layer_index
         assert hand.dependencies == auto.dependencies, f"layer {hand.layer_index}"
         assert (hand.depends_on_layer, hand.dep_type) == (auto.depends_on_layer, auto.dep_type)
@@ -102,8 +102,8 @@ def released_per_step(scheduler: ForwardScheduler) -> list[list[int]]:
 def test_hand_and_onnx_sequential_schedules_agree() -> None:
     by_hand, _ = run_main("seed_sequential")
     automatic = ForwardScheduler.from_onnx(fixture_path("external_data"))
-    assert [(l.dependencies, l.released_after) for l in by_hand.layers] == \
-        [(l.dependencies, l.released_after) for l in automatic.layers]
+    assert [(layer.dependencies, layer.released_after) for layer in by_hand.layers] == \
+        [(layer.dependencies, layer.released_after) for layer in automatic.layers]
 
 
 @pytest.mark.parametrize("name", ["seed_residual", "seed_attention"])

@@ -9,8 +9,8 @@ import onnx
 import pytest
 
 import hyperion
-from hyperion.ir import TensorRole
 from hyperion.frontend import import_model, load_source
+from hyperion.ir import TensorRole
 from tests.conftest import RUNTIME_AXES_MEAN, fixture_path
 
 

@@ -32,7 +32,7 @@ def _per_node(text: str) -> tuple[onnx.ModelProto, hyperion.CompiledModel]:
 def _onnxruntime(model: onnx.ModelProto, feeds: Mapping[str, Any]) -> dict[str, Any]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feeds))))
+    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
 
 
 def test_segments_of_dead_nodes_are_not_run() -> None:
@@ -56,7 +56,8 @@ def test_scan_body_reading_an_outer_constant_gets_its_value() -> None:
     model, compiled = _per_node("""<ir_version: 8, opset_import: ["" : 18]>
         g (float[2,1] s0, float[3,2] xs) => (float[2,1] last, float[3,2,1] ys) {
             axes = Constant <value = int64[1] {-1}> ()
-            last, ys = Scan <num_scan_inputs = 1, body = step (float[2,1] s, float[2] x) => (float[2,1] s_out, float[2,1] y) {
+            last, ys = Scan <num_scan_inputs = 1,
+                             body = step (float[2,1] s, float[2] x) => (float[2,1] s_out, float[2,1] y) {
                 u = Unsqueeze (x, axes)
                 s_out = Add (s, u)
                 y = Identity (s_out)

@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 
 import hyperion
-from hyperion import (DependencyType, EdgeKind, ExecutionMode, FeedError, ForwardScheduler, HyperionError,
-                      ModelLoadError, SchedulerError, SchedulerMemoryError, open_mapped_model)
+from hyperion import (
+    DependencyType,
+    EdgeKind,
+    ExecutionMode,
+    FeedError,
+    ForwardScheduler,
+    HyperionError,
+    ModelLoadError,
+    SchedulerError,
+    SchedulerMemoryError,
+    open_mapped_model,
+)
 from tests.conftest import assert_outputs_equal, example_feeds, fixture_path, reference_outputs
 
 KIB, MIB = 1024, 1024 * 1024
@@ -241,9 +251,9 @@ def test_onnx_batch_size_scales_activations_not_weights() -> None:
     assert plan.activation_bytes == tuple(activation_bytes)
     # The rest of each step's bytes is weights, which do not grow with the batch; with 1 KiB
     # in and 1 KiB out per sample, step i allows (limit - weights_i) // (activations_i + 2 KiB).
-    weight_bytes = [s.live_bytes - a for s, a in zip(schedule.steps, activation_bytes)]
+    weight_bytes = [s.live_bytes - a for s, a in zip(schedule.steps, activation_bytes, strict=True)]
     assert max(weight_bytes) >= 256 * KIB  # a 256x256 float32 weight is resident at steps 0-2
-    expected = min((limit - w) // (a + 2 * KIB) for a, w in zip(activation_bytes, weight_bytes))
+    expected = min((limit - w) // (a + 2 * KIB) for a, w in zip(activation_bytes, weight_bytes, strict=True))
     batch = scheduler.calculate_optimal_batch_size(1 * KIB, 1 * KIB, 10_000)
     assert batch == expected
     assert plan.batch_peak_bytes(batch, KIB, KIB) <= limit < plan.batch_peak_bytes(batch + 1, KIB, KIB)

@@ -10,10 +10,10 @@ import onnx
 import pytest
 
 import hyperion
-from hyperion.planner.streaming import SegmentOptions, batch_analysis, smallest_limit, stream_pinned_bytes
-from hyperion.ir import ExecutionMode
 from hyperion.frontend import import_model, load_source
+from hyperion.ir import ExecutionMode
 from hyperion.planner import optimal_batch_size, run_passes
+from hyperion.planner.streaming import SegmentOptions, batch_analysis, smallest_limit, stream_pinned_bytes
 from tests.conftest import assert_outputs_equal, example_feeds, fixture_path, reference_outputs
 
 

@@ -8,9 +8,9 @@ a process that only imports hyperion and onnxruntime (SPEC's definition).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from hyperion.tools import report
+from hyperion.tools.rss import peak_rss_bytes
 from hyperion.units import format_size
 
 
@@ -92,7 +93,8 @@ def bench_model(model: Path, limits: Sequence[int | None], *, mode: str = "adapt
     for limit in limits:
         cm = hyperion.compile(model, memory_limit=limit, mode=mode, input_shapes=shapes,
                               prepack_weights=prepack_weights)
-        ort_ms, hyperion_ms = interleaved_latency(lambda: session.run(None, feeds), lambda: cm.run(feeds), repeats)
+        ort_ms, hyperion_ms = interleaved_latency(functools.partial(session.run, None, feeds),
+                                                  functools.partial(cm.run, feeds), repeats)
         ort_rss = hyperion_rss = None
         if measure_rss:
             ort_rss, hyperion_rss = rss_pair(model, feeds, limit, mode, shapes, prepack_weights)
@@ -121,18 +123,6 @@ def _child_rss(kind: str, args: dict) -> int:
     if done.returncode != 0:
         raise RuntimeError(f"{kind} measurement failed: {done.stderr.strip().splitlines()[-1:]}")
     return int(done.stdout.strip().splitlines()[-1])
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS. Linux's VmHWM belongs to the process image, whereas
-    ``ru_maxrss`` survives fork+exec and would report a larger parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _child(kind: str, args: dict) -> None:

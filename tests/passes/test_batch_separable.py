@@ -5,18 +5,19 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from hyperion.planner.streaming import batch_analysis
 from hyperion.errors import UnsupportedModelError
-from hyperion.ir import Program
 from hyperion.frontend import import_model, load_source
+from hyperion.ir import Program
 from hyperion.passes.batch.separable import BatchSeparability, BatchSeparablePass, BatchState, constant_values
+from hyperion.planner.streaming import batch_analysis
 from hyperion.runtime.segment_model import nodes_by_name
 from tests.conftest import fixture_path
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
 
 
-def analyzed(body: str, signature: str = "(float[4, 8] x) => (float[4, 8] y)", header: str = HEADER) -> BatchSeparability:
+def analyzed(body: str, signature: str = "(float[4, 8] x) => (float[4, 8] y)",
+             header: str = HEADER) -> BatchSeparability:
     model = onnx.parser.parse_model(f"{header}\ng {signature} {{\n{body}\n}}")
     return batch_analysis(import_model(load_source(model)))
 
@@ -106,7 +107,8 @@ def test_embedding_lookup_keeps_the_batch_of_the_indices() -> None:
 
 
 def test_an_output_computed_from_weights_alone_cannot_be_concatenated() -> None:
-    result = analyzed("y = Relu(x)\n z = Neg(w)", "(float[4, 8] x) => (float[4, 8] y, float[2] z) <float[2] w = {1, 2}>")
+    result = analyzed("y = Relu(x)\n z = Neg(w)",
+                      "(float[4, 8] x) => (float[4, 8] y, float[2] z) <float[2] w = {1, 2}>")
     assert refused_op(result) == "output" and result.offenders[0].node == "z"
 
 

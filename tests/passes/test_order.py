@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import networkx as nx
 import pytest
-
-import hyperion
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import hyperion
 from fixtures.irregular import random_ir_dag, random_wired
 from hyperion.ir import ExecutionMode, Graph, Program
 from hyperion.passes.liveness import compute_liveness
-from hyperion.passes.ordering.order import OrderPass, base_order, peak_live_bytes, plan_order
+from hyperion.passes.memory.plan_memory import lower_bound
 from hyperion.passes.ordering.model import build_step_model
+from hyperion.passes.ordering.order import OrderPass, base_order, peak_live_bytes, plan_order
 from hyperion.passes.ordering.problem import RegionSet
 from hyperion.passes.ordering.regions import SearchBudget, decompose
 from hyperion.passes.ordering.search import state_key
-from hyperion.passes.memory.plan_memory import lower_bound
 from tests.conftest import FIXTURE_NAMES, fixture_path
 from tests.passes.helpers import program_from_model, program_from_text
 

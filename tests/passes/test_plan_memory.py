@@ -10,9 +10,9 @@ from fixtures.irregular import random_ir_dag
 from hyperion.errors import PassError
 from hyperion.ir import ExecutionMode, Graph
 from hyperion.passes.liveness import Interval, compute_liveness
-from hyperion.passes.ordering.order import plan_order
 from hyperion.passes.memory.arena import best_placement, greedy_by_size, live_peak
 from hyperion.passes.memory.plan_memory import PlanMemoryPass, arena_tensors, plan_memory
+from hyperion.passes.ordering.order import plan_order
 from tests.conftest import FIXTURE_NAMES, fixture_path
 from tests.passes.helpers import program_from_model
 

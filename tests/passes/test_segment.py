@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from hyperion.errors import MemoryLimitError
 from hyperion.ir import ExecutionMode, Program
 from hyperion.passes.liveness import Liveness, compute_liveness
-from hyperion.passes.segment import SegmentPass, segment
 from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, loading_bytes, packed_bytes, resident_bytes
+from hyperion.passes.segment import SegmentPass, segment
 from tests.passes.helpers import program_from_model
 
 ROW_BYTES = 64 * 4   # one activation row of the chains below
