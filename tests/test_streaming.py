@@ -10,10 +10,12 @@ import onnx
 import pytest
 
 import hyperion
-from hyperion.planner.streaming import SegmentOptions, batch_analysis, smallest_limit, stream_pinned_bytes
-from hyperion.ir import ExecutionMode
 from hyperion.frontend import import_model, load_source
+from hyperion.ir import ExecutionMode
+from hyperion.passes.batch.separable import analyze
+from hyperion.passes.pipeline import SegmentOptions
 from hyperion.planner import optimal_batch_size, run_passes
+from hyperion.planner.streaming import smallest_limit, stream_pinned_bytes
 from tests.conftest import assert_outputs_equal, example_feeds, fixture_path, reference_outputs
 
 
@@ -26,7 +28,7 @@ def cap_for_chunk(name: str, batch: int, chunk: int) -> int:
     feeds = example_feeds(name, batch=batch)
     imported = import_model(load_source(fixture_path(name)), _shapes(feeds))
     whole = run_passes(imported, ExecutionMode.MEMORY_OPT, None, options=SegmentOptions())
-    analysis = batch_analysis(imported, whole.order)
+    analysis = analyze(whole.graph, whole.order)
     return smallest_limit(whole, analysis, chunk, fixed_bytes=stream_pinned_bytes(imported.graph, analysis))
 
 

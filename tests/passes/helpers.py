@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import onnx
 
-from hyperion.ir import Program
 from hyperion.frontend import import_model, load_source
+from hyperion.passes import Program
 
 
 def program_from_text(text: str) -> Program:
