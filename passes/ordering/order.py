@@ -69,7 +69,7 @@ class OrderPass(Pass):
 
     def ensures(self, program: Program) -> None:
         ensure(program.order is not None and program.graph.is_topological_order(program.order), self.name,
-               "the order is not a topological order of every node")
+               "the order is not topological or misses a node")
 
 
 def peak_live_bytes(graph: Graph, order: tuple[str, ...], mode: ExecutionMode) -> int:
