@@ -138,9 +138,10 @@ class Edge:
 
 
 def tensor_nbytes(dtype_itemsize: int | None, shape: tuple[int | str, ...] | None) -> int | None:
-    if dtype_itemsize is None or shape is None or any(not isinstance(d, int) for d in shape):
+    if dtype_itemsize is None or shape is None:
         return None
-    return dtype_itemsize * math.prod(shape)
+    dims = [d for d in shape if isinstance(d, int)]
+    return dtype_itemsize * math.prod(dims) if len(dims) == len(shape) else None
 
 
 class Graph:

@@ -204,11 +204,11 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
     for name in list(dict.fromkeys(list(graph_inputs) + list(weights) + list(producers))):
         if name in weights:
             init = weights[name]
-            shape = tuple(int(d) for d in init.dims)
+            dims = tuple(int(d) for d in init.dims)
             external = (external_location(source, init)
                         if init.data_location == TensorProto.EXTERNAL else None)
-            tensors[name] = TensorInfo(name, dtype_name(init.data_type), shape,
-                                       tensor_nbytes(itemsize(init.data_type), shape), TensorRole.WEIGHT,
+            tensors[name] = TensorInfo(name, dtype_name(init.data_type), dims,
+                                       tensor_nbytes(itemsize(init.data_type), dims), TensorRole.WEIGHT,
                                        None, tuple(consumers.get(name, ())), external)
             continue
         dtype, shape, nbytes = type_facts(sizing.get(name))
