@@ -49,6 +49,12 @@ class ExecutionMode(str, enum.Enum):
     STREAMING = "streaming"
     ADAPTIVE = "adaptive"
 
+    @property
+    def planning_mode(self) -> ExecutionMode:
+        """What orders and memory are planned for: ``normal`` keeps every weight resident;
+        every other mode loads each segment's weights when it runs, as ``memory_opt``."""
+        return ExecutionMode.NORMAL if self is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
+
 
 @dataclass(frozen=True)
 class ExternalLocation:

@@ -227,9 +227,8 @@ def _shortcut_chain(graph: Graph, pred: str, join: str, dynamic: set[str]) -> tu
 
 def residual_edges(graph: Graph) -> set[EdgeKey]:
     joins = {join: preds for join in graph.nodes if len(preds := graph.predecessors(join)) >= 2}
-    # Reachability is the same whatever the order: the file's (closest topological) is cheapest.
-    order = graph.topological_order(key=lambda n: graph.nodes[n].index)
-    reach = _Reachability(graph, order, (p for preds in joins.values() for p in preds))
+    # Reachability is the same whatever the topological order: take the cheapest.
+    reach = _Reachability(graph, graph.topological_order(), (p for preds in joins.values() for p in preds))
     dynamic = _input_dependent(graph)
     edges: set[EdgeKey] = set()
     for join, preds in joins.items():

@@ -38,9 +38,7 @@ class Program:
 
     @property
     def planning_mode(self) -> ExecutionMode:
-        """What the order and memory are planned for: ``normal`` keeps every weight resident,
-        every other mode loads each segment's weights when it runs (``memory_opt``)."""
-        return ExecutionMode.NORMAL if self.mode is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
+        return self.mode.planning_mode
 
     @property
     def notes(self) -> Mapping[str, object]:

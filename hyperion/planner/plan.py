@@ -61,7 +61,7 @@ class Planner:
 
     def ordered(self, mode: ExecutionMode) -> Program:
         """The classified program with the order of ``mode``'s planning mode (computed once)."""
-        planning_mode = Program(self.imported.graph, mode=mode).planning_mode
+        planning_mode = mode.planning_mode
         if planning_mode not in self._ordered:
             program = dataclasses.replace(self.classified, mode=planning_mode)
             build_pipeline(planning_mode, stages=(Stage.ORDER,))(program)
@@ -230,7 +230,7 @@ def optimal_batch_size(imported: ImportedModel, memory_limit: int, max_batch_siz
     """
     if max_batch_size < 1:
         raise OptionError(f"max_batch_size: must be at least 1, got {max_batch_size}")
-    run_mode = ExecutionMode.NORMAL if mode is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
+    run_mode = mode.planning_mode
     options = SegmentOptions(prefetch=prefetch, prepack_weights=prepack_weights)
     whole = Planner(imported, options).run(run_mode, None)
     analysis = analyze(whole.graph, whole.order)
