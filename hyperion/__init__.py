@@ -3,14 +3,32 @@
 from __future__ import annotations
 
 from hyperion.api import CompiledModel, compile, load
-from hyperion.errors import (FeedError, HyperionError, MemoryLimitError, ModelLoadError, OptionError,
-                             PassError, RuntimeExecutionError, ScheduleError, ShapeError,
-                             UnsupportedModelError)
+from hyperion.errors import (
+                             FeedError,
+                             HyperionError,
+                             MemoryLimitError,
+                             ModelLoadError,
+                             OptionError,
+                             PassError,
+                             RuntimeExecutionError,
+                             ScheduleError,
+                             ShapeError,
+                             UnsupportedModelError,
+)
 from hyperion.ir import EdgeKind, ExecutionMode
 from hyperion.runtime import RunStats
 from hyperion.schedule import Schedule
-from hyperion.seed import (DependencyType, ExecLayer, ForwardScheduler, MappedModel, MmapConfig, SchedulerError,
-                           SchedulerMemoryError, default_mmap_config, open_mapped_model)
+from hyperion.seed import (
+                             DependencyType,
+                             ExecLayer,
+                             ForwardScheduler,
+                             MappedModel,
+                             MmapConfig,
+                             SchedulerError,
+                             SchedulerMemoryError,
+                             default_mmap_config,
+                             open_mapped_model,
+)
 from hyperion.units import parse_size
 
 __version__ = "0.1.0"

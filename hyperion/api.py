@@ -10,9 +10,16 @@ import networkx as nx
 import numpy as np
 
 from hyperion.errors import FeedError, OptionError, ScheduleError
+from hyperion.frontend import (
+    ImportedModel,
+    ModelLike,
+    declared_input_shapes,
+    import_model,
+    load_source,
+    require_bound,
+    unbound_dims,
+)
 from hyperion.ir import ExecutionMode, Graph
-from hyperion.frontend import (ImportedModel, ModelLike, declared_input_shapes, import_model, load_source,
-                                  require_bound, unbound_dims)
 from hyperion.planner import optimal_batch_size, parse_mode, plan
 from hyperion.runtime import RunStats, Runtime, SessionConfig
 from hyperion.schedule import Schedule

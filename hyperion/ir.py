@@ -3,17 +3,20 @@
 One graph node per ONNX node, one edge per (producer, consumer, tensor). Graph
 inputs and weights have no producer node, so no edge: a node reached only from
 them depends on nothing (the seed's ``HYPERION_DEP_NONE``). Code outside this
-module reads the graph through :class:`Graph`, not raw networkx attribute dicts.
+module reads the graph through :class:`Graph` -- successors, predecessors, topological
+orders, cycles, node attributes, small constant values -- never networkx itself; the
+networkx view (``Graph.nx``) is what ``CompiledModel.graph`` hands users.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
 
 from hyperion.errors import PassError
 
@@ -46,6 +49,12 @@ class ExecutionMode(str, enum.Enum):
     STREAMING = "streaming"
     ADAPTIVE = "adaptive"
 
+    @property
+    def planning_mode(self) -> ExecutionMode:
+        """What orders and memory are planned for: ``normal`` keeps every weight resident;
+        every other mode loads each segment's weights when it runs, as ``memory_opt``."""
+        return ExecutionMode.NORMAL if self is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
+
 
 @dataclass(frozen=True)
 class ExternalLocation:
@@ -72,14 +81,58 @@ class TensorInfo:
         return self.nbytes is not None
 
 
+AttributeValue = int | float | str | list[int] | list[float] | list[str] | np.ndarray
+"""A node attribute as plain Python: tensors as (small) numpy arrays; subgraphs are not kept."""
+
+DEFAULT_DOMAIN = ""
+"""The default ONNX operator set's domain, as the IR spells it (files may write ``ai.onnx``)."""
+
+
+def normalise_domain(domain: str) -> str:
+    """``""`` for the default ONNX domain however the file spells it, else ``domain``."""
+    return DEFAULT_DOMAIN if domain == "ai.onnx" else domain
+
+
 @dataclass(frozen=True)
 class NodeInfo:
     name: str                 # unique within the graph
     op_type: str
-    domain: str
+    domain: str               # normalised: "" for the default ONNX domain (see normalise_domain)
     inputs: tuple[str, ...]   # non-empty inputs, then outer-scope tensors its subgraphs read
     outputs: tuple[str, ...]  # non-empty outputs
     index: int                # position in the ONNX file's node list
+    # Inputs and outputs by position, as the op's schema numbers them ("" for an omitted
+    # optional one; an unread optional output the IR dropped keeps its slot); default to
+    # ``inputs`` / ``outputs`` for graphs built by hand.
+    input_slots: tuple[str, ...] | None = None
+    output_slots: tuple[str, ...] | None = None
+    attributes: Mapping[str, AttributeValue] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.input_slots is None:
+            object.__setattr__(self, "input_slots", self.inputs)
+        if self.output_slots is None:
+            object.__setattr__(self, "output_slots", self.outputs)
+
+    @property
+    def is_default_domain(self) -> bool:
+        return self.domain == DEFAULT_DOMAIN
+
+    def int_attribute(self, name: str, default: int) -> int:
+        """Attribute ``name`` as an int, ``default`` when the node does not set it."""
+        value = self.attributes.get(name, default)
+        if isinstance(value, int | float | np.integer):
+            return int(value)
+        raise ValueError(f"node {self.name!r}: attribute {name!r} is not a number: {value!r}")
+
+    def ints_attribute(self, name: str) -> list[int] | None:
+        """Attribute ``name`` as a list of ints, or None when the node does not set it."""
+        value = self.attributes.get(name)
+        if value is None:
+            return None
+        if isinstance(value, list | tuple | np.ndarray):
+            return [int(v) for v in value]
+        raise ValueError(f"node {self.name!r}: attribute {name!r} is not a list of ints: {value!r}")
 
 
 @dataclass(frozen=True)
@@ -91,21 +144,32 @@ class Edge:
 
 
 def tensor_nbytes(dtype_itemsize: int | None, shape: tuple[int | str, ...] | None) -> int | None:
-    if dtype_itemsize is None or shape is None or any(not isinstance(d, int) for d in shape):
+    if dtype_itemsize is None or shape is None:
         return None
-    return dtype_itemsize * math.prod(shape)
+    dims = [d for d in shape if isinstance(d, int)]
+    return dtype_itemsize * math.prod(dims) if len(dims) == len(shape) else None
 
 
 class Graph:
-    """The model as a dependency graph, with every tensor's facts."""
+    """The model as a dependency graph, with every tensor's facts.
+
+    ``constants`` holds the values of small constants (initializers stored in the
+    file and ``Constant`` outputs of at most :data:`SMALL_TENSOR_BYTES`): the axes,
+    shapes and pads passes read. ``opset`` is the default domain's operator set
+    version (None for graphs that do not come from an ONNX file). ``nx`` is the
+    networkx view handed to users (``CompiledModel.graph``); passes use the methods.
+    """
 
     def __init__(self, nodes: list[NodeInfo], tensors: Mapping[str, TensorInfo],
-                 inputs: tuple[str, ...], outputs: tuple[str, ...]) -> None:
+                 inputs: tuple[str, ...], outputs: tuple[str, ...], *,
+                 constants: Mapping[str, np.ndarray] | None = None, opset: int | None = None) -> None:
         self.nx = nx.MultiDiGraph()
         self.nodes: dict[str, NodeInfo] = {n.name: n for n in nodes}
         self.tensors: dict[str, TensorInfo] = dict(tensors)
         self.inputs = inputs
         self.outputs = outputs
+        self.constants: Mapping[str, np.ndarray] = dict(constants or {})
+        self.opset = opset
         for node in nodes:
             self.nx.add_node(node.name, op_type=node.op_type)
         for node in nodes:
@@ -115,6 +179,15 @@ class Graph:
                     self.nx.add_edge(producer, node.name, key=name, tensor=name,
                                      bytes=self.tensors[name].nbytes, kind=None)
 
+    def with_tensors(self, tensors: Mapping[str, TensorInfo]) -> Graph:
+        """The same nodes, constants and edge kinds over another tensor table (resized tensors)."""
+        graph = Graph(list(self.nodes.values()), tensors, self.inputs, self.outputs,
+                      constants=self.constants, opset=self.opset)
+        for edge in self.edges():
+            if edge.kind is not None:
+                graph.set_edge_kind(edge.src, edge.dst, edge.tensor, edge.kind)
+        return graph
+
     # -- reading -----------------------------------------------------------------
     def file_order(self) -> tuple[str, ...]:
         return tuple(self.nodes)
@@ -123,11 +196,23 @@ class Graph:
         for src, dst, data in self.nx.edges(data=True):
             yield Edge(src, dst, data["tensor"], data["kind"])
 
+    def edge_tensors(self, src: str, dst: str) -> tuple[str, ...]:
+        """The tensors ``src`` hands to ``dst`` (one edge each), in the order they were added."""
+        return tuple(self.nx[src][dst])
+
     def edge_kind(self, src: str, dst: str, tensor: str) -> EdgeKind | None:
         return self.nx.edges[src, dst, tensor]["kind"]
 
     def set_edge_kind(self, src: str, dst: str, tensor: str, kind: EdgeKind) -> None:
         self.nx.edges[src, dst, tensor]["kind"] = kind
+
+    def successors(self, node: str) -> tuple[str, ...]:
+        """The distinct nodes reading an output of ``node``, in the order their edges were added."""
+        return tuple(self.nx.successors(node))
+
+    def predecessors(self, node: str) -> tuple[str, ...]:
+        """The distinct nodes producing an input of ``node``, in the order their edges were added."""
+        return tuple(self.nx.predecessors(node))
 
     def producer_of(self, tensor: str) -> str | None:
         return self.tensors[tensor].producer
@@ -141,37 +226,69 @@ class Graph:
     def weight_bytes(self) -> int:
         return sum(t.nbytes or 0 for t in self.tensors.values() if t.role is TensorRole.WEIGHT)
 
+    def constant(self, tensor: str) -> np.ndarray | None:
+        """The value of a small constant tensor, or None (not constant, or too large to carry)."""
+        return self.constants.get(tensor)
+
+    # -- order ---------------------------------------------------------------------
+    def topological_order(self, key: Callable[[str], object] | None = None) -> tuple[str, ...]:
+        """Every node after the producers of its inputs.
+
+        With ``key``: Kahn's algorithm taking the ready node of the smallest key first
+        (ties: the earlier node of the file). Without: generation by generation, each
+        generation in the order its nodes became ready. Raises :class:`PassError` on a cycle.
+        """
+        try:
+            if key is None:
+                return tuple(nx.topological_sort(self.nx))
+            return tuple(nx.lexicographical_topological_sort(self.nx, key=key))
+        except nx.NetworkXUnfeasible:
+            raise PassError(f"graph has a cycle through nodes {list(self.find_cycle() or ())}") from None
+
+    def is_topological_order(self, order: Iterable[str]) -> bool:
+        """Does ``order`` hold every node once, each after the producers of its inputs?"""
+        order = tuple(order)
+        if len(order) != len(self.nodes) or set(order) != set(self.nodes):
+            return False
+        position = {node: i for i, node in enumerate(order)}
+        return all(position[u] < position[v] for u, v in self.nx.edges())
+
+    def find_cycle(self) -> tuple[str, ...] | None:
+        """The nodes of one dependency cycle, in order (the last feeds the first), or None."""
+        try:
+            cycle = nx.find_cycle(self.nx)
+        except nx.NetworkXNoCycle:
+            return None
+        return tuple(edge[0] for edge in cycle)
+
     # -- invariants ----------------------------------------------------------------
     def verify(self, *, require_kinds: bool = False, require_sizes: bool = False) -> None:
         """Raise :class:`PassError` if an invariant of the IR does not hold."""
         if not nx.is_directed_acyclic_graph(self.nx):
-            cycle = nx.find_cycle(self.nx)
-            raise PassError(f"graph has a cycle through nodes {[e[0] for e in cycle]}")
+            raise PassError(f"graph has a cycle through nodes {list(self.find_cycle() or ())}")
         for node in self.nodes.values():
             for name in node.inputs + node.outputs:
                 if name not in self.tensors:
                     raise PassError(f"node {node.name!r} uses tensor {name!r} missing from the tensor table")
         if require_kinds:
-            unclassified = [e for e in self.edges() if e.kind is None]
-            if unclassified:
-                e = unclassified[0]
+            unclassified = self.unclassified_edge()
+            if unclassified is not None:
+                e = unclassified
                 raise PassError(f"edge {e.src} -> {e.dst} ({e.tensor}) has no kind")
         if require_sizes:
             unsized = [t.name for t in self.tensors.values() if t.nbytes is None]
             if unsized:
                 raise PassError(f"tensor {unsized[0]!r} has no known size")
 
+    def unclassified_edge(self) -> Edge | None:
+        return next((e for e in self.edges() if e.kind is None), None)
 
-@dataclass
-class Program:
-    """What the passes work on: the graph, the options, and the analyses so far."""
 
-    graph: Graph
-    mode: ExecutionMode = ExecutionMode.NORMAL
-    memory_limit: int | None = None
-    order: tuple[str, ...] | None = None
-    order_result: object | None = None  # passes.order.OrderResult: peak, proven optimum, winner
-    liveness: object | None = None      # passes.liveness.Liveness
-    memory_plan: object | None = None   # passes.plan_memory.MemoryPlan
-    segmentation: object | None = None  # passes.segment.Segmentation
-    notes: dict[str, object] = field(default_factory=dict)
+def __getattr__(name: str) -> object:
+    # Program moved to hyperion.passes (it holds the passes' typed results); this alias
+    # keeps ``from hyperion.ir import Program`` working until its last users switch.
+    if name == "Program":
+        from hyperion.passes.program import Program
+
+        return Program
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,9 @@
 """Hyperion's compiler passes, installed as ``hyperion.passes``.
 
 One pass per module; the infrastructure (``Pass``, ``PassResult``,
-``PassManager``) is in :mod:`hyperion.passes._infra`. Grouped where it helps:
+``PassManager``) is in :mod:`hyperion.passes._infra`, the :class:`Program` they
+work on in :mod:`hyperion.passes.program`, and the one function that builds the
+pass list for a mode in :mod:`hyperion.passes.pipeline`. Grouped where it helps:
 ``ordering/`` (the order pass and its search), ``memory/`` (arena planning and
 onnxruntime's cost model), ``batch/`` (batch separability).
 """
@@ -12,8 +14,9 @@ from hyperion.passes._infra import (
     Pass,
     PassManager,
     PassResult,
-    default_passes,
+    ensure,
     require,
 )
+from hyperion.passes.program import Program
 
-__all__ = ["Pass", "PassManager", "PassResult", "default_passes", "require"]
+__all__ = ["Pass", "PassManager", "PassResult", "Program", "ensure", "require"]

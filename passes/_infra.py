@@ -1,9 +1,17 @@
 """The pass infrastructure: passes, their results, and the manager that composes them.
 
-A pass is a small object with a ``name`` and ``call(program) -> PassResult``;
-calling it checks what it needs first (``requires``). The manager runs passes in
-order, verifies the IR after each one, and wraps an unexpected failure in a
-:class:`~hyperion.errors.PassError` that names the pass and the passes before it.
+A pass is a small object with a ``name`` and ``call(program) -> PassResult``.
+Calling it runs ``requires`` (what it reads is there), ``call``, then ``ensures``
+(its postcondition holds). Passes update the program in place and return it.
+
+``PassResult.modified`` means one thing for every pass: the pass changed the IR
+(an edge kind) or an analysis result of the program relative to its input. A pass
+run again on its own output therefore reports ``modified=False``.
+
+The manager runs passes in order, verifies the IR after each one, and wraps an
+unexpected failure in a :class:`~hyperion.errors.PassError` that names the pass
+and the passes before it. Typed Hyperion errors (a cap that cannot be met, a model
+that cannot be streamed) pass through unchanged: they are answers, not bugs.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from hyperion.errors import HyperionError, PassError
-from hyperion.ir import Program
+from hyperion.passes.program import Program
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PassResult:
     program: Program
-    modified: bool
+    modified: bool   # the IR or an analysis result changed (see the module docstring)
 
 
 class Pass(abc.ABC):
@@ -36,14 +44,24 @@ class Pass(abc.ABC):
     @abc.abstractmethod
     def call(self, program: Program) -> PassResult: ...
 
+    def ensures(self, program: Program) -> None:
+        """Raise :class:`PassError` unless this pass's postcondition holds on ``program``."""
+
     def __call__(self, program: Program) -> PassResult:
         self.requires(program)
-        return self.call(program)
+        result = self.call(program)
+        self.ensures(result.program)
+        return result
 
 
 def require(condition: object, pass_name: str, what: str) -> None:
     if not condition:
         raise PassError(f"pass {pass_name!r} needs {what}; run the passes before it first")
+
+
+def ensure(condition: object, pass_name: str, what: str) -> None:
+    if not condition:
+        raise PassError(f"pass {pass_name!r} broke its postcondition: {what}")
 
 
 class PassManager:
@@ -65,7 +83,7 @@ class PassManager:
             except Exception as exc:
                 raise PassError(f"pass {p.name!r} failed (after {done or 'no passes'}): {exc}") from exc
             if self.verify:
-                program.graph.verify()
+                result.program.graph.verify()
             log.debug("pass %s: %.1f ms, modified=%s", p.name, 1e3 * (time.perf_counter() - started),
                       result.modified)
             program = result.program
@@ -73,14 +91,6 @@ class PassManager:
             done.append(p.name)
         return PassResult(program, modified)
 
-
-def default_passes(*, max_segment_steps: int | None = None) -> list[Pass]:
-    """The standard pipeline: classify, order, liveness, plan memory, segment."""
-    from hyperion.passes.classify_edges import ClassifyEdgesPass
-    from hyperion.passes.liveness import LivenessPass
-    from hyperion.passes.memory.plan_memory import PlanMemoryPass
-    from hyperion.passes.ordering.order import OrderPass
-    from hyperion.passes.segment import SegmentPass
-
-    return [ClassifyEdgesPass(), OrderPass(), LivenessPass(), PlanMemoryPass(),
-            SegmentPass(max_segment_steps=max_segment_steps)]
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.passes)

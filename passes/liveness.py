@@ -1,17 +1,4 @@
-"""liveness: when every tensor is defined and when it is last used.
-
-Rules, for a topological order of steps 0..n-1:
-
-* an activation is defined at the step of its producer and lives until the step
-  of its last consumer; it is marked unneeded right after that step;
-* an activation nobody reads (e.g. an unused optional output) dies at the step
-  that defines it;
-* a graph input is resident before step 0 (``first = -1``) and lives until its
-  last use;
-* a graph output lives until the last step and is never marked unneeded;
-* a weight's interval spans its first and last use; whether it is resident all
-  along (``normal``) or only then (``memory_opt``) is the planner's business.
-"""
+"""liveness: when every tensor is defined and when it is last used (see :class:`LivenessPass`)."""
 
 from __future__ import annotations
 
@@ -19,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from hyperion.passes import Pass, PassResult, require
-
-from hyperion.ir import ExecutionMode, Graph, Program, TensorRole
+from hyperion.ir import ExecutionMode, Graph, TensorInfo, TensorRole
+from hyperion.passes._infra import Pass, PassResult, ensure, require
+from hyperion.passes.program import Program
 
 BEFORE_FIRST_STEP = -1
 
@@ -48,14 +35,47 @@ class Liveness:
 
 
 class LivenessPass(Pass):
+    """When every tensor is defined and when it is last used.
+
+    Rules, for a topological order of steps 0..n-1:
+
+    1. an activation is defined at the step of its producer and lives until the step
+       of its last consumer; it is marked unneeded right after that step;
+    2. an activation nobody reads (e.g. an unused optional output) dies at the step
+       that defines it;
+    3. a graph input is resident before step 0 (``first = -1``) and lives until its
+       last use;
+    4. a graph output lives until the last step and is never marked unneeded;
+    5. a weight's interval spans its first and last use; whether it is resident all
+       along (``normal``) or only then (``memory_opt``) is the planner's business.
+
+    Writes ``program.liveness``. Postcondition: every tensor that is not a weight has an
+    interval, and so has every weight some step reads.
+    """
+
     name: ClassVar[str] = "liveness"
 
     def requires(self, program: Program) -> None:
         require(program.order is not None, self.name, "an order (the 'order' pass)")
 
     def call(self, program: Program) -> PassResult:
-        program.liveness = compute_liveness(program.graph, program.order or ())
-        return PassResult(program, False)
+        liveness = compute_liveness(program.graph, program.order or ())
+        modified = liveness != program.liveness
+        program.liveness = liveness
+        return PassResult(program, modified)
+
+    def ensures(self, program: Program) -> None:
+        liveness = program.liveness
+        ensure(liveness is not None, self.name, "no liveness was recorded")
+        assert liveness is not None
+        missing = next((t.name for t in program.graph.tensors.values() if not _has_interval(liveness, t)), None)
+        ensure(missing is None, self.name, f"tensor {missing!r} has no interval")
+
+
+def _has_interval(liveness: Liveness, tensor: TensorInfo) -> bool:
+    if tensor.role is TensorRole.WEIGHT:
+        return tensor.name in liveness.weight_intervals or not tensor.consumers
+    return tensor.name in liveness.intervals
 
 
 def compute_liveness(graph: Graph, order: tuple[str, ...]) -> Liveness:

@@ -1,36 +1,4 @@
-"""segment: group consecutive steps into segments, each one onnxruntime session.
-
-Rules:
-
-* with no cap, the whole model is one segment (unless ``max_segment_steps``
-  asks for smaller ones, e.g. one node per segment);
-* a segment holds its inputs until it returns: a tensor defined before the
-  segment and last read inside it stays accounted until the segment's last step;
-* a session holds its weights as :mod:`hyperion.passes.memory.costs` says: packed
-  copies for pre-packed weights, the plain bytes for the others; while it is
-  being created it also holds the original of the weight being packed. With
-  ``prepack_weights=False`` sessions pack nothing: every weight is held at its
-  own size, mapped, and creating a session holds nothing more;
-* ``normal`` mode: every weight is resident all the time, and the first step
-  of each segment also pays for its session's creation;
-* ``memory_opt`` mode: a segment's session exists only while the segment runs;
-  with ``prefetch`` the next segment's session is created while the current
-  one computes, so every step of a segment also accounts the next segment's
-  creation (after the last segment: segment 0's, for the next run, when that
-  fits); the first segment (every segment without prefetch) accounts its own
-  creation at its first step;
-* the weight cache: in ``memory_opt`` mode, sessions of segments kept alive
-  across runs, chosen in order while their held bytes (plus
-  ``SESSION_OVERHEAD_BYTES`` each) fit ``weight_cache_bytes`` (``None``: any
-  amount) and every step stays under the cap; a cached session counts at every
-  step;
-* ``pinned_bytes`` are held for the whole run outside the graph (streaming:
-  the whole batch's inputs and outputs) and count at every step;
-* segments are grown greedily while every constraint above holds; a step that
-  does not fit even as its own segment raises
-  :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
-  the smallest cap that works (that cap always admits a plan).
-"""
+"""segment: group consecutive steps into segments, each one onnxruntime session (see :class:`SegmentPass`)."""
 
 from __future__ import annotations
 
@@ -38,12 +6,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from hyperion.passes import Pass, PassResult, require
-from hyperion.passes.liveness import Liveness, activation_live_bytes
-from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, resident_bytes
 
 from hyperion.errors import MemoryLimitError
-from hyperion.ir import ExecutionMode, Graph, Program
+from hyperion.ir import ExecutionMode, Graph
+from hyperion.passes._infra import Pass, PassResult, ensure, require
+from hyperion.passes.liveness import Liveness, activation_live_bytes
+from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, resident_bytes
+from hyperion.passes.program import Program
 from hyperion.units import format_size
 
 
@@ -73,6 +42,43 @@ class Segmentation:
 
 @dataclass(frozen=True)
 class SegmentPass(Pass):
+    """Group consecutive steps into segments, each one onnxruntime session.
+
+    Rules:
+
+    1. with no cap, the whole model is one segment (unless ``max_segment_steps``
+       asks for smaller ones, e.g. one node per segment);
+    2. a segment holds its inputs until it returns: a tensor defined before the
+       segment and last read inside it stays accounted until the segment's last step;
+    3. a session holds its weights as :mod:`hyperion.passes.memory.costs` says: packed
+       copies for pre-packed weights, the plain bytes for the others; while it is
+       being created it also holds the original of the weight being packed. With
+       ``prepack_weights=False`` sessions pack nothing: every weight is held at its
+       own size, mapped, and creating a session holds nothing more;
+    4. ``normal`` mode: every weight is resident all the time, and the first step
+       of each segment also pays for its session's creation;
+    5. ``memory_opt`` mode (and streaming, planned as memory_opt): a segment's session
+       exists only while the segment runs; with ``prefetch`` the next segment's session
+       is created while the current one computes, so every step of a segment also
+       accounts the next segment's creation (after the last segment: segment 0's, for
+       the next run, when that fits); the first segment (every segment without
+       prefetch) accounts its own creation at its first step;
+    6. the weight cache: in ``memory_opt`` mode, sessions of segments kept alive
+       across runs, chosen in order while their held bytes (plus
+       ``SESSION_OVERHEAD_BYTES`` each) fit ``weight_cache_bytes`` (``None``: any
+       amount) and every step stays under the cap; a cached session counts at every
+       step;
+    7. ``pinned_bytes`` are held for the whole run outside the graph (streaming:
+       the whole batch's inputs and outputs) and count at every step;
+    8. segments are grown greedily while every constraint above holds; a step that
+       does not fit even as its own segment raises
+       :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
+       the smallest cap that works (that cap always admits a plan).
+
+    Writes ``program.segmentation``. Postcondition: the segments cover every step in
+    order, and the peak is at most the cap.
+    """
+
     name: ClassVar[str] = "segment"
     max_segment_steps: int | None = None
     prefetch: bool = True
@@ -84,12 +90,27 @@ class SegmentPass(Pass):
         require(program.liveness is not None, self.name, "liveness (the 'liveness' pass)")
 
     def call(self, program: Program) -> PassResult:
-        mode = ExecutionMode.NORMAL if program.mode is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
-        program.segmentation = segment(program.graph, program.liveness, mode, program.memory_limit,
-                                       self.max_segment_steps, prefetch=self.prefetch,
-                                       weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=self.pinned_bytes,
-                                       prepack_weights=self.prepack_weights)
-        return PassResult(program, False)
+        assert program.liveness is not None
+        segmentation = segment(program.graph, program.liveness, program.planning_mode, program.memory_limit,
+                               self.max_segment_steps, prefetch=self.prefetch,
+                               weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=self.pinned_bytes,
+                               prepack_weights=self.prepack_weights)
+        modified = segmentation != program.segmentation
+        program.segmentation = segmentation
+        return PassResult(program, modified)
+
+    def ensures(self, program: Program) -> None:
+        segmentation, liveness = program.segmentation, program.liveness
+        ensure(segmentation is not None and liveness is not None, self.name, "no segmentation was recorded")
+        assert segmentation is not None and liveness is not None
+        bounds = [0] + [s.stop for s in segmentation.spans]
+        starts = [s.start for s in segmentation.spans] + [liveness.num_steps]
+        ensure(bounds == starts and all(s.start < s.stop for s in segmentation.spans)
+               and len(segmentation.step_bytes) == liveness.num_steps, self.name,
+               "the segments do not cover every step once, in order")
+        limit = program.memory_limit
+        ensure(limit is None or segmentation.peak_bytes <= limit, self.name,
+               f"peak {segmentation.peak_bytes} bytes exceeds the cap of {limit} bytes")
 
 
 class _Costs:

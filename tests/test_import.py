@@ -1,4 +1,5 @@
-"""Import: the tensor table, external data located but not read, and clear errors on bad input."""
+"""Import: the tensor table, node attributes and small constants in the IR, external data
+located but not read, and clear errors on bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 import hyperion
 from hyperion.frontend import import_model, load_source
-from hyperion.ir import TensorRole
+from hyperion.ir import SMALL_TENSOR_BYTES, TensorRole
 from tests.conftest import RUNTIME_AXES_MEAN, fixture_path
 
 
@@ -22,6 +23,34 @@ def test_tensor_table_roles_sizes_producers_consumers() -> None:
     assert hidden.role is TensorRole.ACTIVATION and hidden.producer == "input_layer"
     assert hidden.consumers == ("conv1", "residual")
     assert y.role is TensorRole.OUTPUT and y.producer == "output"
+
+
+def test_attributes_constants_domains_and_slots_are_plain_ir_values() -> None:
+    big = ", ".join(["1"] * (SMALL_TENSOR_BYTES // 4 + 1))
+    model = onnx.parser.parse_model(f"""<ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+    g (float[2, 8] x) => (float[2, 8] y, float[2, 8] z)
+      <int64[2] shape = {{2, 8}}, float[{SMALL_TENSOR_BYTES // 4 + 1}] large = {{{big}}}> {{
+        axes = Constant <value_ints = [0]> ()
+        r = Reshape (x, shape)
+        t = Transpose <perm = [0, 1]> (r)
+        s = Softmax <axis = -1> (t)
+        c = Clip (s, , shape)
+        y = Identity (c)
+        z = com.microsoft.Gelu (x)
+    }}""")
+    model.graph.node[4].domain = "ai.onnx"   # the file may spell the default domain out
+    graph = import_model(load_source(model)).graph
+    nodes = {node.op_type: node for node in graph.nodes.values()}
+    assert nodes["Transpose"].attributes == {"perm": [0, 1]} and nodes["Softmax"].int_attribute("axis", 1) == -1
+    assert nodes["Clip"].domain == "" and nodes["Clip"].is_default_domain
+    assert nodes["Gelu"].domain == "com.microsoft" and not nodes["Gelu"].is_default_domain
+    assert nodes["Clip"].input_slots == ("s", "", "shape") and nodes["Clip"].inputs == ("s", "shape")
+    assert graph.constant("shape").tolist() == [2, 8] and graph.constant("axes").tolist() == [0]
+    assert graph.constant("large") is None and graph.constant("x") is None   # too large; not a constant
+    assert graph.opset == 17
+    assert graph.predecessors("Clip_4") == ("Softmax_3",) and graph.successors("Reshape_1") == ("Transpose_2",)
+    assert graph.topological_order(key=lambda n: -graph.nodes[n].index)[0] == "Gelu_6"
+    assert graph.find_cycle() is None
 
 
 def test_external_data_is_located_not_read(tmp_path: Path) -> None:

@@ -12,8 +12,12 @@ import pytest
 import hyperion
 from hyperion.frontend import import_model, load_source
 from hyperion.ir import ExecutionMode
+from hyperion.passes import classify_edges as classify_module
+from hyperion.passes.batch.separable import analyze
+from hyperion.passes.ordering import order as order_module
+from hyperion.passes.pipeline import SegmentOptions
 from hyperion.planner import optimal_batch_size, run_passes
-from hyperion.planner.streaming import SegmentOptions, batch_analysis, smallest_limit, stream_pinned_bytes
+from hyperion.planner.streaming import smallest_limit, stream_pinned_bytes
 from tests.conftest import assert_outputs_equal, example_feeds, fixture_path, reference_outputs
 
 
@@ -26,7 +30,7 @@ def cap_for_chunk(name: str, batch: int, chunk: int) -> int:
     feeds = example_feeds(name, batch=batch)
     imported = import_model(load_source(fixture_path(name)), _shapes(feeds))
     whole = run_passes(imported, ExecutionMode.MEMORY_OPT, None, options=SegmentOptions())
-    analysis = batch_analysis(imported, whole.order)
+    analysis = analyze(whole.graph, whole.order)
     return smallest_limit(whole, analysis, chunk, fixed_bytes=stream_pinned_bytes(imported.graph, analysis))
 
 
@@ -78,6 +82,24 @@ def test_adaptive_picks_streaming_when_the_whole_batch_does_not_fit() -> None:
     assert "memory_opt needs at least" in schedule.mode_reason and "chunks of" in schedule.mode_reason
     assert 1 <= schedule.batch_chunk < 8 and schedule.peak_bytes <= cap
     assert_outputs_equal(cm.run(feeds), reference_outputs(path, feeds))
+
+
+def test_adaptive_classifies_once_and_orders_once_per_planning_mode(monkeypatch) -> None:
+    # Adaptive plans normal, memory_opt and streaming (with and without prefetch) on one
+    # graph; edge kinds depend on none of them and the order only on normal vs memory_opt.
+    feeds = example_feeds("demo", batch=8)
+    path = fixture_path("demo")
+    with pytest.raises(hyperion.MemoryLimitError) as info:
+        hyperion.compile(path, mode="memory_opt", memory_limit=1000, input_shapes=_shapes(feeds))
+    classified, ordered = [], []
+    classify, plan_order = classify_module.classify_edges, order_module.plan_order
+    monkeypatch.setattr(classify_module, "classify_edges", lambda graph: classified.append(1) or classify(graph))
+    monkeypatch.setattr(order_module, "plan_order",
+                        lambda graph, mode, budget=None: ordered.append(mode) or plan_order(graph, mode, budget))
+    cm = hyperion.compile(path, memory_limit=info.value.smallest_limit_bytes - 1, input_shapes=_shapes(feeds))
+    assert cm.schedule.mode == "streaming"
+    assert len(classified) == 1
+    assert ordered == [ExecutionMode.NORMAL, ExecutionMode.MEMORY_OPT]
 
 
 def test_adaptive_prefers_normal_then_memory_opt() -> None:

@@ -1,7 +1,9 @@
 """IR construction: nodes with stable unique names, the tensor table, roles.
 
 Tensors that subgraphs (If / Loop / Scan bodies) read from the outer scope
-count as inputs of the node that owns the subgraph.
+count as inputs of the node that owns the subgraph. Node attributes become plain
+Python values and small constants numpy arrays, so that passes never read protobuf;
+domains are normalised (``""`` for the default ONNX domain).
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
-from onnx import GraphProto, ModelProto, TensorProto, TypeProto
+from onnx import AttributeProto, GraphProto, ModelProto, TensorProto, TypeProto, numpy_helper
 
 from hyperion.errors import ModelLoadError, ShapeError
 from hyperion.frontend.shapes import (
@@ -21,7 +24,16 @@ from hyperion.frontend.shapes import (
 )
 from hyperion.frontend.source import ModelSource, external_location
 from hyperion.frontend.types import dtype_name, itemsize, type_facts
-from hyperion.ir import Graph, NodeInfo, TensorInfo, TensorRole, tensor_nbytes
+from hyperion.ir import (
+    SMALL_TENSOR_BYTES,
+    AttributeValue,
+    Graph,
+    NodeInfo,
+    TensorInfo,
+    TensorRole,
+    normalise_domain,
+    tensor_nbytes,
+)
 
 
 @dataclass
@@ -78,20 +90,77 @@ def unread_unsized_optional_outputs(proto: ModelProto, sizing: Mapping[str, Type
     for node in proto.graph.node:
         read.update(node.input)
         read.update(outer_scope_reads(node))
-    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
+    opsets = {normalise_domain(o.domain): o.version for o in proto.opset_import}
     return {name for node in proto.graph.node for index, name in enumerate(node.output)
             if name and name not in read and type_facts(sizing.get(name))[2] is None
             and _is_optional_output(node, index, opsets)}
 
 
 def _is_optional_output(node: onnx.NodeProto, index: int, opsets: Mapping[str, int]) -> bool:
-    domain = "" if node.domain == "ai.onnx" else node.domain
+    domain = normalise_domain(node.domain)
     try:
         schema = onnx.defs.get_schema(node.op_type, opsets.get(domain, 1), domain)
     except onnx.defs.SchemaError:
         return False  # an op onnx does not know: its outputs are not ours to drop
     return (index < len(schema.outputs)
             and schema.outputs[index].option == onnx.defs.OpSchema.FormalParameterOption.Optional)
+
+
+def _small_array(tensor: TensorProto) -> np.ndarray | None:
+    """The value of ``tensor`` if it is stored in the file and at most SMALL_TENSOR_BYTES."""
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return None  # never read here: external data stays where it is
+    nbytes = tensor_nbytes(itemsize(tensor.data_type), tuple(tensor.dims))
+    if nbytes is None or nbytes > SMALL_TENSOR_BYTES:
+        return None
+    return numpy_helper.to_array(tensor)
+
+
+def _attribute_value(attr: AttributeProto) -> AttributeValue | None:
+    """``attr`` as plain Python; None for what the IR does not carry (subgraphs, large tensors)."""
+    if attr.type == AttributeProto.TENSOR:
+        return _small_array(attr.t)
+    if attr.type == AttributeProto.STRING:
+        return attr.s.decode("utf-8", errors="replace")
+    if attr.type == AttributeProto.STRINGS:
+        return [s.decode("utf-8", errors="replace") for s in attr.strings]
+    if attr.type in (AttributeProto.INT, AttributeProto.FLOAT, AttributeProto.INTS, AttributeProto.FLOATS):
+        return onnx.helper.get_attribute_value(attr)  # an int, a float, or a list of them
+    return None
+
+
+def node_attributes(node: onnx.NodeProto) -> dict[str, AttributeValue]:
+    values = {attr.name: _attribute_value(attr) for attr in node.attribute}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def small_constants(proto: ModelProto, nodes: Sequence[NodeInfo]) -> dict[str, np.ndarray]:
+    """Values of initializers stored in the file and of ``Constant`` outputs, up to
+    SMALL_TENSOR_BYTES each: the axes, shapes and pads passes read."""
+    values: dict[str, np.ndarray] = {}
+    for tensor in proto.graph.initializer:
+        value = _small_array(tensor)
+        if value is not None:
+            values[tensor.name] = value
+    for node in nodes:
+        if node.op_type == "Constant" and node.is_default_domain and node.outputs:
+            value = _constant_value(node)
+            if value is not None and value.nbytes <= SMALL_TENSOR_BYTES:
+                values[node.outputs[0]] = value
+    return values
+
+
+_CONSTANT_LIST_ATTRIBUTES = ("value_ints", "value_int", "value_floats", "value_float")
+
+
+def _constant_value(node: NodeInfo) -> np.ndarray | None:
+    value = node.attributes.get("value")
+    if isinstance(value, np.ndarray):
+        return value
+    for name in _CONSTANT_LIST_ATTRIBUTES:
+        if name in node.attributes:
+            return np.asarray(node.attributes[name])
+    return None
 
 
 def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
@@ -115,7 +184,9 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
     for index, (name, node) in enumerate(zip(node_names, proto.graph.node)):
         inputs = tuple(dict.fromkeys([i for i in node.input if i] + outer_scope_reads(node)))
         outputs = tuple(o for o in node.output if o and o not in dropped)
-        nodes.append(NodeInfo(name, node.op_type, node.domain, inputs, outputs, index))
+        nodes.append(NodeInfo(name, node.op_type, normalise_domain(node.domain), inputs, outputs, index,
+                              input_slots=tuple(node.input), output_slots=tuple(node.output),
+                              attributes=node_attributes(node)))
         for tensor in inputs:
             consumers.setdefault(tensor, []).append(name)
         for tensor in outputs:
@@ -133,11 +204,11 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
     for name in list(dict.fromkeys(list(graph_inputs) + list(weights) + list(producers))):
         if name in weights:
             init = weights[name]
-            shape = tuple(int(d) for d in init.dims)
+            dims = tuple(int(d) for d in init.dims)
             external = (external_location(source, init)
                         if init.data_location == TensorProto.EXTERNAL else None)
-            tensors[name] = TensorInfo(name, dtype_name(init.data_type), shape,
-                                       tensor_nbytes(itemsize(init.data_type), shape), TensorRole.WEIGHT,
+            tensors[name] = TensorInfo(name, dtype_name(init.data_type), dims,
+                                       tensor_nbytes(itemsize(init.data_type), dims), TensorRole.WEIGHT,
                                        None, tuple(consumers.get(name, ())), external)
             continue
         dtype, shape, nbytes = type_facts(sizing.get(name))
@@ -148,7 +219,8 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
     for name in graph_outputs:
         if name not in tensors:
             raise ModelLoadError(f"{source.label}: graph output {name!r} is produced by no node")
-    graph = Graph(nodes, tensors, graph_inputs, graph_outputs)
+    graph = Graph(nodes, tensors, graph_inputs, graph_outputs, constants=small_constants(proto, nodes),
+                  opset=source.opset)
     return ImportedModel(source, graph, types, bound)
 
 

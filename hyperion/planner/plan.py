@@ -19,22 +19,18 @@ from hyperion.errors import (
     UnsupportedModelError,
 )
 from hyperion.frontend import ImportedModel
-from hyperion.ir import ExecutionMode, Program
-from hyperion.passes import PassManager, default_passes
-from hyperion.passes.batch.separable import refusal_message
-from hyperion.passes.segment import SegmentPass
+from hyperion.ir import ExecutionMode
+from hyperion.passes import Program
+from hyperion.passes.batch.separable import analyze
+from hyperion.passes.pipeline import SegmentOptions, Stage, build_pipeline
 from hyperion.planner.emit import build_schedule
 from hyperion.planner.streaming import (
-    SegmentOptions,
-    batch_analysis,
     chunk_program,
     largest_batch,
     smallest_limit,
     stream_pinned_bytes,
 )
-from hyperion.schedule import (
-    Schedule,
-)
+from hyperion.schedule import Schedule
 from hyperion.units import format_size
 
 log = logging.getLogger(__name__)
@@ -48,27 +44,54 @@ def parse_mode(mode: str | ExecutionMode) -> ExecutionMode:
                           f"{', '.join(m.value for m in ExecutionMode)}") from None
 
 
+class Planner:
+    """The passes of one compile over one graph, each stage run only as often as its
+    inputs change: edge kinds once, the order once per planning mode (normal, or
+    memory_opt for every other mode), and liveness, arena and segments for every
+    (mode, cap, options) tried. Adaptive mode tries up to four plans on one graph;
+    they share the classification and the orders.
+    """
+
+    def __init__(self, imported: ImportedModel, options: SegmentOptions | None = None) -> None:
+        self.imported = imported
+        self.options = options or SegmentOptions()
+        self.classified = Program(imported.graph)
+        build_pipeline(ExecutionMode.NORMAL, stages=(Stage.CLASSIFY,))(self.classified)
+        self._ordered: dict[ExecutionMode, Program] = {}
+
+    def ordered(self, mode: ExecutionMode) -> Program:
+        """The classified program with the order of ``mode``'s planning mode (computed once)."""
+        planning_mode = mode.planning_mode
+        if planning_mode not in self._ordered:
+            program = dataclasses.replace(self.classified, mode=planning_mode)
+            build_pipeline(planning_mode, stages=(Stage.ORDER,))(program)
+            self._ordered[planning_mode] = program
+        return self._ordered[planning_mode]
+
+    def planned(self, mode: ExecutionMode, memory_limit: int | None,
+                options: SegmentOptions | None = None) -> Program:
+        """A fresh plan of ``mode`` under ``memory_limit``, on the order of its planning mode."""
+        program = dataclasses.replace(self.ordered(mode), mode=mode, memory_limit=memory_limit)
+        build_pipeline(mode, options or self.options, stages=(Stage.BATCH, Stage.PLAN))(program)
+        return program
+
+    def run(self, mode: ExecutionMode, memory_limit: int | None) -> Program:
+        """The plan of ``mode``; in memory_opt, without prefetch if prefetch does not fit."""
+        try:
+            return self.planned(mode, memory_limit)
+        except MemoryLimitError:
+            if mode is ExecutionMode.NORMAL or not self.options.prefetch:
+                raise
+        # The double buffer does not fit: each segment's weights are loaded when it starts.
+        program = self.planned(mode, memory_limit, dataclasses.replace(self.options, prefetch=False))
+        program.prefetch_dropped = True
+        return program
+
+
 def run_passes(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
                max_segment_steps: int | None = None, options: SegmentOptions | None = None) -> Program:
-    options = options or SegmentOptions(max_segment_steps)
-    try:
-        return _run(imported, mode, memory_limit, options)
-    except MemoryLimitError:
-        if mode is ExecutionMode.NORMAL or not options.prefetch:
-            raise
-    # The double buffer does not fit: each segment's weights are loaded when it starts.
-    program = _run(imported, mode, memory_limit, dataclasses.replace(options, prefetch=False))
-    program.notes["prefetch_dropped"] = True
-    return program
-
-
-def _run(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
-         options: SegmentOptions) -> Program:
-    program = Program(imported.graph, mode=mode, memory_limit=memory_limit)
-    passes = [options.segment_pass() if isinstance(p, SegmentPass) else p
-              for p in default_passes(max_segment_steps=options.max_segment_steps)]
-    PassManager(passes)(program)
-    return program
+    """Every pass of ``mode``'s pipeline on ``imported``: one plan, as :class:`Planner` makes it."""
+    return Planner(imported, options or SegmentOptions(max_segment_steps)).run(mode, memory_limit)
 
 
 def plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
@@ -100,38 +123,39 @@ def _plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None
             raise ShapeError(f"{imported.source.label}: the size of tensor {unsized[0]!r} is unknown "
                              "before running, so a memory cap cannot be promised; bind the input shapes "
                              "(input_shapes=...) or compile without a cap")
+    planner = Planner(imported, options)
     if mode is ExecutionMode.STREAMING:
-        program = plan_streaming(imported, memory_limit, options)
+        program = plan_streaming(planner, memory_limit)
         return build_schedule(imported, program, requested=mode, reason=f"streaming mode was requested; "
                               f"{_chunk_phrase(program)}")
     if mode is not ExecutionMode.ADAPTIVE:
-        program = run_passes(imported, mode, memory_limit, options=options)
+        program = planner.run(mode, memory_limit)
         return build_schedule(imported, program, requested=mode, reason=f"{mode.value} mode was requested")
     if memory_limit is None:
-        program = run_passes(imported, ExecutionMode.NORMAL, None, options=options)
+        program = planner.run(ExecutionMode.NORMAL, None)
         return build_schedule(imported, program, requested=mode,
                               reason="no memory limit: normal mode, every weight resident")
-    program, reason = _adaptive(imported, memory_limit, options)
+    program, reason = _adaptive(planner, memory_limit)
     return build_schedule(imported, program, requested=mode, reason=reason)
 
 
-def _adaptive(imported: ImportedModel, memory_limit: int, options: SegmentOptions) -> tuple[Program, str]:
+def _adaptive(planner: Planner, memory_limit: int) -> tuple[Program, str]:
     """The fastest mode whose plan fits: normal, else memory_opt, else streaming."""
     limit = format_size(memory_limit)
     try:
-        program = run_passes(imported, ExecutionMode.NORMAL, memory_limit, options=options)
-        return program, f"normal mode fits: peak {format_size(program.segmentation.peak_bytes)} <= limit {limit}"
+        program = planner.run(ExecutionMode.NORMAL, memory_limit)
+        return program, f"normal mode fits: peak {format_size(_peak_bytes(program))} <= limit {limit}"
     except MemoryLimitError as normal_error:
         normal_needs = f"normal mode needs at least {format_size(normal_error.smallest_limit_bytes)} > limit {limit}"
         normal_smallest = normal_error.smallest_limit_bytes
     try:
-        program = run_passes(imported, ExecutionMode.MEMORY_OPT, memory_limit, options=options)
+        program = planner.run(ExecutionMode.MEMORY_OPT, memory_limit)
         return program, (f"{normal_needs}; memory_opt fits with peak "
-                         f"{format_size(program.segmentation.peak_bytes)}")
+                         f"{format_size(_peak_bytes(program))}")
     except MemoryLimitError as error:
         memory_opt_error = error
     try:
-        program = plan_streaming(imported, memory_limit, options)
+        program = plan_streaming(planner, memory_limit)
     except (MemoryLimitError, UnsupportedModelError) as streaming_error:
         # The smallest cap adaptive can meet: the smaller of normal's and memory_opt's, both
         # planned under a cap (memory_opt's can exceed normal's: it accounts a prefetched
@@ -146,18 +170,27 @@ def _adaptive(imported: ImportedModel, memory_limit: int, options: SegmentOption
                      f"{_chunk_phrase(program)}")
 
 
+def _peak_bytes(program: Program) -> int:
+    assert program.segmentation is not None  # the segment pass ran
+    return program.segmentation.peak_bytes
+
+
 def _chunk_phrase(program: Program) -> str:
-    analysis = program.notes["batch_separability"]
-    return (f"the batch of {analysis.batch_size} runs in chunks of {program.notes['batch_chunk']} with peak "
-            f"{format_size(program.segmentation.peak_bytes)}")
+    analysis = program.batch_separability
+    assert analysis is not None  # a streaming plan
+    return (f"the batch of {analysis.batch_size} runs in chunks of {program.batch_chunk} with peak "
+            f"{format_size(_peak_bytes(program))}")
 
 
-def plan_streaming(imported: ImportedModel, memory_limit: int | None, options: SegmentOptions) -> Program:
+def plan_streaming(planner: Planner, memory_limit: int | None) -> Program:
     """The plan of the largest chunk of the batch that fits, in memory_opt mode."""
-    whole = run_passes(imported, ExecutionMode.MEMORY_OPT, None, options=options)
-    analysis = batch_analysis(imported, whole.order)
-    if not analysis.separable:
-        raise UnsupportedModelError(f"{imported.source.label}: mode 'streaming': {refusal_message(analysis)}")
+    imported, options = planner.imported, planner.options
+    try:
+        whole = planner.run(ExecutionMode.STREAMING, None)
+    except UnsupportedModelError as refusal:
+        raise UnsupportedModelError(f"{imported.source.label}: mode 'streaming': {refusal}") from None
+    analysis = whole.batch_separability
+    assert analysis is not None  # the batch_separable pass ran
     pinned = stream_pinned_bytes(imported.graph, analysis)
     chunk = analysis.batch_size
     if memory_limit is not None:
@@ -167,11 +200,11 @@ def plan_streaming(imported: ImportedModel, memory_limit: int | None, options: S
             options = dataclasses.replace(options, prefetch=False)
             chunk = largest_batch(whole, analysis, memory_limit, analysis.batch_size, prefetch=False,
                                   fixed_bytes=pinned, prepack_weights=options.prepack_weights)
-            whole.notes["prefetch_dropped"] = True
+            whole.prefetch_dropped = True
         if chunk < 1:
             if analysis.batch_size == 1:
                 raise MemoryLimitError(f"the batch of {imported.source.label} has one sample: nothing to split",
-                                       smallest_limit_bytes=whole.segmentation.peak_bytes)
+                                       smallest_limit_bytes=_peak_bytes(whole))
             needed = smallest_limit(whole, analysis, 1, prefetch=options.prefetch, fixed_bytes=pinned,
                                     prepack_weights=options.prepack_weights)
             raise MemoryLimitError(
@@ -179,8 +212,7 @@ def plan_streaming(imported: ImportedModel, memory_limit: int | None, options: S
                 f"at a time: streaming the batch of {analysis.batch_size} needs {needed} bytes "
                 f"({format_size(needed)}) with one-sample chunks", needed_bytes=needed, smallest_limit_bytes=needed)
     chunked = chunk_program(whole, analysis, chunk, memory_limit, options, pinned)
-    if whole.notes.get("prefetch_dropped"):
-        chunked.notes["prefetch_dropped"] = True
+    chunked.prefetch_dropped = whole.prefetch_dropped
     return chunked
 
 
@@ -198,10 +230,10 @@ def optimal_batch_size(imported: ImportedModel, memory_limit: int, max_batch_siz
     """
     if max_batch_size < 1:
         raise OptionError(f"max_batch_size: must be at least 1, got {max_batch_size}")
-    run_mode = ExecutionMode.NORMAL if mode is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
+    run_mode = mode.planning_mode
     options = SegmentOptions(prefetch=prefetch, prepack_weights=prepack_weights)
-    whole = run_passes(imported, run_mode, None, options=options)
-    analysis = batch_analysis(imported, whole.order)
+    whole = Planner(imported, options).run(run_mode, None)
+    analysis = analyze(whole.graph, whole.order)
     extra = (input_bytes_per_sample or 0) + (output_bytes_per_sample or 0)
     return largest_batch(whole, analysis, memory_limit, max_batch_size, prefetch=prefetch,
                          extra_bytes_per_sample=extra, prepack_weights=prepack_weights)

@@ -13,50 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 
-from hyperion.frontend import ImportedModel
-from hyperion.ir import ExecutionMode, Graph, Program, TensorInfo
-from hyperion.passes import PassManager
-from hyperion.passes.batch.separable import BatchSeparability, analyze, constant_values
-from hyperion.passes.liveness import LivenessPass, compute_liveness
-from hyperion.passes.memory.plan_memory import PlanMemoryPass
-from hyperion.passes.segment import SegmentPass, single_step_bytes
-from hyperion.runtime.segment_model import nodes_by_name
+from hyperion.ir import ExecutionMode, Graph, TensorInfo
+from hyperion.passes import Program
+from hyperion.passes.batch.separable import BatchSeparability
+from hyperion.passes.liveness import compute_liveness
+from hyperion.passes.pipeline import SegmentOptions, Stage, build_pipeline
+from hyperion.passes.segment import single_step_bytes
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SegmentOptions:
-    """The segment pass's options, as ``compile`` takes them."""
-
-    max_segment_steps: int | None = None
-    prefetch: bool = True
-    weight_cache_bytes: int | None = None
-    prepack_weights: bool = True
-
-    def segment_pass(self, pinned_bytes: int = 0) -> SegmentPass:
-        return SegmentPass(max_segment_steps=self.max_segment_steps, prefetch=self.prefetch,
-                           weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=pinned_bytes,
-                           prepack_weights=self.prepack_weights)
-
-
-def batch_analysis(imported: ImportedModel, order: tuple[str, ...] | None = None) -> BatchSeparability:
-    source = imported.source
-    graph = imported.graph
-    return analyze(graph, order or graph.file_order(), nodes_by_name(source), constant_values(source.proto),
-                   source.opset)
-
-
 def scaled_graph(graph: Graph, analysis: BatchSeparability, batch: int) -> Graph:
     """``graph`` with every batched tensor resized to ``batch`` samples; edge kinds kept."""
-    tensors = {name: _scaled(info, analysis, batch) for name, info in graph.tensors.items()}
-    scaled = Graph(list(graph.nodes.values()), tensors, graph.inputs, graph.outputs)
-    for edge in graph.edges():
-        if edge.kind is not None:
-            scaled.set_edge_kind(edge.src, edge.dst, edge.tensor, edge.kind)
-    return scaled
+    return graph.with_tensors({name: _scaled(info, analysis, batch) for name, info in graph.tensors.items()})
 
 
 def _scaled(info: TensorInfo, analysis: BatchSeparability, batch: int) -> TensorInfo:
@@ -118,8 +88,7 @@ def chunk_program(program: Program, analysis: BatchSeparability, chunk: int, mem
                   options: SegmentOptions, pinned_bytes: int = 0) -> Program:
     """The plan of one chunk of ``chunk`` samples, in the order chosen for the whole batch."""
     chunked = Program(scaled_graph(program.graph, analysis, chunk), mode=ExecutionMode.STREAMING,
-                      memory_limit=memory_limit, order=program.order)
-    PassManager([LivenessPass(), PlanMemoryPass(), options.segment_pass(pinned_bytes)])(chunked)
-    chunked.notes["batch_chunk"] = chunk
-    chunked.notes["batch_separability"] = analysis
+                      memory_limit=memory_limit, order=program.order, batch_separability=analysis,
+                      batch_chunk=chunk)
+    build_pipeline(ExecutionMode.STREAMING, options, stages=(Stage.PLAN,), pinned_bytes=pinned_bytes)(chunked)
     return chunked

@@ -18,8 +18,7 @@ from hyperion.errors import SchedulerError, SchedulerMemoryError
 from hyperion.seed.mapped import MappedModel, open_mapped_model
 from hyperion.seed.plan import LayerPlan, PlannedLayer
 from hyperion.seed.scheduler import ForwardScheduler
-from hyperion.seed.types import (Dependency, DependencyType, ExecLayer, ExecutionMode, MmapConfig,
-                                 default_mmap_config)
+from hyperion.seed.types import Dependency, DependencyType, ExecLayer, ExecutionMode, MmapConfig, default_mmap_config
 
 __all__ = ["Dependency", "DependencyType", "ExecLayer", "ExecutionMode", "ForwardScheduler", "LayerPlan",
            "MappedModel", "MmapConfig", "PlannedLayer", "SchedulerError", "SchedulerMemoryError",

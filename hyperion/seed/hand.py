@@ -12,15 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import networkx as nx
-
 from hyperion.errors import MemoryLimitError, SchedulerError, SchedulerMemoryError
-from hyperion.ir import ExecutionMode, Graph, NodeInfo, Program, TensorInfo, TensorRole
-from hyperion.passes import PassManager
-from hyperion.passes.liveness import LivenessPass
-from hyperion.passes.ordering.order import OrderPass
-from hyperion.passes.memory.plan_memory import PlanMemoryPass
-from hyperion.passes.segment import SegmentPass
+from hyperion.ir import ExecutionMode, Graph, NodeInfo, TensorInfo, TensorRole
+from hyperion.passes import Program
+from hyperion.passes.pipeline import SegmentOptions, Stage, build_pipeline
 from hyperion.seed.plan import LayerPlan, layer_plan
 from hyperion.seed.types import DependencyType
 from hyperion.units import format_size
@@ -114,11 +109,10 @@ def _check_known(table: LayerTable) -> None:
 
 
 def _check_acyclic(graph: Graph) -> None:
-    try:
-        cycle = nx.find_cycle(graph.nx)
-    except nx.NetworkXNoCycle:
+    cycle = graph.find_cycle()
+    if cycle is None:
         return
-    path = [edge[0] for edge in cycle] + [cycle[-1][1]]
+    path = [*cycle, cycle[0]]
     raise SchedulerError("the layers form a dependency cycle: "
                          + " -> ".join(name.removeprefix("layer") for name in path)
                          + "; a layer can only depend on layers that run before it")
@@ -130,14 +124,16 @@ def plan_hand_layers(table: LayerTable, mode: ExecutionMode, max_memory: int | N
         raise SchedulerError("no layers to schedule: add them with add_layer(...) before prepare()")
     graph = layer_graph(table)
     program = Program(graph, mode=mode, memory_limit=max_memory)
-    passes = [OrderPass(), LivenessPass(), PlanMemoryPass(), SegmentPass(max_segment_steps=1)]
+    # The user's dependency types are the classification: every stage but CLASSIFY.
+    pipeline = build_pipeline(mode, SegmentOptions(max_segment_steps=1), stages=(Stage.ORDER, Stage.PLAN))
     index_of = {node_name(i): i for i in table.layers}
     try:
-        PassManager(passes)(program)
+        pipeline(program)
     except MemoryLimitError as exc:
         raise _over_memory(graph, program, exc, index_of, max_memory or 0) from None
-    liveness = program.liveness
-    step_bytes = program.segmentation.step_bytes
+    liveness, segmentation = program.liveness, program.segmentation
+    assert liveness is not None and segmentation is not None  # the pipeline's postconditions
+    step_bytes = segmentation.step_bytes
     return layer_plan(graph, liveness.order, graph.edges(), liveness.frees, step_bytes, index_of)
 
 
@@ -146,9 +142,11 @@ def _over_memory(graph: Graph, program: Program, exc: MemoryLimitError, index_of
     """The segment pass's error in the seed's terms: which layer, how many bytes, and
     which earlier outputs are held while it runs."""
     layer = index_of[exc.node or ""]
-    step = program.liveness.order.index(node_name(layer))
+    liveness = program.liveness
+    assert liveness is not None  # the segment pass, which raised, reads it
+    step = liveness.order.index(node_name(layer))
     held = sorted(index_of[graph.tensors[name].producer or ""]
-                  for name, interval in program.liveness.intervals.items()
+                  for name, interval in liveness.intervals.items()
                   if step in interval and name != output_name(layer))
     own_bytes = graph.tensors[output_name(layer)].nbytes or 0
     return SchedulerMemoryError(

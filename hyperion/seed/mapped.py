@@ -9,8 +9,8 @@ from types import TracebackType
 
 from hyperion.api import CompiledModel
 from hyperion.errors import SchedulerError
-from hyperion.ir import ExecutionMode
 from hyperion.frontend import ImportedModel, ModelLike, import_model, load_source
+from hyperion.ir import ExecutionMode
 from hyperion.seed.types import MmapConfig, default_mmap_config
 
 

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hyperion.errors import SchedulerError
-from hyperion.ir import Edge, EdgeKind, Graph
 from hyperion.frontend import ImportedModel
+from hyperion.ir import Edge, EdgeKind, Graph
 from hyperion.passes.liveness import activation_live_bytes, compute_liveness
 from hyperion.schedule import Schedule
 from hyperion.seed.types import Dependency, DependencyType

@@ -1,21 +1,20 @@
 """The per-op rules of the ``batch_separable`` analysis (see that pass for the list).
 
 A rule gets one node as :class:`RuleNode` -- positional inputs, their states,
-shape facts, small constant values -- and returns the state of its outputs, or
+shape facts, attributes and small constant values, all read from the IR -- and
+returns the state of its outputs, or
 raises :class:`Refuse` with the reason the op mixes samples across axis 0.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import NodeProto
 
-from hyperion.ir import Graph
+from hyperion.ir import Graph, NodeInfo
 
 
 class BatchState(str, enum.Enum):
@@ -31,52 +30,70 @@ class Refuse(Exception):
 B, S, V = BatchState.BATCHED, BatchState.SHARED, BatchState.SHAPE
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuleNode:
     """One node as a rule sees it: positional inputs, their states, shapes, constants."""
 
-    proto: NodeProto
-    states: list[BatchState | None]       # None: an empty optional input
+    node: NodeInfo
+    states: list[BatchState | None]       # per input slot, then outer-scope reads; None: omitted
     graph: Graph
-    constants: Mapping[str, np.ndarray]
     batch_size: int
-    attrs: dict[str, object] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.attrs = {a.name: onnx.helper.get_attribute_value(a) for a in self.proto.attribute}
+    @property
+    def op_type(self) -> str:
+        return self.node.op_type
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Inputs by position, "" for an omitted optional one."""
+        return self.node.input_slots or ()
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.node.output_slots or ()
+
+    def int_attribute(self, name: str, default: int) -> int:
+        return self.node.int_attribute(name, default)
+
+    def ints_attribute(self, name: str) -> list[int] | None:
+        return self.node.ints_attribute(name)
 
     def shape(self, name: str) -> tuple[int | str, ...] | None:
         return self.graph.tensors[name].shape if name else None
 
+    def lead(self, name: str) -> int | str | None:
+        """The leading dim of ``name``, or None for a scalar or an unknown rank."""
+        shape = self.shape(name)
+        return shape[0] if shape else None
+
     def rank(self, index: int) -> int:
-        shape = self.shape(self.proto.input[index])
+        shape = self.shape(self.inputs[index])
         if shape is None:
-            raise Refuse(f"reads {self.proto.input[index]!r}, whose rank is unknown")
+            raise Refuse(f"reads {self.inputs[index]!r}, whose rank is unknown")
         return len(shape)
 
     def out_rank(self) -> int:
-        shape = self.shape(self.proto.output[0])
+        shape = self.shape(self.outputs[0])
         if shape is None:
-            raise Refuse(f"writes {self.proto.output[0]!r}, whose rank is unknown")
+            raise Refuse(f"writes {self.outputs[0]!r}, whose rank is unknown")
         return len(shape)
 
     def const(self, index: int) -> np.ndarray | None:
-        if index >= len(self.proto.input) or not self.proto.input[index]:
+        if index >= len(self.inputs) or not self.inputs[index]:
             return None
-        return self.constants.get(self.proto.input[index])
+        return self.graph.constant(self.inputs[index])
 
     def axis(self, default: int, rank: int, name: str = "axis") -> int:
-        axis = int(self.attrs.get(name, default))  # type: ignore[arg-type]
+        axis = self.int_attribute(name, default)
         return axis + rank if axis < 0 else axis
 
     def keeps_leading(self, index: int = 0) -> bool:
         """Shape facts: output 0's leading dim equals input ``index``'s."""
-        a, b = self.shape(self.proto.input[index]), self.shape(self.proto.output[0])
-        return bool(a) and bool(b) and a[0] == b[0]  # type: ignore[index]
+        lead = self.lead(self.inputs[index])
+        return lead is not None and lead == self.lead(self.outputs[0])
 
     def leads_with_batch(self) -> bool:
-        out = self.shape(self.proto.output[0])
-        return bool(out) and out[0] == self.batch_size  # type: ignore[index]
+        return self.lead(self.outputs[0]) == self.batch_size
 
 
 def _all(state: BatchState) -> Callable[[RuleNode], BatchState]:
@@ -92,9 +109,9 @@ def _elementwise(node: RuleNode) -> BatchState:
     rank = node.out_rank()
     for i, state in enumerate(node.states):
         if state is B and node.rank(i) != rank:
-            raise Refuse(f"broadcasts batched input {node.proto.input[i]!r} so that axis 0 is not the batch")
-        if state is S and node.rank(i) == rank and rank and node.shape(node.proto.input[i])[0] != 1:  # type: ignore[index]
-            raise Refuse(f"combines the batch with {node.proto.input[i]!r}, which has a leading dim of its own")
+            raise Refuse(f"broadcasts batched input {node.inputs[i]!r} so that axis 0 is not the batch")
+        if state is S and node.rank(i) == rank and rank and node.lead(node.inputs[i]) != 1:
+            raise Refuse(f"combines the batch with {node.inputs[i]!r}, which has a leading dim of its own")
     return B
 
 
@@ -112,10 +129,10 @@ def _per_sample_many(node: RuleNode) -> BatchState:
     past keys, skips) have the samples on axis 0 too."""
     if node.states[0] is not B or not node.keeps_leading():
         raise Refuse("does not keep the samples of its first input on axis 0")
-    lead = node.shape(node.proto.input[0])[0]  # type: ignore[index]
+    lead = node.lead(node.inputs[0])
     for i, state in enumerate(node.states):
-        if state is B and i < len(node.proto.input) and node.shape(node.proto.input[i])[0] != lead:  # type: ignore[index]
-            raise Refuse(f"reads {node.proto.input[i]!r} with another leading dim than the samples'")
+        if state is B and i < len(node.inputs) and node.lead(node.inputs[i]) != lead:
+            raise Refuse(f"reads {node.inputs[i]!r} with another leading dim than the samples'")
     return B
 
 
@@ -138,31 +155,32 @@ def axis_not_zero(default: int, name: str = "axis") -> Callable[[RuleNode], Batc
         if node.states[0] is V:
             return V
         if node.axis(default, node.rank(0), name) == 0:
-            raise Refuse(f"works along axis 0, across samples ({name}={node.attrs.get(name, default)})")
+            raise Refuse(f"works along axis 0, across samples ({name}={node.int_attribute(name, default)})")
         return _per_sample(node)
     return rule
 
 
 def _reduce(node: RuleNode) -> BatchState:
-    axes = node.attrs.get("axes")
-    if axes is None and len(node.proto.input) > 1 and node.proto.input[1]:
+    axes = node.ints_attribute("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1]:
         constant = node.const(1)
         if constant is None:
             raise Refuse("reduces over axes computed at run time")
-        axes = constant.tolist()
+        axes = [int(a) for a in constant.reshape(-1)]
     rank = node.rank(0)
     if not axes:
-        if node.attrs.get("noop_with_empty_axes", 0):
+        if node.int_attribute("noop_with_empty_axes", 0):
             return B
         raise Refuse("reduces over every axis, axis 0 (the samples) included")
-    if 0 in [a + rank if a < 0 else a for a in axes]:  # type: ignore[union-attr]
+    if 0 in [a + rank if a < 0 else a for a in axes]:
         raise Refuse("reduces over axis 0, across samples")
     return B
 
 
 def _axes_input_or_attr(node: RuleNode, index: int) -> list[int] | None:
-    if "axes" in node.attrs:
-        return list(node.attrs["axes"])  # type: ignore[arg-type]
+    axes = node.ints_attribute("axes")
+    if axes is not None:
+        return axes
     constant = node.const(index)
     return None if constant is None else [int(a) for a in constant.reshape(-1)]
 
@@ -188,9 +206,9 @@ def _squeeze(node: RuleNode) -> BatchState:
 
 
 def _transpose(node: RuleNode) -> BatchState:
-    perm = node.attrs.get("perm") or list(reversed(range(node.rank(0))))
-    if list(perm)[0] != 0:  # type: ignore[arg-type]
-        raise Refuse(f"moves axis 0, the samples (perm={list(perm)})")  # type: ignore[arg-type]
+    perm = node.ints_attribute("perm") or list(reversed(range(node.rank(0))))
+    if perm[0] != 0:
+        raise Refuse(f"moves axis 0, the samples (perm={perm})")
     return B
 
 
@@ -210,7 +228,7 @@ def _reshape(node: RuleNode) -> BatchState:
     if shape is None or not shape.size:
         raise Refuse("reshapes to a shape computed at run time from shared values")
     lead = int(shape.reshape(-1)[0])
-    if (lead == 0 and not node.attrs.get("allowzero", 0)) or (lead == -1 and node.keeps_leading()):
+    if (lead == 0 and not node.int_attribute("allowzero", 0)) or (lead == -1 and node.keeps_leading()):
         return B
     if lead == -1:
         raise Refuse("reshapes with a leading -1 that changes axis 0, mixing samples")
@@ -273,7 +291,7 @@ def _slice(node: RuleNode) -> BatchState:
             return B
         raise Refuse("slices a constant by bounds computed from the batch's shape")
     starts, ends, axes, steps = (node.const(i) for i in (1, 2, 3, 4))
-    if starts is None or ends is None or (len(node.proto.input) > 3 and node.proto.input[3] and axes is None):
+    if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3] and axes is None):
         raise Refuse("slices with bounds computed at run time")
     rank = node.rank(0)
     axes_list = [int(a) + rank if a < 0 else int(a) for a in (axes if axes is not None else range(len(starts)))]
@@ -288,8 +306,8 @@ def _slice(node: RuleNode) -> BatchState:
 
 
 def _pad(node: RuleNode) -> BatchState:
-    pads = node.attrs.get("pads")
-    pads = np.asarray(pads) if pads is not None else node.const(1)
+    pads_attribute = node.ints_attribute("pads")
+    pads = np.asarray(pads_attribute) if pads_attribute is not None else node.const(1)
     if pads is None:
         raise Refuse("pads by amounts computed at run time")
     axes = node.const(3)
@@ -311,29 +329,28 @@ def _tile(node: RuleNode) -> BatchState:
 
 def _matmul(node: RuleNode) -> BatchState:
     a, b = node.states[0], node.states[1]
-    transposed = node.attrs.get("transA", 0)   # com.microsoft FusedMatMul
+    transposed = node.int_attribute("transA", 0)   # com.microsoft FusedMatMul
     rank_a, rank_b, rank = node.rank(0), node.rank(1), node.out_rank()
     if a is B and not (rank_a == rank >= 2 and (rank_a >= 3 or not transposed)):
         raise Refuse("does not keep the samples of A on axis 0")
     if b is B and not rank_b == rank >= 3:
         raise Refuse("contracts over axis 0 of a batched operand")
     for index, state, rank_x in ((0, a, rank_a), (1, b, rank_b)):
-        if state is S and rank_x == rank >= 3 and node.shape(node.proto.input[index])[0] != 1:  # type: ignore[index]
+        if state is S and rank_x == rank >= 3 and node.lead(node.inputs[index]) != 1:
             raise Refuse("broadcasts the batch against an operand with a leading dim of its own")
     return B
 
 
 def _gemm(node: RuleNode) -> BatchState:
-    if node.states[0] is not B or node.attrs.get("transA", 0) or any(s is B for s in node.states[1:]):
+    if node.states[0] is not B or node.int_attribute("transA", 0) or any(s is B for s in node.states[1:]):
         raise Refuse("does not keep the samples of A on axis 0")
-    if len(node.proto.input) > 2 and node.proto.input[2] and node.rank(2) == 2 \
-            and node.shape(node.proto.input[2])[0] != 1:  # type: ignore[index]
+    if len(node.inputs) > 2 and node.inputs[2] and node.rank(2) == 2 and node.lead(node.inputs[2]) != 1:
         raise Refuse("adds a bias with a row per sample")
     return B
 
 
 def _batch_norm(node: RuleNode) -> BatchState:
-    if node.attrs.get("training_mode", 0) or len([o for o in node.proto.output if o]) > 1:
+    if node.int_attribute("training_mode", 0) or len([o for o in node.outputs if o]) > 1:
         raise Refuse("normalises with batch statistics (training mode)")
     return _per_sample(node)
 

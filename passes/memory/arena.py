@@ -33,10 +33,6 @@ def largest_first(name: str, interval: Interval, size: int) -> tuple:
     return ORDERS["largest_first"](name, interval, size)
 
 
-def first_use_first(name: str, interval: Interval, size: int) -> tuple:
-    return ORDERS["first_use_first"](name, interval, size)
-
-
 class _TimeIndex:
     """Placed (first, last, offset, end) records, bucketed by the steps they span."""
 
@@ -156,3 +152,19 @@ def live_peak(intervals: Mapping[str, Interval], sizes: Mapping[str, int], num_s
         running += change
         peak = max(peak, running)
     return peak
+
+
+def arena_conflict(intervals: Mapping[str, Interval], sizes: Mapping[str, int],
+                   offsets: Mapping[str, int]) -> tuple[str, str] | None:
+    """Two tensors live at a common step whose bytes overlap, or None: the check that a
+    placement is sound. A sweep by first step compares each tensor with those still live."""
+    live: list[tuple[int, int, int, str]] = []   # (last, offset, end, name)
+    for name in sorted(offsets, key=lambda n: (max(intervals[n].first, 0), n)):
+        first, last = max(intervals[name].first, 0), max(intervals[name].last, 0)
+        offset, end = offsets[name], offsets[name] + sizes[name]
+        live = [record for record in live if record[0] >= first]
+        for _, other_offset, other_end, other in live:
+            if offset < other_end and other_offset < end:
+                return other, name
+        live.append((last, offset, end, name))
+    return None

@@ -13,7 +13,8 @@ external-data weights:
   16) if it is pre-packed -- plus the original if another node also reads it
   unpacked -- and its plain size otherwise: :func:`held_bytes`.
 * While a session is being created it holds, on top of that, the original of
-  the weight being packed, at most the largest one: :func:`loading_bytes`.
+  the weight being packed, at most the largest one (``passes/segment.py``
+  accounts it).
 * A session's own bookkeeping (graph, kernels) is about 120 KiB.
   :data:`SESSION_OVERHEAD_BYTES` is charged for every session the plan keeps
   alive across runs (the weight cache); the one or two sessions a run works
@@ -50,7 +51,7 @@ def packed_bytes(graph: Graph, weight: str) -> int | None:
     for consumer in info.consumers:
         node = graph.nodes[consumer]
         index = _PREPACKED_INPUT.get(node.op_type)
-        if node.domain not in ("", "ai.onnx") or index is None or len(node.inputs) <= index \
+        if not node.is_default_domain or index is None or len(node.inputs) <= index \
                 or node.inputs[index] != weight:
             continue
         rows, cols = int(info.shape[0]), int(info.shape[1])
@@ -83,10 +84,3 @@ def resident_bytes(graph: Graph, weight: str) -> int:
 def held_bytes(graph: Graph, weights: Iterable[str]) -> int:
     """What a live session over ``weights`` holds for them."""
     return sum(resident_bytes(graph, w) for w in set(weights))
-
-
-def loading_bytes(graph: Graph, weights: Iterable[str]) -> int:
-    """The most a session over ``weights`` holds while it is being created."""
-    names = set(weights)
-    largest = max((graph.tensors[w].nbytes or 0 for w in names), default=0)
-    return held_bytes(graph, names) + largest

@@ -83,7 +83,9 @@ def build_step_model(graph: Graph, base: Sequence[str], mode: ExecutionMode) -> 
     readers: dict[str, tuple[int, ...]] = {}
     producer: dict[str, int] = {}
     tensor_id: dict[str, int] = {}
-    tensor_bytes, tensor_readers, tensor_producer = [], [], []
+    tensor_bytes: list[int] = []
+    tensor_readers: list[tuple[int, ...]] = []
+    tensor_producer: list[int] = []
     initial = 0
     weight_role = TensorRole.WEIGHT
     for name, tensor in graph.tensors.items():

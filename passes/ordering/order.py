@@ -1,46 +1,18 @@
-"""order: choose the topological order the steps run in, minimising the peak of live bytes.
-
-Rules:
-
-* the result is a topological order of the graph (every producer before its consumers);
-* the objective is the peak of ``step_live_bytes`` (``passes/liveness.py``) at one step
-  per segment: live activations and graph inputs still needed, plus every weight in
-  ``normal`` mode or the step's own weights in ``memory_opt`` mode;
-* candidates: the ONNX file's order (or, if that is not topological, the topological
-  order closest to it), the plain topological order (Kahn's algorithm generation by
-  generation, as networkx's ``topological_sort``), a greedy order (Kahn's algorithm
-  preferring the ready node that grows resident bytes least) and the searched order —
-  the base order cut at sequence points into regions (``order_regions.py``), each
-  region that sets the peak ordered by an exact dynamic program over sets of executed
-  nodes (SERENITY, ``order_search.py``) within a state budget, or past it by beam search
-  and exact re-search of windows around the peak (``order_local.py``);
-* the candidate with the lowest peak wins, earlier candidates on ties — so the file's
-  order wins ties and the result is never worse than the file's or the plain
-  topological order;
-* ``optimal_peak_bytes`` is set when the search proved its peak optimal over every
-  topological order: the peak equals the largest single step (no order can go lower),
-  every cut forced and every region that sets the peak solved exactly, or the whole graph
-  solved exactly as one region. The search counts states, not seconds, so the same graph
-  always gets the same order.
-"""
+"""order: choose the topological order the steps run in (see :class:`OrderPass`)."""
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import networkx as nx
-from hyperion.passes import Pass, PassResult
+from hyperion.errors import PassError
+from hyperion.ir import ExecutionMode, Graph
+from hyperion.passes._infra import Pass, PassResult, ensure
 from hyperion.passes.liveness import compute_liveness, step_live_bytes
 from hyperion.passes.ordering.model import StepModel, build_step_model
 from hyperion.passes.ordering.regions import SearchBudget, exact_order, order_by_regions
-
-from hyperion.errors import PassError
-from hyperion.ir import ExecutionMode, Graph, Program
-
-OrderStrategy = Callable[[Graph, ExecutionMode], tuple[str, ...]]
+from hyperion.passes.program import Program
 
 
 @dataclass(frozen=True)
@@ -54,19 +26,50 @@ class OrderResult:
 
 @dataclass(frozen=True)
 class OrderPass(Pass):
+    """Choose the topological order the steps run in, minimising the peak of live bytes.
+
+    Rules:
+
+    1. the result is a topological order of the graph (every producer before its
+       consumers) holding every node once;
+    2. the objective is the peak of ``step_live_bytes`` (``passes/liveness.py``) at one
+       step per segment: live activations and graph inputs still needed, plus every
+       weight in the ``normal`` planning mode or the step's own weights otherwise
+       (``memory_opt``; streaming plans as ``memory_opt``);
+    3. candidates: the ONNX file's order (or, if that is not topological, the
+       topological order closest to it), the plain topological order (Kahn's
+       algorithm generation by generation), a greedy order (Kahn's algorithm
+       preferring the ready node that grows resident bytes least) and the searched
+       order -- the base order cut at sequence points into regions
+       (``ordering/regions.py``), each region that sets the peak ordered by an exact
+       dynamic program over sets of executed nodes (SERENITY, ``ordering/search.py``)
+       within a state budget, or past it by beam search and exact re-search of windows
+       around the peak (``ordering/local.py``);
+    4. the candidate with the lowest peak wins, earlier candidates on ties -- so the
+       file's order wins ties and the result is never worse than the file's or the
+       plain topological order;
+    5. ``optimal_peak_bytes`` is set when the search proved its peak optimal over every
+       topological order: the peak equals the largest single step (no order can go
+       lower), every cut forced and every region that sets the peak solved exactly, or
+       the whole graph solved exactly as one region. The search counts states, not
+       seconds, so the same graph always gets the same order.
+
+    Writes ``program.order`` and ``program.order_result``. Postcondition: rule 1.
+    """
+
     name: ClassVar[str] = "order"
     budget: SearchBudget = field(default_factory=SearchBudget)
 
     def call(self, program: Program) -> PassResult:
-        result = plan_order(program.graph, _planning_mode(program.mode), self.budget)
-        modified = result.order != program.order
+        result = plan_order(program.graph, program.planning_mode, self.budget)
+        modified = result != program.order_result or result.order != program.order
         program.order = result.order
         program.order_result = result
         return PassResult(program, modified)
 
-
-def _planning_mode(mode: ExecutionMode) -> ExecutionMode:
-    return ExecutionMode.NORMAL if mode is ExecutionMode.NORMAL else ExecutionMode.MEMORY_OPT
+    def ensures(self, program: Program) -> None:
+        ensure(program.order is not None and program.graph.is_topological_order(program.order), self.name,
+               "the order is not topological or misses a node")
 
 
 def peak_live_bytes(graph: Graph, order: tuple[str, ...], mode: ExecutionMode) -> int:
@@ -76,9 +79,9 @@ def peak_live_bytes(graph: Graph, order: tuple[str, ...], mode: ExecutionMode) -
 def base_order(graph: Graph) -> tuple[str, ...]:
     """The file's order if it is topological, else the topological order closest to it."""
     file_order = graph.file_order()
-    if _is_topological(graph, file_order):
+    if graph.is_topological_order(file_order):
         return file_order
-    return tuple(nx.lexicographical_topological_sort(graph.nx, key=lambda n: graph.nodes[n].index))
+    return graph.topological_order(key=lambda n: graph.nodes[n].index)
 
 
 def plan_order(graph: Graph, mode: ExecutionMode, budget: SearchBudget | None = None) -> OrderResult:
@@ -113,23 +116,6 @@ def plan_order(graph: Graph, mode: ExecutionMode, budget: SearchBudget | None = 
                        strategy)
 
 
-def choose_order(graph: Graph, mode: ExecutionMode,
-                 strategies: Sequence[OrderStrategy] | None = None) -> tuple[str, ...]:
-    """The lowest-peak order among the file's order and each strategy's (default: the search)."""
-    if strategies is None:
-        return plan_order(graph, mode).order
-    base = base_order(graph)
-    model = build_step_model(graph, base, mode)
-    candidates = {"file": tuple(range(model.size))}
-    for strategy in strategies:
-        candidate = strategy(graph, mode)
-        if not _is_topological(graph, candidate):
-            raise PassError(f"order strategy {strategy.__name__} returned a non-topological order")
-        candidates[strategy.__name__] = _indices(model, candidate)
-    peaks = {name: model.peak(order) for name, order in candidates.items()}
-    return tuple(base[i] for i in candidates[min(peaks, key=peaks.__getitem__)])
-
-
 def _generations(model: StepModel) -> tuple[int, ...]:
     """Plain topological order: Kahn's algorithm generation by generation, as networkx's
     ``topological_sort``, each generation in base order."""
@@ -146,24 +132,6 @@ def _generations(model: StepModel) -> tuple[int, ...]:
                     following.append(w)
         generation = sorted(following)
     return tuple(order)
-
-
-def _indices(model: StepModel, order: Sequence[str] | object) -> tuple[int, ...]:
-    index = {name: i for i, name in enumerate(model.names)}
-    return tuple(index[name] for name in order)  # type: ignore[union-attr]
-
-
-def _is_topological(graph: Graph, order: Sequence[str]) -> bool:
-    if len(order) != len(graph.nodes) or set(order) != set(graph.nodes):
-        return False
-    position = {node: i for i, node in enumerate(order)}
-    return all(position[u] < position[v] for u, v in graph.nx.edges())
-
-
-def greedy_order(graph: Graph, mode: ExecutionMode) -> tuple[str, ...]:
-    """Kahn's algorithm preferring the ready node that grows resident bytes least."""
-    base = base_order(graph)
-    return tuple(base[i] for i in _greedy(build_step_model(graph, base, mode)))
 
 
 def _greedy(model: StepModel) -> tuple[int, ...]:

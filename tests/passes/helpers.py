@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 from hyperion.frontend import import_model, load_source
-from hyperion.ir import Program
+from hyperion.passes import Program
 
 
 def program_from_text(text: str) -> Program:

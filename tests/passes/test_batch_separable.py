@@ -6,11 +6,9 @@ import onnx
 import pytest
 
 from hyperion.errors import UnsupportedModelError
-from hyperion.frontend import import_model, load_source
-from hyperion.ir import Program
-from hyperion.passes.batch.separable import BatchSeparability, BatchSeparablePass, BatchState, constant_values
-from hyperion.planner.streaming import batch_analysis
-from hyperion.runtime.segment_model import nodes_by_name
+from hyperion.frontend import ImportedModel, import_model, load_source
+from hyperion.passes import Program
+from hyperion.passes.batch.separable import BatchSeparability, BatchSeparablePass, BatchState, analyze
 from tests.conftest import fixture_path
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -20,6 +18,10 @@ def analyzed(body: str, signature: str = "(float[4, 8] x) => (float[4, 8] y)",
              header: str = HEADER) -> BatchSeparability:
     model = onnx.parser.parse_model(f"{header}\ng {signature} {{\n{body}\n}}")
     return batch_analysis(import_model(load_source(model)))
+
+
+def batch_analysis(imported: ImportedModel) -> BatchSeparability:
+    return analyze(imported.graph)
 
 
 def refused_op(result: BatchSeparability) -> str:
@@ -134,15 +136,13 @@ def test_the_fixtures_with_a_batch_dim_are_separable() -> None:
 
 def test_the_pass_refuses_naming_the_node_and_op_and_records_the_analysis() -> None:
     model = onnx.parser.parse_model(f"{HEADER}\ng (float[4, 8] x) => (float[4, 8] y) {{ y = Softmax <axis = 0> (x) }}")
-    source = load_source(model)
-    program = Program(import_model(source).graph)
-    checker = BatchSeparablePass(nodes_by_name(source), constant_values(source.proto))
+    program = Program(import_model(load_source(model)).graph)
     with pytest.raises(UnsupportedModelError, match=r"'Softmax_0' \(Softmax\).*axis 0"):
-        checker(program)
-    assert not program.notes["batch_separability"].separable
+        BatchSeparablePass()(program)
+    assert program.batch_separability is not None and not program.batch_separability.separable
 
     fine = onnx.parser.parse_model(f"{HEADER}\ng (float[4, 8] x) => (float[4, 8] y) {{ y = Relu(x) }}")
-    source = load_source(fine)
-    program = Program(import_model(source).graph)
-    result = BatchSeparablePass(nodes_by_name(source), constant_values(source.proto))(program)
-    assert not result.modified and program.notes["batch_separability"].separable
+    program = Program(import_model(load_source(fine)).graph)
+    result = BatchSeparablePass()(program)
+    assert result.modified and program.batch_separability is not None and program.batch_separability.separable
+    assert not BatchSeparablePass()(program).modified   # the same analysis again

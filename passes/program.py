@@ -1,0 +1,55 @@
+"""What the passes work on: the graph, the options, and each pass's typed result."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hyperion.ir import ExecutionMode, Graph
+
+if TYPE_CHECKING:  # the result types import the pass infrastructure, which imports this module
+    from hyperion.passes.batch.separable import BatchSeparability
+    from hyperion.passes.liveness import Liveness
+    from hyperion.passes.memory.plan_memory import MemoryPlan
+    from hyperion.passes.ordering.order import OrderResult
+    from hyperion.passes.segment import Segmentation
+
+
+@dataclass
+class Program:
+    """The graph, the mode and cap it is planned for, and the analyses so far.
+
+    Each analysis field is written by one pass (named beside it); None until that
+    pass ran. The graph itself is changed by ``classify_edges`` only (edge kinds).
+    """
+
+    graph: Graph
+    mode: ExecutionMode = ExecutionMode.NORMAL
+    memory_limit: int | None = None
+    order: tuple[str, ...] | None = None                    # order: the steps, in the order they run
+    order_result: OrderResult | None = None                 # order: peak, proven optimum, winner
+    liveness: Liveness | None = None                        # liveness
+    memory_plan: MemoryPlan | None = None                   # plan_memory
+    segmentation: Segmentation | None = None                # segment
+    batch_separability: BatchSeparability | None = None     # batch_separable (streaming)
+    batch_chunk: int | None = None      # streaming: samples per chunk this plan is for
+    prefetch_dropped: bool = False      # the planner turned prefetch off for the plan to fit
+
+    @property
+    def planning_mode(self) -> ExecutionMode:
+        return self.mode.planning_mode
+
+    @property
+    def notes(self) -> Mapping[str, object]:
+        """Transitional, read-only: the string-keyed view of ``batch_chunk``,
+        ``batch_separability`` and ``prefetch_dropped`` that readers used before they
+        became fields. Read the fields; this goes once no reader is left."""
+        notes: dict[str, object] = {}
+        if self.batch_chunk is not None:
+            notes["batch_chunk"] = self.batch_chunk
+        if self.batch_separability is not None:
+            notes["batch_separability"] = self.batch_separability
+        if self.prefetch_dropped:
+            notes["prefetch_dropped"] = True
+        return notes
