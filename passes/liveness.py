@@ -129,4 +129,4 @@ def step_live_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode) -> li
     (the step's inputs and outputs included), graph inputs still needed, and
     resident weights."""
     weights = step_weight_bytes(graph, liveness, mode)
-    return [a + w for a, w in zip(activation_live_bytes(graph, liveness), weights)]
+    return [a + w for a, w in zip(activation_live_bytes(graph, liveness), weights, strict=True)]

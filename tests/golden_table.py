@@ -35,7 +35,7 @@ def _cell(names: Iterable[str]) -> str:
 def _columns(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
     """Left-aligned columns two spaces apart, trailing spaces stripped."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths))).rstrip() for row in rows]
+    return [(indent + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))).rstrip() for row in rows]
 
 
 def _mode(schedule: Schedule) -> str:

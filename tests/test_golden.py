@@ -71,7 +71,7 @@ def random_feeds(model: onnx.ModelProto, seed: int,
 def onnxruntime_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feeds))))
+    return dict(zip(names, session.run(names, dict(feeds)), strict=True))
 
 
 def check_scenario(scenario: str, title: str, model: onnx.ModelProto, *, seed: int = 0,

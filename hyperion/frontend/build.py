@@ -181,7 +181,7 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
     producers: dict[str, str] = {}
     consumers: dict[str, list[str]] = {}
     nodes: list[NodeInfo] = []
-    for index, (name, node) in enumerate(zip(node_names, proto.graph.node)):
+    for index, (name, node) in enumerate(zip(node_names, proto.graph.node, strict=True)):
         inputs = tuple(dict.fromkeys([i for i in node.input if i] + outer_scope_reads(node)))
         outputs = tuple(o for o in node.output if o and o not in dropped)
         nodes.append(NodeInfo(name, node.op_type, normalise_domain(node.domain), inputs, outputs, index,

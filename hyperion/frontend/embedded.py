@@ -178,7 +178,7 @@ def spill(initializers: list[TensorProto], sha256: str) -> tuple[Path, dict[str,
             raise
         log.info("spilled %d embedded weights (%d bytes) to %s", len(weights), total, target)
     references: dict[str, TensorProto] = {}
-    for tensor, offset in zip(weights, offsets):
+    for tensor, offset in zip(weights, offsets, strict=True):
         reference = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
                                 doc_string=tensor.doc_string)
         _refer(reference, target.name, offset, len(tensor.raw_data))

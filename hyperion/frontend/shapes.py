@@ -70,7 +70,7 @@ def bind_inputs(skeleton: ModelProto, weights: set[str],
             declared = declared_dims(value_info.type)
             if declared is not None and len(declared) != len(shape):
                 raise OptionError(f"input_shapes: input {name!r} has rank {len(declared)}, got shape {shape}")
-            for i, (want, have) in enumerate(zip(shape, declared or shape)):
+            for i, (want, have) in enumerate(zip(shape, declared or shape, strict=True)):
                 if isinstance(have, int) and have != want:
                     raise OptionError(f"input_shapes: dim {i} of input {name!r} is fixed at {have}, got {want}")
             tensor_type.shape.ClearField("dim")

@@ -81,7 +81,7 @@ def _cost_lines(graph: Graph, order: tuple[str, ...], analysis: BatchSeparabilit
     one, two = (single_step_bytes(g, compute_liveness(g, order), mode, prefetch=prefetch,
                                   prepack_weights=prepack_weights)
                 for g in (scaled_graph(graph, analysis, 1), scaled_graph(graph, analysis, 2)))
-    return [(a - (b - a), b - a) for a, b in zip(one, two)]
+    return [(a - (b - a), b - a) for a, b in zip(one, two, strict=True)]
 
 
 def chunk_program(program: Program, analysis: BatchSeparability, chunk: int, memory_limit: int | None,

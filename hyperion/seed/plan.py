@@ -43,7 +43,7 @@ class LayerPlan:
 
     @property
     def step_bytes(self) -> tuple[int, ...]:
-        return tuple(a + w for a, w in zip(self.activation_bytes, self.weight_bytes))
+        return tuple(a + w for a, w in zip(self.activation_bytes, self.weight_bytes, strict=True))
 
     @property
     def peak_bytes(self) -> int:
@@ -55,7 +55,7 @@ class LayerPlan:
     def batch_peak_bytes(self, batch: int, input_bytes: int, output_bytes: int) -> int:
         """The plan's peak with every per-sample byte scaled by ``batch``, plus the
         caller's input and output buffers for ``batch`` samples."""
-        steps = zip(self.activation_bytes, self.weight_bytes)
+        steps = zip(self.activation_bytes, self.weight_bytes, strict=True)
         return max((batch * a + w for a, w in steps), default=0) + batch * (input_bytes + output_bytes)
 
     def optimal_batch_size(self, input_bytes: int, output_bytes: int, memory_limit: int | None,
@@ -75,7 +75,7 @@ def optimal_batch_size(activation_bytes: Sequence[int], weight_bytes: Sequence[i
     if memory_limit is None:
         return max_batch
     best = max_batch
-    for activations, weights in list(zip(activation_bytes, weight_bytes)) or [(0, 0)]:
+    for activations, weights in list(zip(activation_bytes, weight_bytes, strict=True)) or [(0, 0)]:
         room_bytes = memory_limit - weights
         per_sample_bytes = activations + input_bytes + output_bytes
         if room_bytes < 0:
@@ -114,7 +114,7 @@ def layer_plan(graph: Graph, order: Sequence[str], edges: Iterable[Edge], frees:
             released_after=_released_after(graph.nodes[node].outputs, free_step, order, index_of))
         for node in order)
     activations = activation_live_bytes(graph, compute_liveness(graph, tuple(order)))
-    fixed = tuple(max(total - live, 0) for total, live in zip(step_bytes, activations))
+    fixed = tuple(max(total - live, 0) for total, live in zip(step_bytes, activations, strict=True))
     return LayerPlan(layers, tuple(tuple(names) for names in frees), tuple(activations), fixed, graph.outputs)
 
 

@@ -26,6 +26,7 @@ same fact: a floating node with one reader waits for that reader's other produce
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from hyperion.passes.ordering.local import improve_locally
@@ -54,7 +55,7 @@ def decompose(model: StepModel, max_region_nodes: int | None = None) -> Decompos
     points = _sequence_points(model, spine, position)
     cuts = [i for i, cut in enumerate(points) if cut and i + 1 < len(spine)]
     bounds = [0] + [c + 1 for c in cuts] + [len(spine)]
-    regions = [spine[start:stop] for start, stop in zip(bounds, bounds[1:])]
+    regions = [spine[start:stop] for start, stop in itertools.pairwise(bounds)]
     forced = _cuts_forced(model, spine, floating, cuts)
     placed = _place_floating(model, floating, position, regions)
     if max_region_nodes is not None and any(len(r) > max_region_nodes for r in placed):
