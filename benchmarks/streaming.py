@@ -98,7 +98,7 @@ def _rss_child(spec: dict) -> dict:
     schedule = cm.schedule
     return {"rss": _peak_rss_bytes(), "mode": schedule.mode, "peak": schedule.peak_bytes,
             "segments": len(schedule.segments), "chunk": schedule.batch_chunk,
-            "prefetch": schedule.extra.get("prefetch", False)}
+            "prefetch": schedule.prefetch}
 
 
 def _latency_child(spec: dict) -> dict:

@@ -38,8 +38,8 @@ class EdgeKind(str, enum.Enum):
     ATTENTION = "attention"
 
 
-class ExecutionMode(str, enum.Enum):
-    """The seed's ``HyperionExecutionMode``."""
+class ExecutionMode(enum.StrEnum):
+    """The seed's ``HyperionExecutionMode``; prints as its value ("memory_opt")."""
 
     NORMAL = "normal"
     MEMORY_OPT = "memory_opt"
