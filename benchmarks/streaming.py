@@ -69,9 +69,9 @@ def _feeds(spec: dict) -> dict:
 def _onnxruntime(spec: dict, feeds: dict):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(spec["model"], options, providers=["CPUExecutionProvider"])
+    from hyperion.runtime import session_options
+
+    session = ort.InferenceSession(spec["model"], session_options(), providers=["CPUExecutionProvider"])
     return lambda: session.run(None, feeds)
 
 

@@ -18,7 +18,6 @@ from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, Program, Tenso
 from hyperion.passes.liveness import Liveness
 from hyperion.passes.memory.plan_memory import MemoryPlan
 from hyperion.passes.segment import Segmentation
-from hyperion.planner.streaming import per_sample_bytes
 from hyperion.schedule import (
     EdgeRecord,
     ExternalData,
@@ -47,10 +46,13 @@ def _streaming(program: Program) -> Streaming | None:
     analysis = program.notes.get("batch_separability")
     if "batch_chunk" not in program.notes or analysis is None:
         return None
-    graph = program.graph
-    return Streaming(batch_size=analysis.batch_size, chunk=int(program.notes["batch_chunk"]),
+    graph, chunk = program.graph, int(program.notes["batch_chunk"])
+    # The program's graph is one chunk's: its batched tensors hold ``chunk`` samples.
+    per_sample = sum((graph.tensors[n].nbytes or 0) // chunk
+                     for n in graph.inputs + graph.outputs if n in analysis.batched)  # as pinned_bytes counts them
+    return Streaming(batch_size=analysis.batch_size, chunk=chunk,
                      batched_inputs=tuple(n for n in graph.inputs if n in analysis.batched),
-                     bytes_per_sample=per_sample_bytes(graph, analysis, graph.inputs + graph.outputs))
+                     bytes_per_sample=per_sample)
 
 
 def inlined_constants(graph: Graph, inputs: Iterable[str]) -> tuple[str, ...]:
