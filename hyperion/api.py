@@ -53,7 +53,7 @@ class CompiledModel:
         self._input_names = imported.graph.inputs
         self._sorted_inputs = _tensor_inputs(imported.graph.inputs, lambda n: imported.graph.tensors[n].dtype)
         if not unbound_dims(imported):
-            self._current = _signature(imported.input_shapes)
+            self._current = self._signature_of(imported.input_shapes)
             self._add_plan(self._current, imported)
         self._only_runtime = self._plans[self._current].runtime if self._static_shapes else None
 
@@ -68,7 +68,7 @@ class CompiledModel:
         model._base = None
         model._input_names = schedule.graph_inputs
         model._sorted_inputs = _tensor_inputs(schedule.graph_inputs, lambda n: schedule.tensors[n].dtype)
-        model._current = _signature(schedule.input_shapes)
+        model._current = model._signature_of(schedule.input_shapes)
         model._plans[model._current] = _Plan(None, schedule, Runtime(source, schedule, config))
         model._only_runtime = model._plans[model._current].runtime if model._static_shapes else None
         return model
@@ -92,6 +92,10 @@ class CompiledModel:
         self._current: ShapeSignature | None = None
 
     # -- plans --------------------------------------------------------------------------
+    def _signature_of(self, shapes: Mapping[str, Sequence[int | str]]) -> ShapeSignature:
+        """What a plan is looked up by: the shapes of the tensor inputs, as feeds give them."""
+        return tuple((name, tuple(shapes[name])) for name in self._sorted_inputs)  # type: ignore[misc]
+
     def _add_plan(self, signature: ShapeSignature, imported: ImportedModel) -> None:
         schedule = plan(imported, self.mode, self.memory_limit, self.max_segment_steps,
                         prefetch=self.prefetch, weight_cache_bytes=self.weight_cache_bytes,
@@ -232,10 +236,6 @@ class CompiledModel:
         """Release every onnxruntime session (and the weights they hold)."""
         for active in self._plans.values():
             active.runtime.close()
-
-
-def _signature(shapes: Mapping[str, Sequence[int | str]]) -> ShapeSignature:
-    return tuple(sorted((name, tuple(shape)) for name, shape in shapes.items()))  # type: ignore[misc]
 
 
 def _int_shapes(shapes: Mapping[str, Sequence[int | str]]) -> dict[str, list[int]]:
