@@ -269,17 +269,25 @@ def schema() -> dict[str, Any]:
     return json.loads(text)
 
 
+@cache
+def _validator() -> Any:
+    """A validator for the schema, built once. The schema itself is checked against its
+    metaschema by the tests, not on every load (that took longer than the validation)."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema())
+
+
 def validate(data: Any, label: str) -> None:
     """Check ``data`` against the JSON Schema; another format version is refused first,
     with what to do about it, rather than as a list of unknown fields."""
-    import jsonschema
+    from jsonschema.exceptions import best_match
 
     _check_version(data, label)
-    try:
-        jsonschema.validate(data, schema())
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "top level"
-        raise ScheduleError(f"{label}: not a valid Hyperion schedule at {where}: {exc.message}") from None
+    error = best_match(_validator().iter_errors(data))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "top level"
+        raise ScheduleError(f"{label}: not a valid Hyperion schedule at {where}: {error.message}")
 
 
 def _check_version(data: Any, label: str) -> None:

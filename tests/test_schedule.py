@@ -161,6 +161,10 @@ def test_schema_and_docs_list_exactly_the_dataclass_fields(record: type) -> None
     assert _doc_fields(section) == fields, f"docs/schedule_format.md, section {section!r}"
 
 
+def test_the_schema_is_a_valid_json_schema() -> None:
+    jsonschema.Draft202012Validator.check_schema(schema())   # loading skips this check
+
+
 def test_the_docs_schema_is_the_package_schema_file() -> None:
     docs = DOC.parent / "schedule.schema.json"
     assert docs.resolve() == (Path(hyperion.__file__).parent / "schedule.schema.json").resolve()
