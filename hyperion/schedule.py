@@ -141,7 +141,6 @@ class Schedule:
     peak_bytes: int
     lower_bound_bytes: int
     arena_bytes: int
-    optimal_peak_bytes: int | None       # proven minimum over all orders (one step per segment)
     input_shapes: Mapping[str, tuple[int | str, ...]]
     tensors: Mapping[str, TensorRecord]
     steps: tuple[Step, ...]
@@ -157,6 +156,9 @@ class Schedule:
     intra_op_spinning: bool              # onnxruntime's idle workers spin (one session only)
     pinned_bytes: int                    # held for the whole run outside the graph (streaming's batch)
     streaming: Streaming | None
+    # Proven minimum over all orders (one step per segment); None when the search did not
+    # prove it. The one field a file may leave out (it was added last; absent means None).
+    optimal_peak_bytes: int | None = None
     format: str = FORMAT
     version: int = VERSION
 
@@ -184,7 +186,7 @@ class Schedule:
             peak_bytes=data["peak_bytes"],
             lower_bound_bytes=data["lower_bound_bytes"],
             arena_bytes=data["arena_bytes"],
-            optimal_peak_bytes=data["optimal_peak_bytes"],
+            optimal_peak_bytes=data.get("optimal_peak_bytes"),
             input_shapes={k: tuple(v) for k, v in data["input_shapes"].items()},
             tensors={k: _tensor(v) for k, v in data["tensors"].items()},
             steps=tuple(Step(**_tuples(s)) for s in data["steps"]),
