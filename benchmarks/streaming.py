@@ -61,9 +61,9 @@ def _feeds(spec: dict) -> dict:
 def _onnxruntime(spec: dict, feeds: dict):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(spec["model"], options, providers=["CPUExecutionProvider"])
+    from hyperion.runtime import session_options
+
+    session = ort.InferenceSession(spec["model"], session_options(), providers=["CPUExecutionProvider"])
     return lambda: session.run(None, feeds)
 
 
@@ -92,7 +92,7 @@ def _rss_child(spec: dict) -> dict:
     schedule = cm.schedule
     return {"rss": peak_rss_bytes(), "mode": schedule.mode, "peak": schedule.peak_bytes,
             "segments": len(schedule.segments), "chunk": schedule.batch_chunk,
-            "prefetch": schedule.extra.get("prefetch", False)}
+            "prefetch": schedule.prefetch}
 
 
 def _latency_child(spec: dict) -> dict:

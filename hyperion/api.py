@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
-import networkx as nx
 import numpy as np
 
 from hyperion.errors import FeedError, OptionError, ScheduleError
 from hyperion.frontend import (
     ImportedModel,
     ModelLike,
+    ModelSource,
     declared_input_shapes,
     import_model,
     load_source,
     require_bound,
     unbound_dims,
 )
-from hyperion.ir import ExecutionMode, Graph
+from hyperion.ir import ExecutionMode, Graph, NetworkxGraph
 from hyperion.planner import optimal_batch_size, parse_mode, plan
 from hyperion.runtime import RunStats, Runtime, SessionConfig
 from hyperion.schedule import Schedule
@@ -31,85 +33,152 @@ ShapeSignature = tuple[tuple[str, tuple[int, ...]], ...]
 NON_TENSOR_DTYPES = frozenset({"sequence", "optional", "map", "sparse_tensor"})
 
 
+class _Plan(NamedTuple):
+    """One plan of a compiled model: for one signature of input shapes."""
+
+    imported: ImportedModel | None   # None: a loaded schedule, imported only when its graph is asked for
+    schedule: Schedule
+    runtime: Runtime
+
+
 class CompiledModel:
-    """A model compiled for a mode and a memory cap; plans are cached per input shapes."""
+    """A model compiled for a mode and a memory cap; plans are cached per input shapes.
+
+    Built by :func:`compile` from an imported model, or by :func:`load` from a
+    saved schedule alone (:meth:`from_schedule`): running a schedule needs only the
+    user's model and the schedule. New input shapes are planned on first use,
+    which imports the model for them.
+    """
 
     def __init__(self, imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
-                 max_segment_steps: int | None = None, session_config: SessionConfig | None = None,
-                 schedule: Schedule | None = None, *, prefetch: bool = True,
-                 weight_cache_bytes: int | None = None) -> None:
-        self._base = imported
+                 max_segment_steps: int | None = None, session_config: SessionConfig | None = None, *,
+                 prefetch: bool = True, weight_cache_bytes: int | None = None,
+                 whole_model_shortcut: bool = True) -> None:
+        self._setup(imported.source, mode, memory_limit, max_segment_steps, session_config, prefetch,
+                    weight_cache_bytes, whole_model_shortcut)
+        self._base: ImportedModel | None = imported
+        self._input_names = imported.graph.inputs
+        self._sorted_inputs = _tensor_inputs(imported.graph.inputs, lambda n: imported.graph.tensors[n].dtype)
+        if not unbound_dims(imported):
+            self._current = self._signature_of(imported.input_shapes)
+            self._add_plan(self._current, imported)
+        self._only_runtime = self._plans[self._current].runtime if self._static_shapes else None
+
+    @classmethod
+    def from_schedule(cls, source: ModelSource, schedule: Schedule,
+                      session_config: SessionConfig | None = None) -> CompiledModel:
+        """A model that runs ``schedule``: no import, no shape inference, no pass."""
+        model = cls.__new__(cls)
+        config = session_config or SessionConfig.for_schedule(schedule)
+        model._setup(source, schedule.requested_mode, schedule.memory_limit, None, config,
+                     config.prepack_weights, None, True)
+        model._base = None
+        model._input_names = schedule.graph_inputs
+        model._sorted_inputs = _tensor_inputs(schedule.graph_inputs, lambda n: schedule.tensors[n].dtype)
+        model._current = model._signature_of(schedule.input_shapes)
+        model._plans[model._current] = _Plan(None, schedule, Runtime(source, schedule, config))
+        model._only_runtime = model._plans[model._current].runtime if model._static_shapes else None
+        return model
+
+    def _setup(self, source: ModelSource, mode: ExecutionMode, memory_limit: int | None,
+               max_segment_steps: int | None, session_config: SessionConfig | None, prefetch: bool,
+               weight_cache_bytes: int | None, whole_model_shortcut: bool) -> None:
+        self._source = source
         self.mode = mode
         self.memory_limit = memory_limit
         self.max_segment_steps = max_segment_steps
         self.prefetch = prefetch
         self.weight_cache_bytes = weight_cache_bytes
+        self.whole_model_shortcut = whole_model_shortcut
         self.session_config = session_config or SessionConfig(enable_cpu_mem_arena=memory_limit is None,
                                                               return_freed_memory=memory_limit is not None)
-        self._plans: dict[ShapeSignature, tuple[ImportedModel, Schedule, Runtime]] = {}
+        self._plans: dict[ShapeSignature, _Plan] = {}
         self._static_shapes = not any(
             shape is None or any(isinstance(d, str) for d in shape)
-            for shape in declared_input_shapes(imported.source).values())
+            for shape in declared_input_shapes(source).values())
         self._current: ShapeSignature | None = None
-        # Sequences, optionals and maps have no shape to plan for: they stay out of the signature.
-        self._sorted_inputs = tuple(sorted(name for name in imported.graph.inputs
-                                           if imported.graph.tensors[name].dtype not in NON_TENSOR_DTYPES))
-        if not unbound_dims(imported):
-            self._current = _signature(imported.input_shapes)
-            self._add_plan(self._current, imported, schedule)
-        self._only_runtime = self._plans[self._current][2] if self._static_shapes else None
 
     # -- plans --------------------------------------------------------------------------
-    def _add_plan(self, signature: ShapeSignature, imported: ImportedModel,
-                  schedule: Schedule | None = None) -> None:
-        schedule = schedule or plan(imported, self.mode, self.memory_limit, self.max_segment_steps,
-                                    prefetch=self.prefetch, weight_cache_bytes=self.weight_cache_bytes,
-                                    prepack_weights=self.session_config.prepack_weights)
-        runtime = Runtime(imported.source, schedule, imported.value_types, self.session_config)
-        self._plans[signature] = (imported, schedule, runtime)
+    def _signature_of(self, shapes: Mapping[str, Sequence[int | str]]) -> ShapeSignature:
+        """What a plan is looked up by: the shapes of the tensor inputs, as feeds give them."""
+        return tuple((name, tuple(shapes[name])) for name in self._sorted_inputs)  # type: ignore[misc]
 
-    def _plan_for(self, signature: ShapeSignature) -> tuple[ImportedModel, Schedule, Runtime]:
+    def _add_plan(self, signature: ShapeSignature, imported: ImportedModel) -> None:
+        schedule = plan(imported, self.mode, self.memory_limit, self.max_segment_steps,
+                        prefetch=self.prefetch, weight_cache_bytes=self.weight_cache_bytes,
+                        prepack_weights=self.session_config.prepack_weights)
+        if schedule.whole_model and not self.whole_model_shortcut:
+            # Recorded in the plan (a saved schedule keeps it): segment models even for one segment.
+            schedule = dataclasses.replace(schedule, whole_model=False)
+        self._plans[signature] = _Plan(imported, schedule, Runtime(imported.source, schedule, self.session_config))
+
+    def _plan_for(self, signature: ShapeSignature) -> _Plan:
         if signature not in self._plans:
             log.info("planning for new input shapes %s", dict(signature))
-            self._add_plan(signature, import_model(self._base.source, dict(signature),
+            self._add_plan(signature, import_model(self._source, dict(signature),
                                                    isolate_symbolic=self.memory_limit is not None))
         return self._plans[signature]
 
-    def _active(self) -> tuple[ImportedModel, Schedule, Runtime]:
+    def _active(self) -> _Plan:
         if self._current is None:
+            assert self._base is not None  # a loaded model always has its schedule's plan
             require_bound(self._base)
         return self._plans[self._current]
+
+    def _active_imported(self) -> ImportedModel:
+        """The imported model of the current plan (see :meth:`_imported`)."""
+        self._active()
+        assert self._current is not None
+        return self._imported(self._current)
+
+    def _imported(self, signature: ShapeSignature) -> ImportedModel:
+        """The imported model of a plan; a loaded schedule's model is imported now
+        (once), with the schedule's input shapes and edge kinds."""
+        entry = self._plans[signature]
+        if entry.imported is None:
+            imported = import_model(self._source, _int_shapes(entry.schedule.input_shapes),
+                                    isolate_symbolic=self.memory_limit is not None)
+            for edge in entry.schedule.edges:
+                imported.graph.set_edge_kind(edge.src, edge.dst, edge.tensor, edge.kind)
+            self._plans[signature] = entry = entry._replace(imported=imported)
+        return entry.imported
 
     @property
     def schedule(self) -> Schedule:
         """The plan for the input shapes of the last run (or those given at compile time)."""
-        return self._active()[1]
+        return self._active().schedule
 
     @property
     def ir(self) -> Graph:
-        return self._active()[0].graph
+        """The IR of the current plan. For a loaded schedule the model is imported on
+        first access (shape inference included); running never needs it."""
+        return self._active_imported().graph
 
     @property
-    def graph(self) -> nx.MultiDiGraph:
-        """The networkx graph: one node per ONNX node, edge attrs ``kind``, ``tensor``, ``bytes``."""
+    def graph(self) -> NetworkxGraph:
+        """The networkx graph: one node per ONNX node, edge attrs ``kind``, ``tensor``, ``bytes``
+        (for a loaded schedule, built on first access: see :attr:`ir`)."""
         return self.ir.nx
 
     @property
     def stats(self) -> RunStats:
-        return self._active()[2].stats
+        return self._active().runtime.stats
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return self._base.graph.inputs
+        return self._input_names
 
     @property
     def base_ir(self) -> Graph:
-        """The IR as compiled: input dims bound by ``input_shapes``, the others symbolic."""
+        """The IR as compiled: input dims bound by ``input_shapes``, the others symbolic
+        (for a loaded schedule, imported on first access with the schedule's shapes)."""
+        if self._base is None:
+            self._base = self._imported(next(iter(self._plans)))  # the loaded schedule's plan comes first
         return self._base.graph
 
     @property
     def source_label(self) -> str:
-        return self._base.source.label
+        return self._source.label
 
     # -- running ------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray],
@@ -122,7 +191,7 @@ class CompiledModel:
             runtime = self._only_runtime
         else:
             signature = self._feed_signature(feeds)
-            _, _, runtime = self._plan_for(signature)
+            runtime = self._plan_for(signature).runtime
             self._current = signature
         if progress is None:
             return runtime.run(feeds)
@@ -140,19 +209,19 @@ class CompiledModel:
         try:
             signature = tuple((name, tuple(np.shape(feeds[name]))) for name in self._sorted_inputs)
         except KeyError as exc:
-            raise FeedError(f"{self._base.source.label}: missing input {exc.args[0]!r}; inputs are "
-                            f"{list(self._base.graph.inputs)}") from None
+            raise FeedError(f"{self._source.label}: missing input {exc.args[0]!r}; inputs are "
+                            f"{list(self._input_names)}") from None
         if signature not in self._plans:
             self._check_declared_shapes(dict(signature))
         return signature
 
     def _check_declared_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        declared_shapes = declared_input_shapes(self._base.source)
+        declared_shapes = declared_input_shapes(self._source)
         for name, shape in shapes.items():
             declared = declared_shapes.get(name)
             if declared is not None and (len(declared) != len(shape) or any(
-                    isinstance(d, int) and d != s for d, s in zip(declared, shape))):
-                raise FeedError(f"{self._base.source.label}: input {name!r} expects shape {list(declared)}, "
+                    isinstance(d, int) and d != s for d, s in zip(declared, shape, strict=True))):
+                raise FeedError(f"{self._source.label}: input {name!r} expects shape {list(declared)}, "
                                 f"got {list(shape)}")
 
     def calculate_optimal_batch_size(self, input_size: int = 0, output_size: int = 0,
@@ -166,19 +235,24 @@ class CompiledModel:
         """
         if self.memory_limit is None:
             raise OptionError("calculate_optimal_batch_size: the model was compiled without a memory_limit")
-        imported = self._active()[0]
-        return optimal_batch_size(imported, self.memory_limit, max_batch_size, mode=self.mode,
+        return optimal_batch_size(self._active_imported(), self.memory_limit, max_batch_size, mode=self.mode,
                                   input_bytes_per_sample=input_size, output_bytes_per_sample=output_size,
                                   prefetch=self.prefetch, prepack_weights=self.session_config.prepack_weights)
 
     def close(self) -> None:
         """Release every onnxruntime session (and the weights they hold)."""
-        for _, _, runtime in self._plans.values():
-            runtime.close()
+        for active in self._plans.values():
+            active.runtime.close()
 
 
-def _signature(shapes: Mapping[str, Sequence[int | str]]) -> ShapeSignature:
-    return tuple(sorted((name, tuple(shape)) for name, shape in shapes.items()))  # type: ignore[misc]
+def _int_shapes(shapes: Mapping[str, Sequence[int | str]]) -> dict[str, list[int]]:
+    """The fully bound shapes among ``shapes``, as ``import_model`` takes them."""
+    return {name: [int(d) for d in shape] for name, shape in shapes.items() if all(isinstance(d, int) for d in shape)}
+
+
+def _tensor_inputs(names: Sequence[str], dtype_of: Callable[[str], str]) -> tuple[str, ...]:
+    """The inputs a plan is looked up by, sorted: sequences, optionals and maps have no shape."""
+    return tuple(sorted(name for name in names if dtype_of(name) not in NON_TENSOR_DTYPES))
 
 
 def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str | ExecutionMode = "adaptive",
@@ -213,10 +287,10 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
     # Under a cap, sympy (onnxruntime's symbolic shape inference) must not load here.
     imported = import_model(load_source(model), input_shapes, isolate_symbolic=limit is not None)
     cache_bytes = None if weight_cache is None else _cache_size(weight_cache)
-    config = SessionConfig(enable_cpu_mem_arena=limit is None, whole_model_shortcut=whole_model_shortcut,
-                           return_freed_memory=limit is not None, prepack_weights=prepack_weights)
+    config = SessionConfig(enable_cpu_mem_arena=limit is None, return_freed_memory=limit is not None,
+                           prepack_weights=prepack_weights)
     return CompiledModel(imported, exec_mode, limit, max_segment_steps, config, prefetch=prefetch,
-                         weight_cache_bytes=cache_bytes)
+                         weight_cache_bytes=cache_bytes, whole_model_shortcut=whole_model_shortcut)
 
 
 def _cache_size(weight_cache: int | str) -> int:
@@ -226,21 +300,22 @@ def _cache_size(weight_cache: int | str) -> int:
 
 
 def load(model: ModelLike, schedule: str | os.PathLike | Schedule, *, prepack_weights: bool = True) -> CompiledModel:
-    """A compiled model from a saved schedule; refuses a schedule of another model.
-    ``prepack_weights=False`` runs unpacked (see :func:`compile`); a schedule
-    planned unpacked always runs unpacked."""
+    """A compiled model that runs a saved schedule; refuses a schedule of another model.
+
+    Reads the model (its nodes and weights; a large file's weights are located, not
+    read) and runs what the schedule says: no graph import, no shape inference, no
+    pass. Feeds of other shapes than the schedule's are planned on first use, as
+    :func:`compile` does. ``prepack_weights=False`` runs unpacked (see
+    :func:`compile`); a schedule planned unpacked always runs unpacked.
+    """
     loaded = schedule if isinstance(schedule, Schedule) else Schedule.load(schedule)
     source = load_source(model)
     label = str(schedule) if not isinstance(schedule, Schedule) else "<schedule>"
     if loaded.model.sha256 != source.sha256:
         raise ScheduleError(f"{label}: schedule is for another model (sha256 {loaded.model.sha256[:12]}…, "
                             f"{source.label} has {source.sha256[:12]}…); recompile it with hyperion compile")
-    shapes = {k: [int(d) for d in v] for k, v in loaded.input_shapes.items() if all(isinstance(d, int) for d in v)}
-    imported = import_model(source, shapes, isolate_symbolic=loaded.memory_limit is not None)
-    mode = ExecutionMode(loaded.requested_mode)
-    config = SessionConfig(enable_cpu_mem_arena=loaded.memory_limit is None,
-                           return_freed_memory=loaded.memory_limit is not None, prepack_weights=prepack_weights)
-    return CompiledModel(imported, mode, loaded.memory_limit, session_config=config, schedule=loaded)
+    config = SessionConfig.for_schedule(loaded, prepack_weights=prepack_weights and loaded.prepack_weights)
+    return CompiledModel.from_schedule(source, loaded, config)
 
 
 __all__ = ["CompiledModel", "compile", "load"]

@@ -32,7 +32,7 @@ from onnx.backend.base import Backend, BackendRep, Device, DeviceType
 
 from hyperion.api import CompiledModel, compile
 from hyperion.errors import FeedError, OptionError
-from hyperion.ir import ExecutionMode
+from hyperion.ir import DEFAULT_DOMAIN, ExecutionMode, normalise_domain
 
 ModelInput = ModelProto | bytes | str | os.PathLike
 
@@ -75,7 +75,7 @@ class HyperionRep(BackendRep):
             if len(inputs) < len(names):
                 raise FeedError(f"hyperion.backend: the model has {len(names)} inputs {list(names)}, "
                                 f"got {len(inputs)} values")
-            return {name: _as_value(value) for name, value in zip(names, inputs)}
+            return {name: _as_value(value) for name, value in zip(names, inputs, strict=True)}
         if len(names) != 1:
             raise FeedError(f"hyperion.backend: the model has {len(names)} inputs {list(names)}; "
                             "pass a list or a dict, not a single value")
@@ -143,16 +143,18 @@ def node_model(node: NodeProto, inputs: Any, outputs_info: Sequence[tuple[np.dty
     """A model holding only ``node``, its present inputs typed from the values given."""
     names = [name for name in node.input if name]
     values = _positional(node, inputs)
-    graph_inputs = [_value_info(name, value) for name, value in zip(names, values)]
+    graph_inputs = [_value_info(name, value) for name, value in zip(names, values, strict=True)]
     outputs = [name for name in node.output if name]
     infos = list(outputs_info or [])
+    # Outputs the caller did not describe are left untyped here; onnx's inference types them.
     graph_outputs = [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt)),
                                                         list(shape))
                      if i < len(infos) else ValueInfoProto(name=name)
-                     for i, (name, (dt, shape)) in enumerate(zip(outputs, infos + [(None, ())] * len(outputs)))]
+                     for i, (name, (dt, shape)) in enumerate(zip(outputs, infos + [(None, ())] * len(outputs),
+                                                                 strict=False))]
     graph = onnx.helper.make_graph([node], f"{node.op_type}_node", graph_inputs, graph_outputs)
     imports = [onnx.helper.make_opsetid("", opset or onnx.defs.onnx_opset_version())]
-    if node.domain not in ("", "ai.onnx"):
+    if normalise_domain(node.domain) != DEFAULT_DOMAIN:
         imports.append(onnx.helper.make_opsetid(node.domain, 1))
     model = onnx.helper.make_model(graph, opset_imports=imports)
     if len(infos) < len(outputs):  # outputs the caller did not type: as onnx's shape inference types them

@@ -41,8 +41,8 @@ class EdgeKind(str, enum.Enum):
     ATTENTION = "attention"
 
 
-class ExecutionMode(str, enum.Enum):
-    """The seed's ``HyperionExecutionMode``."""
+class ExecutionMode(enum.StrEnum):
+    """The seed's ``HyperionExecutionMode``; prints as its value ("memory_opt")."""
 
     NORMAL = "normal"
     MEMORY_OPT = "memory_opt"
@@ -83,6 +83,9 @@ class TensorInfo:
 
 AttributeValue = int | float | str | list[int] | list[float] | list[str] | np.ndarray
 """A node attribute as plain Python: tensors as (small) numpy arrays; subgraphs are not kept."""
+
+# What ``CompiledModel.graph`` hands users: the IR's networkx view, so nobody else imports networkx.
+NetworkxGraph = nx.MultiDiGraph
 
 DEFAULT_DOMAIN = ""
 """The default ONNX operator set's domain, as the IR spells it (files may write ``ai.onnx``)."""
@@ -282,13 +285,3 @@ class Graph:
 
     def unclassified_edge(self) -> Edge | None:
         return next((e for e in self.edges() if e.kind is None), None)
-
-
-def __getattr__(name: str) -> object:
-    # Program moved to hyperion.passes (it holds the passes' typed results); this alias
-    # keeps ``from hyperion.ir import Program`` working until its last users switch.
-    if name == "Program":
-        from hyperion.passes.program import Program
-
-        return Program
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,25 +1,38 @@
 """The schedule: the compiled plan as plain, frozen data, saved and loaded as JSON.
 
-The runtime reads a schedule; it never re-derives the plan. The same model and
-options give byte-identical files (sorted keys, a stable order of records).
+A schedule is the whole contract between the planner and the runtime: every
+decision the runtime carries out -- which sessions live across runs, what is
+prefetched, which constants a segment recomputes, how the batch is chunked,
+what type a segment model declares for each tensor at its boundary -- is a
+typed field here, so the runtime reads and never decides, and a saved schedule
+runs without the graph, shape inference or any pass (:func:`hyperion.load`).
+
+The same model and options give byte-identical files (sorted keys, a stable
+order of records). docs/schedule_format.md documents every field.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from hyperion.errors import ScheduleError
+from hyperion.ir import EdgeKind, ExecutionMode, TensorRole
 
 FORMAT = "hyperion.schedule"
-VERSION = 1
+# Bumped whenever a field is added, removed or changes meaning; a file of another
+# version is refused with a message saying what to do (see docs/schedule_format.md).
+VERSION = 2
+
+Dim = int | str | None
 
 
 @dataclass(frozen=True)
@@ -30,15 +43,40 @@ class ModelRef:
 
 
 @dataclass(frozen=True)
+class ExternalData:
+    """Where a weight's bytes are in an ONNX external-data file."""
+
+    path: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ValueType:
+    """The ONNX type a segment model declares for a tensor at a segment boundary.
+
+    Only what onnx's shape inference (or the model itself) states is recorded:
+    onnxruntime checks declared shapes against the arrays fed, so an estimate
+    (onnxruntime's symbolic inference) contributes the element type alone.
+    """
+
+    kind: str                            # tensor, sparse_tensor, sequence, optional, map
+    elem_type: str | None                # tensor, sparse_tensor: ONNX element type ("FLOAT"); map: key type
+    shape: tuple[Dim, ...] | None        # tensor, sparse_tensor: None = no shape; a dim: size, name, or None
+    element: ValueType | None            # sequence, optional: the element's type; map: the value's type
+
+
+@dataclass(frozen=True)
 class TensorRecord:
     name: str
     dtype: str
     shape: tuple[int | str, ...] | None
     bytes: int | None
-    role: str
+    role: TensorRole
     producer: str | None
     consumers: tuple[str, ...]
-    external: Mapping[str, Any] | None = None   # {"path", "offset", "length"}
+    external: ExternalData | None        # weights stored as ONNX external data
+    value_type: ValueType | None         # tensors some segment reads or returns; None otherwise
 
 
 @dataclass(frozen=True)
@@ -64,6 +102,11 @@ class Segment:
     outputs: tuple[str, ...]   # what later segments or the caller read
     weights: tuple[str, ...]
     peak_bytes: int
+    model_inputs: tuple[str, ...]       # ``inputs`` less ``inlined_constants``: what its model is fed
+    inlined_constants: tuple[str, ...]  # small Constant outputs its model recomputes instead of taking
+    cached: bool                        # its session (and its weights) lives across runs
+    held_bytes: int                     # what its live session holds for its weights
+    loading_bytes: int                  # the most while its session is created
 
     @property
     def steps(self) -> range:
@@ -75,13 +118,25 @@ class EdgeRecord:
     src: str
     dst: str
     tensor: str
-    kind: str
+    kind: EdgeKind
+
+
+@dataclass(frozen=True)
+class Streaming:
+    """How a ``streaming`` schedule splits the batch (axis 0 of the batched inputs)."""
+
+    batch_size: int                      # samples in the whole batch
+    chunk: int                           # samples per run of the segments
+    batched_inputs: tuple[str, ...]      # inputs sliced along axis 0; the others are fed whole
+    bytes_per_sample: int                # of the batched graph inputs and outputs, held for the whole run
 
 
 @dataclass(frozen=True)
 class Schedule:
     model: ModelRef
-    mode: str
+    mode: ExecutionMode                  # normal, memory_opt or streaming: how the plan runs
+    requested_mode: ExecutionMode        # what was asked for (adaptive included)
+    mode_reason: str
     memory_limit: int | None
     peak_bytes: int
     lower_bound_bytes: int
@@ -93,13 +148,19 @@ class Schedule:
     edges: tuple[EdgeRecord, ...]
     graph_inputs: tuple[str, ...]
     graph_outputs: tuple[str, ...]
-    requested_mode: str = "normal"
-    mode_reason: str = ""
-    batch_chunk: int | None = None     # streaming: samples per chunk
-    optimal_peak_bytes: int | None = None  # proven minimum over all orders (one step per segment)
+    whole_model: bool                    # one session of the user's model, untouched
+    weights_on_disk: bool                # sessions read weights from files, never from the model proto
+    prefetch: bool                       # the next segment's session is built while one computes
+    cyclic_prefetch: bool                # the last segment prefetches segment 0 for the next run
+    prepack_weights: bool                # sessions pack MatMul/Gemm weights (the plan counts it)
+    intra_op_spinning: bool              # onnxruntime's idle workers spin (one session only)
+    pinned_bytes: int                    # held for the whole run outside the graph (streaming's batch)
+    streaming: Streaming | None
+    # Proven minimum over all orders (one step per segment); None when the search did not
+    # prove it. The one field a file may leave out (it was added last; absent means None).
+    optimal_peak_bytes: int | None = None
     format: str = FORMAT
     version: int = VERSION
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     # -- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -115,29 +176,32 @@ class Schedule:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, label: str = "<schedule>") -> Schedule:
         validate(data, label)
+        streaming = data["streaming"]
         return cls(
             model=ModelRef(**data["model"]),
-            mode=data["mode"],
+            mode=ExecutionMode(data["mode"]),
+            requested_mode=ExecutionMode(data["requested_mode"]),
+            mode_reason=data["mode_reason"],
             memory_limit=data["memory_limit"],
             peak_bytes=data["peak_bytes"],
             lower_bound_bytes=data["lower_bound_bytes"],
             arena_bytes=data["arena_bytes"],
+            optimal_peak_bytes=data.get("optimal_peak_bytes"),
             input_shapes={k: tuple(v) for k, v in data["input_shapes"].items()},
-            tensors={k: TensorRecord(**{**v, "shape": _tuple_or_none(v["shape"]),
-                                        "consumers": tuple(v["consumers"])})
-                     for k, v in data["tensors"].items()},
-            steps=tuple(Step(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
-                        for s in data["steps"]),
-            segments=tuple(Segment(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
-                           for s in data["segments"]),
-            edges=tuple(EdgeRecord(**e) for e in data["edges"]),
+            tensors={k: _tensor(v) for k, v in data["tensors"].items()},
+            steps=tuple(Step(**_tuples(s)) for s in data["steps"]),
+            segments=tuple(_segment(s, label) for s in data["segments"]),
+            edges=tuple(EdgeRecord(e["src"], e["dst"], e["tensor"], EdgeKind(e["kind"])) for e in data["edges"]),
             graph_inputs=tuple(data["graph_inputs"]),
             graph_outputs=tuple(data["graph_outputs"]),
-            requested_mode=data["requested_mode"],
-            mode_reason=data["mode_reason"],
-            batch_chunk=data["batch_chunk"],
-            optimal_peak_bytes=data.get("optimal_peak_bytes"),
-            extra=data.get("extra", {}),
+            whole_model=data["whole_model"],
+            weights_on_disk=data["weights_on_disk"],
+            prefetch=data["prefetch"],
+            cyclic_prefetch=data["cyclic_prefetch"],
+            prepack_weights=data["prepack_weights"],
+            intra_op_spinning=data["intra_op_spinning"],
+            pinned_bytes=data["pinned_bytes"],
+            streaming=None if streaming is None else Streaming(**_tuples(streaming)),
         )
 
     @classmethod
@@ -155,15 +219,45 @@ class Schedule:
     def segment_of(self, step: int) -> Segment:
         return self.segments[self.steps[step].segment]
 
-    def edge_kinds(self) -> dict[tuple[str, str, str], str]:
-        return {(e.src, e.dst, e.tensor): e.kind for e in self.edges}
+    @property
+    def batch_chunk(self) -> int | None:
+        """Samples per chunk of a streaming schedule; None when the batch runs whole."""
+        return None if self.streaming is None else self.streaming.chunk
 
 
-def _tuple_or_none(value: Sequence | None) -> tuple | None:
-    return None if value is None else tuple(value)
+def _tuples(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with JSON lists as tuples (the dataclasses hold tuples: hashable, frozen)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+
+
+def _tensor(data: Mapping[str, Any]) -> TensorRecord:
+    external, value_type = data["external"], data["value_type"]
+    return TensorRecord(
+        name=data["name"], dtype=data["dtype"], shape=None if data["shape"] is None else tuple(data["shape"]),
+        bytes=data["bytes"], role=TensorRole(data["role"]), producer=data["producer"],
+        consumers=tuple(data["consumers"]), external=None if external is None else ExternalData(**external),
+        value_type=None if value_type is None else _value_type(value_type))
+
+
+def _value_type(data: Mapping[str, Any]) -> ValueType:
+    element = data["element"]
+    return ValueType(kind=data["kind"], elem_type=data["elem_type"],
+                     shape=None if data["shape"] is None else tuple(data["shape"]),
+                     element=None if element is None else _value_type(element))
+
+
+def _segment(data: Mapping[str, Any], label: str) -> Segment:
+    segment = Segment(**_tuples(data))
+    inlined = set(segment.inlined_constants)
+    if segment.model_inputs != tuple(n for n in segment.inputs if n not in inlined):
+        raise ScheduleError(f"{label}: not a valid Hyperion schedule at segments/{segment.index}: model_inputs "
+                            "must be inputs less inlined_constants, in order")
+    return segment
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -177,18 +271,38 @@ def schema() -> dict[str, Any]:
     return json.loads(text)
 
 
-def validate(data: Any, label: str) -> None:
+@cache
+def _validator() -> Any:
+    """A validator for the schema, built once. The schema itself is checked against its
+    metaschema by the tests, not on every load (that took longer than the validation)."""
     import jsonschema
 
-    if isinstance(data, Mapping) and data.get("format") == FORMAT and isinstance(data.get("version"), int) \
-            and data["version"] > VERSION:
-        raise ScheduleError(f"{label}: schedule format version {data['version']} is newer than this "
-                            f"Hyperion reads ({VERSION}); upgrade Hyperion or recompile the model")
-    try:
-        jsonschema.validate(data, schema())
-    except jsonschema.ValidationError as exc:
-        where = "/".join(str(p) for p in exc.absolute_path) or "top level"
-        raise ScheduleError(f"{label}: not a valid Hyperion schedule at {where}: {exc.message}") from None
+    return jsonschema.Draft202012Validator(schema())
+
+
+def validate(data: Any, label: str) -> None:
+    """Check ``data`` against the JSON Schema; another format version is refused first,
+    with what to do about it, rather than as a list of unknown fields."""
+    from jsonschema.exceptions import best_match
+
+    _check_version(data, label)
+    error = best_match(_validator().iter_errors(data))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "top level"
+        raise ScheduleError(f"{label}: not a valid Hyperion schedule at {where}: {error.message}")
+
+
+def _check_version(data: Any, label: str) -> None:
+    if not isinstance(data, Mapping) or data.get("format") != FORMAT:
+        return  # the schema names what is wrong
+    version = data.get("version")
+    if not isinstance(version, int) or version == VERSION:
+        return
+    if version > VERSION:
+        raise ScheduleError(f"{label}: schedule format version {version} is newer than this Hyperion reads "
+                            f"({VERSION}); upgrade Hyperion or recompile the model with hyperion compile")
+    raise ScheduleError(f"{label}: schedule format version {version} is older than this Hyperion reads "
+                        f"({VERSION}); recompile the model with hyperion compile")
 
 
 def write_atomic(path: Path, text: str) -> Path:
@@ -204,3 +318,7 @@ def write_atomic(path: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+__all__ = ["FORMAT", "VERSION", "EdgeRecord", "ExternalData", "ModelRef", "Schedule", "ScheduleError", "Segment",
+           "Step", "Streaming", "TensorRecord", "ValueType", "schema", "validate", "write_atomic"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,17 +38,3 @@ class Program:
     @property
     def planning_mode(self) -> ExecutionMode:
         return self.mode.planning_mode
-
-    @property
-    def notes(self) -> Mapping[str, object]:
-        """Transitional, read-only: the string-keyed view of ``batch_chunk``,
-        ``batch_separability`` and ``prefetch_dropped`` that readers used before they
-        became fields. Read the fields; this goes once no reader is left."""
-        notes: dict[str, object] = {}
-        if self.batch_chunk is not None:
-            notes["batch_chunk"] = self.batch_chunk
-        if self.batch_separability is not None:
-            notes["batch_separability"] = self.batch_separability
-        if self.prefetch_dropped:
-            notes["prefetch_dropped"] = True
-        return notes

@@ -15,6 +15,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # the fixtures package lives at the repo root
 
 from fixtures import FIXTURE_NAMES, example_feeds, fixture_path  # noqa: E402
+from hyperion.runtime import session_options  # noqa: E402
 
 # float32 outputs must match plain onnxruntime to these tolerances; integers exactly.
 RTOL, ATOL = 1e-5, 1e-6
@@ -38,11 +39,8 @@ def reference_outputs(model: str | Path | bytes, feeds: Mapping[str, np.ndarray]
                       prepack_weights: bool = True) -> dict[str, np.ndarray]:
     """Outputs of plain onnxruntime on the same model and feeds (with the same kernels as
     Hyperion compiled with ``prepack_weights``)."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not prepack_weights:
-        options.add_session_config_entry("session.disable_prepacking", "1")
     source = str(model) if isinstance(model, Path) else model
+    options = session_options(prepack=prepack_weights)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, dict(feeds)), strict=True))

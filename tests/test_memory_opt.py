@@ -50,7 +50,7 @@ def test_outputs_are_bit_identical_to_onnxruntime_run_after_run(mlp: Path) -> No
 
 def test_the_next_session_is_built_on_a_background_thread(mlp: Path) -> None:
     cm = compiled(mlp, weight_cache=0)
-    runtime = cm._active()[2]
+    runtime = cm._active().runtime
     threads: list[str] = []
     build = runtime.pool._build_fn
 
@@ -61,7 +61,7 @@ def test_the_next_session_is_built_on_a_background_thread(mlp: Path) -> None:
     runtime.pool._build_fn = recording
     segments = len(cm.schedule.segments)
     cm.run(feeds())
-    assert cm.schedule.extra["prefetch"] and cm.schedule.extra["cyclic_prefetch"]
+    assert cm.schedule.prefetch and cm.schedule.cyclic_prefetch
     assert cm.stats.sessions.prefetched == segments - 1    # all but the first, built while another ran
     assert threads[0] == threading.current_thread().name
     assert all(name.startswith("hyperion-prefetch") for name in threads[1:])
@@ -71,14 +71,14 @@ def test_the_next_session_is_built_on_a_background_thread(mlp: Path) -> None:
 
 def test_without_prefetch_sessions_are_built_when_needed(mlp: Path) -> None:
     cm = compiled(mlp, prefetch=False, weight_cache=0)
-    assert not cm.schedule.extra["prefetch"]
+    assert not cm.schedule.prefetch
     cm.run(feeds())
     assert cm.stats.sessions.prefetched == 0 and cm.stats.sessions.built == len(cm.schedule.segments)
 
 
 def test_the_plan_accounts_the_next_segments_creation_while_one_runs(mlp: Path) -> None:
     schedule = compiled(mlp, weight_cache=0).schedule
-    held, loading = schedule.extra["session_held_bytes"], schedule.extra["session_loading_bytes"]
+    held, loading = [s.held_bytes for s in schedule.segments], [s.loading_bytes for s in schedule.segments]
     assert max(loading) == 2 * WEIGHT_BYTES                # the packed copy and the original, while packing
     for segment in schedule.segments[:-1]:
         ahead = loading[segment.index + 1]
@@ -90,9 +90,9 @@ def test_the_weight_cache_keeps_sessions_alive_across_runs(mlp: Path) -> None:
     budget = 2 * (WEIGHT_BYTES + SESSION_OVERHEAD_BYTES)
     cm = compiled(mlp, cap=8 * WEIGHT_BYTES, weight_cache=budget)
     schedule = cm.schedule
-    cached = schedule.extra["cached_segments"]
+    cached = [s.index for s in schedule.segments if s.cached]
     assert 1 <= len(cached) <= 2
-    assert sum(schedule.extra["session_held_bytes"][i] + SESSION_OVERHEAD_BYTES for i in cached) <= budget
+    assert sum(schedule.segments[i].held_bytes + SESSION_OVERHEAD_BYTES for i in cached) <= budget
     for index in cached:   # cached weights are loaded once and never evicted
         assert schedule.steps[schedule.segments[index].last_step].evicts == ()
     expected = reference_outputs(mlp, feeds())
@@ -101,12 +101,12 @@ def test_the_weight_cache_keeps_sessions_alive_across_runs(mlp: Path) -> None:
     assert cm.stats.sessions.reused == len(cached)
     assert cm.stats.sessions.built <= len(schedule.segments) - len(cached)
     cm.close()
-    assert not any(cm._active()[2].pool.is_kept(i) for i in cached)
+    assert not any(cm._active().runtime.pool.is_kept(i) for i in cached)
 
 
 def test_a_zero_cache_keeps_nothing_and_a_bad_size_is_refused(mlp: Path) -> None:
-    assert compiled(mlp, cap=None, weight_cache=0).schedule.extra["cached_segments"] == []
-    assert compiled(mlp, cap=None).schedule.extra["cached_segments"] == list(range(LAYERS))  # no cap, no bound
+    assert not any(s.cached for s in compiled(mlp, cap=None, weight_cache=0).schedule.segments)
+    assert [s.cached for s in compiled(mlp, cap=None).schedule.segments] == [True] * LAYERS  # no cap, no bound
     with pytest.raises(hyperion.OptionError, match="weight_cache"):
         compiled(mlp, weight_cache="lots")
 
@@ -133,9 +133,9 @@ def test_prefetch_is_dropped_when_the_double_buffer_does_not_fit(tmp_path: Path)
         compiled(path, cap=1000, max_segment_steps=None)
     smallest = info.value.smallest_limit_bytes                 # the smallest that works, without prefetch
     with_prefetch = compiled(path, cap=4 * WEIGHT_BYTES, max_segment_steps=None)
-    assert with_prefetch.schedule.extra["prefetch"] and smallest < 3 * WEIGHT_BYTES
+    assert with_prefetch.schedule.prefetch and smallest < 3 * WEIGHT_BYTES
     cm = compiled(path, cap=smallest, max_segment_steps=None)
-    assert not cm.schedule.extra["prefetch"] and "prefetch off" in cm.schedule.mode_reason
+    assert not cm.schedule.prefetch and "prefetch off" in cm.schedule.mode_reason
     np.testing.assert_array_equal(cm.run(feeds())["y"], reference_outputs(path, feeds())["y"])
 
 
@@ -188,14 +188,14 @@ def test_unpacked_weights_are_planned_at_their_size_and_run_unpacked(mlp: Path, 
     # Packed: a session holds the packed copy and, while created, the original too.
     assert packed_smallest - unpacked_smallest == WEIGHT_BYTES
     cm = compiled(mlp, unpacked_smallest, prepack_weights=False, max_segment_steps=None)
-    assert cm.schedule.extra["prepack_weights"] is False and cm.schedule.extra["prefetch"] is False
+    assert cm.schedule.prepack_weights is False and cm.schedule.prefetch is False
     assert cm.schedule.peak_bytes <= unpacked_smallest
     x = feeds()
     np.testing.assert_array_equal(cm.run(x)["y"], reference_outputs(mlp, x, prepack_weights=False)["y"])
     # A saved schedule planned unpacked runs unpacked, whatever load is asked.
     path = cm.schedule.save(tmp_path / "unpacked.json")
     again = hyperion.load(mlp, path)
-    assert not again._active()[2].prepack_weights
+    assert not again._active().runtime.prepack_weights
     np.testing.assert_array_equal(again.run(x)["y"], cm.run(x)["y"])
 
 

@@ -128,7 +128,7 @@ def test_a_streaming_schedule_round_trips_and_runs(tmp_path) -> None:
                           input_shapes=_shapes(feeds))
     saved = cm.schedule.save(tmp_path / "s.json")
     loaded = hyperion.load(path, saved)
-    assert loaded.schedule.batch_chunk == 4 and loaded.schedule.extra["batch_size"] == 8
+    assert loaded.schedule.batch_chunk == 4 and loaded.schedule.streaming.batch_size == 8
     assert_outputs_equal(loaded.run(feeds), reference_outputs(path, feeds))
 
 

@@ -16,7 +16,7 @@ from onnx import ModelProto, TensorProto
 
 from hyperion.errors import ModelLoadError
 from hyperion.frontend.types import itemsize
-from hyperion.ir import ExternalLocation, tensor_nbytes
+from hyperion.ir import DEFAULT_DOMAIN, ExternalLocation, normalise_domain, tensor_nbytes
 
 ModelLike = str | os.PathLike | bytes | ModelProto
 
@@ -68,7 +68,7 @@ def _parse(data: bytes, label: str) -> ModelProto:
 
 
 def _source(proto: ModelProto, path: Path | None, base_dir: Path, sha: str) -> ModelSource:
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = next((o.version for o in proto.opset_import if normalise_domain(o.domain) == DEFAULT_DOMAIN), 0)
     source = ModelSource(proto, path, base_dir, sha, opset)
     for tensor in proto.graph.initializer:
         if tensor.data_location == TensorProto.EXTERNAL:

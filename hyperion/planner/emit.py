@@ -1,60 +1,95 @@
-"""Emit the schedule: the passes' analyses of one plan, as the data the runtime reads."""
+"""Emit the schedule: the passes' analyses of one plan, as the data the runtime reads.
+
+Everything the runtime will do is decided here and written down -- which
+sessions are kept, whether the next one is prefetched, which constants a
+segment model recomputes, what type it declares for each boundary tensor, how
+the batch is chunked -- so the runtime only reads, and a saved schedule runs
+without the graph (see :func:`hyperion.load`).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Mapping
 
+from onnx import TensorProto, TensorShapeProto, TypeProto
+
+from hyperion.errors import PassError
 from hyperion.frontend import ImportedModel
-from hyperion.ir import ExecutionMode, Program, TensorRole
+from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, TensorRole
+from hyperion.passes import Program
 from hyperion.passes.liveness import Liveness
 from hyperion.passes.memory.plan_memory import MemoryPlan
 from hyperion.passes.segment import Segmentation
-from hyperion.planner.streaming import per_sample_bytes
 from hyperion.schedule import (
     EdgeRecord,
+    ExternalData,
     ModelRef,
     Schedule,
     Segment,
     Step,
+    Streaming,
     TensorRecord,
+    ValueType,
 )
+
+# Axis 0 of every declared tensor type in a streaming schedule: chunks are smaller
+# than the batch the types were inferred for (and the last one smaller still).
+FREE_BATCH_DIM = "hyperion_batch"
+
+
+def planned(program: Program) -> tuple[Liveness, MemoryPlan, Segmentation]:
+    """The planning passes' results, which a schedule is made of."""
+    if program.liveness is None or program.memory_plan is None or program.segmentation is None:
+        raise PassError("a schedule needs the liveness, plan_memory and segment results; "
+                        "run the planning passes first")
+    return program.liveness, program.memory_plan, program.segmentation
 
 
 def _prefetch_note(program: Program) -> str:
-    if program.notes.get("prefetch_dropped"):
+    if program.prefetch_dropped:
         return "; prefetch off: the next segment's weights do not fit beside the current segment's"
     return ""
 
 
-def _plan_extra(program: Program) -> dict[str, Any]:
-    """What the runtime reads besides the steps: prefetch, the weight cache, streaming."""
-    segmentation: Segmentation = program.segmentation
-    extra: dict[str, Any] = {
-        "prefetch": segmentation.prefetch, "cyclic_prefetch": segmentation.cyclic_prefetch,
-        "cached_segments": list(segmentation.cached), "session_held_bytes": list(segmentation.held_bytes),
-        "session_loading_bytes": list(segmentation.loading_bytes), "pinned_bytes": segmentation.pinned_bytes}
-    analysis = program.notes.get("batch_separability")
-    if "batch_chunk" in program.notes and analysis is not None:
-        graph = program.graph
-        extra["batch_size"] = analysis.batch_size
-        extra["batched_inputs"] = [n for n in graph.inputs if n in analysis.batched]
-        extra["bytes_per_sample"] = per_sample_bytes(graph, analysis, graph.inputs + graph.outputs)
-    return extra
-
-
-def build_schedule(imported: ImportedModel, program: Program, *, requested: ExecutionMode,
-                   reason: str) -> Schedule:
+def _streaming(program: Program) -> Streaming | None:
+    """How the batch is chunked, for a plan of one chunk (``plan_streaming``); None otherwise."""
+    analysis, chunk = program.batch_separability, program.batch_chunk
+    if chunk is None or analysis is None:
+        return None
     graph = program.graph
-    liveness: Liveness = program.liveness
-    memory_plan: MemoryPlan = program.memory_plan
-    segmentation: Segmentation = program.segmentation
+    # The program's graph is one chunk's: its batched tensors hold ``chunk`` samples.
+    per_sample = sum((graph.tensors[n].nbytes or 0) // chunk
+                     for n in graph.inputs + graph.outputs if n in analysis.batched)  # as pinned_bytes counts them
+    return Streaming(batch_size=analysis.batch_size, chunk=chunk,
+                     batched_inputs=tuple(n for n in graph.inputs if n in analysis.batched),
+                     bytes_per_sample=per_sample)
+
+
+def inlined_constants(graph: Graph, inputs: Iterable[str]) -> tuple[str, ...]:
+    """Those of a segment's ``inputs`` that small ``Constant`` nodes produce: its model recomputes them.
+
+    onnxruntime folds a Constant into the graph, so ops whose output shape
+    depends on an input's value (Reshape, Unsqueeze, Range, ...) get static
+    shapes -- which Scan and Loop bodies reading them from the outer scope need.
+    Fed as a graph input instead, the value is unknown when the session is built.
+    """
+    inlined = []
+    for name in inputs:
+        tensor = graph.tensors[name]
+        node = graph.nodes.get(tensor.producer) if tensor.producer is not None else None
+        if (node is not None and node.op_type == "Constant" and node.is_default_domain
+                and tensor.nbytes is not None and tensor.nbytes <= SMALL_TENSOR_BYTES):
+            inlined.append(name)
+    return tuple(inlined)
+
+
+def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], list[list[str]]]:
+    """The segments, and per step the weights loaded before it and evicted after it."""
+    graph = program.graph
+    liveness, _, segmentation = planned(program)
     order = liveness.order
     normal = program.mode is ExecutionMode.NORMAL
-    segment_of_step = [0] * len(order)
-    for index, span in enumerate(segmentation.spans):
-        for step in range(span.start, span.stop):
-            segment_of_step[step] = index
-
+    cached = set(segmentation.cached)
     segments: list[Segment] = []
     loads: list[list[str]] = [[] for _ in order]
     evicts: list[list[str]] = [[] for _ in order]
@@ -62,42 +97,135 @@ def build_schedule(imported: ImportedModel, program: Program, *, requested: Exec
         nodes = [graph.nodes[n] for n in order[span.start:span.stop]]
         produced = {t for node in nodes for t in node.outputs}
         read = list(dict.fromkeys(t for node in nodes for t in node.inputs))
-        weights = sorted(t for t in read if graph.is_weight(t))
-        inputs = [t for t in read if t not in produced and not graph.is_weight(t)]
-        outputs = [t for node in nodes for t in node.outputs
-                   if t in graph.outputs or liveness.intervals[t].last >= span.stop]
-        segments.append(Segment(index, span.start, span.stop - 1, tuple(inputs), tuple(outputs),
-                                tuple(weights),
-                                max(segmentation.step_bytes[span.start:span.stop], default=0)))
+        weights = tuple(sorted(t for t in read if graph.is_weight(t)))
+        inputs = tuple(t for t in read if t not in produced and not graph.is_weight(t))
+        outputs = tuple(t for node in nodes for t in node.outputs
+                        if t in graph.outputs or liveness.intervals[t].last >= span.stop)
+        constants = inlined_constants(graph, inputs)
+        segments.append(Segment(
+            index=index, first_step=span.start, last_step=span.stop - 1, inputs=inputs, outputs=outputs,
+            weights=weights, peak_bytes=max(segmentation.step_bytes[span.start:span.stop], default=0),
+            model_inputs=tuple(t for t in inputs if t not in constants), inlined_constants=constants,
+            cached=index in cached, held_bytes=_at(segmentation.held_bytes, index),
+            loading_bytes=_at(segmentation.loading_bytes, index)))
         if not normal:
             loads[span.start].extend(weights)
-            if index not in segmentation.cached:  # cached sessions keep their weights across runs
+            if index not in cached:  # cached sessions keep their weights across runs
                 evicts[span.stop - 1].extend(weights)
     if normal and order:
         loads[0].extend(sorted(t.name for t in graph.tensors.values() if t.role is TensorRole.WEIGHT))
+    return tuple(segments), loads, evicts
 
+
+def _at(values: tuple[int, ...], index: int) -> int:
+    return values[index] if index < len(values) else 0
+
+
+# -- the types segment models declare --------------------------------------------------------
+def value_type(type_proto: TypeProto | None) -> ValueType | None:
+    """``type_proto`` as a schedule record (None for an empty or unknown type)."""
+    kind = None if type_proto is None else type_proto.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        tensor = getattr(type_proto, kind)
+        shape = None if not tensor.HasField("shape") else tuple(_dim(d) for d in tensor.shape.dim)
+        return ValueType(kind.removesuffix("_type"), TensorProto.DataType.Name(tensor.elem_type), shape, None)
+    if kind in ("sequence_type", "optional_type"):
+        element = getattr(type_proto, kind).elem_type
+        return ValueType(kind.removesuffix("_type"), None, None, value_type(element))
+    if kind == "map_type":
+        return ValueType("map", TensorProto.DataType.Name(type_proto.map_type.key_type), None,
+                         value_type(type_proto.map_type.value_type))
+    return None
+
+
+def _dim(dim: TensorShapeProto.Dimension) -> int | str | None:
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value)
+    return dim.dim_param if dim.HasField("dim_param") else None
+
+
+def _free_batch(record: ValueType | None) -> ValueType | None:
+    if record is None or record.kind != "tensor" or not record.shape:
+        return record
+    return ValueType(record.kind, record.elem_type, (FREE_BATCH_DIM, *record.shape[1:]), None)
+
+
+def _boundary_types(segments: Iterable[Segment], value_types: Mapping[str, TypeProto],
+                    free_batch: bool) -> dict[str, ValueType]:
+    """The declared type of every tensor a segment model takes or returns."""
+    types: dict[str, ValueType] = {}
+    for segment in segments:
+        for name in (*segment.model_inputs, *segment.outputs):
+            record = value_type(value_types.get(name))
+            record = _free_batch(record) if free_batch else record
+            if record is not None:
+                types[name] = record
+    return types
+
+
+def _tensors(graph: Graph, value_types: Mapping[str, ValueType]) -> dict[str, TensorRecord]:
+    return {
+        name: TensorRecord(
+            name=name, dtype=t.dtype, shape=t.shape, bytes=t.nbytes, role=t.role, producer=t.producer,
+            consumers=t.consumers,
+            external=None if t.external is None else ExternalData(t.external.path, t.external.offset,
+                                                                  t.external.length),
+            value_type=value_types.get(name))
+        for name, t in sorted(graph.tensors.items())}
+
+
+# -- the schedule --------------------------------------------------------------------------------
+def _whole_model(imported: ImportedModel, program: Program, segments: tuple[Segment, ...]) -> bool:
+    """One normal-mode segment: onnxruntime gets the user's model untouched.
+
+    Not under a cap when the model file itself holds the weights (served in place
+    from a lean proto, :func:`hyperion.frontend.embedded.load_lean`): onnxruntime
+    given that file would copy every weight while loading it.
+    """
+    if program.mode is not ExecutionMode.NORMAL or len(segments) != 1:
+        return False
+    path = imported.source.path
+    in_model_file = path is not None and any(
+        t.external is not None and t.external.path == str(path) for t in program.graph.tensors.values())
+    return not (program.memory_limit is not None and in_model_file)
+
+
+def build_schedule(imported: ImportedModel, program: Program, *, requested: ExecutionMode,
+                   reason: str) -> Schedule:
+    graph = program.graph
+    liveness, memory_plan, segmentation = planned(program)
+    segments, loads, evicts = _segments(program)
+    segment_of_step = [0] * len(liveness.order)
+    for segment in segments:
+        for step in segment.steps:
+            segment_of_step[step] = segment.index
     steps = tuple(
         Step(index=i, node=name, op_type=graph.nodes[name].op_type, segment=segment_of_step[i],
              inputs=graph.nodes[name].inputs, outputs=graph.nodes[name].outputs,
              frees=liveness.frees[i], loads=tuple(loads[i]), evicts=tuple(evicts[i]),
              live_bytes=segmentation.step_bytes[i])
-        for i, name in enumerate(order))
-    tensors = {
-        name: TensorRecord(
-            name=name, dtype=t.dtype, shape=t.shape, bytes=t.nbytes, role=t.role.value,
-            producer=t.producer, consumers=t.consumers,
-            external=None if t.external is None else {"path": t.external.path, "offset": t.external.offset,
-                                                      "length": t.external.length})
-        for name, t in sorted(graph.tensors.items())}
-    edges = tuple(sorted((EdgeRecord(e.src, e.dst, e.tensor, e.kind.value) for e in graph.edges()),
+        for i, name in enumerate(liveness.order))
+    streaming = _streaming(program)
+    types = _boundary_types(segments, imported.value_types, free_batch=streaming is not None)
+    edges = tuple(sorted((EdgeRecord(e.src, e.dst, e.tensor, e.kind) for e in graph.edges()),
                          key=lambda e: (e.src, e.dst, e.tensor)))
     source = imported.source
+    normal = program.mode is ExecutionMode.NORMAL
     return Schedule(
         model=ModelRef(str(source.path) if source.path else None, source.sha256, source.opset),
-        mode=program.mode.value, memory_limit=program.memory_limit,
-        peak_bytes=segmentation.peak_bytes, lower_bound_bytes=memory_plan.lower_bound_bytes,
-        arena_bytes=memory_plan.arena_bytes, input_shapes=dict(imported.input_shapes), tensors=tensors,
-        steps=steps, segments=tuple(segments), edges=edges, graph_inputs=graph.inputs,
-        graph_outputs=graph.outputs, requested_mode=requested.value, mode_reason=reason + _prefetch_note(program),
-        batch_chunk=program.notes.get("batch_chunk"), extra=_plan_extra(program),
-        optimal_peak_bytes=getattr(program.order_result, "optimal_peak_bytes", None))
+        mode=program.mode, requested_mode=requested, mode_reason=reason + _prefetch_note(program),
+        memory_limit=program.memory_limit, peak_bytes=segmentation.peak_bytes,
+        lower_bound_bytes=memory_plan.lower_bound_bytes, arena_bytes=memory_plan.arena_bytes,
+        optimal_peak_bytes=program.order_result.optimal_peak_bytes if program.order_result else None,
+        input_shapes=dict(imported.input_shapes), tensors=_tensors(graph, types), steps=steps,
+        segments=segments, edges=edges, graph_inputs=graph.inputs, graph_outputs=graph.outputs,
+        whole_model=_whole_model(imported, program, segments),
+        # Memory-saving modes stream weights: every session reads its weights from a file.
+        weights_on_disk=not normal,
+        prefetch=segmentation.prefetch, cyclic_prefetch=segmentation.cyclic_prefetch, prepack_weights=True,
+        # Segments run one after another and sessions are built while others compute:
+        # idle workers spinning (onnxruntime's default) would steal the CPU from the
+        # next segment, and a session with spinning workers took 28 ms to destroy
+        # against 0.1 ms without (2 cores, per-session thread pools).
+        intra_op_spinning=normal and len(segments) <= 1,
+        pinned_bytes=segmentation.pinned_bytes, streaming=streaming)

@@ -111,7 +111,7 @@ def plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
     schedule = _plan(imported, mode, memory_limit, options)
     if prepack_weights:
         return schedule
-    return dataclasses.replace(schedule, extra={**schedule.extra, "prepack_weights": False})
+    return dataclasses.replace(schedule, prepack_weights=False)
 
 
 def _plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,

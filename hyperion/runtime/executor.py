@@ -6,11 +6,13 @@ which weights are resident when. Inside a segment onnxruntime frees tensors at
 their last use; between segments Hyperion drops every tensor whose ``frees``
 step has run, so nothing outlives the step liveness names.
 
-Weights live in the segments' sessions (:mod:`hyperion.runtime.sessions`): the plan's
-``extra`` says which sessions are kept across runs (the weight cache) and
-whether the next one is prefetched. A ``streaming`` schedule runs the batch in
-chunks of ``batch_chunk`` samples and writes each chunk's outputs into arrays
-for the whole batch.
+Weights live in the segments' sessions (:mod:`hyperion.runtime.sessions`): the
+schedule says which sessions are kept across runs (``Segment.cached``: the
+weight cache) and whether the next one is prefetched. A schedule with a
+``streaming`` record runs the batch in chunks and writes each chunk's outputs
+into arrays for the whole batch. A ``whole_model`` schedule hands onnxruntime
+the user's model untouched. The runtime reads these fields; it never looks at
+the mode to decide anything.
 """
 
 from __future__ import annotations
@@ -23,17 +25,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
-from onnx import NodeProto, TypeProto
+from onnx import NodeProto
 
 from hyperion.errors import FeedError, RuntimeExecutionError, UnsupportedModelError
 from hyperion.frontend import ModelSource
-from hyperion.runtime.segment_model import (
-    build_segment_model,
-    nodes_by_name,
-    segment_model_inputs,
-    with_free_batch,
-)
-from hyperion.runtime.sessions import SessionPool, SessionTimes, return_freed_memory
+from hyperion.ir import ExecutionMode, TensorRole
+from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
+from hyperion.runtime.sessions import SessionPool, SessionTimes, return_freed_memory, session_options
 from hyperion.runtime.weights import WeightStore
 from hyperion.schedule import Schedule, Segment
 
@@ -50,7 +48,7 @@ log = logging.getLogger(__name__)
 class RunStats:
     """What the last run did: accounted peak bytes, time per segment, mode."""
 
-    mode: str = ""
+    mode: ExecutionMode = ExecutionMode.NORMAL
     peak_bytes: int = 0           # accounted: the plan's peak, checked against the arrays actually held
     held_peak_bytes: int = 0      # measured: bytes of arrays Hyperion held between segments
     segment_ms: list[float] = field(default_factory=list)
@@ -66,43 +64,41 @@ class RunStats:
 
 @dataclass(frozen=True)
 class SessionConfig:
+    """How this process runs a schedule; what runs is the schedule's alone."""
+
     intra_op_num_threads: int = 0
     enable_cpu_mem_arena: bool = True
-    # False: build segment models even when one normal-mode segment could hand
-    # onnxruntime the user's model untouched (exercises the segment plumbing).
-    whole_model_shortcut: bool = True
     # With a cap: have glibc return large freed blocks to the OS, so RSS follows the plan.
     return_freed_memory: bool = False
-    # False: sessions use MatMul/Gemm weights where they are mapped instead of packing a copy.
+    # False: run unpacked even a schedule planned packed (it then holds less than planned).
     prepack_weights: bool = True
+
+    @classmethod
+    def for_schedule(cls, schedule: Schedule, *, prepack_weights: bool = True) -> SessionConfig:
+        """Under a cap, no memory arena and freed blocks back to the OS: RSS follows the plan."""
+        capped = schedule.memory_limit is not None
+        return cls(enable_cpu_mem_arena=not capped, return_freed_memory=capped, prepack_weights=prepack_weights)
 
 
 class Runtime:
-    """Runs one schedule. Sessions are kept for the next run in ``normal`` mode;
-    in ``memory_opt`` mode a segment's session (and with it its weights) lives
-    only while the segment runs, unless the plan caches it, and the next
-    segment's session is built while it runs when the plan prefetches."""
+    """Runs one schedule. The schedule's ``cached`` segments keep their sessions for
+    the next run; any other segment's session (and with it its weights) lives only
+    while the segment runs, and the next segment's session is built while it runs
+    when the schedule prefetches."""
 
-    def __init__(self, source: ModelSource, schedule: Schedule, value_types: Mapping[str, TypeProto],
-                 config: SessionConfig | None = None) -> None:
+    def __init__(self, source: ModelSource, schedule: Schedule, config: SessionConfig | None = None) -> None:
         self.source = source
         self.schedule = schedule
-        self.value_types = value_types
         self.config = config or SessionConfig()
         if self.config.return_freed_memory:
             return_freed_memory(MMAP_THRESHOLD_BYTES)
-        if schedule.mode == "streaming":  # chunks are smaller than the batch the types were inferred for
-            self.value_types = with_free_batch(value_types)
         self.weights = WeightStore(source, schedule.tensors)
-        if schedule.mode != "normal":
+        if schedule.weights_on_disk:
             self.weights.spill_embedded()  # weights read by sessions from a file, never from the proto
         self._node_protos: dict[str, NodeProto] | None = None
         self._segment_models: dict[int, bytes] = {}
-        self._model_inputs: dict[int, tuple[str, ...]] = {}  # per segment: what its model takes
-        extra = schedule.extra
-        keep = range(len(schedule.segments)) if schedule.mode == "normal" else extra.get("cached_segments", ())
-        self._cyclic = bool(extra.get("cyclic_prefetch", False))
-        self.pool = SessionPool(_weak_builder(self), frozenset(keep), bool(extra.get("prefetch", False)))
+        kept = frozenset(segment.index for segment in schedule.segments if segment.cached)
+        self.pool = SessionPool(_weak_builder(self), kept, schedule.prefetch)
         self._whole_model_ms: float | None = None
         self.stats = RunStats(mode=schedule.mode)
         # Inputs no segment reads and no output returns are not held: the plan does not count them.
@@ -112,44 +108,19 @@ class Runtime:
                                      for seg in schedule.segments]
         self._expected_feeds = {name: _expected_feed(name, schedule) for name in schedule.graph_inputs}
         self._output_names = list(schedule.graph_outputs)
-        self._is_whole_model = self._whole_model()
 
     @property
     def prepack_weights(self) -> bool:
         """False when the config asks so, or the schedule was planned so (its plan counts
         unpacked weights, which packing would exceed)."""
-        return self.config.prepack_weights and self.schedule.extra.get("prepack_weights", True)
-
-    @property
-    def keeps_sessions(self) -> bool:
-        return self.schedule.mode == "normal"
+        return self.config.prepack_weights and self.schedule.prepack_weights
 
     # -- sessions -----------------------------------------------------------------------
     def _options(self) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = self.config.intra_op_num_threads
-        options.enable_cpu_mem_arena = self.config.enable_cpu_mem_arena
         # Relative external-data locations resolve against the model's folder (or the spill folder).
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                         str(self.weights.folder))
-        if not self.prepack_weights:
-            # Packing is most of a session's creation (18 of 19 ms for a 2240x2240 float32
-            # MatMul weight); unpacked, MLAS packs panels during each GEMM instead, which sums
-            # in another order: outputs then differ from plain onnxruntime's by float32 rounding.
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        if self.schedule.mode != "normal" or len(self.schedule.segments) > 1:
-            # Segments run one after another, and sessions are created while others compute:
-            # a session's idle workers spinning (onnxruntime's default) steal the CPU from the
-            # next segment, and a session with spinning workers took 28 ms to destroy against
-            # 0.1 ms without (2 cores, per-session thread pools).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return options
-
-    def _whole_model(self) -> bool:
-        """One segment in normal mode: hand onnxruntime the user's model untouched."""
-        return (self.config.whole_model_shortcut and len(self.schedule.segments) == 1
-                and self.schedule.mode == "normal")
+        return session_options(threads=self.config.intra_op_num_threads, arena=self.config.enable_cpu_mem_arena,
+                               prepack=self.prepack_weights, spinning=self.schedule.intra_op_spinning,
+                               external_folder=self.weights.folder)
 
     def session(self, segment: Segment) -> ort.InferenceSession:
         """The session of ``segment``: kept, prefetched, or built now."""
@@ -158,17 +129,17 @@ class Runtime:
     def _next_segment(self, index: int) -> int | None:
         if index + 1 < len(self.schedule.segments):
             return index + 1
-        return 0 if self._cyclic and index > 0 else None
+        return 0 if self.schedule.cyclic_prefetch and index > 0 else None
 
     def _build_session(self, index: int) -> ort.InferenceSession:
         segment = self.schedule.segments[index]
-        if self._whole_model() and not (self.config.return_freed_memory and self.weights.embedded_in_file()):
+        if self.schedule.whole_model:
             model = str(self.source.path) if self.source.path else self.source.proto.SerializeToString()
         else:
             model = self._segment_models.get(index)
             if model is None:
-                model = build_segment_model(self.source, self.schedule, segment, self.value_types,
-                                            self._nodes(), self.weights.protos).SerializeToString()
+                model = build_segment_model(self.source, self.schedule, segment, self._nodes(),
+                                            self.weights.protos).SerializeToString()
                 if len(model) <= KEPT_SEGMENT_MODEL_BYTES:  # memory_opt creates it again every run
                     self._segment_models[index] = model
         try:
@@ -204,7 +175,7 @@ class Runtime:
     def run(self, feeds: Mapping[str, np.ndarray], progress: Callable[[int], None] | None = None
             ) -> dict[str, np.ndarray]:
         """Run the schedule; ``progress(1)`` is called after every segment (``segment_runs`` a run)."""
-        if self._is_whole_model:
+        if self.schedule.whole_model:
             # The fast path: onnxruntime checks the feeds itself; Hyperion only explains a failure.
             session = self.session(self.schedule.segments[0])
             started = time.perf_counter()
@@ -217,13 +188,14 @@ class Runtime:
             self._whole_model_ms = 1e3 * (time.perf_counter() - started)
             if progress is not None:
                 progress(1)
-            return dict(zip(self._output_names, outputs))
+            return dict(zip(self._output_names, outputs, strict=True))
         checked = self.check_feeds(feeds)
         started = time.perf_counter()
         self.pool.reset_times()
         segment_ms = [0.0] * len(self.schedule.segments)
         held_peak, chunks = 0, 0
         outputs: dict[str, np.ndarray] = {}
+        total = self.schedule.streaming.batch_size if self.schedule.streaming is not None else 0
         for start, part in self._chunks(checked):
             result, held = self._run_segments(part, segment_ms, progress)
             held_peak, chunks = max(held_peak, held), chunks + 1
@@ -232,7 +204,7 @@ class Runtime:
                 continue
             for name, value in result.items():  # written into whole-batch arrays: no concatenation copy
                 if name not in outputs:
-                    outputs[name] = np.empty((self.schedule.extra["batch_size"], *value.shape[1:]), value.dtype)
+                    outputs[name] = np.empty((total, *value.shape[1:]), value.dtype)
                 outputs[name][start:start + len(value)] = value
             del result
         self.stats = RunStats(self.schedule.mode, max(self.schedule.peak_bytes, held_peak), held_peak,
@@ -241,28 +213,28 @@ class Runtime:
 
     def _chunk_starts(self) -> Sequence[int | None]:
         """The first sample of every chunk of a streaming schedule; [None]: the batch is whole."""
-        chunk, total = self.schedule.batch_chunk, self.schedule.extra.get("batch_size")
-        if self.schedule.mode != "streaming" or not chunk or total is None:
-            return [None]
-        return range(0, total, chunk)
+        streaming = self.schedule.streaming
+        return [None] if streaming is None else range(0, streaming.batch_size, streaming.chunk)
 
     def _chunks(self, feeds: dict[str, np.ndarray]) -> Iterator[tuple[int | None, dict[str, np.ndarray]]]:
         """(first sample, feeds) per chunk of a streaming schedule; (None, feeds) otherwise."""
-        chunk = self.schedule.batch_chunk
-        batched = set(self.schedule.extra.get("batched_inputs", ()))
+        streaming = self.schedule.streaming
+        if streaming is None:
+            yield None, feeds
+            return
+        chunk, batched = streaming.chunk, set(streaming.batched_inputs)
         for start in self._chunk_starts():  # slices along axis 0 are views: no copies of the inputs
-            yield start, feeds if start is None else {n: v[start:start + chunk] if n in batched else v
-                                                      for n, v in feeds.items()}
+            yield start, {n: v[start:start + chunk] if n in batched else v for n, v in feeds.items()}
 
     def _run_segments(self, env: dict[str, np.ndarray], segment_ms: list[float],
                       progress: Callable[[int], None] | None) -> tuple[dict[str, np.ndarray], int]:
         """Every segment once, in order; the graph outputs and the most bytes held between segments."""
         env = {name: value for name, value in env.items() if name in self._held_feeds}
         held_peak = 0
-        for segment, frees in zip(self.schedule.segments, self._frees_after_segment):
+        for segment, frees in zip(self.schedule.segments, self._frees_after_segment, strict=True):
             t0 = time.perf_counter()
             outputs = self._run_segment(segment, {name: env[name] for name in segment.inputs})
-            env.update(zip(segment.outputs, outputs))
+            env.update(zip(segment.outputs, outputs, strict=True))
             del outputs
             held_peak = max(held_peak, sum(a.nbytes for a in env.values() if isinstance(a, np.ndarray)))
             for name in frees:
@@ -291,7 +263,7 @@ class Runtime:
         The building block for stepping through a schedule one segment at a time, as
         the seed API's ``ForwardScheduler`` does with one step per segment.
         """
-        return dict(zip(segment.outputs, self._run_segment(segment, dict(feeds))))
+        return dict(zip(segment.outputs, self._run_segment(segment, dict(feeds)), strict=True))
 
     def _run_segment(self, segment: Segment, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if not segment.outputs:
@@ -307,11 +279,10 @@ class Runtime:
                 f"{self.source.label}: onnxruntime failed in segment {segment.index} "
                 f"(steps {segment.first_step}-{segment.last_step}): {_first_line(exc)}") from None
 
-    def _model_feeds(self, segment: Segment, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @staticmethod
+    def _model_feeds(segment: Segment, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``feeds`` less the small constants the segment's model recomputes itself."""
-        if segment.index not in self._model_inputs:
-            self._model_inputs[segment.index] = segment_model_inputs(self.schedule, segment, self._nodes())
-        names = self._model_inputs[segment.index]
+        names = segment.model_inputs
         return feeds if len(names) == len(feeds) else {name: feeds[name] for name in names}
 
     # -- feeds --------------------------------------------------------------------------
@@ -328,7 +299,7 @@ class Runtime:
                 if value.dtype != dtype:
                     raise FeedError(f"input {name!r}: expected dtype {dtype}, got {value.dtype}")
                 if shape is not None and (len(shape) != value.ndim or any(
-                        d is not None and d != v for d, v in zip(shape, value.shape))):
+                        d is not None and d != v for d, v in zip(shape, value.shape, strict=True))):
                     raise FeedError(f"input {name!r}: expected shape {[d or '?' for d in shape]}, "
                                     f"got {list(value.shape)}")
             checked[name] = value
@@ -341,7 +312,7 @@ class Runtime:
 
     def _is_weight(self, name: str) -> bool:
         record = self.schedule.tensors.get(name)
-        return record is not None and record.role == "weight"
+        return record is not None and record.role is TensorRole.WEIGHT
 
 
 def _expected_feed(name: str, schedule: Schedule) -> tuple[np.dtype | None, tuple[int | None, ...] | None]:

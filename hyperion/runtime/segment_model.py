@@ -7,63 +7,42 @@ as constants exactly as it does for the whole model (same pre-packed kernels,
 same results). External-data weights are copied as references, so the session
 reads them from the data file itself when it is created, and releases them
 when it is dropped.
+
+Everything else comes from the schedule as recorded: the small constants the
+segment recomputes (``Segment.inlined_constants``) and the type it declares for
+every boundary tensor (``TensorRecord.value_type``) -- no shape inference here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import onnx
 from onnx import ModelProto, NodeProto, TensorProto, TypeProto
 
 from hyperion.frontend.build import unique_node_names
 from hyperion.frontend.source import ModelSource
-from hyperion.schedule import Schedule, Segment
+from hyperion.schedule import Schedule, Segment, ValueType
 
 MIN_IR_VERSION = 4  # initializers need not be graph inputs from IR v4 on
-# Constants up to this size are recomputed inside every segment that reads them
-# (shape-like values); larger ones are fed like any activation, held once.
-MAX_INLINED_CONSTANT_BYTES = 4096
 
 
 def nodes_by_name(source: ModelSource) -> dict[str, NodeProto]:
-    return dict(zip(unique_node_names(source.proto.graph.node), source.proto.graph.node))
+    return dict(zip(unique_node_names(source.proto.graph.node), source.proto.graph.node, strict=True))
 
 
-def build_segment_model(source: ModelSource, schedule: Schedule, segment: Segment,
-                        value_types: Mapping[str, TypeProto], nodes: Mapping[str, NodeProto],
+def build_segment_model(source: ModelSource, schedule: Schedule, segment: Segment, nodes: Mapping[str, NodeProto],
                         initializers: Mapping[str, TensorProto]) -> ModelProto:
     graph = onnx.GraphProto(name=f"segment_{segment.index}")
-    constants = inlined_constants(schedule, segment, nodes)
-    graph.node.extend(nodes[schedule.tensors[name].producer] for name in constants)
+    graph.node.extend(nodes[schedule.tensors[name].producer] for name in segment.inlined_constants)
     graph.node.extend(_requested_outputs_only(nodes[schedule.steps[i].node], schedule) for i in segment.steps)
-    graph.input.extend(_value_info(name, schedule, value_types) for name in segment.inputs if name not in constants)
-    graph.output.extend(_value_info(name, schedule, value_types) for name in segment.outputs)
+    graph.input.extend(_value_info(name, schedule) for name in segment.model_inputs)
+    graph.output.extend(_value_info(name, schedule) for name in segment.outputs)
     graph.initializer.extend(initializers[w] for w in segment.weights)
     model = ModelProto(ir_version=max(source.proto.ir_version, MIN_IR_VERSION), graph=graph)
     model.opset_import.extend(source.proto.opset_import)
     model.functions.extend(source.proto.functions)
     return model
-
-
-def inlined_constants(schedule: Schedule, segment: Segment, nodes: Mapping[str, NodeProto]) -> tuple[str, ...]:
-    """Inputs of ``segment`` that small ``Constant`` nodes produce: its model recomputes them.
-
-    onnxruntime folds a Constant into the graph, so ops whose output shape
-    depends on an input's value (Reshape, Unsqueeze, Range, ...) get static
-    shapes -- which Scan and Loop bodies reading them from the outer scope need.
-    Fed as a graph input instead, the value is unknown when the session is built.
-    """
-    inlined = []
-    for name in segment.inputs:
-        record = schedule.tensors.get(name)
-        producer = None if record is None else record.producer
-        node = nodes.get(producer) if producer is not None else None
-        if (node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx")
-                and record.bytes is not None and record.bytes <= MAX_INLINED_CONSTANT_BYTES):
-            inlined.append(name)
-    return tuple(inlined)
 
 
 def _requested_outputs_only(node: NodeProto, schedule: Schedule) -> NodeProto:
@@ -80,34 +59,42 @@ def _requested_outputs_only(node: NodeProto, schedule: Schedule) -> NodeProto:
     return trimmed
 
 
-def segment_model_inputs(schedule: Schedule, segment: Segment, nodes: Mapping[str, NodeProto]) -> tuple[str, ...]:
-    """The inputs the segment's model takes: ``segment.inputs`` less the inlined constants."""
-    constants = set(inlined_constants(schedule, segment, nodes))
-    return tuple(name for name in segment.inputs if name not in constants)
-
-
-def _value_info(name: str, schedule: Schedule, value_types: Mapping[str, TypeProto]) -> onnx.ValueInfoProto:
+def _value_info(name: str, schedule: Schedule) -> onnx.ValueInfoProto:
+    """The boundary tensor ``name`` as the schedule records its type; untyped when it
+    records none (onnxruntime then infers it from the producing node)."""
     info = onnx.ValueInfoProto(name=name)
-    if name in value_types and value_types[name].WhichOneof("value"):
-        info.type.CopyFrom(value_types[name])
-        return info
-    record = schedule.tensors[name]
-    try:
-        elem_type = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(record.dtype))
-    except TypeError:
-        return info  # unknown type: onnxruntime infers it from the producing node
-    shape = None if record.shape is None else [d if isinstance(d, int) else None for d in record.shape]
-    return onnx.helper.make_tensor_value_info(name, elem_type, shape)
+    record = schedule.tensors[name].value_type
+    if record is not None:
+        info.type.CopyFrom(type_proto(record))
+    return info
 
 
-def with_free_batch(value_types: Mapping[str, TypeProto], dim_name: str = "hyperion_batch") -> dict[str, TypeProto]:
-    """``value_types`` with axis 0 of every tensor type made symbolic, for chunks of a batch."""
-    relaxed: dict[str, TypeProto] = {}
-    for name, type_proto in value_types.items():
-        if type_proto.WhichOneof("value") == "tensor_type" and type_proto.tensor_type.shape.dim:
-            type_proto = TypeProto.FromString(type_proto.SerializeToString())
-            dim = type_proto.tensor_type.shape.dim[0]
-            dim.Clear()
-            dim.dim_param = dim_name
-        relaxed[name] = type_proto
-    return relaxed
+def type_proto(record: ValueType) -> TypeProto:
+    """The ONNX type a :class:`~hyperion.schedule.ValueType` records."""
+    proto = TypeProto()
+    if record.kind in ("tensor", "sparse_tensor"):
+        tensor = getattr(proto, f"{record.kind}_type")
+        tensor.SetInParent()
+        tensor.elem_type = TensorProto.DataType.Value(record.elem_type or "UNDEFINED")
+        if record.shape is not None:
+            tensor.shape.SetInParent()
+            for dim in record.shape:
+                _set_dim(tensor.shape.dim.add(), dim)
+    elif record.kind in ("sequence", "optional"):
+        container = getattr(proto, f"{record.kind}_type")
+        container.SetInParent()
+        if record.element is not None:
+            container.elem_type.CopyFrom(type_proto(record.element))
+    elif record.kind == "map":
+        proto.map_type.SetInParent()
+        proto.map_type.key_type = TensorProto.DataType.Value(record.elem_type or "UNDEFINED")
+        if record.element is not None:
+            proto.map_type.value_type.CopyFrom(type_proto(record.element))
+    return proto
+
+
+def _set_dim(dim: onnx.TensorShapeProto.Dimension, value: int | str | None) -> None:
+    if isinstance(value, int):
+        dim.dim_value = value
+    elif isinstance(value, str):
+        dim.dim_param = value

@@ -5,24 +5,25 @@ external-data file when it is created, and releases them when it is dropped),
 so keeping, prefetching and dropping sessions is how weights are loaded,
 cached and evicted:
 
-* kept sessions (every segment in ``normal`` mode, the weight cache's segments
-  in ``memory_opt``) stay alive across runs;
-* with prefetch, the next segment's session is built on a background thread
+* kept sessions (the schedule's ``cached`` segments: all of them in ``normal``
+  mode, the weight cache's in ``memory_opt``) stay alive across runs;
+* with the schedule's ``prefetch``, the next segment's session is built on a background thread
   while the current segment computes (onnxruntime releases the GIL in both);
   at most one build is pending, and a session is dropped before the build
   after next starts, so at most two uncached sessions exist at once -- what
   the plan accounts.
+
+:func:`session_options` is the one recipe of onnxruntime session options.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import inspect
 import logging
+import os
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,26 +46,50 @@ class SessionTimes:
     reused: int = 0             # kept sessions used again
 
 
-def _weakly(build: Builder) -> Builder:
-    """``build`` without a strong reference to its object: a runtime owns its pool, and a
-    cycle back would keep both (and every kept session's threads) alive until the
-    garbage collector happens to run."""
-    if not inspect.ismethod(build):
-        return build
-    method = weakref.WeakMethod(build)
+def session_options(*, threads: int = 0, arena: bool = True, prepack: bool = True, spinning: bool = True,
+                    external_folder: str | os.PathLike | None = None) -> ort.SessionOptions:
+    """onnxruntime's session options as Hyperion (and its tests and benchmarks) use them.
 
-    def call(index: int) -> ort.InferenceSession:
-        bound = method()
-        if bound is None:
-            raise RuntimeError("the runtime of this session pool is gone")
-        return bound(index)
+    * ``threads``: intra-op threads; 0 lets onnxruntime use one per core.
+    * ``arena``: onnxruntime's CPU memory arena. It keeps freed blocks for reuse,
+      so RSS never falls back after a peak: off under a cap, where RSS must follow
+      the plan; on otherwise, where it saves allocations.
+    * ``prepack``: MatMul/Gemm weights packed into a second, kernel-friendly copy
+      when the session is created. Packing is most of a session's creation (18 of
+      19 ms for a 2240x2240 float32 weight) and holds the weight twice; unpacked,
+      MLAS packs panels during each GEMM, which sums in another order, so outputs
+      differ from the packed ones by float32 rounding.
+    * ``spinning``: idle intra-op workers spin waiting for work (onnxruntime's
+      default). Right for one session; with segments run one after another and
+      sessions built while others compute, spinning workers steal the CPU from the
+      next segment, and a session with them took 28 ms to destroy against 0.1 ms.
+    * ``external_folder``: where relative external-data locations resolve when the
+      model is given as bytes (a segment model, or weights spilled to a file).
 
-    return call
+    Warnings are off (severity 3): onnxruntime warns about things that are expected
+    here, such as initializers listed as graph inputs in old opsets.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if external_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(external_folder))
+    return options
 
 
 class SessionPool:
+    """Sessions of one schedule's segments: ``keep`` are the schedule's cached segments,
+    ``prefetch`` whether the next one is built in the background. ``build`` must not
+    hold its runtime strongly (see ``executor._weak_builder``)."""
+
     def __init__(self, build: Builder, keep: frozenset[int], prefetch: bool) -> None:
-        self._build_fn = _weakly(build)
+        self._build_fn = build
         self._keep = keep
         self._prefetch = prefetch
         self._kept: dict[int, ort.InferenceSession] = {}

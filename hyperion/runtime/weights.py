@@ -14,7 +14,7 @@ are decoded from the model proto.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -35,14 +35,6 @@ class WeightStore:
         self.protos: dict[str, TensorProto] = {t.name: t for t in source.proto.graph.initializer}
         self._embedded = dict(self.protos)   # the originals, for reading arrays
         self.folder: Path = source.base_dir
-
-    def embedded_in_file(self) -> bool:
-        """Whether weights embedded in the model file are served from it in place
-        (:func:`hyperion.frontend.embedded.load_lean`): then, under a cap, sessions are built from
-        the lean proto, since onnxruntime given the file itself copies them while loading."""
-        path = self.source.path
-        return path is not None and any(
-            e.key == "location" and e.value == path.name for t in self.protos.values() for e in t.external_data)
 
     def spill_embedded(self) -> bool:
         """Serve large embedded weights of an in-memory model from a spilled file.
@@ -67,19 +59,17 @@ class WeightStore:
             return self._read_external(record)
         return numpy_helper.to_array(self._embedded[name])
 
-    def read_many(self, names: Iterable[str]) -> dict[str, np.ndarray]:
-        return {name: self.read(name) for name in names}
-
     def _read_external(self, record: TensorRecord) -> np.ndarray:
-        location = record.external or {}
+        location = record.external
+        assert location is not None  # read() sends only external weights here
         dtype = np.dtype(record.dtype)
         shape = tuple(int(d) for d in record.shape or ())
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         try:
-            data = np.fromfile(location["path"], dtype=dtype, count=count, offset=location["offset"])
+            data = np.fromfile(location.path, dtype=dtype, count=count, offset=location.offset)
         except OSError as exc:
-            raise ModelLoadError(f"{location['path']}: cannot read weight {record.name!r}: {exc}") from None
+            raise ModelLoadError(f"{location.path}: cannot read weight {record.name!r}: {exc}") from None
         if data.size != count:
-            raise ModelLoadError(f"{location['path']}: truncated external data for weight {record.name!r}: "
+            raise ModelLoadError(f"{location.path}: truncated external data for weight {record.name!r}: "
                                  f"expected {count} values, read {data.size}")
         return data.reshape(shape)

@@ -49,7 +49,7 @@ class OnnxLayers:
     def __init__(self, imported: ImportedModel, schedule: Schedule, config: SessionConfig | None = None,
                  runtime: Runtime | None = None) -> None:
         self.schedule = schedule
-        self.runtime = runtime or Runtime(imported.source, schedule, imported.value_types, config)
+        self.runtime = runtime or Runtime(imported.source, schedule, config)
         self.graph_inputs = schedule.graph_inputs
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -63,11 +63,12 @@ class OnnxLayers:
 def per_step_plan(compiled: CompiledModel) -> tuple[ImportedModel, Schedule, Runtime]:
     """``compiled``'s model planned with one step per onnxruntime session. Reuses the
     compiled plan (and its runtime's sessions) when it already is."""
-    imported, schedule, runtime = compiled._active()  # the plan for the bound input shapes
+    _, schedule, runtime = compiled._active()  # the plan for the bound input shapes
+    imported = compiled._active_imported()    # the layer plan reads the graph
     if all(segment.first_step == segment.last_step for segment in schedule.segments):
         return imported, schedule, runtime
     schedule = plan(imported, compiled.mode, compiled.memory_limit, max_segment_steps=1)
-    runtime = Runtime(imported.source, schedule, imported.value_types, compiled.session_config)
+    runtime = Runtime(imported.source, schedule, compiled.session_config)
     return imported, schedule, runtime
 
 

@@ -192,7 +192,7 @@ def _check_against_onnxruntime(model: Path, feeds, outputs, prepack_weights: boo
 
     session = ort_session(model, prepack_weights)
     names = [o.name for o in session.get_outputs()]
-    expected = dict(zip(names, session.run(names, feeds)))
+    expected = dict(zip(names, session.run(names, feeds), strict=True))
     worst, ok = 0.0, True
     for name, want in expected.items():
         got = outputs[name]

@@ -13,7 +13,7 @@ KIND_COLORS = {"sequential": "black", "residual": "blue", "attention": "red"}
 
 
 def summary(schedule: Schedule) -> str:
-    kinds = Counter(e.kind for e in schedule.edges)
+    kinds = Counter(e.kind.value for e in schedule.edges)
     cap = format_size(schedule.memory_limit) if schedule.memory_limit else "none"
     lines = [
         f"model        {schedule.model.path or '<in-memory>'} (opset {schedule.model.opset})",
@@ -24,8 +24,8 @@ def summary(schedule: Schedule) -> str:
         f"steps        {len(schedule.steps)} in {len(schedule.segments)} segment(s)",
         "edges        " + (", ".join(f"{kinds[k]} {k}" for k in sorted(kinds)) or "none"),
     ]
-    if schedule.batch_chunk:
-        lines.append(f"batch chunk  {schedule.batch_chunk}")
+    if schedule.streaming is not None:
+        lines.append(f"batch chunk  {schedule.streaming.chunk} of {schedule.streaming.batch_size} samples")
     return "\n".join(lines)
 
 
@@ -40,7 +40,7 @@ def step_table(schedule: Schedule) -> str:
     """One row per step: segment, node, op, incoming edge kinds, live bytes, tensors freed."""
     incoming: dict[str, Counter] = {}
     for edge in schedule.edges:
-        incoming.setdefault(edge.dst, Counter())[edge.kind] += 1
+        incoming.setdefault(edge.dst, Counter())[edge.kind.value] += 1
     header = f"{'step':>5} {'seg':>4}  {'node':<28} {'op':<18} {'depends on':<24} {'live':>10}  frees"
     rows = [header, "-" * len(header)]
     for step in schedule.steps:
@@ -63,7 +63,7 @@ def to_dot(schedule: Schedule) -> str:
         lines.append("  }")
     for edge in schedule.edges:
         lines.append(f"  {json.dumps(edge.src)} -> {json.dumps(edge.dst)} "
-                     f"[color={KIND_COLORS.get(edge.kind, 'gray')}, label={json.dumps(edge.kind[0])}];")
+                     f"[color={KIND_COLORS.get(edge.kind.value, 'gray')}, label={json.dumps(edge.kind.value[0])}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -73,7 +73,7 @@ def to_trace(schedule: Schedule, step_ms: Iterable[float] | None = None) -> str:
     memory counter. Without measured times every step is drawn 1 ms long."""
     durations = list(step_ms) if step_ms is not None else [1.0] * len(schedule.steps)
     events, clock_us = [], 0.0
-    for step, ms in zip(schedule.steps, durations):
+    for step, ms in zip(schedule.steps, durations, strict=False):
         events.append({"name": step.node, "cat": step.op_type, "ph": "X", "ts": clock_us, "dur": ms * 1e3,
                        "pid": 1, "tid": step.segment, "args": {"frees": list(step.frees)}})
         events.append({"name": "live bytes", "ph": "C", "ts": clock_us, "pid": 1,
