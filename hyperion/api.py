@@ -19,6 +19,7 @@ from hyperion.frontend import (
     import_model,
     load_source,
     require_bound,
+    restrict_to_outputs,
     unbound_dims,
 )
 from hyperion.ir import ExecutionMode, Graph, NetworkxGraph
@@ -30,6 +31,7 @@ from hyperion.units import parse_size
 log = logging.getLogger(__name__)
 
 ShapeSignature = tuple[tuple[str, tuple[int, ...]], ...]
+OutputSet = frozenset[str]
 NON_TENSOR_DTYPES = frozenset({"sequence", "optional", "map", "sparse_tensor"})
 
 
@@ -42,7 +44,8 @@ class _Plan(NamedTuple):
 
 
 class CompiledModel:
-    """A model compiled for a mode and a memory cap; plans are cached per input shapes.
+    """A model compiled for a mode and a memory cap; plans are cached per input shapes
+    (and per set of requested outputs, see :meth:`run`).
 
     Built by :func:`compile` from an imported model, or by :func:`load` from a
     saved schedule alone (:meth:`from_schedule`): running a schedule needs only the
@@ -93,6 +96,10 @@ class CompiledModel:
         self.session_config = session_config or SessionConfig(enable_cpu_mem_arena=memory_limit is None,
                                                               return_freed_memory=memory_limit is not None)
         self._plans: dict[ShapeSignature, _Plan] = {}
+        # Plans of some outputs only (run(..., outputs=[...])): the subgraph they need.
+        self._pruned: dict[tuple[ShapeSignature, OutputSet], _Plan] = {}
+        self._current_outputs: OutputSet | None = None  # the last run's outputs when not all
+        self.output_names = tuple(o.name for o in source.proto.graph.output)
         self._static_shapes = not any(
             shape is None or any(isinstance(d, str) for d in shape)
             for shape in declared_input_shapes(source).values())
@@ -104,13 +111,26 @@ class CompiledModel:
         return tuple((name, tuple(shapes[name])) for name in self._sorted_inputs)  # type: ignore[misc]
 
     def _add_plan(self, signature: ShapeSignature, imported: ImportedModel) -> None:
+        self._plans[signature] = self._new_plan(imported)
+
+    def _new_plan(self, imported: ImportedModel) -> _Plan:
         schedule = plan(imported, self.mode, self.memory_limit, self.max_segment_steps,
                         prefetch=self.prefetch, weight_cache_bytes=self.weight_cache_bytes,
                         prepack_weights=self.session_config.prepack_weights)
         if schedule.whole_model and not self.whole_model_shortcut:
             # Recorded in the plan (a saved schedule keeps it): segment models even for one segment.
             schedule = dataclasses.replace(schedule, whole_model=False)
-        self._plans[signature] = _Plan(imported, schedule, Runtime(imported.source, schedule, self.session_config))
+        return _Plan(imported, schedule, Runtime(imported.source, schedule, self.session_config))
+
+    def _pruned_plan(self, signature: ShapeSignature, outputs: tuple[str, ...]) -> _Plan:
+        """The plan of the subgraph ``outputs`` need, for ``signature`` (made on first use)."""
+        key = (signature, frozenset(outputs))
+        if key not in self._pruned:
+            log.info("planning for outputs %s", list(outputs))
+            imported = (self._imported(signature) if signature in self._plans else
+                        import_model(self._source, dict(signature), isolate_symbolic=self.memory_limit is not None))
+            self._pruned[key] = self._new_plan(restrict_to_outputs(imported, outputs))
+        return self._pruned[key]
 
     def _plan_for(self, signature: ShapeSignature) -> _Plan:
         if signature not in self._plans:
@@ -123,11 +143,16 @@ class CompiledModel:
         if self._current is None:
             assert self._base is not None  # a loaded model always has its schedule's plan
             require_bound(self._base)
+        if self._current_outputs is not None:
+            return self._pruned[(self._current, self._current_outputs)]
         return self._plans[self._current]
 
     def _active_imported(self) -> ImportedModel:
         """The imported model of the current plan (see :meth:`_imported`)."""
-        self._active()
+        active = self._active()
+        if self._current_outputs is not None:
+            assert active.imported is not None  # a pruned plan is made from its imported model
+            return active.imported
         assert self._current is not None
         return self._imported(self._current)
 
@@ -145,7 +170,8 @@ class CompiledModel:
 
     @property
     def schedule(self) -> Schedule:
-        """The plan for the input shapes of the last run (or those given at compile time)."""
+        """The plan for the input shapes and outputs of the last run (or the shapes given at
+        compile time, all outputs)."""
         return self._active().schedule
 
     @property
@@ -182,17 +208,48 @@ class CompiledModel:
 
     # -- running ------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray],
-            progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+            progress: Callable[[int, int], None] | None = None, *,
+            outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run the model; returns every graph output by name, as onnxruntime does.
 
+        ``outputs``: return only these, in this order; only the part of the graph they
+        need is planned (once per set of outputs and input shapes) and run: other
+        branches are neither computed nor held. ``None`` (or empty) means every output.
         ``progress(done, total)`` is called after every segment a run goes through
         (every segment once per chunk when streaming)."""
-        if self._only_runtime is not None:  # static shapes, one plan: the runtime checks the feeds
+        wanted = self._wanted_outputs(outputs)
+        if wanted is not None:
+            signature = self._current if self._only_runtime is not None else self._feed_signature(feeds)
+            assert signature is not None  # static shapes: planned at compile time
+            runtime = self._pruned_plan(signature, wanted).runtime
+            self._current, self._current_outputs = signature, frozenset(wanted)
+        elif self._only_runtime is not None:  # static shapes, one plan: the runtime checks the feeds
             runtime = self._only_runtime
+            self._current_outputs = None
         else:
             signature = self._feed_signature(feeds)
             runtime = self._plan_for(signature).runtime
-            self._current = signature
+            self._current, self._current_outputs = signature, None
+        if outputs:  # as asked: in this order
+            return _select(self._run(runtime, feeds, progress), outputs)
+        return self._run(runtime, feeds, progress)
+
+    def _wanted_outputs(self, outputs: Sequence[str] | None) -> tuple[str, ...] | None:
+        """The distinct outputs asked for; None when they are all the model's."""
+        if not outputs:
+            return None
+        if isinstance(outputs, str):
+            raise FeedError(f"outputs: expected a list of output names, got the string {outputs!r}")
+        wanted = tuple(dict.fromkeys(outputs))
+        unknown = [name for name in wanted if name not in self.output_names]
+        if unknown:
+            raise FeedError(f"{self._source.label}: no output named {unknown[0]!r}; "
+                            f"outputs are {list(self.output_names)}")
+        return None if len(wanted) == len(self.output_names) else wanted
+
+    @staticmethod
+    def _run(runtime: Runtime, feeds: Mapping[str, np.ndarray],
+             progress: Callable[[int, int], None] | None) -> dict[str, np.ndarray]:
         if progress is None:
             return runtime.run(feeds)
         total, done = runtime.segment_runs, 0
@@ -241,8 +298,22 @@ class CompiledModel:
 
     def close(self) -> None:
         """Release every onnxruntime session (and the weights they hold)."""
-        for active in self._plans.values():
+        for active in (*self._plans.values(), *self._pruned.values()):
             active.runtime.close()
+
+    def __repr__(self) -> str:
+        from hyperion.tools.notebook import compiled_model_repr  # tools sit on top of the core: imported late
+
+        return compiled_model_repr(self)
+
+    def _repr_html_(self) -> str:
+        from hyperion.tools.notebook import compiled_model_html
+
+        return compiled_model_html(self)
+
+
+def _select(outputs: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
+    return {name: outputs[name] for name in names}
 
 
 def _int_shapes(shapes: Mapping[str, Sequence[int | str]]) -> dict[str, list[int]]:

@@ -162,6 +162,19 @@ class Schedule:
     format: str = FORMAT
     version: int = VERSION
 
+    # -- display --------------------------------------------------------------------
+    def __repr__(self) -> str:
+        """One line: ``<Schedule demo.onnx memory_opt: 42 steps, 5 segments, peak 1.3 MiB, cap 1.5 MiB>``."""
+        from hyperion.tools.notebook import schedule_repr  # tools sit on top of the core: imported late
+
+        return schedule_repr(self)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the summary table and the memory timeline (with matplotlib)."""
+        from hyperion.tools.notebook import schedule_html
+
+        return schedule_html(self)
+
     # -- serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))

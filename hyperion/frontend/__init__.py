@@ -2,7 +2,8 @@
 
 ``source`` reads the model as given and locates external data without reading
 it; ``shapes`` infers every tensor's type on a weightless skeleton; ``build``
-constructs the IR; ``embedded`` serves large embedded weights as external data.
+constructs the IR; ``prune`` restricts it to what some outputs need; ``embedded``
+serves large embedded weights as external data.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from hyperion.frontend.build import (
            require_bound,
            unbound_dims,
 )
+from hyperion.frontend.prune import ancestor_nodes, is_whole_graph, restrict_graph, restrict_to_outputs
 from hyperion.frontend.shapes import declared_input_shapes
 from hyperion.frontend.source import ModelLike, ModelSource, load_source
 
-__all__ = ["ImportedModel", "ModelLike", "ModelSource", "declared_input_shapes", "import_model", "load_source",
-           "require_bound", "unbound_dims"]
+__all__ = ["ImportedModel", "ModelLike", "ModelSource", "ancestor_nodes", "declared_input_shapes", "import_model",
+           "is_whole_graph", "load_source", "require_bound", "restrict_graph", "restrict_to_outputs", "unbound_dims"]

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from onnx import TensorProto, TensorShapeProto, TypeProto
 
 from hyperion.errors import PassError
-from hyperion.frontend import ImportedModel
+from hyperion.frontend import ImportedModel, is_whole_graph
 from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, TensorRole
 from hyperion.passes import Program
 from hyperion.passes.liveness import Liveness
@@ -176,13 +176,16 @@ def _tensors(graph: Graph, value_types: Mapping[str, ValueType]) -> dict[str, Te
 
 # -- the schedule --------------------------------------------------------------------------------
 def _whole_model(imported: ImportedModel, program: Program, segments: tuple[Segment, ...]) -> bool:
-    """One normal-mode segment: onnxruntime gets the user's model untouched.
+    """One normal-mode segment of the whole model: onnxruntime gets the user's model untouched.
+
+    Not for a plan of some outputs only (:func:`hyperion.frontend.restrict_to_outputs`):
+    the user's model would compute every branch.
 
     Not under a cap when the model file itself holds the weights (served in place
     from a lean proto, :func:`hyperion.frontend.embedded.load_lean`): onnxruntime
     given that file would copy every weight while loading it.
     """
-    if program.mode is not ExecutionMode.NORMAL or len(segments) != 1:
+    if program.mode is not ExecutionMode.NORMAL or len(segments) != 1 or not is_whole_graph(imported, program.graph):
         return False
     path = imported.source.path
     in_model_file = path is not None and any(
