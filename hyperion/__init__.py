@@ -29,12 +29,13 @@ from hyperion.seed import (
                              default_mmap_config,
                              open_mapped_model,
 )
+from hyperion.session import InferenceSession
 from hyperion.units import parse_size
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompiledModel", "EdgeKind", "ExecutionMode", "FeedError", "HyperionError", "MemoryLimitError",
+    "CompiledModel", "EdgeKind", "ExecutionMode", "FeedError", "HyperionError", "InferenceSession", "MemoryLimitError",
     "ModelLoadError", "OptionError", "PassError", "RunStats", "RuntimeExecutionError", "Schedule",
     "ScheduleError", "ShapeError", "UnsupportedModelError", "compile", "load", "parse_size",
 ]

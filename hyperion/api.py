@@ -330,7 +330,7 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
             input_shapes: Mapping[str, Sequence[int]] | None = None, *,
             max_segment_steps: int | None = None, whole_model_shortcut: bool = True,
             weight_cache: int | str | None = None, prefetch: bool | None = None,
-            prepack_weights: bool = True) -> CompiledModel:
+            prepack_weights: bool = True, intra_op_num_threads: int = 0) -> CompiledModel:
     """Import ``model``, run the passes and plan it under ``memory_limit``.
 
     ``memory_limit`` is bytes or a size string ("256MB", "1.5GiB"); ``None`` means
@@ -350,6 +350,7 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
     segment's session while the current one computes (both are accounted);
     ``None``: only when weights are packed, since an unpacked session is built
     in about 2 ms and the double buffer would only take cap. See docs/memory.md.
+    ``intra_op_num_threads`` sizes onnxruntime's thread pools (0: its default).
     """
     if prefetch is None:
         prefetch = prepack_weights
@@ -359,7 +360,7 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
     imported = import_model(load_source(model), input_shapes, isolate_symbolic=limit is not None)
     cache_bytes = None if weight_cache is None else _cache_size(weight_cache)
     config = SessionConfig(enable_cpu_mem_arena=limit is None, return_freed_memory=limit is not None,
-                           prepack_weights=prepack_weights)
+                           prepack_weights=prepack_weights, intra_op_num_threads=intra_op_num_threads)
     return CompiledModel(imported, exec_mode, limit, max_segment_steps, config, prefetch=prefetch,
                          weight_cache_bytes=cache_bytes, whole_model_shortcut=whole_model_shortcut)
 
