@@ -165,6 +165,19 @@ def shape_of(type_proto: TypeProto) -> list[int | str | None]:
             for d in tensor.shape.dim]
 
 
+def _without_made_up_dims(type_proto: TypeProto, declared: set[str]) -> TypeProto:
+    """``type_proto`` without the dim names onnx's inference makes up (``unk__0``): onnxruntime
+    reports such a dim as None."""
+    if not type_proto.HasField("tensor_type"):
+        return type_proto
+    cleaned = TypeProto()
+    cleaned.CopyFrom(type_proto)
+    for dim in cleaned.tensor_type.shape.dim:
+        if dim.HasField("dim_param") and dim.dim_param.startswith("unk__") and dim.dim_param not in declared:
+            dim.ClearField("dim_param")
+    return cleaned
+
+
 def _has_shape(type_proto: TypeProto) -> bool:
     kind = type_proto.WhichOneof("value")
     if kind in ("tensor_type", "sparse_tensor_type"):
@@ -239,12 +252,18 @@ class InferenceSession:
         if self._inferred_types is None:
             try:
                 inferred = onnx.shape_inference.infer_shapes(skeleton_of(self._proto))
-                self._inferred_types = {v.name: v.type for v in inferred.graph.output}
+                self._inferred_types = {v.name: _without_made_up_dims(v.type, self._declared_dim_names())
+                                        for v in inferred.graph.output}
             except Exception:  # onnx raises several unrelated types; the declaration stays
                 self._inferred_types = {}
         assert self._inferred_types is not None
         declared = next(v.type for v in self._proto.graph.output if v.name == name)
         return self._inferred_types.get(name, declared)
+
+    def _declared_dim_names(self) -> set[str]:
+        graph = self._proto.graph
+        return {d.dim_param for v in (*graph.input, *graph.output, *graph.value_info)
+                if v.type.HasField("tensor_type") for d in v.type.tensor_type.shape.dim if d.dim_param}
 
     # -- onnxruntime's surface ----------------------------------------------------------------
     def get_inputs(self) -> list[NodeArg]:
