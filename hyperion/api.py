@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -21,11 +21,14 @@ from hyperion.frontend import (
     require_bound,
     unbound_dims,
 )
-from hyperion.ir import ExecutionMode, Graph, NetworkxGraph
+from hyperion.ir import ExecutionMode, Graph
 from hyperion.planner import optimal_batch_size, parse_mode, plan
 from hyperion.runtime import RunStats, Runtime, SessionConfig
 from hyperion.schedule import Schedule
 from hyperion.units import parse_size
+
+if TYPE_CHECKING:
+    from hyperion.ir import NetworkxGraph
 
 log = logging.getLogger(__name__)
 

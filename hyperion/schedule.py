@@ -104,9 +104,11 @@ class Segment:
     peak_bytes: int
     model_inputs: tuple[str, ...]       # ``inputs`` less ``inlined_constants``: what its model is fed
     inlined_constants: tuple[str, ...]  # small Constant outputs its model recomputes instead of taking
-    cached: bool                        # its session (and its weights) lives across runs
+    cached: bool                        # its session keeps its weights resident across runs (weight cache)
     held_bytes: int                     # what its live session holds for its weights
     loading_bytes: int                  # the most while its session is created
+    fed_weights: tuple[str, ...]        # weights mapped from disk and fed to its session on every run
+    persistent: bool                    # its session is built once and kept across runs
 
     @property
     def steps(self) -> range:

@@ -6,9 +6,12 @@ which weights are resident when. Inside a segment onnxruntime frees tensors at
 their last use; between segments Hyperion drops every tensor whose ``frees``
 step has run, so nothing outlives the step liveness names.
 
-Weights live in the segments' sessions (:mod:`hyperion.runtime.sessions`): the
-schedule says which sessions are kept across runs (``Segment.cached``: the
-weight cache) and whether the next one is prefetched. A schedule with a
+Weights live in the segments' sessions (:mod:`hyperion.runtime.sessions`) or
+are fed to them: the schedule says which sessions are kept across runs
+(``Segment.persistent``), which keep their weights (``Segment.cached``: the
+weight cache), which weights are mapped and fed on every run
+(``Segment.fed_weights``, :mod:`hyperion.runtime.weights`), and whether the next
+segment is prefetched (its session built, or its fed weights read ahead). A schedule with a
 ``streaming`` record runs the batch in chunks and writes each chunk's outputs
 into arrays for the whole batch. A ``whole_model`` schedule hands onnxruntime
 the user's model untouched. The runtime reads these fields; it never looks at
@@ -55,6 +58,7 @@ class RunStats:
     total_ms: float = 0.0
     chunks: int = 1               # streaming: chunks the batch ran in
     sessions: SessionTimes = field(default_factory=SessionTimes)
+    fed_bytes: int = 0            # weight bytes handed to sessions from mapped files (no copy)
 
     @property
     def step_ms(self) -> list[float]:
@@ -97,7 +101,7 @@ class Runtime:
             self.weights.spill_embedded()  # weights read by sessions from a file, never from the proto
         self._node_protos: dict[str, NodeProto] | None = None
         self._segment_models: dict[int, bytes] = {}
-        kept = frozenset(segment.index for segment in schedule.segments if segment.cached)
+        kept = frozenset(segment.index for segment in schedule.segments if segment.persistent)
         self.pool = SessionPool(_weak_builder(self), kept, schedule.prefetch)
         self._whole_model_ms: float | None = None
         self.stats = RunStats(mode=schedule.mode)
@@ -153,8 +157,9 @@ class Runtime:
         return session
 
     def close(self) -> None:
-        """Release every session (and the weights they hold)."""
+        """Release every session (and the weights they hold) and every weight mapping."""
         self.pool.close()
+        self.weights.close()
 
     def settle(self) -> float:
         """Wait until no session is being prefetched (e.g. before timing something else);
@@ -192,6 +197,7 @@ class Runtime:
         checked = self.check_feeds(feeds)
         started = time.perf_counter()
         self.pool.reset_times()
+        self.weights.fed_bytes = 0
         segment_ms = [0.0] * len(self.schedule.segments)
         held_peak, chunks = 0, 0
         outputs: dict[str, np.ndarray] = {}
@@ -208,7 +214,8 @@ class Runtime:
                 outputs[name][start:start + len(value)] = value
             del result
         self.stats = RunStats(self.schedule.mode, max(self.schedule.peak_bytes, held_peak), held_peak,
-                              segment_ms, 1e3 * (time.perf_counter() - started), chunks, self.pool.reset_times())
+                              segment_ms, 1e3 * (time.perf_counter() - started), chunks, self.pool.reset_times(),
+                              self.weights.fed_bytes)
         return outputs
 
     def _chunk_starts(self) -> Sequence[int | None]:
@@ -271,13 +278,27 @@ class Runtime:
             # refuses both a run that fetches nothing and a graph with no outputs.
             return []
         session = self.session(segment)
-        self.pool.prefetch(self._next_segment(segment.index))  # built while this one computes
+        self._prefetch(self._next_segment(segment.index))  # while this one computes
+        model_feeds = self._model_feeds(segment, feeds)
+        if segment.fed_weights:
+            model_feeds = {**model_feeds, **{name: self.weights.view(name) for name in segment.fed_weights}}
         try:
-            return session.run(list(segment.outputs), self._model_feeds(segment, feeds))
+            return session.run(list(segment.outputs), model_feeds)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RuntimeExecutionError(
                 f"{self.source.label}: onnxruntime failed in segment {segment.index} "
                 f"(steps {segment.first_step}-{segment.last_step}): {_first_line(exc)}") from None
+        finally:
+            del model_feeds
+            self.weights.release(segment.fed_weights)
+
+    def _prefetch(self, index: int | None) -> None:
+        """Get segment ``index`` ready: its session built in the background (when it is not
+        kept) and its fed weights read ahead into the page cache."""
+        if index is None or not self.schedule.prefetch:
+            return
+        self.pool.prefetch(index)
+        self.weights.prefetch(self.schedule.segments[index].fed_weights)
 
     @staticmethod
     def _model_feeds(segment: Segment, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
