@@ -203,6 +203,15 @@ def _show_progress(quiet: bool = False) -> bool:
     return not quiet and sys.stderr.isatty()
 
 
+def _screen() -> dict[str, int]:
+    """The terminal's size for tqdm; one that reports none (a fresh pseudo-terminal says 0x0,
+    and tqdm would then draw nothing) counts as $COLUMNS x $LINES or 80 x 24."""
+    import shutil
+
+    size = shutil.get_terminal_size()
+    return {"ncols": size.columns, "nrows": size.lines}
+
+
 @contextlib.contextmanager
 def _progress_bar(label: str, quiet: bool = False, unit: str = "segment"
                   ) -> Iterator[Callable[[int, int], None] | None]:
@@ -212,7 +221,7 @@ def _progress_bar(label: str, quiet: bool = False, unit: str = "segment"
         return
     from tqdm import tqdm
 
-    with tqdm(desc=label, unit=unit, leave=False, file=sys.stderr, mininterval=0.2) as bar:
+    with tqdm(desc=label, unit=unit, leave=False, file=sys.stderr, mininterval=0.2, **_screen()) as bar:
         def update(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
@@ -233,7 +242,7 @@ def _working(label: str, quiet: bool = False, delay: float = 1.0) -> Iterator[No
 
     done = threading.Event()
     with tqdm(desc=label, total=None, bar_format="{desc}: {elapsed}", leave=False, file=sys.stderr,
-              delay=delay) as bar:
+              delay=delay, **_screen()) as bar:
         def tick() -> None:
             while not done.wait(0.2):
                 bar.refresh()

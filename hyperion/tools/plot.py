@@ -5,7 +5,7 @@ Live bytes per step are stacked by role (``report.role_bytes``: weights of the r
 segment's session, of other live sessions, graph inputs, activations, graph outputs,
 streaming batch buffers), with the cap and the lower bound, the peak marked with its node,
 and segments shaded. Given a measured trace (``hyperion run --trace``), the process's RSS
-is drawn over it: its growth over the RSS when the trace started, placed on the step axis
+is drawn over it: its change since the (last traced) run began, placed on the step axis
 by the trace's segment spans.
 """
 
@@ -49,7 +49,7 @@ def _title(schedule: Schedule) -> str:
 
 # -- measured RSS from a trace ---------------------------------------------------------
 def measured_rss(schedule: Schedule, trace: str | os.PathLike | Mapping) -> tuple[list[float], list[float]]:
-    """(step positions, MiB of RSS above the trace's first sample) for the last traced run:
+    """(step positions, MiB of RSS above its value when the run began) for the last traced run:
     a sample inside segment ``i``'s span is placed linearly across that segment's steps.
     Chunks of a streaming run overlay one another; ``nan`` separates them."""
     data = trace if isinstance(trace, Mapping) else _load_trace(Path(trace))
@@ -62,7 +62,8 @@ def measured_rss(schedule: Schedule, trace: str | os.PathLike | Mapping) -> tupl
                      if e.get("ph") == "C" and e.get("name") == "process RSS")
     if not samples or not segments:
         return [], []
-    base = samples[0][1]
+    at_start = [v for t, v in samples if t <= start]
+    base = at_start[-1] if at_start else samples[0][1]
     xs: list[float] = []
     ys: list[float] = []
     for span in segments:
@@ -130,7 +131,7 @@ def _plot_image(schedule: Schedule, output: Path, rss: tuple[list[float], list[f
                     xytext=(0, 14), textcoords="offset points", ha="center", fontsize=8, color="tab:red")
     if rss is not None and rss[0]:
         ax.plot(rss[0], rss[1], color="magenta", linewidth=1.4, drawstyle="steps-post",
-                label="measured RSS above its start")
+                label="measured RSS change since the run began")
     top = max([s.live_bytes for s in schedule.steps] + [schedule.memory_limit or 0, 1]) / MIB
     if rss is not None and rss[1]:
         top = max(top, max((y for y in rss[1] if y == y), default=0))
@@ -180,7 +181,7 @@ def _plot_html(schedule: Schedule, output: Path, rss: tuple[list[float], list[fl
                              mode="lines", line={"shape": "hvh", "color": "black", "width": 1},
                              text=hover, hovertemplate="%{text}<extra></extra>"))
     if rss is not None and rss[0]:
-        fig.add_trace(go.Scatter(x=rss[0], y=rss[1], name="measured RSS above its start", mode="lines",
+        fig.add_trace(go.Scatter(x=rss[0], y=rss[1], name="measured RSS change since the run began", mode="lines",
                                  line={"color": "magenta", "shape": "hv"},
                                  hovertemplate="%{y:.2f} MiB<extra>RSS</extra>"))
     for segment in schedule.segments:
