@@ -313,3 +313,14 @@ def test_progress_shows_under_a_terminal_only() -> None:
     piped = subprocess.run([sys.executable, "-m", "hyperion.tools.cli", *RUN_ARGS], capture_output=True, text=True,
                            cwd=REPO, check=True)
     assert piped.stderr == "" and "\x1b[" not in piped.stdout and "\r" not in piped.stdout
+
+
+def test_a_trace_drawn_as_an_image(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    from hyperion.tools.trace_image import main as trace_image
+
+    _demo("3MB", batch=8).run(example_feeds("demo", batch=8), trace=tmp_path / "run.json")
+    assert trace_image([str(tmp_path / "t.png"), "--trace", str(tmp_path / "run.json")]) == 0
+    pixels = imread(tmp_path / "t.png")
+    assert pixels.shape[1] == 1300 and pixels[..., :3].std() > 0.05
