@@ -283,10 +283,11 @@ RUN_ARGS = ["run", str(fixture_path("demo")), "--memory-limit", "1.5MB", "--inpu
             "--seed", "0"]
 
 
-def _under_a_terminal(args: list[str]) -> str:
-    """Standard error of the CLI run with a pseudo-terminal as its standard error."""
+def _under_a_terminal(args: list[str], python: str | None = None) -> str:
+    """Standard error of the CLI (or of the ``python`` code) run with a pseudo-terminal as its standard error."""
     leader, follower = pty.openpty()
-    process = subprocess.Popen([sys.executable, "-m", "hyperion.tools.cli", *args], stdout=subprocess.DEVNULL,
+    command = ["-c", python] if python is not None else ["-m", "hyperion.tools.cli", *args]
+    process = subprocess.Popen([sys.executable, *command], stdout=subprocess.DEVNULL,
                                stderr=follower, cwd=REPO, env={**os.environ, "COLUMNS": "100"})
     os.close(follower)
     chunks = []
@@ -313,6 +314,14 @@ def test_progress_shows_under_a_terminal_only() -> None:
     piped = subprocess.run([sys.executable, "-m", "hyperion.tools.cli", *RUN_ARGS], capture_output=True, text=True,
                            cwd=REPO, check=True)
     assert piped.stderr == "" and "\x1b[" not in piped.stdout and "\r" not in piped.stdout
+
+
+def test_work_without_steps_shows_its_time_after_a_delay_and_clears_it() -> None:
+    code = ("import time\nfrom hyperion.tools.cli import _working\n"
+            "with _working('compiling big.onnx', delay={}):\n    time.sleep(0.5)\n")
+    shown = _under_a_terminal([], code.format(0.1))
+    assert "compiling big.onnx: 00:00" in shown and shown.endswith("\r")   # the line is cleared
+    assert "compiling" not in _under_a_terminal([], code.format(5))          # a short compile shows nothing
 
 
 def test_a_trace_drawn_as_an_image(tmp_path: Path) -> None:

@@ -241,19 +241,22 @@ def _working(label: str, quiet: bool = False, delay: float = 1.0) -> Iterator[No
     from tqdm import tqdm
 
     done = threading.Event()
-    with tqdm(desc=label, total=None, bar_format="{desc}: {elapsed}", leave=False, file=sys.stderr,
-              delay=delay, **_screen()) as bar:
-        def tick() -> None:
+
+    def show() -> None:  # nothing is drawn before ``delay``; the line is cleared at the end
+        if done.wait(delay):
+            return
+        with tqdm(desc=label, total=None, bar_format="{desc}: {elapsed}", leave=False, file=sys.stderr,
+                  **_screen()) as bar:
             while not done.wait(0.2):
                 bar.refresh()
 
-        ticker = threading.Thread(target=tick, name="hyperion-progress", daemon=True)
-        ticker.start()
-        try:
-            yield
-        finally:
-            done.set()
-            ticker.join()
+    ticker = threading.Thread(target=show, name="hyperion-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
 
 
 def _check_against_onnxruntime(model: Path, feeds, outputs, prepack_weights: bool) -> int:
