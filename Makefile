@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LINTED := hyperion passes tests benchmarks fixtures examples corpus setup.py
 
-.PHONY: demo test lint bench fixtures corpus wheel clean
+.PHONY: demo test lint bench fixtures corpus wheel clean docs-images
 
 $(BIN)/hyperion: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: $(BIN)/hyperion
 
 bench: $(BIN)/hyperion
 	$(BIN)/python benchmarks/compare.py
+
+# docs/images/: a measured trace of the bundled demo model, its picture and the memory timeline.
+docs-images: $(BIN)/hyperion
+	$(BIN)/python -m hyperion.tools.trace_image docs/images
 
 fixtures: $(BIN)/hyperion
 	$(BIN)/python -m fixtures.generate

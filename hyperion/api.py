@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -24,6 +25,7 @@ from hyperion.frontend import (
 from hyperion.ir import ExecutionMode, Graph
 from hyperion.planner import optimal_batch_size, parse_mode, plan
 from hyperion.runtime import RunStats, Runtime, SessionConfig
+from hyperion.runtime.tracing import Tracing
 from hyperion.schedule import Schedule
 from hyperion.units import parse_size
 
@@ -100,6 +102,7 @@ class CompiledModel:
             shape is None or any(isinstance(d, str) for d in shape)
             for shape in declared_input_shapes(source).values())
         self._current: ShapeSignature | None = None
+        self._tracing: Tracing | None = None
 
     # -- plans --------------------------------------------------------------------------
     def _signature_of(self, shapes: Mapping[str, Sequence[int | str]]) -> ShapeSignature:
@@ -184,18 +187,24 @@ class CompiledModel:
         return self._source.label
 
     # -- running ------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray],
-            progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray], progress: Callable[[int, int], None] | None = None, *,
+            trace: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
         """Run the model; returns every graph output by name, as onnxruntime does.
 
         ``progress(done, total)`` is called after every segment a run goes through
-        (every segment once per chunk when streaming)."""
+        (every segment once per chunk when streaming). ``trace``: write a measured
+        Chrome/Perfetto trace of this run there (see :meth:`tracing`)."""
+        if trace is not None:
+            with self.tracing(trace):
+                return self.run(feeds, progress)
         if self._only_runtime is not None:  # static shapes, one plan: the runtime checks the feeds
             runtime = self._only_runtime
         else:
             signature = self._feed_signature(feeds)
             runtime = self._plan_for(signature).runtime
             self._current = signature
+        if self._tracing is not None:
+            runtime = self._tracing.runtime_for(runtime)
         if progress is None:
             return runtime.run(feeds)
         total, done = runtime.segment_runs, 0
@@ -206,6 +215,24 @@ class CompiledModel:
             progress(done, total)
 
         return runtime.run(feeds, advance)
+
+    @contextlib.contextmanager
+    def tracing(self, path: str | os.PathLike, *, rss_interval_s: float = 0.002) -> Iterator[Tracing]:
+        """Trace every run in the block into ``path`` (Chrome/Perfetto trace-event JSON), written
+        when the block ends without an error: spans per run, chunk, segment and onnxruntime node,
+        sessions built (weights read), prefetched, waited for and released, and counters of
+        sampled RSS and the plan's accounted bytes. The traced runs use sessions built for
+        tracing (onnxruntime's profiler on): the first run builds them. See docs/looking.md."""
+        if self._tracing is not None:
+            raise OptionError("tracing: this model is already being traced")
+        self._tracing = Tracing(path, label=self._source.label, rss_interval_s=rss_interval_s)
+        written = False
+        try:
+            yield self._tracing
+            written = True
+        finally:
+            tracing, self._tracing = self._tracing, None
+            tracing.close(write=written)
 
     def _feed_signature(self, feeds: Mapping[str, np.ndarray]) -> ShapeSignature:
         """The feeds' shapes; new shapes are checked against the model's declared inputs."""

@@ -35,6 +35,7 @@ from hyperion.frontend import ModelSource
 from hyperion.ir import ExecutionMode, TensorRole
 from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
 from hyperion.runtime.sessions import SessionPool, SessionTimes, return_freed_memory, session_options
+from hyperion.runtime.trace import HELD_COUNTER, NULL_RECORDER, NullRecorder
 from hyperion.runtime.weights import WeightStore
 from hyperion.schedule import Schedule, Segment
 
@@ -89,6 +90,8 @@ class Runtime:
     the next run; any other segment's session (and with it its weights) lives only
     while the segment runs, and the next segment's session is built while it runs
     when the schedule prefetches."""
+
+    tracer: NullRecorder = NULL_RECORDER   # a TraceRecorder while traced (runtime/tracing.py)
 
     def __init__(self, source: ModelSource, schedule: Schedule, config: SessionConfig | None = None) -> None:
         self.source = source
@@ -147,13 +150,15 @@ class Runtime:
                 if len(model) <= KEPT_SEGMENT_MODEL_BYTES:  # memory_opt creates it again every run
                     self._segment_models[index] = model
         try:
-            session = ort.InferenceSession(model, self._options(), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(model, self.tracer.session_options(self._options(), index),
+                                           providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
             first = self.schedule.steps[segment.first_step]
             raise UnsupportedModelError(
                 f"{self.source.label}: onnxruntime cannot load segment {segment.index} "
                 f"(steps {segment.first_step}-{segment.last_step}, from node {first.node!r}): "
                 f"{_first_line(exc)}") from None
+        self.tracer.session_built(index, session, segment.held_bytes)
         return session
 
     def close(self) -> None:
@@ -182,14 +187,15 @@ class Runtime:
         """Run the schedule; ``progress(1)`` is called after every segment (``segment_runs`` a run)."""
         if self.schedule.whole_model:
             # The fast path: onnxruntime checks the feeds itself; Hyperion only explains a failure.
-            session = self.session(self.schedule.segments[0])
-            started = time.perf_counter()
-            try:
-                outputs = session.run(self._output_names, feeds)
-            except Exception as exc:  # onnxruntime raises its own untyped errors
-                self.check_feeds(feeds)  # a bad feed becomes a FeedError naming the input
-                raise RuntimeExecutionError(f"{self.source.label}: onnxruntime failed: "
-                                            f"{_first_line(exc)}") from None
+            with self.tracer.span("segment 0 (whole model)", "segment", segment=0):
+                session = self.session(self.schedule.segments[0])
+                started = time.perf_counter()
+                try:
+                    outputs = session.run(self._output_names, feeds)
+                except Exception as exc:  # onnxruntime raises its own untyped errors
+                    self.check_feeds(feeds)  # a bad feed becomes a FeedError naming the input
+                    raise RuntimeExecutionError(f"{self.source.label}: onnxruntime failed: "
+                                                f"{_first_line(exc)}") from None
             self._whole_model_ms = 1e3 * (time.perf_counter() - started)
             if progress is not None:
                 progress(1)
@@ -231,7 +237,8 @@ class Runtime:
             return
         chunk, batched = streaming.chunk, set(streaming.batched_inputs)
         for start in self._chunk_starts():  # slices along axis 0 are views: no copies of the inputs
-            yield start, {n: v[start:start + chunk] if n in batched else v for n, v in feeds.items()}
+            with self.tracer.span(f"chunk {start}:{min(start + chunk, streaming.batch_size)}", "chunk"):
+                yield start, {n: v[start:start + chunk] if n in batched else v for n, v in feeds.items()}
 
     def _run_segments(self, env: dict[str, np.ndarray], segment_ms: list[float],
                       progress: Callable[[int], None] | None) -> tuple[dict[str, np.ndarray], int]:
@@ -240,10 +247,14 @@ class Runtime:
         held_peak = 0
         for segment, frees in zip(self.schedule.segments, self._frees_after_segment, strict=True):
             t0 = time.perf_counter()
-            outputs = self._run_segment(segment, {name: env[name] for name in segment.inputs})
+            with self.tracer.span(f"segment {segment.index}", "segment", segment=segment.index,
+                                  steps=f"{segment.first_step}-{segment.last_step}"):
+                outputs = self._run_segment(segment, {name: env[name] for name in segment.inputs})
             env.update(zip(segment.outputs, outputs, strict=True))
             del outputs
-            held_peak = max(held_peak, sum(a.nbytes for a in env.values() if isinstance(a, np.ndarray)))
+            held = sum(a.nbytes for a in env.values() if isinstance(a, np.ndarray))
+            held_peak = max(held_peak, held)
+            self.tracer.counter(HELD_COUNTER, held)
             for name in frees:
                 env.pop(name, None)
             segment_ms[segment.index] += 1e3 * (time.perf_counter() - t0)
