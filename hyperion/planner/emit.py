@@ -22,7 +22,6 @@ from hyperion.passes.memory.plan_memory import MemoryPlan
 from hyperion.passes.segment import Segmentation
 from hyperion.schedule import (
     EdgeRecord,
-    ExternalData,
     ModelRef,
     Schedule,
     Segment,
@@ -177,8 +176,7 @@ def _tensors(graph: Graph, value_types: Mapping[str, ValueType]) -> dict[str, Te
         name: TensorRecord(
             name=name, dtype=t.dtype, shape=t.shape, bytes=t.nbytes, role=t.role, producer=t.producer,
             consumers=t.consumers,
-            external=None if t.external is None else ExternalData(t.external.path, t.external.offset,
-                                                                  t.external.length),
+            external=t.external,
             value_type=value_types.get(name))
         for name, t in sorted(graph.tensors.items())}
 
