@@ -4,9 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-LINTED := hyperion passes tests benchmarks fixtures examples setup.py
+LINTED := hyperion passes tests benchmarks fixtures examples corpus setup.py
 
-.PHONY: demo test lint bench fixtures wheel clean
+.PHONY: demo test lint bench fixtures corpus wheel clean docs-images
 
 $(BIN)/hyperion: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,19 @@ lint: $(BIN)/hyperion
 bench: $(BIN)/hyperion
 	$(BIN)/python benchmarks/compare.py
 
+# docs/images/: a measured trace of the bundled demo model, its picture and the memory timeline.
+docs-images: $(BIN)/hyperion
+	$(BIN)/python -m hyperion.tools.trace_image docs/images
+
 fixtures: $(BIN)/hyperion
 	$(BIN)/python -m fixtures.generate
+
+# The real-architecture corpus in corpus/models (corpus/README.md): random weights, exported with
+# torch and transformers, which are installed here on first use and never by `make test`.
+corpus: $(BIN)/hyperion
+	$(BIN)/python -c "import torch, torchvision, transformers" 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet -e '.[corpus]' -c constraints.txt
+	$(BIN)/python -m corpus --out corpus/models
 
 # The installable wheel, in dist/ (what .ci/run installs into a throw-away venv).
 wheel: $(BIN)/hyperion

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -22,11 +23,15 @@ from hyperion.frontend import (
     restrict_to_outputs,
     unbound_dims,
 )
-from hyperion.ir import ExecutionMode, Graph, NetworkxGraph
+from hyperion.ir import ExecutionMode, Graph
 from hyperion.planner import optimal_batch_size, parse_mode, plan
 from hyperion.runtime import RunStats, Runtime, SessionConfig
+from hyperion.runtime.tracing import Tracing
 from hyperion.schedule import Schedule
 from hyperion.units import parse_size
+
+if TYPE_CHECKING:
+    from hyperion.ir import NetworkxGraph
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,7 @@ class CompiledModel:
             shape is None or any(isinstance(d, str) for d in shape)
             for shape in declared_input_shapes(source).values())
         self._current: ShapeSignature | None = None
+        self._tracing: Tracing | None = None
 
     # -- plans --------------------------------------------------------------------------
     def _signature_of(self, shapes: Mapping[str, Sequence[int | str]]) -> ShapeSignature:
@@ -207,8 +213,8 @@ class CompiledModel:
         return self._source.label
 
     # -- running ------------------------------------------------------------------------
-    def run(self, feeds: Mapping[str, np.ndarray],
-            progress: Callable[[int, int], None] | None = None, *,
+    def run(self, feeds: Mapping[str, np.ndarray], progress: Callable[[int, int], None] | None = None, *,
+            trace: str | os.PathLike | None = None,
             outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run the model; returns every graph output by name, as onnxruntime does.
 
@@ -216,7 +222,11 @@ class CompiledModel:
         need is planned (once per set of outputs and input shapes) and run: other
         branches are neither computed nor held. ``None`` (or empty) means every output.
         ``progress(done, total)`` is called after every segment a run goes through
-        (every segment once per chunk when streaming)."""
+        (every segment once per chunk when streaming). ``trace``: write a measured
+        Chrome/Perfetto trace of this run there (see :meth:`tracing`)."""
+        if trace is not None:
+            with self.tracing(trace):
+                return self.run(feeds, progress, outputs=outputs)
         wanted = self._wanted_outputs(outputs)
         if wanted is not None:
             signature = self._current if self._only_runtime is not None else self._feed_signature(feeds)
@@ -230,6 +240,8 @@ class CompiledModel:
             signature = self._feed_signature(feeds)
             runtime = self._plan_for(signature).runtime
             self._current, self._current_outputs = signature, None
+        if self._tracing is not None:
+            runtime = self._tracing.runtime_for(runtime)
         if outputs:  # as asked: in this order
             return _select(self._run(runtime, feeds, progress), outputs)
         return self._run(runtime, feeds, progress)
@@ -260,6 +272,24 @@ class CompiledModel:
             progress(done, total)
 
         return runtime.run(feeds, advance)
+
+    @contextlib.contextmanager
+    def tracing(self, path: str | os.PathLike, *, rss_interval_s: float = 0.002) -> Iterator[Tracing]:
+        """Trace every run in the block into ``path`` (Chrome/Perfetto trace-event JSON), written
+        when the block ends without an error: spans per run, chunk, segment and onnxruntime node,
+        sessions built (weights read), prefetched, waited for and released, and counters of
+        sampled RSS and the plan's accounted bytes. The traced runs use sessions built for
+        tracing (onnxruntime's profiler on): the first run builds them. See docs/looking.md."""
+        if self._tracing is not None:
+            raise OptionError("tracing: this model is already being traced")
+        self._tracing = Tracing(path, label=self._source.label, rss_interval_s=rss_interval_s)
+        written = False
+        try:
+            yield self._tracing
+            written = True
+        finally:
+            tracing, self._tracing = self._tracing, None
+            tracing.close(write=written)
 
     def _feed_signature(self, feeds: Mapping[str, np.ndarray]) -> ShapeSignature:
         """The feeds' shapes; new shapes are checked against the model's declared inputs."""

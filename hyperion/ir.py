@@ -1,4 +1,4 @@
-"""Hyperion's IR: an ONNX graph as a ``networkx.MultiDiGraph`` plus a tensor table.
+"""Hyperion's IR: an ONNX graph as a dependency graph plus a tensor table.
 
 One graph node per ONNX node, one edge per (producer, consumer, tensor). Graph
 inputs and weights have no producer node, so no edge: a node reached only from
@@ -11,19 +11,24 @@ networkx view (``Graph.nx``) is what ``CompiledModel.graph`` hands users.
 from __future__ import annotations
 
 import enum
+import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 
 from hyperion.errors import PassError
+
+if TYPE_CHECKING:  # networkx is imported only when a user asks for the view
+    from networkx import MultiDiGraph as NetworkxGraph
 
 # Tensors up to this size are "small": shape-like constants whose values the IR
 # carries, that shape inference keeps in its skeleton, and that segment models
 # recompute instead of taking as inputs. Larger ones are data, never read at import.
 SMALL_TENSOR_BYTES = 4096
+
 
 class TensorRole(str, enum.Enum):
     INPUT = "input"
@@ -84,8 +89,6 @@ class TensorInfo:
 AttributeValue = int | float | str | list[int] | list[float] | list[str] | np.ndarray
 """A node attribute as plain Python: tensors as (small) numpy arrays; subgraphs are not kept."""
 
-# What ``CompiledModel.graph`` hands users: the IR's networkx view, so nobody else imports networkx.
-NetworkxGraph = nx.MultiDiGraph
 
 DEFAULT_DOMAIN = ""
 """The default ONNX operator set's domain, as the IR spells it (files may write ``ai.onnx``)."""
@@ -159,28 +162,33 @@ class Graph:
     ``constants`` holds the values of small constants (initializers stored in the
     file and ``Constant`` outputs of at most :data:`SMALL_TENSOR_BYTES`): the axes,
     shapes and pads passes read. ``opset`` is the default domain's operator set
-    version (None for graphs that do not come from an ONNX file). ``nx`` is the
-    networkx view handed to users (``CompiledModel.graph``); passes use the methods.
+    version (None for graphs that do not come from an ONNX file).
+
+    Edges live in plain dicts, in the order they were added; ``nx`` builds the
+    networkx view handed to users (``CompiledModel.graph``) on first use. Importing
+    networkx alone adds about 19 MiB to a process, which a compile under a memory
+    cap cannot afford for a view nobody asked for.
     """
 
     def __init__(self, nodes: list[NodeInfo], tensors: Mapping[str, TensorInfo],
                  inputs: tuple[str, ...], outputs: tuple[str, ...], *,
                  constants: Mapping[str, np.ndarray] | None = None, opset: int | None = None) -> None:
-        self.nx = nx.MultiDiGraph()
         self.nodes: dict[str, NodeInfo] = {n.name: n for n in nodes}
         self.tensors: dict[str, TensorInfo] = dict(tensors)
         self.inputs = inputs
         self.outputs = outputs
         self.constants: Mapping[str, np.ndarray] = dict(constants or {})
         self.opset = opset
-        for node in nodes:
-            self.nx.add_node(node.name, op_type=node.op_type)
+        # src -> dst -> tensor -> kind, and dst -> src: insertion-ordered adjacency.
+        self._succ: dict[str, dict[str, dict[str, EdgeKind | None]]] = {n.name: {} for n in nodes}
+        self._pred: dict[str, dict[str, None]] = {n.name: {} for n in nodes}
+        self._nx: NetworkxGraph | None = None
         for node in nodes:
             for name in dict.fromkeys(node.inputs):
                 producer = self.tensors[name].producer
                 if producer is not None:
-                    self.nx.add_edge(producer, node.name, key=name, tensor=name,
-                                     bytes=self.tensors[name].nbytes, kind=None)
+                    self._succ[producer].setdefault(node.name, {})[name] = None
+                    self._pred[node.name][producer] = None
 
     def with_tensors(self, tensors: Mapping[str, TensorInfo]) -> Graph:
         """The same nodes, constants and edge kinds over another tensor table (resized tensors)."""
@@ -191,31 +199,51 @@ class Graph:
                 graph.set_edge_kind(edge.src, edge.dst, edge.tensor, edge.kind)
         return graph
 
+    @property
+    def nx(self) -> NetworkxGraph:
+        """The networkx view: one node per ONNX node (attr ``op_type``), one edge per
+        (producer, consumer, tensor) keyed by the tensor (attrs ``tensor``, ``bytes``, ``kind``)."""
+        if self._nx is None:
+            import networkx
+
+            view = networkx.MultiDiGraph()
+            for node in self.nodes.values():
+                view.add_node(node.name, op_type=node.op_type)
+            for edge in self.edges():
+                view.add_edge(edge.src, edge.dst, key=edge.tensor, tensor=edge.tensor,
+                              bytes=self.tensors[edge.tensor].nbytes, kind=edge.kind)
+            self._nx = view
+        return self._nx
+
     # -- reading -----------------------------------------------------------------
     def file_order(self) -> tuple[str, ...]:
         return tuple(self.nodes)
 
     def edges(self) -> Iterator[Edge]:
-        for src, dst, data in self.nx.edges(data=True):
-            yield Edge(src, dst, data["tensor"], data["kind"])
+        for src, targets in self._succ.items():
+            for dst, tensors in targets.items():
+                for tensor, kind in tensors.items():
+                    yield Edge(src, dst, tensor, kind)
 
     def edge_tensors(self, src: str, dst: str) -> tuple[str, ...]:
         """The tensors ``src`` hands to ``dst`` (one edge each), in the order they were added."""
-        return tuple(self.nx[src][dst])
+        return tuple(self._succ[src][dst])
 
     def edge_kind(self, src: str, dst: str, tensor: str) -> EdgeKind | None:
-        return self.nx.edges[src, dst, tensor]["kind"]
+        return self._succ[src][dst][tensor]
 
     def set_edge_kind(self, src: str, dst: str, tensor: str, kind: EdgeKind) -> None:
-        self.nx.edges[src, dst, tensor]["kind"] = kind
+        self._succ[src][dst][tensor] = kind
+        if self._nx is not None:
+            self._nx.edges[src, dst, tensor]["kind"] = kind
 
     def successors(self, node: str) -> tuple[str, ...]:
         """The distinct nodes reading an output of ``node``, in the order their edges were added."""
-        return tuple(self.nx.successors(node))
+        return tuple(self._succ[node])
 
     def predecessors(self, node: str) -> tuple[str, ...]:
         """The distinct nodes producing an input of ``node``, in the order their edges were added."""
-        return tuple(self.nx.predecessors(node))
+        return tuple(self._pred[node])
 
     def producer_of(self, tensor: str) -> str | None:
         return self.tensors[tensor].producer
@@ -234,19 +262,34 @@ class Graph:
         return self.constants.get(tensor)
 
     # -- order ---------------------------------------------------------------------
-    def topological_order(self, key: Callable[[str], object] | None = None) -> tuple[str, ...]:
-        """Every node after the producers of its inputs.
+    def topological_order(self, key: Callable[[str], Any] | None = None) -> tuple[str, ...]:
+        """Every node after the producers of its inputs (Kahn's algorithm).
 
-        With ``key``: Kahn's algorithm taking the ready node of the smallest key first
-        (ties: the earlier node of the file). Without: generation by generation, each
-        generation in the order its nodes became ready. Raises :class:`PassError` on a cycle.
+        With ``key``: the ready node of the smallest key first (ties: the earlier node
+        of the file). Without: generation by generation, each generation in the order
+        its nodes became ready (as networkx's ``topological_sort``). Raises
+        :class:`PassError` on a cycle.
         """
-        try:
-            if key is None:
-                return tuple(nx.topological_sort(self.nx))
-            return tuple(nx.lexicographical_topological_sort(self.nx, key=key))
-        except nx.NetworkXUnfeasible:
-            raise PassError(f"graph has a cycle through nodes {list(self.find_cycle() or ())}") from None
+        waiting = {name: len(preds) for name, preds in self._pred.items()}
+        order: list[str] = []
+        if key is None:
+            generation = [name for name, count in waiting.items() if count == 0]
+            while generation:
+                order += generation
+                generation = [dst for src in generation for dst in self._succ[src] if _ready(waiting, dst)]
+        else:
+            position = {name: i for i, name in enumerate(self.nodes)}
+            heap = [(key(name), position[name], name) for name, count in waiting.items() if count == 0]
+            heapq.heapify(heap)
+            while heap:
+                name = heapq.heappop(heap)[2]
+                order.append(name)
+                for dst in self._succ[name]:
+                    if _ready(waiting, dst):
+                        heapq.heappush(heap, (key(dst), position[dst], dst))
+        if len(order) < len(self.nodes):
+            raise PassError(f"graph has a cycle through nodes {list(self.find_cycle() or ())}")
+        return tuple(order)
 
     def is_topological_order(self, order: Iterable[str]) -> bool:
         """Does ``order`` hold every node once, each after the producers of its inputs?"""
@@ -254,21 +297,38 @@ class Graph:
         if len(order) != len(self.nodes) or set(order) != set(self.nodes):
             return False
         position = {node: i for i, node in enumerate(order)}
-        return all(position[u] < position[v] for u, v in self.nx.edges())
+        return all(position[src] < position[dst] for src, targets in self._succ.items() for dst in targets)
 
     def find_cycle(self) -> tuple[str, ...] | None:
-        """The nodes of one dependency cycle, in order (the last feeds the first), or None."""
-        try:
-            cycle = nx.find_cycle(self.nx)
-        except nx.NetworkXNoCycle:
-            return None
-        return tuple(edge[0] for edge in cycle)
+        """The nodes of one dependency cycle, in order (the last feeds the first), or None.
+
+        Depth-first from every node in file order, iteratively (graphs have tens of
+        thousands of nodes; recursion would overflow Python's stack)."""
+        state: dict[str, int] = {}              # 1: on the current path, 2: done
+        for root in self.nodes:
+            if root in state:
+                continue
+            path, stack = [root], [iter(self._succ[root])]
+            state[root] = 1
+            while stack:
+                dst = next(stack[-1], None)
+                if dst is None:
+                    state[path.pop()] = 2
+                    stack.pop()
+                elif state.get(dst) == 1:
+                    return tuple(path[path.index(dst):])
+                elif dst not in state:
+                    state[dst] = 1
+                    path.append(dst)
+                    stack.append(iter(self._succ[dst]))
+        return None
 
     # -- invariants ----------------------------------------------------------------
     def verify(self, *, require_kinds: bool = False, require_sizes: bool = False) -> None:
         """Raise :class:`PassError` if an invariant of the IR does not hold."""
-        if not nx.is_directed_acyclic_graph(self.nx):
-            raise PassError(f"graph has a cycle through nodes {list(self.find_cycle() or ())}")
+        cycle = self.find_cycle()
+        if cycle is not None:
+            raise PassError(f"graph has a cycle through nodes {list(cycle)}")
         for node in self.nodes.values():
             for name in node.inputs + node.outputs:
                 if name not in self.tensors:
@@ -285,3 +345,9 @@ class Graph:
 
     def unclassified_edge(self) -> Edge | None:
         return next((e for e in self.edges() if e.kind is None), None)
+
+
+def _ready(waiting: dict[str, int], node: str) -> bool:
+    """Count one producer of ``node`` done; True once none is left."""
+    waiting[node] -= 1
+    return waiting[node] == 0

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperion.errors import ScheduleError
-from hyperion.ir import EdgeKind, ExecutionMode, TensorRole
+from hyperion.ir import EdgeKind, ExecutionMode, ExternalLocation, TensorRole
 
 FORMAT = "hyperion.schedule"
 # Bumped whenever a field is added, removed or changes meaning; a file of another
@@ -40,15 +40,6 @@ class ModelRef:
     path: str | None
     sha256: str
     opset: int
-
-
-@dataclass(frozen=True)
-class ExternalData:
-    """Where a weight's bytes are in an ONNX external-data file."""
-
-    path: str
-    offset: int
-    length: int
 
 
 @dataclass(frozen=True)
@@ -75,7 +66,7 @@ class TensorRecord:
     role: TensorRole
     producer: str | None
     consumers: tuple[str, ...]
-    external: ExternalData | None        # weights stored as ONNX external data
+    external: ExternalLocation | None        # weights stored as ONNX external data
     value_type: ValueType | None         # tensors some segment reads or returns; None otherwise
 
 
@@ -104,9 +95,11 @@ class Segment:
     peak_bytes: int
     model_inputs: tuple[str, ...]       # ``inputs`` less ``inlined_constants``: what its model is fed
     inlined_constants: tuple[str, ...]  # small Constant outputs its model recomputes instead of taking
-    cached: bool                        # its session (and its weights) lives across runs
+    cached: bool                        # its session keeps its weights resident across runs (weight cache)
     held_bytes: int                     # what its live session holds for its weights
     loading_bytes: int                  # the most while its session is created
+    fed_weights: tuple[str, ...]        # weights mapped from disk and fed to its session on every run
+    persistent: bool                    # its session is built once and kept across runs
 
     @property
     def steps(self) -> range:
@@ -248,7 +241,7 @@ def _tensor(data: Mapping[str, Any]) -> TensorRecord:
     return TensorRecord(
         name=data["name"], dtype=data["dtype"], shape=None if data["shape"] is None else tuple(data["shape"]),
         bytes=data["bytes"], role=TensorRole(data["role"]), producer=data["producer"],
-        consumers=tuple(data["consumers"]), external=None if external is None else ExternalData(**external),
+        consumers=tuple(data["consumers"]), external=None if external is None else ExternalLocation(**external),
         value_type=None if value_type is None else _value_type(value_type))
 
 
@@ -333,5 +326,5 @@ def write_atomic(path: Path, text: str) -> Path:
     return path
 
 
-__all__ = ["FORMAT", "VERSION", "EdgeRecord", "ExternalData", "ModelRef", "Schedule", "ScheduleError", "Segment",
+__all__ = ["FORMAT", "VERSION", "EdgeRecord", "ModelRef", "Schedule", "ScheduleError", "Segment",
            "Step", "Streaming", "TensorRecord", "ValueType", "schema", "validate", "write_atomic"]

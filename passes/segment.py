@@ -34,6 +34,7 @@ class Segmentation:
     prefetch: bool = False
     cyclic_prefetch: bool = False         # the last segment prefetches segment 0 for the next run
     pinned_bytes: int = 0
+    prepack_weights: bool = True          # sessions pre-pack weights (False: held at their own size)
 
     @property
     def peak_bytes(self) -> int:
@@ -218,7 +219,7 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
     layout.cyclic = cyclic
     cached = tuple(range(len(spans))) if normal else layout.choose_cache(memory_limit, weight_cache_bytes)
     return Segmentation(tuple(Span(s.start, s.stop) for s in spans), tuple(layout.step_bytes(cached)),
-                        held, loading, cached, prefetch, cyclic, pinned_bytes)
+                        held, loading, cached, prefetch, cyclic, pinned_bytes, prepack_weights)
 
 
 def _grow(costs: _Costs, rules: _Rules) -> list[_GrowingSpan]:

@@ -76,7 +76,7 @@ def test_plot_and_exports(tmp_path: Path) -> None:
     assert (tmp_path / "g.dot").read_text().startswith("digraph hyperion {")
     assert main(["export", str(schedule), "--format", "trace", "-o", str(tmp_path / "t.json")]) == 0
     events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
-    assert {e["ph"] for e in events} == {"X", "C"}
+    assert {e["ph"] for e in events} == {"X", "C", "M"}   # M: the process name says "planned, not measured"
 
 
 def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -17,16 +17,8 @@ import hyperion.frontend.build
 import hyperion.frontend.symbolic
 import hyperion.passes
 from tests.conftest import assert_outputs_equal, example_feeds, fixture_path, reference_outputs
+from tests.test_runtime import SEQUENCES_AND_OPTIONALS
 from tests.test_streaming import cap_for_chunk
-
-SEQUENCES = """<ir_version: 8, opset_import: ["" : 18]>
-    g (seq(float[2]) s, optional(float[2]) o, float[2] x) => (float[3,2] y, float[2] z) {
-        t = SequenceInsert (s, x)
-        y = ConcatFromSequence <axis = 0, new_axis = 1> (t)
-        present = OptionalHasElement (o)
-        v = OptionalGetElement (o)
-        z = Where (present, v, x)
-    }"""
 
 
 def _shapes(feeds: dict[str, Any]) -> dict[str, list[int]]:
@@ -97,7 +89,7 @@ def test_a_streaming_schedule_is_loaded_in_its_mode(tmp_path: Path, monkeypatch:
 
 def test_sequences_and_optionals_cross_segments_of_a_loaded_schedule(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    model = onnx.parser.parse_model(SEQUENCES)
+    model = onnx.parser.parse_model(SEQUENCES_AND_OPTIONALS)
     compiled = hyperion.compile(model, max_segment_steps=1, whole_model_shortcut=False)
     saved = compiled.schedule.save(tmp_path / "s.json")
     feeds = {"s": [np.ones(2, np.float32), np.full(2, 2, np.float32)], "o": np.full(2, 7, np.float32),

@@ -21,6 +21,15 @@ import pytest
 import hyperion
 from tests.conftest import RUNTIME_AXES_MEAN, assert_outputs_equal
 
+# Sequences and optionals crossing segments: inputs with no single shape.
+SEQUENCES_AND_OPTIONALS = """<ir_version: 8, opset_import: ["" : 18]>
+    g (seq(float[2]) s, optional(float[2]) o, float[2] x) => (float[3,2] y, float[2] z) {
+        t = SequenceInsert (s, x)
+        y = ConcatFromSequence <axis = 0, new_axis = 1> (t)
+        present = OptionalHasElement (o)
+        v = OptionalGetElement (o)
+        z = Where (present, v, x)
+    }"""
 
 def _per_node(text: str) -> tuple[onnx.ModelProto, hyperion.CompiledModel]:
     model = onnx.parser.parse_model(text)
@@ -71,14 +80,7 @@ def test_scan_body_reading_an_outer_constant_gets_its_value() -> None:
 def test_sequence_and_optional_inputs_are_fed_as_they_are() -> None:
     # A list feed has no single shape: it must not be taken for a tensor when the
     # plan is looked up by the feeds' shapes.
-    model, compiled = _per_node("""<ir_version: 8, opset_import: ["" : 18]>
-        g (seq(float[2]) s, optional(float[2]) o, float[2] x) => (float[3,2] y, float[2] z) {
-            t = SequenceInsert (s, x)
-            y = ConcatFromSequence <axis = 0, new_axis = 1> (t)
-            present = OptionalHasElement (o)
-            v = OptionalGetElement (o)
-            z = Where (present, v, x)
-        }""")
+    model, compiled = _per_node(SEQUENCES_AND_OPTIONALS)
     feeds = {"s": [np.ones(2, np.float32), np.full(2, 2, np.float32)], "o": np.full(2, 7, np.float32),
              "x": np.array([3, 4], np.float32)}
     assert_outputs_equal(compiled.run(feeds), _onnxruntime(model, feeds))

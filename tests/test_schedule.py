@@ -13,13 +13,12 @@ import onnx
 import pytest
 
 import hyperion
-from hyperion.ir import ExecutionMode
+from hyperion.ir import ExecutionMode, ExternalLocation
 from hyperion.planner.emit import value_type
 from hyperion.runtime.segment_model import type_proto
 from hyperion.schedule import (
     VERSION,
     EdgeRecord,
-    ExternalData,
     ModelRef,
     Schedule,
     Segment,
@@ -115,7 +114,7 @@ RECORDS: dict[type, tuple[tuple[str, ...], str]] = {
     Schedule: ((), "Top level"),
     ModelRef: (("properties", "model"), "Model"),
     TensorRecord: (("$defs", "tensor"), "Tensor"),
-    ExternalData: (("$defs", "tensor", "properties", "external"), "External data"),
+    ExternalLocation: (("$defs", "tensor", "properties", "external"), "External data"),
     ValueType: (("$defs", "value_type"), "Value type"),
     Step: (("$defs", "step"), "Step"),
     Segment: (("$defs", "segment"), "Segment"),
@@ -129,7 +128,7 @@ OPTIONAL: dict[type, set[str]] = {Schedule: {"optimal_peak_bytes"}}
 
 def _nested_records(record: type) -> set[type]:
     """The record types ``record``'s fields hold (the dataclasses among their annotations)."""
-    by_name = {cls.__name__: cls for cls in (ModelRef, TensorRecord, ExternalData, ValueType, Step, Segment,
+    by_name = {cls.__name__: cls for cls in (ModelRef, TensorRecord, ExternalLocation, ValueType, Step, Segment,
                                              EdgeRecord, Streaming)}
     return {cls for f in dataclasses.fields(record) for name, cls in by_name.items() if name in str(f.type)}
 

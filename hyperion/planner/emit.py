@@ -22,7 +22,6 @@ from hyperion.passes.memory.plan_memory import MemoryPlan
 from hyperion.passes.segment import Segmentation
 from hyperion.schedule import (
     EdgeRecord,
-    ExternalData,
     ModelRef,
     Schedule,
     Segment,
@@ -90,6 +89,11 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
     order = liveness.order
     normal = program.mode is ExecutionMode.NORMAL
     cached = set(segmentation.cached)
+    # Unpacked plans count every weight at its own size while its segment runs: exactly
+    # what a session holds when the weight is fed from a mapping, so the session can
+    # persist without holding it (no packing, no copy). Packed plans keep weights in
+    # their sessions, packed as onnxruntime does for the whole model.
+    feeds_weights = not normal and not segmentation.prepack_weights
     segments: list[Segment] = []
     loads: list[list[str]] = [[] for _ in order]
     evicts: list[list[str]] = [[] for _ in order]
@@ -102,12 +106,16 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
         outputs = tuple(t for node in nodes for t in node.outputs
                         if t in graph.outputs or liveness.intervals[t].last >= span.stop)
         constants = inlined_constants(graph, inputs)
+        large = tuple(w for w in weights if (graph.tensors[w].nbytes or 0) > SMALL_TENSOR_BYTES)
+        fed = large if feeds_weights and index not in cached else ()
         segments.append(Segment(
             index=index, first_step=span.start, last_step=span.stop - 1, inputs=inputs, outputs=outputs,
             weights=weights, peak_bytes=max(segmentation.step_bytes[span.start:span.stop], default=0),
             model_inputs=tuple(t for t in inputs if t not in constants), inlined_constants=constants,
             cached=index in cached, held_bytes=_at(segmentation.held_bytes, index),
-            loading_bytes=_at(segmentation.loading_bytes, index)))
+            loading_bytes=_at(segmentation.loading_bytes, index), fed_weights=fed,
+            # A session that holds no large weight costs its graph and kernels alone: kept.
+            persistent=index in cached or len(fed) == len(large)))
         if not normal:
             loads[span.start].extend(weights)
             if index not in cached:  # cached sessions keep their weights across runs
@@ -168,8 +176,7 @@ def _tensors(graph: Graph, value_types: Mapping[str, ValueType]) -> dict[str, Te
         name: TensorRecord(
             name=name, dtype=t.dtype, shape=t.shape, bytes=t.nbytes, role=t.role, producer=t.producer,
             consumers=t.consumers,
-            external=None if t.external is None else ExternalData(t.external.path, t.external.offset,
-                                                                  t.external.length),
+            external=t.external,
             value_type=value_types.get(name))
         for name, t in sorted(graph.tensors.items())}
 
@@ -225,7 +232,8 @@ def build_schedule(imported: ImportedModel, program: Program, *, requested: Exec
         whole_model=_whole_model(imported, program, segments),
         # Memory-saving modes stream weights: every session reads its weights from a file.
         weights_on_disk=not normal,
-        prefetch=segmentation.prefetch, cyclic_prefetch=segmentation.cyclic_prefetch, prepack_weights=True,
+        prefetch=segmentation.prefetch, cyclic_prefetch=segmentation.cyclic_prefetch,
+        prepack_weights=segmentation.prepack_weights,
         # Segments run one after another and sessions are built while others compute:
         # idle workers spinning (onnxruntime's default) would steal the CPU from the
         # next segment, and a session with spinning workers took 28 ms to destroy

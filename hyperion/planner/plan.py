@@ -108,10 +108,7 @@ def plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
     then run unpacked).
     """
     options = SegmentOptions(max_segment_steps, prefetch, weight_cache_bytes, prepack_weights)
-    schedule = _plan(imported, mode, memory_limit, options)
-    if prepack_weights:
-        return schedule
-    return dataclasses.replace(schedule, prepack_weights=False)
+    return _plan(imported, mode, memory_limit, options)
 
 
 def _plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,

@@ -6,9 +6,12 @@ which weights are resident when. Inside a segment onnxruntime frees tensors at
 their last use; between segments Hyperion drops every tensor whose ``frees``
 step has run, so nothing outlives the step liveness names.
 
-Weights live in the segments' sessions (:mod:`hyperion.runtime.sessions`): the
-schedule says which sessions are kept across runs (``Segment.cached``: the
-weight cache) and whether the next one is prefetched. A schedule with a
+Weights live in the segments' sessions (:mod:`hyperion.runtime.sessions`) or
+are fed to them: the schedule says which sessions are kept across runs
+(``Segment.persistent``), which keep their weights (``Segment.cached``: the
+weight cache), which weights are mapped and fed on every run
+(``Segment.fed_weights``, :mod:`hyperion.runtime.weights`), and whether the next
+segment is prefetched (its session built, or its fed weights read ahead). A schedule with a
 ``streaming`` record runs the batch in chunks and writes each chunk's outputs
 into arrays for the whole batch. A ``whole_model`` schedule hands onnxruntime
 the user's model untouched. The runtime reads these fields; it never looks at
@@ -32,6 +35,7 @@ from hyperion.frontend import ModelSource
 from hyperion.ir import ExecutionMode, TensorRole
 from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
 from hyperion.runtime.sessions import SessionPool, SessionTimes, return_freed_memory, session_options
+from hyperion.runtime.trace import HELD_COUNTER, NULL_RECORDER, NullRecorder
 from hyperion.runtime.weights import WeightStore
 from hyperion.schedule import Schedule, Segment
 
@@ -55,6 +59,7 @@ class RunStats:
     total_ms: float = 0.0
     chunks: int = 1               # streaming: chunks the batch ran in
     sessions: SessionTimes = field(default_factory=SessionTimes)
+    fed_bytes: int = 0            # weight bytes handed to sessions from mapped files (no copy)
 
     @property
     def step_ms(self) -> list[float]:
@@ -86,6 +91,8 @@ class Runtime:
     while the segment runs, and the next segment's session is built while it runs
     when the schedule prefetches."""
 
+    tracer: NullRecorder = NULL_RECORDER   # a TraceRecorder while traced (runtime/tracing.py)
+
     def __init__(self, source: ModelSource, schedule: Schedule, config: SessionConfig | None = None) -> None:
         self.source = source
         self.schedule = schedule
@@ -97,7 +104,7 @@ class Runtime:
             self.weights.spill_embedded()  # weights read by sessions from a file, never from the proto
         self._node_protos: dict[str, NodeProto] | None = None
         self._segment_models: dict[int, bytes] = {}
-        kept = frozenset(segment.index for segment in schedule.segments if segment.cached)
+        kept = frozenset(segment.index for segment in schedule.segments if segment.persistent)
         self.pool = SessionPool(_weak_builder(self), kept, schedule.prefetch)
         self._whole_model_ms: float | None = None
         self.stats = RunStats(mode=schedule.mode)
@@ -143,18 +150,21 @@ class Runtime:
                 if len(model) <= KEPT_SEGMENT_MODEL_BYTES:  # memory_opt creates it again every run
                     self._segment_models[index] = model
         try:
-            session = ort.InferenceSession(model, self._options(), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(model, self.tracer.session_options(self._options(), index),
+                                           providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
             first = self.schedule.steps[segment.first_step]
             raise UnsupportedModelError(
                 f"{self.source.label}: onnxruntime cannot load segment {segment.index} "
                 f"(steps {segment.first_step}-{segment.last_step}, from node {first.node!r}): "
                 f"{_first_line(exc)}") from None
+        self.tracer.session_built(index, session, segment.held_bytes)
         return session
 
     def close(self) -> None:
-        """Release every session (and the weights they hold)."""
+        """Release every session (and the weights they hold) and every weight mapping."""
         self.pool.close()
+        self.weights.close()
 
     def settle(self) -> float:
         """Wait until no session is being prefetched (e.g. before timing something else);
@@ -177,14 +187,15 @@ class Runtime:
         """Run the schedule; ``progress(1)`` is called after every segment (``segment_runs`` a run)."""
         if self.schedule.whole_model:
             # The fast path: onnxruntime checks the feeds itself; Hyperion only explains a failure.
-            session = self.session(self.schedule.segments[0])
-            started = time.perf_counter()
-            try:
-                outputs = session.run(self._output_names, feeds)
-            except Exception as exc:  # onnxruntime raises its own untyped errors
-                self.check_feeds(feeds)  # a bad feed becomes a FeedError naming the input
-                raise RuntimeExecutionError(f"{self.source.label}: onnxruntime failed: "
-                                            f"{_first_line(exc)}") from None
+            with self.tracer.span("segment 0 (whole model)", "segment", segment=0):
+                session = self.session(self.schedule.segments[0])
+                started = time.perf_counter()
+                try:
+                    outputs = session.run(self._output_names, feeds)
+                except Exception as exc:  # onnxruntime raises its own untyped errors
+                    self.check_feeds(feeds)  # a bad feed becomes a FeedError naming the input
+                    raise RuntimeExecutionError(f"{self.source.label}: onnxruntime failed: "
+                                                f"{_first_line(exc)}") from None
             self._whole_model_ms = 1e3 * (time.perf_counter() - started)
             if progress is not None:
                 progress(1)
@@ -192,6 +203,7 @@ class Runtime:
         checked = self.check_feeds(feeds)
         started = time.perf_counter()
         self.pool.reset_times()
+        self.weights.fed_bytes = 0
         segment_ms = [0.0] * len(self.schedule.segments)
         held_peak, chunks = 0, 0
         outputs: dict[str, np.ndarray] = {}
@@ -208,7 +220,8 @@ class Runtime:
                 outputs[name][start:start + len(value)] = value
             del result
         self.stats = RunStats(self.schedule.mode, max(self.schedule.peak_bytes, held_peak), held_peak,
-                              segment_ms, 1e3 * (time.perf_counter() - started), chunks, self.pool.reset_times())
+                              segment_ms, 1e3 * (time.perf_counter() - started), chunks, self.pool.reset_times(),
+                              self.weights.fed_bytes)
         return outputs
 
     def _chunk_starts(self) -> Sequence[int | None]:
@@ -224,7 +237,8 @@ class Runtime:
             return
         chunk, batched = streaming.chunk, set(streaming.batched_inputs)
         for start in self._chunk_starts():  # slices along axis 0 are views: no copies of the inputs
-            yield start, {n: v[start:start + chunk] if n in batched else v for n, v in feeds.items()}
+            with self.tracer.span(f"chunk {start}:{min(start + chunk, streaming.batch_size)}", "chunk"):
+                yield start, {n: v[start:start + chunk] if n in batched else v for n, v in feeds.items()}
 
     def _run_segments(self, env: dict[str, np.ndarray], segment_ms: list[float],
                       progress: Callable[[int], None] | None) -> tuple[dict[str, np.ndarray], int]:
@@ -233,10 +247,14 @@ class Runtime:
         held_peak = 0
         for segment, frees in zip(self.schedule.segments, self._frees_after_segment, strict=True):
             t0 = time.perf_counter()
-            outputs = self._run_segment(segment, {name: env[name] for name in segment.inputs})
+            with self.tracer.span(f"segment {segment.index}", "segment", segment=segment.index,
+                                  steps=f"{segment.first_step}-{segment.last_step}"):
+                outputs = self._run_segment(segment, {name: env[name] for name in segment.inputs})
             env.update(zip(segment.outputs, outputs, strict=True))
             del outputs
-            held_peak = max(held_peak, sum(a.nbytes for a in env.values() if isinstance(a, np.ndarray)))
+            held = sum(a.nbytes for a in env.values() if isinstance(a, np.ndarray))
+            held_peak = max(held_peak, held)
+            self.tracer.counter(HELD_COUNTER, held)
             for name in frees:
                 env.pop(name, None)
             segment_ms[segment.index] += 1e3 * (time.perf_counter() - t0)
@@ -271,13 +289,27 @@ class Runtime:
             # refuses both a run that fetches nothing and a graph with no outputs.
             return []
         session = self.session(segment)
-        self.pool.prefetch(self._next_segment(segment.index))  # built while this one computes
+        self._prefetch(self._next_segment(segment.index))  # while this one computes
+        model_feeds = self._model_feeds(segment, feeds)
+        if segment.fed_weights:
+            model_feeds = {**model_feeds, **{name: self.weights.view(name) for name in segment.fed_weights}}
         try:
-            return session.run(list(segment.outputs), self._model_feeds(segment, feeds))
+            return session.run(list(segment.outputs), model_feeds)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RuntimeExecutionError(
                 f"{self.source.label}: onnxruntime failed in segment {segment.index} "
                 f"(steps {segment.first_step}-{segment.last_step}): {_first_line(exc)}") from None
+        finally:
+            del model_feeds
+            self.weights.release(segment.fed_weights)
+
+    def _prefetch(self, index: int | None) -> None:
+        """Get segment ``index`` ready: its session built in the background (when it is not
+        kept) and its fed weights read ahead into the page cache."""
+        if index is None or not self.schedule.prefetch:
+            return
+        self.pool.prefetch(index)
+        self.weights.prefetch(self.schedule.segments[index].fed_weights)
 
     @staticmethod
     def _model_feeds(segment: Segment, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -6,7 +6,9 @@ or the caller read. Its weights stay initializers, so onnxruntime treats them
 as constants exactly as it does for the whole model (same pre-packed kernels,
 same results). External-data weights are copied as references, so the session
 reads them from the data file itself when it is created, and releases them
-when it is dropped.
+when it is dropped. The exception are the segment's ``fed_weights``: they are
+graph inputs, so the session holds none of them and is built once; the runtime
+feeds their mapped bytes on every run.
 
 Everything else comes from the schedule as recorded: the small constants the
 segment recomputes (``Segment.inlined_constants``) and the type it declares for
@@ -37,8 +39,12 @@ def build_segment_model(source: ModelSource, schedule: Schedule, segment: Segmen
     graph.node.extend(nodes[schedule.tensors[name].producer] for name in segment.inlined_constants)
     graph.node.extend(_requested_outputs_only(nodes[schedule.steps[i].node], schedule) for i in segment.steps)
     graph.input.extend(_value_info(name, schedule) for name in segment.model_inputs)
+    # Fed weights are inputs: the session holds no copy, and each run hands it the mapped bytes.
+    graph.input.extend(onnx.helper.make_tensor_value_info(w, initializers[w].data_type, list(initializers[w].dims))
+                       for w in segment.fed_weights)
     graph.output.extend(_value_info(name, schedule) for name in segment.outputs)
-    graph.initializer.extend(initializers[w] for w in segment.weights)
+    fed = set(segment.fed_weights)
+    graph.initializer.extend(initializers[w] for w in segment.weights if w not in fed)
     model = ModelProto(ir_version=max(source.proto.ir_version, MIN_IR_VERSION), graph=graph)
     model.opset_import.extend(source.proto.opset_import)
     model.functions.extend(source.proto.functions)

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import onnxruntime as ort
 
+from hyperion.runtime.trace import NULL_RECORDER, SESSIONS_TRACK, NullRecorder
+
 log = logging.getLogger(__name__)
 
 Builder = Callable[[int], ort.InferenceSession]
@@ -88,6 +90,8 @@ class SessionPool:
     ``prefetch`` whether the next one is built in the background. ``build`` must not
     hold its runtime strongly (see ``executor._weak_builder``)."""
 
+    tracer: NullRecorder = NULL_RECORDER   # a TraceRecorder while traced (runtime/tracing.py)
+
     def __init__(self, build: Builder, keep: frozenset[int], prefetch: bool) -> None:
         self._build_fn = build
         self._keep = keep
@@ -104,7 +108,8 @@ class SessionPool:
 
     def _build(self, index: int) -> ort.InferenceSession:
         started = time.perf_counter()
-        session = self._build_fn(index)
+        with self.tracer.session_span(index):
+            session = self._build_fn(index)
         with self._lock:
             self.times.build_ms += 1e3 * (time.perf_counter() - started)
             self.times.built += 1
@@ -116,7 +121,8 @@ class SessionPool:
             self.times.reused += 1
             return self._kept[index]
         started = time.perf_counter()
-        session = self._take_pending(index)
+        with self.tracer.span(f"wait for session {index}", "session", SESSIONS_TRACK, segment=index):
+            session = self._take_pending(index)
         if session is None:
             session = self._build(index)
         else:

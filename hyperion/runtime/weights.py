@@ -9,12 +9,25 @@ relative locations resolve.
 As arrays (a graph output that is a weight), external-data weights are read
 with one positioned read each (``np.fromfile`` at an offset); embedded weights
 are decoded from the model proto.
+
+Fed to a session (a segment's ``fed_weights``), a weight is a read-only numpy
+view of its file, mapped once per file for the store's life: onnxruntime uses
+a C-contiguous numpy array's buffer in place on CPU, so the bytes are never
+copied; they are read when the kernel touches them (page-cache hits on later
+runs). File-backed pages count in RSS while they are mapped in, so after its
+segment a weight's pages are dropped with ``madvise(MADV_DONTNEED)``: RSS falls
+back, and the next run faults them in again from the page cache.
+``MADV_WILLNEED`` starts the kernel's read-ahead of the next segment's weights
+while the current one computes; read-ahead fills the page cache, not this
+process's RSS.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import mmap
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +41,15 @@ from hyperion.schedule import TensorRecord
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _Span:
+    """A weight's bytes: which file, where."""
+
+    path: Path
+    offset: int
+    length: int
+
+
 class WeightStore:
     def __init__(self, source: ModelSource, tensors: Mapping[str, TensorRecord]) -> None:
         self.source = source
@@ -35,6 +57,68 @@ class WeightStore:
         self.protos: dict[str, TensorProto] = {t.name: t for t in source.proto.graph.initializer}
         self._embedded = dict(self.protos)   # the originals, for reading arrays
         self.folder: Path = source.base_dir
+        self._maps: dict[Path, mmap.mmap] = {}
+        self.fed_bytes = 0                   # bytes handed to sessions as mapped views, since the last reset
+
+    # -- weights fed to sessions -------------------------------------------------------------
+    def view(self, name: str) -> np.ndarray:
+        """``name`` as a read-only array over its mapped file: no copy is made."""
+        record = self.records[name]
+        span = self._span(name)
+        if span is None:  # embedded in a model that also has external data: decoded, a copy
+            return numpy_helper.to_array(self._embedded[name])
+        dtype = np.dtype(record.dtype)
+        shape = tuple(int(d) for d in record.shape or ())
+        self.fed_bytes += span.length
+        return np.frombuffer(self._map(span.path), dtype=dtype, count=span.length // dtype.itemsize,
+                             offset=span.offset).reshape(shape)
+
+    def release(self, names: Iterable[str]) -> None:
+        """Drop the pages of ``names`` from this process (they stay in the page cache)."""
+        self._advise(names, mmap.MADV_DONTNEED)
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Start reading ``names`` into the page cache in the background."""
+        self._advise(names, mmap.MADV_WILLNEED)
+
+    def close(self) -> None:
+        for mapping in self._maps.values():
+            try:
+                mapping.close()
+            except BufferError:  # a caller still holds a view: the mapping goes with it
+                pass
+        self._maps.clear()
+
+    def _advise(self, names: Iterable[str], advice: int) -> None:
+        page = mmap.PAGESIZE
+        for name in names:
+            span = self._span(name)
+            if span is None or span.length == 0:
+                continue
+            start = span.offset - span.offset % page  # madvise wants a page-aligned start
+            self._map(span.path).madvise(advice, start, span.offset + span.length - start)
+
+    def _map(self, path: Path) -> mmap.mmap:
+        mapping = self._maps.get(path)
+        if mapping is None:
+            try:
+                with path.open("rb") as handle:
+                    mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"{path}: cannot map external data: {exc}") from None
+            self._maps[path] = mapping
+        return mapping
+
+    def _span(self, name: str) -> _Span | None:
+        """Where ``name``'s bytes are: its external-data record, or the file it was spilled to."""
+        location = self.records[name].external
+        if location is not None:
+            return _Span(Path(location.path), location.offset, location.length)
+        proto = self.protos[name]
+        if proto.data_location != TensorProto.EXTERNAL:
+            return None
+        info = {entry.key: entry.value for entry in proto.external_data}
+        return _Span(self.folder / info["location"], int(info.get("offset", 0)), int(info["length"]))
 
     def spill_embedded(self) -> bool:
         """Serve large embedded weights of an in-memory model from a spilled file.

@@ -79,9 +79,19 @@ def ort_session(model: Path, prepack_weights: bool = True) -> ort.InferenceSessi
 
 def bench_model(model: Path, limits: Sequence[int | None], *, mode: str = "adaptive",
                 input_shapes: Mapping[str, Sequence[int]] | None = None, repeats: int = 20,
-                measure_rss: bool = True, seed: int = 0, prepack_weights: bool = True) -> list[BenchRow]:
+                measure_rss: bool = True, seed: int = 0, prepack_weights: bool = True,
+                progress: Callable[[int, int], None] | None = None) -> list[BenchRow]:
     """Hyperion under each of ``limits`` next to plain onnxruntime as installed (which
-    pre-packs weights whatever ``prepack_weights`` Hyperion compiles with)."""
+    pre-packs weights whatever ``prepack_weights`` Hyperion compiles with).
+    ``progress(done, total)`` after each measurement (a compile, a latency pair, an RSS pair)."""
+    total, done = len(limits) * (3 if measure_rss else 2), 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
     import hyperion
     from hyperion.tools.feeds import input_shapes_of, random_feeds
 
@@ -93,11 +103,14 @@ def bench_model(model: Path, limits: Sequence[int | None], *, mode: str = "adapt
     for limit in limits:
         cm = hyperion.compile(model, memory_limit=limit, mode=mode, input_shapes=shapes,
                               prepack_weights=prepack_weights)
+        advance()
         ort_ms, hyperion_ms = interleaved_latency(functools.partial(session.run, None, feeds),
                                                   functools.partial(cm.run, feeds), repeats)
+        advance()
         ort_rss = hyperion_rss = None
         if measure_rss:
             ort_rss, hyperion_rss = rss_pair(model, feeds, limit, mode, shapes, prepack_weights)
+            advance()
         rows.append(BenchRow(model.stem, limit, cm.schedule.mode, len(cm.schedule.segments), ort_ms, hyperion_ms,
                              cm.schedule.peak_bytes, ort_rss, hyperion_rss))
     return rows

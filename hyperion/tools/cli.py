@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
+import os
 import re
 import secrets
 import sys
@@ -50,6 +52,17 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
                         help="bind an input's shape, e.g. input_ids=1x128 (repeatable)")
 
 
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars (they show on a terminal only, never in a pipe or file)")
+
+
+def _step_arg(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"--at: expected a step number, got {text!r}")
+    return int(text)
+
+
 def _add_no_prepack(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prepack", action="store_true",
                         help="sessions use weights unpacked: built faster, outputs differ by float32 rounding")
@@ -65,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     _add_plan_options(p)
     p.add_argument("-o", "--output", type=Path, help="schedule file (default: MODEL.schedule.json here)")
+    _add_quiet(p)
 
     p = commands.add_parser("run", help="run a model, optionally checking against plain onnxruntime")
     p.add_argument("model", type=Path)
@@ -74,19 +88,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", type=Path, help="write each output as NAME.npy here")
     p.add_argument("--check", action="store_true", help="compare the outputs with plain onnxruntime")
     p.add_argument("--seed", type=int, help="seed for generated inputs (printed when chosen at random)")
+    p.add_argument("--trace", type=Path, metavar="RUN.json",
+                   help="write a measured Chrome/Perfetto trace of the run (open it in ui.perfetto.dev)")
     _add_no_prepack(p)
+    _add_quiet(p)
 
     p = commands.add_parser("inspect", help="show layers, edge kinds, liveness and memory per step")
     p.add_argument("target", type=Path, help="a model or a schedule file")
     _add_plan_options(p)
+    p.add_argument("--json", action="store_true", help="every figure as JSON, with a summary")
+    p.add_argument("--at", type=_step_arg, metavar="STEP", help="the tensors resident at STEP, sizes and roles")
 
     p = commands.add_parser("plot", help="plot a schedule's memory timeline")
     p.add_argument("schedule", type=Path)
-    p.add_argument("-o", "--output", type=Path, default=Path("memory.png"))
+    p.add_argument("-o", "--output", type=Path, default=Path("memory.png"),
+                   help="an image (.png, .svg, .pdf) or an interactive page (.html, needs plotly)")
+    p.add_argument("--trace", type=Path, metavar="RUN.json",
+                   help="a trace from 'hyperion run --trace': draw the measured RSS over the plan")
 
     p = commands.add_parser("export", help="export a schedule as Graphviz dot or a Chrome trace")
     p.add_argument("schedule", type=Path)
-    p.add_argument("--format", choices=("dot", "trace"), required=True)
+    p.add_argument("--format", choices=("dot", "trace"), required=True,
+                   help="dot: Graphviz (dot -Tsvg); trace: the planned, unmeasured timeline (run --trace measures)")
     p.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
 
     p = commands.add_parser("bench", help="latency and memory side by side with plain onnxruntime")
@@ -98,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     _add_no_prepack(p)
+    _add_quiet(p)
 
     p = commands.add_parser("demo", help="the bundled demo model, end to end")
     p.add_argument("--model", type=Path, help="use another model instead of the bundled one")
@@ -117,7 +141,8 @@ def _compile(args: argparse.Namespace, model: Path):
 def cmd_compile(args: argparse.Namespace) -> int:
     from hyperion.tools.report import summary
 
-    cm = _compile(args, args.model)
+    with _working(f"compiling {args.model.name}", args.quiet):
+        cm = _compile(args, args.model)
     output = args.output or Path(f"{args.model.stem}.schedule.json")
     cm.schedule.save(output)
     print(summary(cm.schedule))
@@ -154,8 +179,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         cm = _compile(args, args.model)
     feeds = _load_inputs(cm, args)
-    with _progress_bar(f"running {args.model.name}") as progress:
-        outputs = cm.run(feeds, progress)
+    with _progress_bar(f"running {args.model.name}", args.quiet) as progress:
+        outputs = cm.run(feeds, progress, trace=args.trace)
     stats = cm.stats
     print(f"ran {len(cm.schedule.steps)} steps in {len(cm.schedule.segments)} segment(s), mode {stats.mode}, "
           f"{stats.total_ms:.1f} ms, accounted peak {format_size(stats.peak_bytes)}")
@@ -166,25 +191,72 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name, value in outputs.items():
             np.save(args.output_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy", value)
         print(f"outputs written to {args.output_dir}")
+    if args.trace:
+        print(f"trace written to {args.trace} (open it in ui.perfetto.dev or chrome://tracing)")
     if args.check:
         return _check_against_onnxruntime(args.model, feeds, outputs, prepack_weights=not args.no_prepack)
     return 0
 
 
+def _show_progress(quiet: bool = False) -> bool:
+    """Progress bars go to standard error, and only when it is a terminal and not --quiet."""
+    return not quiet and sys.stderr.isatty()
+
+
+def _screen() -> dict[str, int]:
+    """The terminal's size for tqdm; one that reports none (a fresh pseudo-terminal says 0x0,
+    and tqdm would then draw nothing) counts as $COLUMNS x $LINES or 80 x 24."""
+    import shutil
+
+    size = shutil.get_terminal_size()
+    return {"ncols": size.columns, "nrows": size.lines}
+
+
 @contextlib.contextmanager
-def _progress_bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar over the segments of a run, on a terminal only (tqdm)."""
-    if not sys.stderr.isatty():
+def _progress_bar(label: str, quiet: bool = False, unit: str = "segment"
+                  ) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar (done, total), on a terminal only (tqdm)."""
+    if not _show_progress(quiet):
         yield None
         return
     from tqdm import tqdm
 
-    with tqdm(desc=label, unit="segment", leave=False, file=sys.stderr, mininterval=0.2) as bar:
+    with tqdm(desc=label, unit=unit, leave=False, file=sys.stderr, mininterval=0.2, **_screen()) as bar:
         def update(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
         yield update
+
+
+@contextlib.contextmanager
+def _working(label: str, quiet: bool = False, delay: float = 1.0) -> Iterator[None]:
+    """A spinner with the elapsed time for work without steps to count (compiling), on a
+    terminal only, and only once it has lasted ``delay`` seconds."""
+    if not _show_progress(quiet):
+        yield
+        return
+    import threading
+
+    from tqdm import tqdm
+
+    done = threading.Event()
+
+    def show() -> None:  # nothing is drawn before ``delay``; the line is cleared at the end
+        if done.wait(delay):
+            return
+        with tqdm(desc=label, total=None, bar_format="{desc}: {elapsed}", leave=False, file=sys.stderr,
+                  **_screen()) as bar:
+            while not done.wait(0.2):
+                bar.refresh()
+
+    ticker = threading.Thread(target=show, name="hyperion-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
 
 
 def _check_against_onnxruntime(model: Path, feeds, outputs, prepack_weights: bool) -> int:
@@ -208,23 +280,40 @@ def _check_against_onnxruntime(model: Path, feeds, outputs, prepack_weights: boo
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from hyperion.schedule import Schedule
-    from hyperion.tools.report import step_table, summary
+    from hyperion.tools.report import alive_data, alive_table, inspect_data, step_table, summary
 
     if args.target.suffix == ".json":
         schedule = Schedule.load(args.target)
     else:
         schedule = _compile(args, args.target).schedule
-    print(summary(schedule))
-    print()
-    print(step_table(schedule))
+    if args.at is not None and not args.at < len(schedule.steps):
+        raise OptionError(f"--at {args.at}: the schedule has steps 0-{len(schedule.steps) - 1}")
+    if args.json:
+        data = alive_data(schedule, args.at) if args.at is not None else inspect_data(schedule)
+        _write_stdout(json.dumps(data, indent=1) + "\n")
+    elif args.at is not None:
+        _write_stdout(alive_table(schedule, args.at) + "\n")
+    else:
+        _write_stdout(f"{summary(schedule)}\n\n{step_table(schedule)}\n")
     return 0
+
+
+def _write_stdout(text: str) -> None:
+    """Write to standard output; a reader that stops early (``| head``) is not an error."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit then writes nowhere
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from hyperion.schedule import Schedule
     from hyperion.tools.plot import plot_memory
 
-    print(f"memory timeline written to {plot_memory(Schedule.load(args.schedule), args.output)}")
+    written = plot_memory(Schedule.load(args.schedule), args.output, trace=args.trace)
+    print(f"memory timeline written to {written}")
     return 0
 
 
@@ -238,7 +327,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         write_atomic(args.output, text)
         print(f"{args.format} written to {args.output}")
     else:
-        sys.stdout.write(text)
+        _write_stdout(text)
     return 0
 
 
@@ -246,8 +335,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hyperion.tools.bench import bench_model, markdown_table
 
     limits = [None, *args.memory_limit]
-    rows = bench_model(args.model, limits, mode=args.mode, input_shapes=dict(args.input_shape) or None,
-                       repeats=args.repeats, measure_rss=not args.no_rss, prepack_weights=not args.no_prepack)
+    with _progress_bar(f"bench {args.model.name}", args.quiet, unit="measurement") as progress:
+        rows = bench_model(args.model, limits, mode=args.mode, input_shapes=dict(args.input_shape) or None,
+                           repeats=args.repeats, measure_rss=not args.no_rss, prepack_weights=not args.no_prepack,
+                           progress=progress)
     print(markdown_table(rows))
     return 0
 
