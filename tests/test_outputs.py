@@ -141,3 +141,11 @@ def test_restrict_graph() -> None:
     assert restrict_to_outputs(imported, reversed(graph.outputs)) is imported  # every output: unchanged
     with pytest.raises(hyperion.OptionError, match="no output named"):
         restrict_graph(graph, ["embeddings_out"])
+
+
+def test_traced_run_of_requested_outputs(tmp_path) -> None:
+    feeds, expected = _case("encoder_outputs")
+    cm = hyperion.compile(fixture_path("encoder_outputs"), memory_limit="1MB")
+    got = cm.run(feeds, trace=tmp_path / "run.json", outputs=["logits"])
+    assert_outputs_equal(got, {"logits": expected["logits"]})
+    assert (tmp_path / "run.json").stat().st_size > 0
