@@ -4,6 +4,10 @@ Latency: both run in this process, interleaved run by run, with the same
 thread settings; the figure is the median. Memory: each side runs in a fresh
 subprocess that reports its peak RSS; the figure is that minus the peak RSS of
 a process that only imports hyperion and onnxruntime (SPEC's definition).
+
+A cap may be a fraction of plain onnxruntime's peak RSS on the model (``"50%"``,
+:class:`OrtFraction`): that figure is measured first, the same way, and the cap is the
+fraction of it.
 """
 
 from __future__ import annotations
@@ -23,9 +27,35 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from hyperion.errors import OptionError
 from hyperion.tools import report
 from hyperion.tools.rss import peak_rss_bytes
-from hyperion.units import format_size
+from hyperion.units import format_size, parse_size
+
+
+@dataclass(frozen=True)
+class OrtFraction:
+    """A cap given as a fraction of plain onnxruntime's measured peak RSS on the model."""
+
+    fraction: float
+
+    def __str__(self) -> str:
+        return f"{100 * self.fraction:g}%"
+
+
+def parse_limit(text: str, option: str = "--memory-limit") -> int | OrtFraction:
+    """``"50%"``: half of plain onnxruntime's peak RSS on the model; else a size (``"256MB"``)."""
+    if text.strip().endswith("%"):
+        try:
+            percent = float(text.strip()[:-1])
+        except ValueError:
+            percent = 0.0
+        if not 0 < percent < float("inf"):
+            raise OptionError(f"{option}: cannot read {text!r} as a percentage of onnxruntime's RSS; use e.g. '50%'")
+        return OrtFraction(percent / 100)
+    size = parse_size(text, option)
+    assert size is not None
+    return size
 
 
 @dataclass(frozen=True)
@@ -39,6 +69,7 @@ class BenchRow:
     accounted_peak_bytes: int
     ort_rss_bytes: int | None
     hyperion_rss_bytes: int | None
+    ort_fraction: float | None = None   # the cap was this fraction of ort_rss_bytes
 
     @property
     def latency_ratio(self) -> float:
@@ -77,14 +108,17 @@ def ort_session(model: Path, prepack_weights: bool = True) -> ort.InferenceSessi
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
-def bench_model(model: Path, limits: Sequence[int | None], *, mode: str = "adaptive",
+def bench_model(model: Path, limits: Sequence[int | OrtFraction | None], *, mode: str = "adaptive",
                 input_shapes: Mapping[str, Sequence[int]] | None = None, repeats: int = 20,
                 measure_rss: bool = True, seed: int = 0, prepack_weights: bool = True,
                 progress: Callable[[int, int], None] | None = None) -> list[BenchRow]:
     """Hyperion under each of ``limits`` next to plain onnxruntime as installed (which
-    pre-packs weights whatever ``prepack_weights`` Hyperion compiles with).
-    ``progress(done, total)`` after each measurement (a compile, a latency pair, an RSS pair)."""
-    total, done = len(limits) * (3 if measure_rss else 2), 0
+    pre-packs weights whatever ``prepack_weights`` Hyperion compiles with). An
+    :class:`OrtFraction` cap is that fraction of onnxruntime's peak RSS, measured first (even
+    without ``measure_rss``). ``progress(done, total)`` after each measurement (a compile, a
+    latency pair, an RSS pair, onnxruntime's RSS)."""
+    fractions = any(isinstance(limit, OrtFraction) for limit in limits)
+    total, done = len(limits) * (3 if measure_rss else 2) + fractions, 0
 
     def advance() -> None:
         nonlocal done
@@ -99,20 +133,26 @@ def bench_model(model: Path, limits: Sequence[int | None], *, mode: str = "adapt
     shapes = input_shapes_of(probe.base_ir, input_shapes)
     feeds = random_feeds(probe.base_ir, shapes, seed)
     session = ort_session(model)
+    ort_rss = None
+    if fractions:
+        ort_rss = ort_rss_bytes(model, feeds)
+        advance()
     rows = []
-    for limit in limits:
+    for requested in limits:
+        limit = max(1, int(requested.fraction * (ort_rss or 0))) if isinstance(requested, OrtFraction) else requested
         cm = hyperion.compile(model, memory_limit=limit, mode=mode, input_shapes=shapes,
                               prepack_weights=prepack_weights)
         advance()
         ort_ms, hyperion_ms = interleaved_latency(functools.partial(session.run, None, feeds),
                                                   functools.partial(cm.run, feeds), repeats)
         advance()
-        ort_rss = hyperion_rss = None
+        row_ort_rss = hyperion_rss = None
         if measure_rss:
-            ort_rss, hyperion_rss = rss_pair(model, feeds, limit, mode, shapes, prepack_weights)
+            row_ort_rss, hyperion_rss = rss_pair(model, feeds, limit, mode, shapes, prepack_weights)
             advance()
         rows.append(BenchRow(model.stem, limit, cm.schedule.mode, len(cm.schedule.segments), ort_ms, hyperion_ms,
-                             cm.schedule.peak_bytes, ort_rss, hyperion_rss))
+                             cm.schedule.peak_bytes, row_ort_rss, hyperion_rss,
+                             requested.fraction if isinstance(requested, OrtFraction) else None))
     return rows
 
 
@@ -127,6 +167,16 @@ def rss_pair(model: Path, feeds: Mapping[str, np.ndarray], limit: int | None, mo
                 "shapes": {k: list(v) for k, v in shapes.items()}, "prepack_weights": prepack_weights}
         baseline = _child_rss("baseline", args)
         return _child_rss("ort", args) - baseline, _child_rss("hyperion", args) - baseline
+
+
+def ort_rss_bytes(model: Path, feeds: Mapping[str, np.ndarray]) -> int:
+    """Plain onnxruntime's peak RSS on ``model`` above the import-only baseline: what a cap of
+    ``"50%"`` is a fraction of."""
+    with tempfile.TemporaryDirectory() as tmp:
+        feeds_path = Path(tmp) / "feeds.npz"
+        np.savez(feeds_path, **feeds)
+        args = {"model": str(model), "feeds": str(feeds_path)}
+        return _child_rss("ort", args) - _child_rss("baseline", args)
 
 
 def _child_rss(kind: str, args: dict) -> int:
@@ -157,13 +207,20 @@ def _size(value: int | None) -> str:
     return "-" if value is None else format_size(value)
 
 
+def _cap(row: BenchRow) -> str:
+    if not row.memory_limit:
+        return "none"
+    share = "" if row.ort_fraction is None else f" ({100 * row.ort_fraction:g}% of onnxruntime)"
+    return _size(row.memory_limit) + share
+
+
 BENCH_HEADER = ("model", "cap", "mode", "segments", "onnxruntime ms", "hyperion ms", "ratio", "accounted peak",
                 "onnxruntime RSS", "hyperion RSS")
 
 
 def markdown_table(rows: Sequence[BenchRow]) -> str:
     return report.markdown_table(BENCH_HEADER, (
-        (r.model, _size(r.memory_limit) if r.memory_limit else "none", r.mode, r.segments, f"{r.ort_ms:.3f}",
+        (r.model, _cap(r), r.mode, r.segments, f"{r.ort_ms:.3f}",
          f"{r.hyperion_ms:.3f}", f"{r.latency_ratio:.2f}x", _size(r.accounted_peak_bytes), _size(r.ort_rss_bytes),
          _size(r.hyperion_rss_bytes)) for r in rows))
 

@@ -12,11 +12,15 @@ import secrets
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hyperion.errors import FeedError, HyperionError, OptionError
 from hyperion.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from hyperion.tools.bench import OrtFraction
 
 EXIT_ERROR = 2
 EXIT_MISMATCH = 1
@@ -41,6 +45,15 @@ def _input_arg(text: str) -> tuple[str, Path]:
 def _size_arg(text: str) -> int:
     try:
         return parse_size(text, "--memory-limit") or 0
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _bench_limit_arg(text: str) -> int | OrtFraction:
+    from hyperion.tools.bench import parse_limit
+
+    try:
+        return parse_limit(text)
     except OptionError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -114,8 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="latency and memory side by side with plain onnxruntime")
     p.add_argument("model", type=Path)
-    p.add_argument("--memory-limit", type=_size_arg, action="append", default=[], metavar="SIZE",
-                   help="also measure under this cap (repeatable); no cap is always measured")
+    p.add_argument("--memory-limit", type=_bench_limit_arg, action="append", default=[], metavar="SIZE|PERCENT",
+                   help="also measure under this cap (repeatable): a size, or a percentage such as 50%% of plain "
+                        "onnxruntime's peak RSS on the model (measured first); no cap is always measured")
     p.add_argument("--mode", choices=MODES, default="adaptive")
     p.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS")
     p.add_argument("--repeats", type=int, default=20)
