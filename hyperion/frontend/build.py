@@ -190,6 +190,10 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
         for tensor in inputs:
             consumers.setdefault(tensor, []).append(name)
         for tensor in outputs:
+            if tensor in producers or tensor in weights or tensor in bound:
+                first = f"node {producers[tensor]!r}" if tensor in producers else "a graph input or initializer"
+                raise ModelLoadError(f"{source.label}: tensor {tensor!r} is produced by both {first} and node "
+                                     f"{name!r}; every tensor of an ONNX graph has one producer")
             producers[tensor] = name
 
     graph_outputs = tuple(o.name for o in proto.graph.output)
@@ -221,6 +225,10 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
             raise ModelLoadError(f"{source.label}: graph output {name!r} is produced by no node")
     graph = Graph(nodes, tensors, graph_inputs, graph_outputs, constants=small_constants(proto, nodes),
                   opset=source.opset)
+    cycle = graph.find_cycle()
+    if cycle is not None:
+        raise ModelLoadError(f"{source.label}: nodes {' -> '.join(repr(n) for n in (*cycle, cycle[0]))} form a "
+                             "cycle; an ONNX graph must be acyclic")
     return ImportedModel(source, graph, types, bound)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hyperion.errors import OptionError
+from hyperion.files import write_atomic
 from hyperion.schedule import Schedule
 
 
@@ -34,6 +35,14 @@ def plot_memory(schedule: Schedule, output: str | Path) -> Path:
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     output = Path(output)
-    fig.savefig(output)
+    _save_atomic(fig, output)
     plt.close(fig)
     return output
+
+
+def _save_atomic(fig, output: Path) -> None:
+    """``fig`` written atomically, in the format its suffix names (an unknown one is an OptionError)."""
+    fmt = output.suffix.lower().lstrip(".") or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise OptionError(f"{output}: cannot plot to a .{fmt} file; use .png, .svg or .pdf")
+    write_atomic(output, lambda handle: fig.savefig(handle, format=fmt))
