@@ -440,6 +440,10 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
                 fail(where, f"inlined constant {name!r} has no producing node in the model")
     if schedule.steps and next_step != len(schedule.steps):
         fail("segments", f"steps {next_step}.. belong to no segment")
+    for position, edge in enumerate(schedule.edges):
+        if edge.src not in node_ops or edge.dst not in node_ops or edge.tensor not in tensors:
+            fail(f"edges/{position}", f"{edge.src} -> {edge.dst} ({edge.tensor}) names a node or tensor that is "
+                                      "not there")
     if schedule.whole_model and len(schedule.segments) != 1:
         fail("whole_model", f"a whole-model schedule has one segment, not {len(schedule.segments)}")
     _check_dataflow(schedule, fail)

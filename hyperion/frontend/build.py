@@ -34,6 +34,7 @@ from hyperion.ir import (
     normalise_domain,
     tensor_nbytes,
 )
+from hyperion.units import MAX_TENSOR_BYTES
 
 
 @dataclass
@@ -216,6 +217,10 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
                                        None, tuple(consumers.get(name, ())), external)
             continue
         dtype, shape, nbytes = type_facts(sizing.get(name))
+        if nbytes is not None and nbytes > MAX_TENSOR_BYTES:
+            raise ShapeError(f"{source.label}: tensor {name!r} has shape {list(shape or ())}, {nbytes} bytes: more "
+                             f"than Hyperion accepts for one tensor ({MAX_TENSOR_BYTES}); check the model's "
+                             "declared dims and input_shapes")
         role = (TensorRole.INPUT if name in bound
                 else TensorRole.OUTPUT if name in graph_outputs else TensorRole.ACTIVATION)
         tensors[name] = TensorInfo(name, dtype, shape, nbytes, role, producers.get(name),
