@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LINTED := hyperion passes tests benchmarks fixtures examples setup.py
 
-.PHONY: demo test lint bench fixtures wheel clean
+.PHONY: demo test lint bench fixtures wheel clean fuzz
 
 $(BIN)/hyperion: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,17 @@ demo: $(BIN)/hyperion
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The long fuzzing run (`make test` runs the same strategies with a few derandomized examples):
+# hypothesis with FUZZ_EXAMPLES examples per strategy and fresh randomness, then atheris
+# (coverage-guided, over model bytes) for FUZZ_SECONDS when it installs from a wheel here.
+FUZZ_EXAMPLES ?= 2000
+FUZZ_SECONDS ?= 600
+fuzz: $(BIN)/hyperion
+	HYPERION_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+	$(BIN)/python -m pip install --quiet atheris && \
+		$(BIN)/python -m tests.fuzz_atheris -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 \
+		|| echo "atheris run skipped or failed (see above)"
 
 lint: $(BIN)/hyperion
 	$(BIN)/ruff check $(LINTED)

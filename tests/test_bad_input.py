@@ -273,6 +273,16 @@ def _huge_weight_model(path: Path) -> Path:
     return path
 
 
+def _short_weight_model(path: Path) -> Path:
+    """Found by tests/test_fuzz.py: a weight holding fewer bytes than its dims need."""
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[3], raw_data=b"\0" * 4)
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [w])
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return path
+
+
 def _huge_input_model(path: Path) -> Path:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1 << 30, 1 << 30, 1 << 30])],
@@ -321,6 +331,7 @@ CASES = {
     "cycle": (lambda t: _cycle_model(t / "cyc.onnx"), {}, ModelLoadError, "cyc.onnx"),
     "duplicate producers": (lambda t: _duplicate_producer_model(t / "dup.onnx"), {}, ModelLoadError, "'neg'"),
     "absurd weight dims": (lambda t: _huge_weight_model(t / "w.onnx"), {}, ModelLoadError, "'w'"),
+    "weight shorter than its dims": (lambda t: _short_weight_model(t / "s.onnx"), {}, ModelLoadError, "'w'"),
     "absurd input dims": (lambda t: _huge_input_model(t / "i.onnx"), {}, ShapeError, "'x'"),
     "model path is a folder": (lambda t: t, {}, ModelLoadError, "folder"),
     "model of another type": (lambda t: 42, {}, OptionError, "int"),

@@ -114,7 +114,11 @@ def _small_array(tensor: TensorProto) -> np.ndarray | None:
     nbytes = tensor_nbytes(itemsize(tensor.data_type), tuple(tensor.dims))
     if nbytes is None or nbytes > SMALL_TENSOR_BYTES:
         return None
-    return numpy_helper.to_array(tensor)
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:  # data that does not match its dims or type
+        raise ModelLoadError(f"tensor {tensor.name!r} (dims {list(tensor.dims)}) holds data that does not "
+                             f"match its dims or type: {exc}") from None
 
 
 def _attribute_value(attr: AttributeProto) -> AttributeValue | None:

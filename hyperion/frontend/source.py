@@ -108,6 +108,14 @@ def _source(proto: ModelProto, path: Path | None, base_dir: Path | None, sha: st
     return source
 
 
+# Element types stored one whole number of bytes per element in raw_data (not the packed 4-bit ones).
+_WHOLE_BYTE_TYPES = frozenset({
+    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.BOOL,
+    TensorProto.INT8, TensorProto.INT16, TensorProto.INT32, TensorProto.INT64,
+    TensorProto.UINT8, TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64,
+    TensorProto.COMPLEX64, TensorProto.COMPLEX128})
+
+
 def _check_dims(source: ModelSource, tensor: TensorProto) -> None:
     """Declared dims that are negative or would need absurd memory are refused before
     anything is sized or allocated from them."""
@@ -118,6 +126,10 @@ def _check_dims(source: ModelSource, tensor: TensorProto) -> None:
     if nbytes > MAX_TENSOR_BYTES:
         raise ModelLoadError(f"{source.label}: weight {tensor.name!r} declares dims {list(dims)}, "
                              f"{nbytes} bytes: more than Hyperion accepts for one tensor ({MAX_TENSOR_BYTES})")
+    if (tensor.data_location != TensorProto.EXTERNAL and tensor.HasField("raw_data")
+            and tensor.data_type in _WHOLE_BYTE_TYPES and len(tensor.raw_data) != nbytes):
+        raise ModelLoadError(f"{source.label}: weight {tensor.name!r} declares dims {list(dims)} "
+                             f"({nbytes} bytes) but holds {len(tensor.raw_data)} bytes")
 
 
 def resolve_external(base_dir: Path, location: str, tensor: str, *, label: str | None = None) -> Path:
