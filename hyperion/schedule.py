@@ -378,8 +378,11 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
     for name in (*schedule.graph_inputs, *schedule.graph_outputs, *schedule.input_shapes):
         if name not in tensors:
             fail("graph_inputs/graph_outputs", f"tensor {name!r} is not in the tensor table")
-    if set(schedule.graph_inputs) - model_inputs:
-        fail("graph_inputs", f"{sorted(set(schedule.graph_inputs) - model_inputs)} are not inputs of the model")
+    if set(schedule.graph_inputs) != model_inputs:
+        fail("graph_inputs", f"{sorted(schedule.graph_inputs)} are not the model's inputs {sorted(model_inputs)}")
+    for name in schedule.graph_inputs:
+        if tensors[name].dtype not in _NON_TENSOR_KINDS and name not in schedule.input_shapes:
+            fail("input_shapes", f"input {name!r} has no shape")
     if set(schedule.graph_outputs) - {o.name for o in graph.output}:
         fail("graph_outputs", "names an output the model does not have")
     for name, record in tensors.items():
@@ -455,6 +458,9 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
             shape = schedule.input_shapes.get(name)
             if name not in schedule.graph_inputs or not shape or shape[0] != streaming.batch_size:
                 fail("streaming", f"batched input {name!r} does not have the batch's {streaming.batch_size} rows")
+
+
+_NON_TENSOR_KINDS = frozenset({"sequence", "optional", "map", "sparse_tensor"})
 
 
 def _check_dataflow(schedule: Schedule, fail: Any) -> None:

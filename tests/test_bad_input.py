@@ -235,6 +235,8 @@ def _drop_activation(data: dict) -> None:
     (lambda d: d["segments"].pop(), "segment"),
     (_drop_activation, "tensor"),
     (lambda d: d["graph_outputs"].append("fc1_out"), "graph_outputs"),
+    (lambda d: d["input_shapes"].pop("x"), "input_shapes"),        # found by tests/test_fuzz.py
+    (lambda d: d["graph_inputs"].pop(), "graph_inputs"),
     (lambda d: d["tensors"]["x"].update(producer="ghost"), "tensors/x"),
     (lambda d: d["tensors"]["y"]["value_type"].update(elem_type="NOPE"), "tensors/y/value_type"),
     (lambda d: d["edges"].append({"src": "fc1", "dst": "ghost", "tensor": "y", "kind": "sequential"}), "edges"),
@@ -280,6 +282,20 @@ def _short_weight_model(path: Path) -> Path:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [w])
     path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return path
+
+
+def _not_utf8(data: bytes) -> bytes:
+    """Found by tests/test_fuzz.py: protobuf hands back bytes for a string field that is not UTF-8."""
+    at = data.find(b"fc1")
+    return data[:at] + b"\xe8" + data[at + 1:]
+
+
+def _unknown_type_model(path: Path) -> Path:
+    """Found by tests/test_fuzz.py: an element type number ONNX does not define."""
+    model = onnx.load(_short_weight_model(path))
+    model.graph.initializer[0].data_type = 99
+    path.write_bytes(model.SerializeToString())
     return path
 
 
@@ -331,6 +347,8 @@ CASES = {
     "cycle": (lambda t: _cycle_model(t / "cyc.onnx"), {}, ModelLoadError, "cyc.onnx"),
     "duplicate producers": (lambda t: _duplicate_producer_model(t / "dup.onnx"), {}, ModelLoadError, "'neg'"),
     "absurd weight dims": (lambda t: _huge_weight_model(t / "w.onnx"), {}, ModelLoadError, "'w'"),
+    "a name that is not UTF-8": (lambda t: _not_utf8(fixture_path("mlp").read_bytes()), {}, ModelLoadError, "UTF-8"),
+    "element type ONNX does not define": (lambda t: _unknown_type_model(t / "u.onnx"), {}, ModelLoadError, "'w'"),
     "weight shorter than its dims": (lambda t: _short_weight_model(t / "s.onnx"), {}, ModelLoadError, "'w'"),
     "absurd input dims": (lambda t: _huge_input_model(t / "i.onnx"), {}, ShapeError, "'x'"),
     "model path is a folder": (lambda t: t, {}, ModelLoadError, "folder"),

@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 from onnx import ModelProto, TensorProto
 
 from hyperion.errors import ModelLoadError, OptionError, UnsafeModelError
@@ -93,6 +94,11 @@ def _parse(data: bytes, label: str) -> ModelProto:
 
 
 def _source(proto: ModelProto, path: Path | None, base_dir: Path | None, sha: str) -> ModelSource:
+    label = str(path) if path else "<in-memory model>"
+    try:
+        _check_text(proto)
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"{label}: not a valid ONNX model: a name or string in it is not UTF-8 ({exc})") from None
     opset = next((o.version for o in proto.opset_import if normalise_domain(o.domain) == DEFAULT_DOMAIN), 0)
     source = ModelSource(proto, path, base_dir or Path.cwd(), sha, opset)
     external = [t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL]
@@ -108,6 +114,34 @@ def _source(proto: ModelProto, path: Path | None, base_dir: Path | None, sha: st
     return source
 
 
+def _check_text(message: Message) -> None:
+    """Raise UnicodeDecodeError if a string field of ``message`` is not UTF-8 (protobuf then
+    hands back bytes, which fail wherever they are first used as text); tensors' data is
+    not touched."""
+    stack = [message]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, TensorProto):
+            texts = [current.name, current.doc_string]
+            stack.extend(current.external_data)
+        else:
+            texts = []
+            for field, value in current.ListFields():
+                if field.type == FieldDescriptor.TYPE_MESSAGE:
+                    stack.extend(value if _repeated(field) else [value])
+                elif field.type == FieldDescriptor.TYPE_STRING:
+                    texts.extend(value if _repeated(field) else [value])
+        for text in texts:
+            if isinstance(text, bytes):
+                text.decode("utf-8")   # raises, naming the byte at fault
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    if hasattr(field, "is_repeated"):  # protobuf >= 6
+        return bool(field.is_repeated)
+    return field.label == FieldDescriptor.LABEL_REPEATED
+
+
 # Element types stored one whole number of bytes per element in raw_data (not the packed 4-bit ones).
 _WHOLE_BYTE_TYPES = frozenset({
     TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.BOOL,
@@ -120,6 +154,9 @@ def _check_dims(source: ModelSource, tensor: TensorProto) -> None:
     """Declared dims that are negative or would need absurd memory are refused before
     anything is sized or allocated from them."""
     dims = tuple(tensor.dims)
+    if tensor.data_type not in TensorProto.DataType.values():
+        raise ModelLoadError(f"{source.label}: weight {tensor.name!r} has element type {tensor.data_type}, "
+                             "which ONNX does not define")
     if any(d < 0 for d in dims):
         raise ModelLoadError(f"{source.label}: weight {tensor.name!r} declares negative dims {list(dims)}")
     nbytes = tensor_nbytes(itemsize(tensor.data_type) or 1, dims) or 0
