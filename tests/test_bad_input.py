@@ -471,3 +471,12 @@ def test_an_internal_error_is_one_line_and_exit_70(monkeypatch: pytest.MonkeyPat
     assert err.count("\n") == 1 and "internal error" in err and "--debug" in err
     with pytest.raises(KeyError):
         main(["--debug", "demo"])
+
+
+def test_random_inputs_of_an_impossible_shape_are_refused() -> None:
+    """Found by tests/test_fuzz.py: zero elements, but a shape numpy cannot index."""
+    from hyperion.tools.feeds import random_feeds
+
+    graph = hyperion.compile(fixture_path("dynamic_dims")).base_ir
+    with pytest.raises(OptionError, match="input_ids"):
+        random_feeds(graph, {"input_ids": [0, 1 << 62]}, 0)

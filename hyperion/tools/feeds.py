@@ -10,6 +10,7 @@ import numpy as np
 
 from hyperion.errors import OptionError
 from hyperion.ir import Graph
+from hyperion.units import MAX_TENSOR_BYTES
 
 DEFAULT_DIM = 1  # what an unbound symbolic dim becomes when the user gave no shape
 
@@ -47,7 +48,7 @@ def random_feeds(graph: Graph, shapes: Mapping[str, Sequence[int]], seed: int) -
     for name in graph.inputs:
         dtype = graph.tensors[name].dtype
         shape = tuple(shapes[name])
-        if any(d < 0 for d in shape):
+        if any(d < 0 for d in shape) or math.prod(d for d in shape if d) > MAX_TENSOR_BYTES:
             raise OptionError(f"input {name!r}: cannot generate an array of shape {list(shape)}")
         total += math.prod(shape) * (np.dtype(dtype).itemsize if dtype in np.sctypeDict else 1)
         if limit is not None and total > limit:
