@@ -299,6 +299,17 @@ def _unknown_type_model(path: Path) -> Path:
     return path
 
 
+def _empty_string_weight_model(path: Path) -> Path:
+    """Found by tests/test_fuzz.py: a scalar string weight with no string, also a graph output."""
+    w = TensorProto(name="w", data_type=TensorProto.STRING, dims=[])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
+                               helper.make_tensor_value_info("w", TensorProto.STRING, [])], [w])
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return path
+
+
 def _huge_input_model(path: Path) -> Path:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1 << 30, 1 << 30, 1 << 30])],
@@ -349,6 +360,8 @@ CASES = {
     "absurd weight dims": (lambda t: _huge_weight_model(t / "w.onnx"), {}, ModelLoadError, "'w'"),
     "a name that is not UTF-8": (lambda t: _not_utf8(fixture_path("mlp").read_bytes()), {}, ModelLoadError, "UTF-8"),
     "element type ONNX does not define": (lambda t: _unknown_type_model(t / "u.onnx"), {}, ModelLoadError, "'w'"),
+    "string weight without its strings": (lambda t: _empty_string_weight_model(t / "e.onnx"), {}, ModelLoadError,
+                                          "'w'"),
     "weight shorter than its dims": (lambda t: _short_weight_model(t / "s.onnx"), {}, ModelLoadError, "'w'"),
     "absurd input dims": (lambda t: _huge_input_model(t / "i.onnx"), {}, ShapeError, "'x'"),
     "model path is a folder": (lambda t: t, {}, ModelLoadError, "folder"),

@@ -222,6 +222,8 @@ def test_random_graphs(case: tuple[bytes, bool], mode: str, limit: str | None) -
         else:
             (folder / "link.bin").symlink_to(folder / "data.bin")
         (folder / "m.onnx").write_bytes(data)
+        if os.environ.get("HYPERION_FUZZ_LAST"):  # to find an input that kills the process (a crash in a library)
+            Path(os.environ["HYPERION_FUZZ_LAST"]).write_bytes(data)
         compile_and_run(folder / "m.onnx", mode, limit)
 
 

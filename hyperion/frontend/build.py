@@ -8,6 +8,7 @@ domains are normalised (``""`` for the default ONNX domain).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -168,6 +169,19 @@ def _constant_value(node: NodeInfo) -> np.ndarray | None:
     return None
 
 
+def _refuse_absurd_declared_sizes(skeleton: ModelProto, label: str) -> None:
+    """Declared inputs, outputs and value infos needing more than MAX_TENSOR_BYTES are refused
+    before shape inference, whose data propagation would try to allocate them."""
+    graph = skeleton.graph
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        dtype, shape, nbytes = type_facts(info.type)
+        dims = [d for d in shape or () if isinstance(d, int)]
+        if (nbytes or 0) > MAX_TENSOR_BYTES or math.prod(dims) > MAX_TENSOR_BYTES:
+            raise ShapeError(f"{label}: tensor {info.name!r} is declared {dtype}{list(shape or ())}: more than "
+                             f"Hyperion accepts for one tensor ({MAX_TENSOR_BYTES} bytes); check the model's "
+                             "declared dims and input_shapes")
+
+
 def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
                  isolate_symbolic: bool = False) -> ImportedModel:
     """Build the IR of ``source`` with symbolic input dims bound by ``input_shapes``.
@@ -179,6 +193,7 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
     weights = {t.name: t for t in proto.graph.initializer}
     skeleton = skeleton_of(proto)
     bound = bind_inputs(skeleton, set(weights), input_shapes or {})
+    _refuse_absurd_declared_sizes(skeleton, source.label)
     types, sizing = split_value_types(*infer_types(skeleton, source.label, isolate_symbolic), proto.graph.output)
 
     node_names = unique_node_names(proto.graph.node)

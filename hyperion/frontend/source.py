@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
-from onnx import ModelProto, TensorProto
+from onnx import ModelProto, TensorProto, numpy_helper
 
 from hyperion.errors import ModelLoadError, OptionError, UnsafeModelError
 from hyperion.frontend.types import itemsize
@@ -163,10 +163,18 @@ def _check_dims(source: ModelSource, tensor: TensorProto) -> None:
     if nbytes > MAX_TENSOR_BYTES:
         raise ModelLoadError(f"{source.label}: weight {tensor.name!r} declares dims {list(dims)}, "
                              f"{nbytes} bytes: more than Hyperion accepts for one tensor ({MAX_TENSOR_BYTES})")
-    if (tensor.data_location != TensorProto.EXTERNAL and tensor.HasField("raw_data")
-            and tensor.data_type in _WHOLE_BYTE_TYPES and len(tensor.raw_data) != nbytes):
-        raise ModelLoadError(f"{source.label}: weight {tensor.name!r} declares dims {list(dims)} "
-                             f"({nbytes} bytes) but holds {len(tensor.raw_data)} bytes")
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return
+    if tensor.HasField("raw_data") and tensor.data_type in _WHOLE_BYTE_TYPES:
+        if len(tensor.raw_data) != nbytes:
+            raise ModelLoadError(f"{source.label}: weight {tensor.name!r} declares dims {list(dims)} "
+                                 f"({nbytes} bytes) but holds {len(tensor.raw_data)} bytes")
+        return
+    try:  # typed fields (float_data, string_data, ...) or packed types: decode once to check
+        numpy_helper.to_array(tensor)
+    except Exception as exc:  # onnx raises ValueError, TypeError, KeyError... for data that does not fit
+        raise ModelLoadError(f"{source.label}: weight {tensor.name!r} (dims {list(dims)}) holds data that does "
+                             f"not match its dims or type: {exc}") from None
 
 
 def resolve_external(base_dir: Path, location: str, tensor: str, *, label: str | None = None) -> Path:
