@@ -310,6 +310,15 @@ def _empty_string_weight_model(path: Path) -> Path:
     return path
 
 
+def _unknown_input_type_model(path: Path) -> Path:
+    """Found by the atheris run of make fuzz: an input declared with element type 145149."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", 145149, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])])
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    return path
+
+
 def _huge_input_model(path: Path) -> Path:
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1 << 30, 1 << 30, 1 << 30])],
@@ -362,6 +371,8 @@ CASES = {
     "element type ONNX does not define": (lambda t: _unknown_type_model(t / "u.onnx"), {}, ModelLoadError, "'w'"),
     "string weight without its strings": (lambda t: _empty_string_weight_model(t / "e.onnx"), {}, ModelLoadError,
                                           "'w'"),
+    "input of an element type ONNX does not define": (lambda t: _unknown_input_type_model(t / "x.onnx"), {},
+                                                      ModelLoadError, "'x'"),
     "weight shorter than its dims": (lambda t: _short_weight_model(t / "s.onnx"), {}, ModelLoadError, "'w'"),
     "absurd input dims": (lambda t: _huge_input_model(t / "i.onnx"), {}, ShapeError, "'x'"),
     "model path is a folder": (lambda t: t, {}, ModelLoadError, "folder"),

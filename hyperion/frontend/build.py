@@ -169,11 +169,35 @@ def _constant_value(node: NodeInfo) -> np.ndarray | None:
     return None
 
 
+def _undefined_elem_type(type_proto: TypeProto) -> int | None:
+    """An element type number in ``type_proto`` (nested types included) that ONNX does not define."""
+    defined = TensorProto.DataType.values()
+    stack = [type_proto]
+    while stack:
+        current = stack.pop()
+        kind = current.WhichOneof("value")
+        if kind in ("tensor_type", "sparse_tensor_type"):
+            elem = getattr(current, kind).elem_type
+            if elem not in defined:
+                return elem
+        elif kind in ("sequence_type", "optional_type"):
+            stack.append(getattr(current, kind).elem_type)
+        elif kind == "map_type":
+            if current.map_type.key_type not in defined:
+                return current.map_type.key_type
+            stack.append(current.map_type.value_type)
+    return None
+
+
 def _refuse_absurd_declared_sizes(skeleton: ModelProto, label: str) -> None:
     """Declared inputs, outputs and value infos needing more than MAX_TENSOR_BYTES are refused
     before shape inference, whose data propagation would try to allocate them."""
     graph = skeleton.graph
     for info in (*graph.input, *graph.output, *graph.value_info):
+        undefined = _undefined_elem_type(info.type)
+        if undefined is not None:
+            raise ModelLoadError(f"{label}: tensor {info.name!r} is declared with element type {undefined}, "
+                                 "which ONNX does not define")
         dtype, shape, nbytes = type_facts(info.type)
         dims = [d for d in shape or () if isinstance(d, int)]
         if (nbytes or 0) > MAX_TENSOR_BYTES or math.prod(dims) > MAX_TENSOR_BYTES:
