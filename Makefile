@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 LINTED := hyperion passes tests benchmarks fixtures examples corpus setup.py
 
-.PHONY: demo test lint bench fixtures corpus wheel clean docs-images
+.PHONY: demo test lint bench fixtures corpus wheel clean docs-images fuzz
 
 $(BIN)/hyperion: pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,21 @@ demo: $(BIN)/hyperion
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The long fuzzing run (`make test` runs the same strategies with a few derandomized examples):
+# hypothesis with FUZZ_EXAMPLES examples per strategy and fresh randomness, then atheris
+# (coverage-guided, over model bytes) for FUZZ_SECONDS when it installs from a wheel here.
+# Address space is capped (FUZZ_VMEM_KB): a random graph may ask onnxruntime for any amount of
+# memory at run time (Expand, ConstantOfShape), which must fail as an error, not OOM the machine.
+FUZZ_EXAMPLES ?= 2000
+FUZZ_SECONDS ?= 600
+FUZZ_VMEM_KB ?= 8000000
+fuzz: $(BIN)/hyperion
+	ulimit -v $(FUZZ_VMEM_KB) && HYPERION_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(BIN)/python -m pytest -q -p no:cacheprovider --hypothesis-show-statistics tests/test_fuzz.py
+	$(BIN)/python -m pip install --quiet atheris && ulimit -v $(FUZZ_VMEM_KB) && \
+		$(BIN)/python -m tests.fuzz_atheris -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=4096 \
+		|| echo "atheris run skipped or failed (see above)"
 
 lint: $(BIN)/hyperion
 	$(BIN)/ruff check $(LINTED)

@@ -9,10 +9,12 @@ from hyperion.errors import (
                              MemoryLimitError,
                              ModelLoadError,
                              OptionError,
+                             OutputError,
                              PassError,
                              RuntimeExecutionError,
                              ScheduleError,
                              ShapeError,
+                             UnsafeModelError,
                              UnsupportedModelError,
 )
 from hyperion.ir import EdgeKind, ExecutionMode
@@ -35,9 +37,10 @@ from hyperion.units import parse_size
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompiledModel", "EdgeKind", "ExecutionMode", "FeedError", "HyperionError", "InferenceSession", "MemoryLimitError",
-    "ModelLoadError", "OptionError", "PassError", "RunStats", "RuntimeExecutionError", "Schedule",
-    "ScheduleError", "ShapeError", "UnsupportedModelError", "compile", "load", "parse_size",
+    "CompiledModel", "EdgeKind", "ExecutionMode", "FeedError", "HyperionError", "InferenceSession",
+    "MemoryLimitError", "ModelLoadError", "OptionError", "OutputError", "PassError", "RunStats",
+    "RuntimeExecutionError", "Schedule", "ScheduleError", "ShapeError", "UnsafeModelError", "UnsupportedModelError",
+    "compile", "load", "parse_size",
 ]
 __all__ += ["DependencyType", "ExecLayer", "ForwardScheduler", "MappedModel", "MmapConfig", "SchedulerError",
             "SchedulerMemoryError", "default_mmap_config", "open_mapped_model"]  # the seed API

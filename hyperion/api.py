@@ -27,8 +27,8 @@ from hyperion.ir import ExecutionMode, Graph
 from hyperion.planner import optimal_batch_size, parse_mode, plan
 from hyperion.runtime import RunStats, Runtime, SessionConfig
 from hyperion.runtime.tracing import Tracing
-from hyperion.schedule import Schedule
-from hyperion.units import parse_size
+from hyperion.schedule import Schedule, check_consistency
+from hyperion.units import MAX_TENSOR_BYTES, parse_size
 
 if TYPE_CHECKING:
     from hyperion.ir import NetworkxGraph
@@ -224,6 +224,7 @@ class CompiledModel:
         ``progress(done, total)`` is called after every segment a run goes through
         (every segment once per chunk when streaming). ``trace``: write a measured
         Chrome/Perfetto trace of this run there (see :meth:`tracing`)."""
+        feeds = self._checked_feeds(feeds)
         if trace is not None:
             with self.tracing(trace):
                 return self.run(feeds, progress, outputs=outputs)
@@ -290,6 +291,27 @@ class CompiledModel:
         finally:
             tracing, self._tracing = self._tracing, None
             tracing.close(write=written)
+
+    def _checked_feeds(self, feeds: object) -> Mapping[str, np.ndarray]:
+        """``feeds`` as a mapping of input names to arrays, checked at the boundary: names
+        are strings, tensor inputs are arrays (or convert to one of numbers)."""
+        if not isinstance(feeds, Mapping):
+            raise FeedError(f"{self._source.label}: run() takes a dict of input name -> numpy array, got "
+                            f"{type(feeds).__name__}; inputs are {list(self._input_names)}")
+        checked = dict(feeds)
+        for name, value in feeds.items():
+            if not isinstance(name, str):
+                raise FeedError(f"{self._source.label}: input names are strings, got {name!r}; "
+                                f"inputs are {list(self._input_names)}")
+            if name in self._sorted_inputs and not isinstance(value, np.ndarray):
+                try:
+                    checked[name] = array = np.asarray(value)
+                except (ValueError, TypeError) as exc:
+                    raise FeedError(f"input {name!r}: cannot use a {type(value).__name__} as an array "
+                                    f"({exc})") from None
+                if array.dtype == object:
+                    raise FeedError(f"input {name!r}: expected a numpy array, got a {type(value).__name__}")
+        return checked
 
     def _feed_signature(self, feeds: Mapping[str, np.ndarray]) -> ShapeSignature:
         """The feeds' shapes; new shapes are checked against the model's declared inputs."""
@@ -360,7 +382,8 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
             input_shapes: Mapping[str, Sequence[int]] | None = None, *,
             max_segment_steps: int | None = None, whole_model_shortcut: bool = True,
             weight_cache: int | str | None = None, prefetch: bool | None = None,
-            prepack_weights: bool = True, intra_op_num_threads: int = 0) -> CompiledModel:
+            prepack_weights: bool = True, intra_op_num_threads: int = 0,
+            base_dir: str | os.PathLike | None = None) -> CompiledModel:
     """Import ``model``, run the passes and plan it under ``memory_limit``.
 
     ``memory_limit`` is bytes or a size string ("256MB", "1.5GiB"); ``None`` means
@@ -381,18 +404,51 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
     ``None``: only when weights are packed, since an unpacked session is built
     in about 2 ms and the double buffer would only take cap. See docs/memory.md.
     ``intra_op_num_threads`` sizes onnxruntime's thread pools (0: its default).
+
+    ``base_dir`` is the folder holding the external data of a model given as bytes or
+    a ``ModelProto`` (required when it has any); external data is only ever read from
+    inside the model's folder (docs/errors.md).
     """
     if prefetch is None:
         prefetch = prepack_weights
     limit = parse_size(memory_limit)
     exec_mode = parse_mode(mode)
+    shapes = _checked_input_shapes(input_shapes)
+    if max_segment_steps is not None and (isinstance(max_segment_steps, bool) or not isinstance(
+            max_segment_steps, int) or max_segment_steps < 1):
+        raise OptionError(f"max_segment_steps: expected a positive integer or None, got {max_segment_steps!r}")
     # Under a cap, sympy (onnxruntime's symbolic shape inference) must not load here.
-    imported = import_model(load_source(model), input_shapes, isolate_symbolic=limit is not None)
+    imported = import_model(load_source(model, base_dir), shapes, isolate_symbolic=limit is not None)
     cache_bytes = None if weight_cache is None else _cache_size(weight_cache)
     config = SessionConfig(enable_cpu_mem_arena=limit is None, return_freed_memory=limit is not None,
                            prepack_weights=prepack_weights, intra_op_num_threads=intra_op_num_threads)
     return CompiledModel(imported, exec_mode, limit, max_segment_steps, config, prefetch=prefetch,
                          weight_cache_bytes=cache_bytes, whole_model_shortcut=whole_model_shortcut)
+
+
+def _checked_input_shapes(input_shapes: object) -> dict[str, list[int]] | None:
+    """``input_shapes`` checked at the boundary: input names to sequences of non-negative
+    integer dims, of at most MAX_TENSOR_BYTES elements."""
+    if input_shapes is None:
+        return None
+    if not isinstance(input_shapes, Mapping):
+        raise OptionError(f"input_shapes: expected a dict of input name -> dims, got {type(input_shapes).__name__}")
+    shapes: dict[str, list[int]] = {}
+    for name, dims in input_shapes.items():
+        if not isinstance(name, str):
+            raise OptionError(f"input_shapes: input names are strings, got {name!r}")
+        if isinstance(dims, str | bytes) or not isinstance(dims, Sequence | np.ndarray):
+            raise OptionError(f"input_shapes: input {name!r}: expected a list of dims, got {dims!r}")
+        bad = [d for d in dims if isinstance(d, bool) or not isinstance(d, int | np.integer) or d < 0]
+        if bad:
+            raise OptionError(f"input_shapes: input {name!r}: dims are non-negative integers, got {bad[0]!r} "
+                              f"in {list(dims)}")
+        shape = [int(d) for d in dims]
+        if np.prod(shape, dtype=object) > MAX_TENSOR_BYTES:
+            raise OptionError(f"input_shapes: input {name!r}: shape {shape} has more elements than Hyperion "
+                              f"accepts ({MAX_TENSOR_BYTES})")
+        shapes[name] = shape
+    return shapes
 
 
 def _cache_size(weight_cache: int | str) -> int:
@@ -401,21 +457,27 @@ def _cache_size(weight_cache: int | str) -> int:
     return parse_size(weight_cache, option="weight_cache") or 0
 
 
-def load(model: ModelLike, schedule: str | os.PathLike | Schedule, *, prepack_weights: bool = True) -> CompiledModel:
+def load(model: ModelLike, schedule: str | os.PathLike | Schedule, *, prepack_weights: bool = True,
+         base_dir: str | os.PathLike | None = None) -> CompiledModel:
     """A compiled model that runs a saved schedule; refuses a schedule of another model.
 
     Reads the model (its nodes and weights; a large file's weights are located, not
     read) and runs what the schedule says: no graph import, no shape inference, no
     pass. Feeds of other shapes than the schedule's are planned on first use, as
     :func:`compile` does. ``prepack_weights=False`` runs unpacked (see
-    :func:`compile`); a schedule planned unpacked always runs unpacked.
+    :func:`compile`); a schedule planned unpacked always runs unpacked. The schedule
+    is checked against the model before anything runs (:func:`~hyperion.schedule.check_consistency`).
+    ``base_dir``: as for :func:`compile`.
     """
+    if not isinstance(schedule, Schedule | str | os.PathLike):
+        raise OptionError(f"schedule: expected a path or a hyperion.Schedule, got {type(schedule).__name__}")
     loaded = schedule if isinstance(schedule, Schedule) else Schedule.load(schedule)
-    source = load_source(model)
+    source = load_source(model, base_dir)
     label = str(schedule) if not isinstance(schedule, Schedule) else "<schedule>"
     if loaded.model.sha256 != source.sha256:
         raise ScheduleError(f"{label}: schedule is for another model (sha256 {loaded.model.sha256[:12]}…, "
                             f"{source.label} has {source.sha256[:12]}…); recompile it with hyperion compile")
+    check_consistency(loaded, source, label)
     config = SessionConfig.for_schedule(loaded, prepack_weights=prepack_weights and loaded.prepack_weights)
     return CompiledModel.from_schedule(source, loaded, config)
 

@@ -91,14 +91,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           check=False)
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["compile", "does-not-exist.onnx"], "no such model file"),
-    (["compile", str(fixture_path("mlp")), "--memory-limit", "1KB", "--mode", "normal"], "cannot be met"),
-    (["run", str(fixture_path("mlp")), "--input", "nope=x.npy"], "no input 'nope'"),
+@pytest.mark.parametrize(("args", "needle", "code"), [
+    (["compile", "does-not-exist.onnx"], "no such model file", 4),
+    (["compile", str(fixture_path("mlp")), "--memory-limit", "1KB", "--mode", "normal"], "cannot be met", 9),
+    (["run", str(fixture_path("mlp")), "--input", "nope=x.npy"], "no input 'nope'", 8),
 ])
-def test_errors_print_one_line_and_exit_non_zero(args: list[str], needle: str) -> None:
+def test_errors_print_one_line_and_exit_non_zero(args: list[str], needle: str, code: int) -> None:
     done = _cli(*args)
-    assert done.returncode == 2
+    assert done.returncode == code
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hyperion: error:") and needle in lines[0]
     assert "Traceback" not in done.stderr

@@ -8,6 +8,7 @@ domains are normalised (``""`` for the default ONNX domain).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ from hyperion.ir import (
     normalise_domain,
     tensor_nbytes,
 )
+from hyperion.units import MAX_TENSOR_BYTES
 
 
 @dataclass
@@ -113,7 +115,11 @@ def _small_array(tensor: TensorProto) -> np.ndarray | None:
     nbytes = tensor_nbytes(itemsize(tensor.data_type), tuple(tensor.dims))
     if nbytes is None or nbytes > SMALL_TENSOR_BYTES:
         return None
-    return numpy_helper.to_array(tensor)
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError, KeyError, IndexError) as exc:  # data that does not match its dims or type
+        raise ModelLoadError(f"tensor {tensor.name!r} (dims {list(tensor.dims)}) holds data that does not "
+                             f"match its dims or type: {exc}") from None
 
 
 def _attribute_value(attr: AttributeProto) -> AttributeValue | None:
@@ -163,6 +169,43 @@ def _constant_value(node: NodeInfo) -> np.ndarray | None:
     return None
 
 
+def _undefined_elem_type(type_proto: TypeProto) -> int | None:
+    """An element type number in ``type_proto`` (nested types included) that ONNX does not define."""
+    defined = TensorProto.DataType.values()
+    stack = [type_proto]
+    while stack:
+        current = stack.pop()
+        kind = current.WhichOneof("value")
+        if kind in ("tensor_type", "sparse_tensor_type"):
+            elem = getattr(current, kind).elem_type
+            if elem not in defined:
+                return elem
+        elif kind in ("sequence_type", "optional_type"):
+            stack.append(getattr(current, kind).elem_type)
+        elif kind == "map_type":
+            if current.map_type.key_type not in defined:
+                return current.map_type.key_type
+            stack.append(current.map_type.value_type)
+    return None
+
+
+def _refuse_absurd_declared_sizes(skeleton: ModelProto, label: str) -> None:
+    """Declared inputs, outputs and value infos needing more than MAX_TENSOR_BYTES are refused
+    before shape inference, whose data propagation would try to allocate them."""
+    graph = skeleton.graph
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        undefined = _undefined_elem_type(info.type)
+        if undefined is not None:
+            raise ModelLoadError(f"{label}: tensor {info.name!r} is declared with element type {undefined}, "
+                                 "which ONNX does not define")
+        dtype, shape, nbytes = type_facts(info.type)
+        dims = [d for d in shape or () if isinstance(d, int)]
+        if (nbytes or 0) > MAX_TENSOR_BYTES or math.prod(dims) > MAX_TENSOR_BYTES:
+            raise ShapeError(f"{label}: tensor {info.name!r} is declared {dtype}{list(shape or ())}: more than "
+                             f"Hyperion accepts for one tensor ({MAX_TENSOR_BYTES} bytes); check the model's "
+                             "declared dims and input_shapes")
+
+
 def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
                  isolate_symbolic: bool = False) -> ImportedModel:
     """Build the IR of ``source`` with symbolic input dims bound by ``input_shapes``.
@@ -174,6 +217,7 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
     weights = {t.name: t for t in proto.graph.initializer}
     skeleton = skeleton_of(proto)
     bound = bind_inputs(skeleton, set(weights), input_shapes or {})
+    _refuse_absurd_declared_sizes(skeleton, source.label)
     types, sizing = split_value_types(*infer_types(skeleton, source.label, isolate_symbolic), proto.graph.output)
 
     node_names = unique_node_names(proto.graph.node)
@@ -190,6 +234,10 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
         for tensor in inputs:
             consumers.setdefault(tensor, []).append(name)
         for tensor in outputs:
+            if tensor in producers or tensor in weights or tensor in bound:
+                first = f"node {producers[tensor]!r}" if tensor in producers else "a graph input or initializer"
+                raise ModelLoadError(f"{source.label}: tensor {tensor!r} is produced by both {first} and node "
+                                     f"{name!r}; every tensor of an ONNX graph has one producer")
             producers[tensor] = name
 
     graph_outputs = tuple(o.name for o in proto.graph.output)
@@ -212,6 +260,10 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
                                        None, tuple(consumers.get(name, ())), external)
             continue
         dtype, shape, nbytes = type_facts(sizing.get(name))
+        if nbytes is not None and nbytes > MAX_TENSOR_BYTES:
+            raise ShapeError(f"{source.label}: tensor {name!r} has shape {list(shape or ())}, {nbytes} bytes: more "
+                             f"than Hyperion accepts for one tensor ({MAX_TENSOR_BYTES}); check the model's "
+                             "declared dims and input_shapes")
         role = (TensorRole.INPUT if name in bound
                 else TensorRole.OUTPUT if name in graph_outputs else TensorRole.ACTIVATION)
         tensors[name] = TensorInfo(name, dtype, shape, nbytes, role, producers.get(name),
@@ -221,6 +273,10 @@ def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] 
             raise ModelLoadError(f"{source.label}: graph output {name!r} is produced by no node")
     graph = Graph(nodes, tensors, graph_inputs, graph_outputs, constants=small_constants(proto, nodes),
                   opset=source.opset)
+    cycle = graph.find_cycle()
+    if cycle is not None:
+        raise ModelLoadError(f"{source.label}: nodes {' -> '.join(repr(n) for n in (*cycle, cycle[0]))} form a "
+                             "cycle; an ONNX graph must be acyclic")
     return ImportedModel(source, graph, types, bound)
 
 

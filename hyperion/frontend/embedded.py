@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from onnx import ModelProto, TensorProto
 
 from hyperion.errors import ModelLoadError
@@ -81,7 +82,7 @@ def load_lean(path: Path) -> tuple[ModelProto, str]:
     try:
         with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             model = _lean_model(buf, path.name)
-    except (ValueError, IndexError, OSError) as exc:
+    except (ValueError, IndexError, OSError, DecodeError) as exc:
         raise ModelLoadError(f"{path}: not an ONNX model ({exc})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise ModelLoadError(f"{path}: not an ONNX model (no graph)")

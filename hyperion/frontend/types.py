@@ -24,6 +24,8 @@ def dtype_name(elem_type: int) -> str:
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
     except (KeyError, TypeError, ValueError):
+        if elem_type not in TensorProto.DataType.values():
+            return f"unknown_type_{elem_type}"   # an element type ONNX does not define
         return TensorProto.DataType.Name(elem_type).lower()
 
 

@@ -188,6 +188,9 @@ def plan_streaming(planner: Planner, memory_limit: int | None) -> Program:
         raise UnsupportedModelError(f"{imported.source.label}: mode 'streaming': {refusal}") from None
     analysis = whole.batch_separability
     assert analysis is not None  # the batch_separable pass ran
+    if analysis.batch_size < 1:
+        raise ShapeError(f"{imported.source.label}: mode 'streaming': the batch (axis 0 of the inputs) has "
+                         f"{analysis.batch_size} samples: nothing to split; give a batch of at least one sample")
     pinned = stream_pinned_bytes(imported.graph, analysis)
     chunk = analysis.batch_size
     if memory_limit is not None:

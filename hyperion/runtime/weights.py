@@ -36,6 +36,7 @@ from onnx import TensorProto, numpy_helper
 from hyperion.errors import ModelLoadError
 from hyperion.frontend import ModelSource
 from hyperion.frontend.embedded import embedded_weights, spill
+from hyperion.frontend.source import external_location
 from hyperion.schedule import TensorRecord
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,7 @@ class WeightStore:
         return numpy_helper.to_array(self._embedded[name])
 
     def _read_external(self, record: TensorRecord) -> np.ndarray:
-        location = record.external
-        assert location is not None  # read() sends only external weights here
+        location = external_location(self.source, self._embedded[record.name])  # contained, as the model says
         dtype = np.dtype(record.dtype)
         shape = tuple(int(d) for d in record.shape or ())
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1

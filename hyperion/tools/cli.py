@@ -1,4 +1,9 @@
-"""The ``hyperion`` command line. Errors print one line and exit 2 (``--debug`` for a traceback)."""
+"""The ``hyperion`` command line.
+
+Errors print one line and exit with their class's code (docs/errors.md): 2 for usage
+errors, ``HyperionError.exit_code`` for the others, 70 for an internal error (a bug);
+``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -16,15 +21,23 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hyperion.errors import FeedError, HyperionError, OptionError
+from hyperion.errors import FeedError, HyperionError, OptionError, OutputError
+from hyperion.files import refuse_overwrite, write_atomic
 from hyperion.units import format_size, parse_size
 
 if TYPE_CHECKING:
     from hyperion.tools.bench import OrtFraction
 
-EXIT_ERROR = 2
+EXIT_USAGE = 2          # argparse's status for a bad command line; OptionError's too
+EXIT_ERROR = EXIT_USAGE  # kept for callers of the former single error status
 EXIT_MISMATCH = 1
+EXIT_INTERNAL = 70      # an exception that is not a HyperionError: a bug (BSD's EX_SOFTWARE)
+EXIT_INTERRUPTED = 130
 MODES = ("normal", "memory_opt", "streaming", "adaptive")
+# What plot -o writes: an interactive page (plotly), or a format matplotlib writes; checked
+# before anything is drawn.
+PLOT_FORMATS = ("png", "html", "htm", "pdf", "svg", "svgz", "eps", "ps", "jpg", "jpeg", "tif", "tiff", "webp", "pgf",
+                "raw", "rgba")
 
 
 # -- argument helpers ------------------------------------------------------------------
@@ -40,6 +53,27 @@ def _input_arg(text: str) -> tuple[str, Path]:
     if not name or not path:
         raise argparse.ArgumentTypeError(f"--input: expected NAME=FILE.npy, got {text!r}")
     return name, Path(path)
+
+
+def _count_arg(minimum: int, option: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{option}: expected an integer of at least {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _plot_arg(text: str) -> Path:
+    suffix = Path(text).suffix.lower().lstrip(".")
+    if suffix not in PLOT_FORMATS:
+        raise argparse.ArgumentTypeError(f"-o: cannot plot to {text!r}: name a file ending in one of "
+                                         f"{', '.join('.' + f for f in PLOT_FORMATS[:8])}, ...")
+    return Path(text)
 
 
 def _size_arg(text: str) -> int:
@@ -100,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=_input_arg, action="append", default=[], metavar="NAME=FILE.npy")
     p.add_argument("--output-dir", type=Path, help="write each output as NAME.npy here")
     p.add_argument("--check", action="store_true", help="compare the outputs with plain onnxruntime")
-    p.add_argument("--seed", type=int, help="seed for generated inputs (printed when chosen at random)")
+    p.add_argument("--seed", type=_count_arg(0, "--seed"),
+                   help="seed for generated inputs (printed when chosen at random)")
     p.add_argument("--trace", type=Path, metavar="RUN.json",
                    help="write a measured Chrome/Perfetto trace of the run (open it in ui.perfetto.dev)")
     _add_no_prepack(p)
@@ -114,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("plot", help="plot a schedule's memory timeline")
     p.add_argument("schedule", type=Path)
-    p.add_argument("-o", "--output", type=Path, default=Path("memory.png"),
+    p.add_argument("-o", "--output", type=_plot_arg, default=Path("memory.png"),
                    help="an image (.png, .svg, .pdf) or an interactive page (.html, needs plotly)")
     p.add_argument("--trace", type=Path, metavar="RUN.json",
                    help="a trace from 'hyperion run --trace': draw the measured RSS over the plan")
@@ -132,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "onnxruntime's peak RSS on the model (measured first); no cap is always measured")
     p.add_argument("--mode", choices=MODES, default="adaptive")
     p.add_argument("--input-shape", type=_shape_arg, action="append", default=[], metavar="NAME=DIMS")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=_count_arg(1, "--repeats"), default=20)
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     _add_no_prepack(p)
     _add_quiet(p)
@@ -158,6 +193,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     with _working(f"compiling {args.model.name}", args.quiet):
         cm = _compile(args, args.model)
     output = args.output or Path(f"{args.model.stem}.schedule.json")
+    refuse_overwrite(output, _given_files(args), option="-o")
     cm.schedule.save(output)
     print(summary(cm.schedule))
     print(f"schedule     {output}")
@@ -201,9 +237,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name, value in outputs.items():
         print(f"  {name}: {value.dtype}{list(value.shape)}")
     if args.output_dir:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
         for name, value in outputs.items():
-            np.save(args.output_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy", value)
+            target = args.output_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy"
+            refuse_overwrite(target, _given_files(args, cm.schedule), option="--output-dir")
+            write_atomic(target, lambda handle, value=value: np.save(handle, value, allow_pickle=False))
         print(f"outputs written to {args.output_dir}")
     if args.trace:
         print(f"trace written to {args.trace} (open it in ui.perfetto.dev or chrome://tracing)")
@@ -281,10 +318,14 @@ def _check_against_onnxruntime(model: Path, feeds, outputs, prepack_weights: boo
     expected = dict(zip(names, session.run(names, feeds), strict=True))
     worst, ok = 0.0, True
     for name, want in expected.items():
-        got = outputs[name]
-        if np.issubdtype(want.dtype, np.floating):
-            ok &= bool(np.allclose(got, want, rtol=1e-5, atol=1e-6))
-            worst = max(worst, float(np.max(np.abs(got - want), initial=0.0)))
+        got = np.asarray(outputs[name])
+        if got.shape != want.shape or got.dtype != want.dtype:
+            ok = False
+        elif np.issubdtype(want.dtype, np.floating) or np.issubdtype(want.dtype, np.complexfloating):
+            # NaN where onnxruntime has NaN (and inf where it has the same inf) is a match.
+            ok &= bool(np.allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True))
+            finite = np.isfinite(got) & np.isfinite(want)
+            worst = max(worst, float(np.max(np.abs(got[finite] - want[finite]), initial=0.0)))
         else:
             ok &= bool(np.array_equal(got, want))
     print(f"check: {'outputs match' if ok else 'MISMATCH against'} plain onnxruntime "
@@ -326,18 +367,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from hyperion.schedule import Schedule
     from hyperion.tools.plot import plot_memory
 
+    refuse_overwrite(args.output, _given_files(args), option="-o")
     written = plot_memory(Schedule.load(args.schedule), args.output, trace=args.trace)
     print(f"memory timeline written to {written}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hyperion.schedule import Schedule, write_atomic
+    from hyperion.schedule import Schedule
     from hyperion.tools.report import to_dot, to_trace
 
     schedule = Schedule.load(args.schedule)
     text = to_dot(schedule) if args.format == "dot" else to_trace(schedule)
     if args.output:
+        refuse_overwrite(args.output, _given_files(args), option="-o")
         write_atomic(args.output, text)
         print(f"{args.format} written to {args.output}")
     else:
@@ -363,29 +406,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.model, args.output_dir)
 
 
+def _given_files(args: argparse.Namespace, schedule=None) -> list[tuple[str, Path | str | None]]:
+    """What the user gave a command, which nothing it writes may replace: the model, the
+    schedule read, the input arrays, and the model's external data (from ``schedule``)."""
+    given: list[tuple[str, Path | str | None]] = [
+        ("the model", getattr(args, "model", None)), ("the schedule being read", getattr(args, "schedule", None)),
+        ("the trace being read", getattr(args, "trace", None) if getattr(args, "command", None) == "plot" else None),
+        *((f"input {name!r}", path) for name, path in getattr(args, "input", []))]
+    if schedule is not None:
+        given += [(f"the external data of weight {t.name!r}", t.external.path)
+                  for t in schedule.tensors.values() if t.external is not None]
+    return given
+
+
 COMMANDS = {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "plot": cmd_plot,
             "export": cmd_export, "bench": cmd_bench, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit status (argparse exits 2 itself on a usage error)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except HyperionError as exc:
-        if args.debug:
-            raise
-        print(f"hyperion: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:  # a file the user named could not be read or written
-        if args.debug:
-            raise
-        print(f"hyperion: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         print("hyperion: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.debug:
+            raise
+        return _report(exc)
+
+
+def _report(exc: Exception) -> int:
+    """Print ``exc`` as one line; the exit status of its class."""
+    if isinstance(exc, HyperionError):
+        message, code = str(exc), exc.exit_code
+    elif isinstance(exc, OSError):  # a file the user named could not be read or written
+        message, code = str(exc), OutputError.exit_code
+    else:
+        message = (f"internal error ({type(exc).__name__}: {exc}); this is a bug in Hyperion: please report it "
+                   "with the output of the same command with --debug")
+        code = EXIT_INTERNAL
+    print(f"hyperion: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

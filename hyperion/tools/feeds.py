@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from hyperion.errors import OptionError
 from hyperion.ir import Graph
+from hyperion.units import MAX_TENSOR_BYTES
 
 DEFAULT_DIM = 1  # what an unbound symbolic dim becomes when the user gave no shape
 
@@ -27,13 +30,31 @@ def input_shapes_of(graph: Graph, given: Mapping[str, Sequence[int]] | None = No
     return shapes
 
 
+def physical_memory_bytes() -> int | None:
+    """The machine's RAM, where the OS says (None elsewhere)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def random_feeds(graph: Graph, shapes: Mapping[str, Sequence[int]], seed: int) -> dict[str, np.ndarray]:
-    """Seeded random values: normal floats, integers in {0, 1} (valid indices), random bools."""
+    """Seeded random values: normal floats, integers in {0, 1} (valid indices), random bools.
+
+    Refused before anything is allocated when they would not fit in the machine's memory."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
+    total, limit = 0, physical_memory_bytes()
     for name in graph.inputs:
         dtype = graph.tensors[name].dtype
         shape = tuple(shapes[name])
+        if any(d < 0 for d in shape) or math.prod(d for d in shape if d) > MAX_TENSOR_BYTES:
+            raise OptionError(f"input {name!r}: cannot generate an array of shape {list(shape)}")
+        total += math.prod(shape) * (np.dtype(dtype).itemsize if dtype in np.sctypeDict else 1)
+        if limit is not None and total > limit:
+            raise OptionError(f"input {name!r}: random inputs of shape {list(shape)} would need {total} bytes, more "
+                              f"than this machine's memory ({limit}); give smaller shapes (--input-shape) or "
+                              f"inputs from files (--input {name}=FILE.npy)")
         # np.asarray: for a scalar shape () numpy hands back a scalar, onnxruntime wants an array.
         if dtype == "bool":
             feeds[name] = np.asarray(rng.random(shape) < 0.5)

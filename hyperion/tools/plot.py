@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperion.errors import OptionError
+from hyperion.files import write_atomic
 from hyperion.schedule import Schedule
 from hyperion.tools.report import ROLES, alive_at, peak_step, role_bytes
 
@@ -142,7 +143,7 @@ def _plot_image(schedule: Schedule, output: Path, rss: tuple[list[float], list[f
     ax.set_title(_title(schedule), fontsize=10, pad=14)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(output)
+    _save_atomic(fig, output)
     plt.close(fig)
     return output
 
@@ -200,6 +201,14 @@ def _plot_html(schedule: Schedule, output: Path, rss: tuple[list[float], list[fl
     fig.update_layout(title=_title(schedule), xaxis_title="step (segments shaded alternately)", yaxis_title="MiB",
                       hovermode="x", template="plotly_white")
     return write_atomic(output, fig.to_html(include_plotlyjs=True, full_html=True))
+
+
+def _save_atomic(fig, output: Path) -> None:
+    """``fig`` written atomically, in the format its suffix names (an unknown one is an OptionError)."""
+    fmt = output.suffix.lower().lstrip(".") or "png"
+    if fmt not in fig.canvas.get_supported_filetypes():
+        raise OptionError(f"{output}: cannot plot to a .{fmt} file; use .png, .svg or .pdf")
+    write_atomic(output, lambda handle: fig.savefig(handle, format=fmt))
 
 
 __all__ = ["measured_rss", "plot_memory"]
