@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import resources
@@ -304,36 +304,27 @@ def schema() -> dict[str, Any]:
 
 
 @cache
-def _fast_validator() -> Callable[[Any], Any]:
-    """The schema compiled to Python by fastjsonschema, once per process: validating BERT-base's
-    schedule (765 KB) took 15 ms with it against 267 ms with jsonschema, whose import alone
-    took 88 ms. The schema itself is checked against its metaschema by the tests."""
-    import fastjsonschema
+def _validator() -> Any:
+    """A validator for the schema, built once. The schema itself is checked against its
+    metaschema by the tests, not on every load (that took longer than the validation).
 
-    return fastjsonschema.compile(schema())
+    jsonschema rather than fastjsonschema (which compiles the schema to Python): the
+    latter validated BERT-base's 765 KB schedule in 15 ms against 267 ms, but compiling
+    the schema raised the process's peak RSS by 11 MiB against 4 MiB -- RSS counted
+    against a memory cap, where the time is not."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema())
 
 
 def validate(data: Any, label: str) -> None:
     """Check ``data`` against the JSON Schema; another format version is refused first,
     with what to do about it, rather than as a list of unknown fields."""
-    import fastjsonschema
+    from jsonschema.exceptions import best_match
 
     _check_depth(data, label)
     _check_version(data, label)
-    try:
-        _fast_validator()(data)
-    except fastjsonschema.JsonSchemaException:
-        _explain(data, label)
-        raise ScheduleError(f"{label}: not a valid Hyperion schedule") from None
-
-
-def _explain(data: Any, label: str) -> None:
-    """Raise the most relevant violation, located and worded by jsonschema (only ever
-    imported for a schedule that is invalid)."""
-    import jsonschema
-    from jsonschema.exceptions import best_match
-
-    error = best_match(jsonschema.Draft202012Validator(schema()).iter_errors(data))
+    error = best_match(_validator().iter_errors(data))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "top level"
         raise ScheduleError(f"{label}: not a valid Hyperion schedule at {where}: {error.message}")
