@@ -59,6 +59,7 @@ class WeightStore:
         self._embedded = dict(self.protos)   # the originals, for reading arrays
         self.folder: Path = source.base_dir
         self._maps: dict[Path, mmap.mmap] = {}
+        self._spans: dict[str, _Span | None] = {}
         self.fed_bytes = 0                   # bytes handed to sessions as mapped views, since the last reset
 
     # -- weights fed to sessions -------------------------------------------------------------
@@ -111,9 +112,15 @@ class WeightStore:
         return mapping
 
     def _span(self, name: str) -> _Span | None:
-        """Where ``name``'s bytes are: its external-data record, or the file it was spilled to."""
-        location = self.records[name].external
-        if location is not None:
+        """Where ``name``'s bytes are: where the model says (contained in its folder, as
+        :meth:`read` checks too), or the file it was spilled to. Found once per weight."""
+        if name not in self._spans:
+            self._spans[name] = self._locate(name)
+        return self._spans[name]
+
+    def _locate(self, name: str) -> _Span | None:
+        if self.records[name].external is not None:
+            location = external_location(self.source, self._embedded[name])
             return _Span(Path(location.path), location.offset, location.length)
         proto = self.protos[name]
         if proto.data_location != TensorProto.EXTERNAL:
