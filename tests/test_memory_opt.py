@@ -199,6 +199,28 @@ def test_unpacked_weights_are_planned_at_their_size_and_run_unpacked(mlp: Path, 
     np.testing.assert_array_equal(again.run(x)["y"], cm.run(x)["y"])
 
 
+def test_unpacked_sessions_are_built_once_and_fed_mapped_weights_on_every_run(mlp: Path) -> None:
+    cm = compiled(mlp, 2 * WEIGHT_BYTES + (1 << 20), prepack_weights=False, max_segment_steps=None)
+    segments = cm.schedule.segments
+    assert len(segments) > 1 and all(s.persistent for s in segments)
+    fed = [w for s in segments for w in s.fed_weights]
+    assert fed and sorted(fed) == sorted(w for s in segments for w in s.weights if not s.cached)
+    x = feeds()
+    expected = reference_outputs(mlp, x, prepack_weights=False)["y"]
+    first = cm.run(x)["y"]
+    assert cm.stats.sessions.built == len(segments)
+    second = cm.run(x)["y"]
+    # Steady state: no session built, every fed weight handed over from its mapping.
+    assert cm.stats.sessions.built == 0 and cm.stats.sessions.reused == len(segments)
+    assert cm.stats.fed_bytes == len(fed) * WEIGHT_BYTES
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(second, expected)
+    # What a session is fed is a view of the mapped file, not a copy of it.
+    view = cm._active().runtime.weights.view(fed[0])
+    assert not view.flags.owndata and not view.flags.writeable
+    cm.close()
+
+
 def test_the_optimal_batch_of_an_unpacked_plan_is_read_off_that_plan(mlp: Path) -> None:
     cap = 3 * WEIGHT_BYTES
     sizes = {}
