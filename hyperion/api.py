@@ -209,6 +209,12 @@ class CompiledModel:
         return self._base.graph
 
     @property
+    def imported(self) -> bool:
+        """Whether the model's IR is in memory: compiled, or loaded and its graph asked for
+        (a loaded schedule runs without it)."""
+        return self._base is not None
+
+    @property
     def source_label(self) -> str:
         return self._source.label
 

@@ -118,3 +118,14 @@ def test_new_input_shapes_of_a_loaded_model_are_planned_on_first_use(tmp_path: P
     assert_outputs_equal(loaded.run(larger), reference_outputs(fixture_path("dynamic_dims"), larger))
     assert loaded.schedule.input_shapes != compiled.schedule.input_shapes
     assert_outputs_equal(loaded.run(small), reference_outputs(fixture_path("dynamic_dims"), small))
+
+
+def test_the_cli_runs_a_saved_schedule_on_random_inputs_without_importing_the_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hyperion.tools.cli import main
+
+    model, schedule = fixture_path("unet"), tmp_path / "unet.schedule.json"
+    assert main(["compile", str(model), "--memory-limit", "300KB", "-o", str(schedule)]) == 0
+    _forbid(monkeypatch)
+    # Random inputs come from the schedule's input records, not from an imported graph.
+    assert main(["run", str(model), "--schedule", str(schedule), "--seed", "0", "--quiet"]) == 0

@@ -214,8 +214,9 @@ def _load_inputs(cm, args: argparse.Namespace) -> dict[str, np.ndarray]:
     missing = [n for n in cm.input_names if n not in given]
     if missing:
         seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-        shapes = input_shapes_of(cm.base_ir, {**dict(args.input_shape), **{k: v.shape for k, v in given.items()}})
-        generated = random_feeds(cm.base_ir, shapes, seed)
+        declared = cm.base_ir if cm.imported else cm.schedule  # a loaded schedule needs no import
+        shapes = input_shapes_of(declared, {**dict(args.input_shape), **{k: v.shape for k, v in given.items()}})
+        generated = random_feeds(declared, shapes, seed)
         print(f"generated random input(s) {', '.join(missing)} with --seed {seed}")
         given.update((n, generated[n]) for n in missing)
     return given

@@ -10,20 +10,29 @@ import numpy as np
 
 from hyperion.errors import OptionError
 from hyperion.ir import Graph
+from hyperion.schedule import Schedule
 from hyperion.units import MAX_TENSOR_BYTES
 
 DEFAULT_DIM = 1  # what an unbound symbolic dim becomes when the user gave no shape
 
 
-def input_shapes_of(graph: Graph, given: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
+def _declared(source: Graph | Schedule) -> dict[str, tuple[str, tuple[int | str, ...] | None]]:
+    """(dtype, shape) of every input, from the IR or from a schedule (which needs no import)."""
+    if isinstance(source, Schedule):
+        return {name: (source.tensors[name].dtype, source.input_shapes.get(name, source.tensors[name].shape))
+                for name in source.graph_inputs}
+    return {name: (source.tensors[name].dtype, source.tensors[name].shape) for name in source.inputs}
+
+
+def input_shapes_of(source: Graph | Schedule,
+                    given: Mapping[str, Sequence[int]] | None = None) -> dict[str, tuple[int, ...]]:
     """Concrete shapes of the graph inputs: ``given`` first, unbound symbolic dims as 1."""
     given = given or {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for name in graph.inputs:
+    for name, (_, shape) in _declared(source).items():
         if name in given:
             shapes[name] = tuple(int(d) for d in given[name])
             continue
-        shape = graph.tensors[name].shape
         if shape is None:
             raise OptionError(f"input {name!r} has unknown rank; give its shape (--input-shape {name}=...)")
         shapes[name] = tuple(d if isinstance(d, int) else DEFAULT_DIM for d in shape)
@@ -38,15 +47,14 @@ def physical_memory_bytes() -> int | None:
         return None
 
 
-def random_feeds(graph: Graph, shapes: Mapping[str, Sequence[int]], seed: int) -> dict[str, np.ndarray]:
+def random_feeds(source: Graph | Schedule, shapes: Mapping[str, Sequence[int]], seed: int) -> dict[str, np.ndarray]:
     """Seeded random values: normal floats, integers in {0, 1} (valid indices), random bools.
 
     Refused before anything is allocated when they would not fit in the machine's memory."""
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     total, limit = 0, physical_memory_bytes()
-    for name in graph.inputs:
-        dtype = graph.tensors[name].dtype
+    for name, (dtype, _) in _declared(source).items():
         shape = tuple(shapes[name])
         if any(d < 0 for d in shape) or math.prod(d for d in shape if d) > MAX_TENSOR_BYTES:
             raise OptionError(f"input {name!r}: cannot generate an array of shape {list(shape)}")
