@@ -114,11 +114,9 @@ def _specs(model_dir: Path, quick: bool) -> list[dict[str, Any]]:
              {"name": "demo", "model": demo, "cap": DEMO_CAP, "label": DEMO_CAP, "mode": "memory_opt"}]
     if quick:
         return specs
-    from fixtures.streaming_mlp import DEFAULT_HIDDEN, build_streaming_mlp
+    from fixtures.streaming_mlp import DEFAULT_HIDDEN, streaming_mlp_in
 
-    big = model_dir / "streaming_mlp.onnx"
-    if not big.exists():
-        build_streaming_mlp(big)
+    big = streaming_mlp_in(model_dir)
     common = {"name": "streaming_mlp (401 MB)", "model": str(big), "hidden": DEFAULT_HIDDEN}
     return specs + [{**common, "cap": None, "mode": "adaptive"},
                     {**common, "cap": BIG_CAP_BYTES, "label": "100 MB", "mode": "memory_opt"}]

@@ -74,12 +74,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model_dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        model = folder / "streaming_mlp.onnx"
-        if not model.exists():
-            from fixtures.streaming_mlp import build_streaming_mlp
+        from fixtures.streaming_mlp import streaming_mlp_in
 
-            build_streaming_mlp(model)
-        data = folder / "streaming_mlp.onnx.data"
+        data = streaming_mlp_in(folder).with_name("streaming_mlp.onnx.data")
         size = data.stat().st_size
         _fromfile(data)                              # into the page cache
         buffer = np.ones(size, dtype=np.uint8)       # allocated and touched once

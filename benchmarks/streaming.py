@@ -202,11 +202,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model_dir or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        big = folder / "streaming_mlp.onnx"
-        if not big.exists():
-            from fixtures.streaming_mlp import build_streaming_mlp
+        from fixtures.streaming_mlp import streaming_mlp_in
 
-            build_streaming_mlp(big)
+        big = streaming_mlp_in(folder)
         baseline = _run_child("rss", {"kind": "baseline"})["rss"]
         print(f"baseline (import hyperion + onnxruntime): {_mib(baseline)}; {os.cpu_count()} CPUs; "
               f"load average before: {os.getloadavg()[0]:.1f}\n")
