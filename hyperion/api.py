@@ -402,13 +402,14 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
     ``weight_cache`` (bytes or a size string) bounds the sessions, with their
     weights, that memory_opt keeps alive across runs (``None``: as many as the
     cap allows; 0: none). ``prepack_weights=False`` stops onnxruntime from
-    packing a copy of every MatMul/Gemm weight when a session is created:
-    memory_opt sessions are then built about 15x faster and hold less, at the
-    price of outputs that differ from plain onnxruntime's by float32 rounding
-    (within twice its own error against float64, tested). ``prefetch`` builds the next
-    segment's session while the current one computes (both are accounted);
-    ``None``: only when weights are packed, since an unpacked session is built
-    in about 2 ms and the double buffer would only take cap. See docs/memory.md.
+    packing a copy of every MatMul/Gemm weight: in memory_opt each segment's
+    session is then built once and every run feeds it the weights mapped from
+    their file, uncopied -- the fast way to run under a cap -- at the price of
+    outputs that differ from plain onnxruntime's by float32 rounding (equal to
+    onnxruntime's with pre-packing disabled; within twice its error against
+    float64, tested). ``prefetch`` gets the next segment ready while the current
+    one computes (a packed session built, both accounted; fed weights read
+    ahead); ``None``: only when weights are packed. See docs/memory.md.
     ``intra_op_num_threads`` sizes onnxruntime's thread pools (0: its default).
 
     ``base_dir`` is the folder holding the external data of a model given as bytes or

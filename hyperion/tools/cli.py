@@ -112,7 +112,8 @@ def _step_arg(text: str) -> int:
 
 def _add_no_prepack(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prepack", action="store_true",
-                        help="sessions use weights unpacked: built faster, outputs differ by float32 rounding")
+                        help="weights fed unpacked from their file to sessions built once: fast under a cap, "
+                             "outputs differ by float32 rounding")
 
 
 def build_parser() -> argparse.ArgumentParser:
