@@ -30,9 +30,12 @@ def cap_for_chunk(name: str, batch: int, chunk: int) -> int:
     """The smallest cap at which streaming ``batch`` samples of ``name`` runs ``chunk`` at a time."""
     feeds = example_feeds(name, batch=batch)
     imported = import_model(load_source(fixture_path(name)), _shapes(feeds))
-    whole = run_passes(imported, ExecutionMode.MEMORY_OPT, None, options=SegmentOptions())
+    options = SegmentOptions().for_mode(ExecutionMode.STREAMING)   # as compile plans streaming by default
+    whole = run_passes(imported, ExecutionMode.MEMORY_OPT, None, options=options)
     analysis = analyze(whole.graph, whole.order)
-    return smallest_limit(whole, analysis, chunk, fixed_bytes=stream_pinned_bytes(imported.graph, analysis))
+    assert options.prefetch is not None and options.prepack_weights is not None
+    return smallest_limit(whole, analysis, chunk, fixed_bytes=stream_pinned_bytes(imported.graph, analysis),
+                          prefetch=options.prefetch, prepack_weights=options.prepack_weights)
 
 
 @pytest.mark.parametrize("name", ["demo", "dynamic_dims"])
