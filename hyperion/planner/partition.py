@@ -19,8 +19,8 @@ bytes each stage would hold, and cuts the order into N contiguous stages:
 Each stage is then a sub-model of the user's model (its nodes, the tensors it receives as
 inputs, the tensors later stages or the caller need as outputs; weights as the user's
 initializers, external data referenced, never copied) compiled by Hyperion under the cap
-(``adaptive``: normal when its share fits). :mod:`hyperion.planner.partition_file` saves
-and loads the result. Nothing here imports Ray.
+(``adaptive``: normal when its share fits). ``Partition.save`` / ``Partition.load``
+(:mod:`hyperion.planner.partition_file`) write and read it. Nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -114,6 +116,18 @@ class Partition:
     def boundary_bytes(self) -> int:
         """Activation bytes sent from one stage to another per run."""
         return sum(e.bytes for e in self.edges if e.src is not None and e.dst is not None)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """The partition file at ``path``, each stage's model and schedule next to it."""
+        from hyperion.planner.partition_file import save_partition  # the file format builds on this module
+
+        return save_partition(self, path)
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> Partition:
+        from hyperion.planner.partition_file import load_partition
+
+        return load_partition(path)
 
 
 # -- per-step facts ---------------------------------------------------------------------
