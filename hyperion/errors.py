@@ -129,6 +129,12 @@ class StageFailedError(RuntimeExecutionError):
         self.stage = stage
 
 
+class MissingExtraError(HyperionError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra."""
+
+    exit_code = 18
+
+
 class OutputError(HyperionError):
     """A file Hyperion was asked to write cannot be written, or would replace one of the
     user's inputs (the model, its data files, the schedule being read, an input array)."""
@@ -142,4 +148,4 @@ class OutputError(HyperionError):
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in (
     HyperionError, OptionError, ModelLoadError, UnsafeModelError, ShapeError, UnsupportedModelError, FeedError,
     MemoryLimitError, ScheduleError, PassError, RuntimeExecutionError, SchedulerError, SchedulerMemoryError,
-    OutputError, PartitionError, StageFailedError)}
+    OutputError, PartitionError, StageFailedError, MissingExtraError)}
