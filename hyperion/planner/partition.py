@@ -43,7 +43,7 @@ from hyperion.errors import OptionError, PartitionError
 from hyperion.frontend import ImportedModel, ModelLike, declared_input_shapes, import_model, load_source
 from hyperion.frontend.build import unique_node_names
 from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph
-from hyperion.passes.memory.costs import resident_bytes
+from hyperion.passes.memory.costs import packed_bytes, resident_bytes
 from hyperion.planner.emit import FREE_BATCH_DIM
 from hyperion.planner.plan import plan
 from hyperion.schedule import ModelRef, Schedule
@@ -136,7 +136,8 @@ class _Steps:
     order: tuple[str, ...]
     seconds: list[float]        # estimated time of each step
     weight_bytes: list[int]     # held bytes of the weights first read at each step
-    live_bytes: list[int]       # activation bytes live during each step (whole model)
+    live_bytes: list[int]       # activation bytes live during each step (whole model), plus the
+                                # largest weight onnxruntime packs: its original is held while packing
     cut_bytes: list[int]        # activation bytes crossing a cut before step i (index len(order): 0)
 
 
@@ -189,7 +190,9 @@ def _step_facts(graph: Graph, order: Sequence[str], balance: Balance) -> _Steps:
         if tensor.producer in position and uses and max(uses) > first:
             cut[first + 1] += tensor.nbytes        # crosses every cut after its producer ...
             cut[max(uses) + 1] -= tensor.nbytes    # ... up to (and including) the one before its last use
-    return _Steps(tuple(order), seconds, weights, _running(live)[:steps], _running(cut)[:steps + 1])
+    packing = max((graph.tensors[w].nbytes or 0 for w in seen if packed_bytes(graph, w) is not None), default=0)
+    live_bytes = [b + packing for b in _running(live)[:steps]]
+    return _Steps(tuple(order), seconds, weights, live_bytes, _running(cut)[:steps + 1])
 
 
 def _running(deltas: list[int]) -> list[int]:
