@@ -16,16 +16,16 @@ Rows, samples per second for a batch of B split into m = 1, 4, 16 micro-batches:
 (c) 2 data-parallel Ray actors, each the whole model under the cap (memory_opt), micro-batches
     dealt out round-robin (resident replicas would need the whole model each: they do not fit);
 (u) one uncapped process holding the whole model (onnxruntime's default threads), the same
-    micro-batches one after another, and the whole batch in one run.
+    micro-batches one after another (m = 1: the whole batch in one run, the target).
 
 The model of throughput for N hosts: stage k takes t_k per micro-batch (measured alone, on
-its actor, call overhead included) plus its output bytes over the link's bandwidth; GPipe's
-fill and drain give T = (m + N - 1) * max_k(t_k + bytes_k / bandwidth), a bubble fraction
-(N - 1) / (m + N - 1). On one host, where the N stages share it, no better than m times the
-host's time W to do one micro-batch of every stage at once (measured: the N calls submitted
-together; the stages share the cores and the memory bandwidth): T_1 = max((m + N - 1) *
-max_k t_k, m * W). Printed
-next to the measured figure (Markdown). Every run is repeated; medians and the range.
+its actor, call overhead included) plus its output bytes over the link's bandwidth: s_k. The
+first micro-batch passes every stage, the others follow the slowest: T = sum_k s_k + (m - 1)
+* max_k s_k; with equal stages (m + N - 1) * s, a bubble fraction (N - 1) / (m + N - 1). On
+one host, where the N stages share the cores and the memory bandwidth, a run is also no
+faster than m times W, the host's time to do one micro-batch of every stage at once
+(measured: the N calls submitted together): T_1 = max(sum_k t_k + (m - 1) * max_k t_k, m * W).
+Printed next to the measured figure (Markdown). Every run is repeated; medians and the range.
 """
 
 from __future__ import annotations
@@ -175,14 +175,18 @@ def run_data_parallel(model: Path, cap: int, batch: int, repeats: int, actors: i
 
 
 # -- the model of throughput ------------------------------------------------------------------
+def pipeline_seconds(per_stage: list[float], m: int) -> float:
+    """GPipe: the first micro-batch goes through every stage, the others follow the slowest."""
+    return sum(per_stage) + (m - 1) * max(per_stage)
+
+
 def predicted_one_host(stage: dict, m: int, batch: int) -> float:
-    t = stage["seconds"]
-    return batch / max((m + len(t) - 1) * max(t), m * stage["together"])
+    return batch / max(pipeline_seconds(stage["seconds"], m), m * stage["together"])
 
 
 def predicted_hosts(stage: dict, m: int, batch: int) -> float:
     per_stage = [s + b / BANDWIDTH_BYTES_PER_S for s, b in zip(stage["seconds"], stage["bytes"], strict=True)]
-    return batch / ((m + len(per_stage) - 1) * max(per_stage))
+    return batch / pipeline_seconds(per_stage, m)
 
 
 def _cell(stats: dict) -> str:
@@ -216,7 +220,6 @@ def main() -> None:
     spec = {"model": str(model), "batch": args.batch, "repeats": args.repeats, "micro_batches": list(MICRO_BATCHES)}
     streamed = run_process({**spec, "cap": cap})
     uncapped = run_process({**spec, "cap": None})
-    whole = run_process({**spec, "cap": None, "micro_batches": [1]})["1"]
     import ray
 
     cores = os.cpu_count() or 1
@@ -240,8 +243,8 @@ def main() -> None:
           + f" | {' / '.join(f'{r / 2**20:.0f}' for r in parallel_rss)} MiB per actor |")
     print("| (u) one uncapped process | " + " | ".join(_cell(uncapped[str(m)]) for m in MICRO_BATCHES)
           + f" | {uncapped['rss'] / 2**20:.0f} MiB |")
-    print(f"\n(u) on the whole batch in one run: {_cell(whole)} samples/s. (b) / (u) whole batch at m = 16: "
-          f"{piped['16']['median'] / whole['median']:.2f}x; (b) / (u) at m = 16: "
+    print(f"\n(b) at m = 16 / (u) on the whole batch in one run (m = 1): "
+          f"{piped['16']['median'] / uncapped['1']['median']:.2f}x; / (u) at m = 16: "
           f"{piped['16']['median'] / uncapped['16']['median']:.2f}x\n")
     print("| m | stage ms per micro-batch (alone) | all stages at once, ms | bubble | predicted, this host "
           "| measured (b) | error "

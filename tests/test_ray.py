@@ -154,3 +154,16 @@ def test_map_batches_runs_a_dataset_through_capped_actors(cluster: object, tmp_p
     y = np.stack([row["y"] for row in rows])
     np.testing.assert_array_equal(y, reference_outputs(model, {"x": x})["y"])   # order kept, last batch of 8
     assert max(row["hyperion_peak_rss_bytes"] for row in rows) <= cap + ALLOWANCE_BYTES
+
+
+def test_the_command_line_runs_a_model_as_pipeline_stages(cluster: object, capsys: pytest.CaptureFixture) -> None:
+    from hyperion.tools.cli import main
+
+    assert main(["run", str(fixture_path("mlp")), "--ray", "--stages", "2", "--memory-limit-per-stage", "1MB",
+                 "--seed", "1", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 0: steps 0-" in out and "stage 1: steps" in out and "mode normal" in out
+    assert "check: outputs match plain onnxruntime" in out
+    # The single-process cap does not apply to stages: refused as a usage error.
+    assert main(["run", str(fixture_path("mlp")), "--ray", "--memory-limit", "1MB"]) == 2
+    assert "--memory-limit-per-stage" in capsys.readouterr().err
