@@ -16,7 +16,8 @@ Rows, samples per second for a batch of B split into m = 1, 4, 16 micro-batches:
 (c) 2 data-parallel Ray actors, each the whole model under the cap (memory_opt), micro-batches
     dealt out round-robin (resident replicas would need the whole model each: they do not fit);
 (u) one uncapped process holding the whole model (onnxruntime's default threads), the same
-    micro-batches one after another (m = 1: the whole batch in one run, the target).
+    micro-batches one after another (m = 1: the whole batch in one run, the target); (u1) the
+    same with one onnxruntime thread, as each stage has.
 
 The model of throughput for N hosts: stage k takes t_k per micro-batch (measured alone, on
 its actor, call overhead included) plus its output bytes over the link's bandwidth: s_k. The
@@ -80,7 +81,8 @@ def _process_child(spec: dict) -> dict:
     for m in spec["micro_batches"]:
         parts = parts_of(spec["batch"], m)
         shapes = {"x": list(parts[0]["x"].shape)}
-        model = hyperion.compile(spec["model"], memory_limit=spec["cap"], mode="adaptive", input_shapes=shapes)
+        model = hyperion.compile(spec["model"], memory_limit=spec["cap"], mode="adaptive", input_shapes=shapes,
+                                 intra_op_num_threads=spec.get("threads", 0))
         for part in parts:   # warm up (every micro-batch shape planned)
             model.run(part)
         times = []
@@ -220,6 +222,7 @@ def main() -> None:
     spec = {"model": str(model), "batch": args.batch, "repeats": args.repeats, "micro_batches": list(MICRO_BATCHES)}
     streamed = run_process({**spec, "cap": cap})
     uncapped = run_process({**spec, "cap": None})
+    one_thread = run_process({**spec, "cap": None, "threads": 1})
     import ray
 
     cores = os.cpu_count() or 1
@@ -243,6 +246,8 @@ def main() -> None:
           + f" | {' / '.join(f'{r / 2**20:.0f}' for r in parallel_rss)} MiB per actor |")
     print("| (u) one uncapped process | " + " | ".join(_cell(uncapped[str(m)]) for m in MICRO_BATCHES)
           + f" | {uncapped['rss'] / 2**20:.0f} MiB |")
+    print("| (u1) one uncapped process, 1 onnxruntime thread | "
+          + " | ".join(_cell(one_thread[str(m)]) for m in MICRO_BATCHES) + f" | {one_thread['rss'] / 2**20:.0f} MiB |")
     print(f"\n(b) at m = 16 / (u) on the whole batch in one run (m = 1): "
           f"{piped['16']['median'] / uncapped['1']['median']:.2f}x; / (u) at m = 16: "
           f"{piped['16']['median'] / uncapped['16']['median']:.2f}x\n")
