@@ -135,6 +135,12 @@ def test_one_step_larger_than_the_cap_is_refused_with_the_cap_that_works(mlp: Pa
     assert refused.value.smallest_stages == 0 and refused.value.smallest_limit_bytes > 16 * 1024
 
 
+def test_a_stage_that_cannot_fit_even_streaming_is_refused_naming_it(mlp: Path) -> None:
+    with pytest.raises(hyperion.PartitionError, match=r"stage 0 \(steps 0-") as refused:
+        hyperion.partition(mlp, 2, "8KB", input_shapes={"x": [4, MLP_HIDDEN]})
+    assert refused.value.smallest_limit_bytes > 16 * 1024   # one 16 KiB weight with its activations
+
+
 def test_a_free_batch_dim_lets_stages_run_other_batches(mlp: Path) -> None:
     plan = hyperion.partition(mlp, 2, input_shapes={"x": [4, MLP_HIDDEN]})
     assert plan.free_batch

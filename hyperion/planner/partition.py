@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto
 
-from hyperion.errors import OptionError
+from hyperion.errors import MemoryLimitError, OptionError, PartitionError
 from hyperion.frontend import ImportedModel, ModelLike, declared_input_shapes, import_model, load_source
 from hyperion.frontend.build import unique_node_names
 from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph
@@ -237,7 +237,11 @@ def partition(model: ModelLike | Schedule, stages: int, memory_limit_per_stage: 
         proto = stage_model(imported, k, nodes, inputs, outputs, copied, weights, free_batch)
         data = proto.SerializeToString()
         shapes = {t: [int(d) for d in graph.tensors[t].shape or ()] for t in inputs}
-        schedule = compile_stage(data, str(imported.source.base_dir), shapes, cap)
+        try:
+            schedule = compile_stage(data, str(imported.source.base_dir), shapes, cap)
+        except MemoryLimitError as error:   # even streaming its weights, one of its steps needs more
+            raise PartitionError(f"stage {k} (steps {start}-{stop - 1} of {imported.source.label}): {error}",
+                                 smallest_limit_bytes=error.smallest_limit_bytes) from None
         built.append(Stage(
             index=k, first_step=start, last_step=stop - 1, nodes=nodes, inputs=inputs, outputs=outputs,
             copied_constants=copied, weights=weights, weight_bytes=sum(facts.weight_bytes[start:stop]),
