@@ -254,6 +254,7 @@ def _run_on_ray(args: argparse.Namespace) -> int:
         with RayPipeline(args.model, args.stages, args.memory_limit_per_stage, args.micro_batches) as pipeline:
             outputs = pipeline.run(feeds)
             assert pipeline.plan is not None
+            packed = all(stage.schedule.prepack_weights for stage in pipeline.plan.stages)
             for stage, mode, rss in zip(pipeline.plan.stages, pipeline.stage_modes(),
                                         pipeline.stage_peak_rss_bytes(), strict=True):
                 print(f"stage {stage.index}: steps {stage.first_step}-{stage.last_step}, weights "
@@ -269,7 +270,7 @@ def _run_on_ray(args: argparse.Namespace) -> int:
             refuse_overwrite(target, _given_files(args), option="--output-dir")
             write_atomic(target, lambda handle, value=value: np.save(handle, value, allow_pickle=False))
     if args.check:
-        return _check_against_onnxruntime(args.model, feeds, outputs, prepack_weights=not args.no_prepack)
+        return _check_against_onnxruntime(args.model, feeds, outputs, prepack_weights=packed)
     return 0
 
 
