@@ -83,7 +83,7 @@ class RayPipeline:
         self.plan = plan
         self._actors = [
             worker.options(num_cpus=cpus, memory=_admitted_bytes(plan, stage.index), max_restarts=self.max_restarts,
-                           max_task_retries=self.max_restarts, name=None).remote(
+                           max_task_retries=self.max_restarts).remote(
                 stage.index, stage.model, stage.schedule.to_json(), plan.base_dir, max(1, round(cpus)))
             for stage in plan.stages]
         log.info("started %d stage actors (%s CPUs each)", len(self._actors), cpus)
