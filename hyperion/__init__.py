@@ -8,6 +8,7 @@ from hyperion.errors import (
                              HyperionError,
                              MemoryLimitError,
                              ModelLoadError,
+                             ObservedSizeError,
                              OptionError,
                              OutputError,
                              PassError,
@@ -38,7 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompiledModel", "EdgeKind", "ExecutionMode", "FeedError", "HyperionError", "InferenceSession",
-    "MemoryLimitError", "ModelLoadError", "OptionError", "OutputError", "PassError", "RunStats",
+    "MemoryLimitError", "ModelLoadError", "ObservedSizeError", "OptionError", "OutputError", "PassError", "RunStats",
     "RuntimeExecutionError", "Schedule", "ScheduleError", "ShapeError", "UnsafeModelError", "UnsupportedModelError",
     "compile", "load", "parse_size",
 ]

@@ -74,6 +74,21 @@ class MemoryLimitError(HyperionError):
         self.smallest_limit_bytes = smallest_limit_bytes
 
 
+class ObservedSizeError(MemoryLimitError):
+    """A size only the data decides was observed at run time and cannot fit the cap:
+    ``tensor`` is the tensor, ``size_bytes`` its observed size, ``memory_limit`` the cap.
+    Another input (a smaller data-dependent size) or a larger cap runs."""
+
+    exit_code = 16
+
+    def __init__(self, message: str, *, tensor: str, size_bytes: int, memory_limit: int,
+                 needed_bytes: int = 0) -> None:
+        super().__init__(message, needed_bytes=needed_bytes or size_bytes)
+        self.tensor = tensor
+        self.size_bytes = size_bytes
+        self.memory_limit = memory_limit
+
+
 class ScheduleError(HyperionError):
     """A schedule file is malformed, of a newer format, or for another model."""
 
@@ -117,5 +132,6 @@ class OutputError(HyperionError):
 #: report it), 130 for Ctrl-C.
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in (
     HyperionError, OptionError, ModelLoadError, UnsafeModelError, ShapeError, UnsupportedModelError, FeedError,
-    MemoryLimitError, ScheduleError, PassError, RuntimeExecutionError, SchedulerError, SchedulerMemoryError,
+    MemoryLimitError, ObservedSizeError, ScheduleError, PassError, RuntimeExecutionError, SchedulerError,
+    SchedulerMemoryError,
     OutputError)}

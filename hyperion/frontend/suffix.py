@@ -1,0 +1,104 @@
+"""The rest of a model, imported once the data has decided its sizes.
+
+A re-planned schedule (``Schedule.replan``) runs the prefix of the model; the
+tensors it hands on are observed, and :func:`import_suffix` imports the remaining
+nodes as a model of their own: those tensors become its inputs, typed with the
+observed shapes (a sequence with its element type, sized by its observed bytes),
+and the tensors observed by value become constants, so onnx's shape inference sizes
+what they decide (a Range's length, a ConstantOfShape's shape). Nodes keep the names
+they have in the user's model, so the schedule planned from it runs on the same nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import ModelProto, helper, numpy_helper
+
+from hyperion.frontend.bounds import unsized_tensors, upper_bounds
+from hyperion.frontend.build import ImportedModel, import_model, outer_scope_reads, unique_node_names
+from hyperion.frontend.source import ModelSource
+
+
+def observed_nbytes(value: Any) -> int:
+    """Bytes of an observed value: an array, or a sequence of arrays (maps: their entries)."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, list | tuple):
+        return sum(observed_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return 16 * len(value)
+    return 0
+
+
+def import_suffix(source: ModelSource, suffix_nodes: tuple[str, ...], outputs: tuple[str, ...],
+                  observed: Mapping[str, Any], by_value: frozenset[str], *,
+                  isolate_symbolic: bool) -> ImportedModel:
+    """The nodes ``suffix_nodes`` of ``source`` as a model whose inputs are the ``observed``
+    values they read (``by_value`` ones as constants); its outputs: those of ``outputs`` it makes."""
+    rest = dataclasses.replace(source, proto=_suffix_model(source.proto, suffix_nodes, outputs, observed, by_value))
+    # onnx's inference alone first (milliseconds); onnxruntime's estimate, in a child process
+    # under a cap (a second or so), only where it leaves sizes that no bound covers.
+    imported = _with_observed_bytes(import_model(rest, estimate=False), observed)
+    unsized = unsized_tensors(imported)
+    if set(unsized) - set(upper_bounds(imported, unsized)):
+        imported = _with_observed_bytes(import_model(rest, isolate_symbolic=isolate_symbolic), observed)
+    return imported
+
+
+def _with_observed_bytes(imported: ImportedModel, observed: Mapping[str, Any]) -> ImportedModel:
+    graph = imported.graph
+    unsized_inputs = {name: dataclasses.replace(graph.tensors[name], nbytes=observed_nbytes(observed[name]))
+                      for name in graph.inputs if graph.tensors[name].nbytes is None and name in observed}
+    if unsized_inputs:  # sequences: no shape, but their observed bytes are exact
+        imported = dataclasses.replace(imported, graph=graph.with_tensors({**graph.tensors, **unsized_inputs}))
+    return imported
+
+
+def _suffix_model(proto: ModelProto, suffix_nodes: tuple[str, ...], outputs: tuple[str, ...],
+                  observed: Mapping[str, Any], by_value: frozenset[str]) -> ModelProto:
+    named = dict(zip(unique_node_names(proto.graph.node), proto.graph.node, strict=True))
+    wanted = set(suffix_nodes)
+    model = ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(model, field, getattr(proto, field))
+    model.opset_import.extend(proto.opset_import)
+    model.functions.extend(proto.functions)
+    graph = model.graph
+    graph.name = proto.graph.name
+    produced: set[str] = set()
+    reads: list[str] = []
+    for name, node in named.items():
+        if name not in wanted:
+            continue
+        copy = graph.node.add()
+        copy.CopyFrom(node)
+        copy.name = name  # the name the schedule knows it by
+        reads.extend(t for t in [*node.input, *outer_scope_reads(node)] if t and t not in produced)
+        produced.update(t for t in node.output if t)
+    weights = {t.name: t for t in proto.graph.initializer}
+    for name in dict.fromkeys(reads):
+        if name in produced:
+            continue
+        if name in weights:
+            graph.initializer.append(weights[name])
+        elif name in by_value:
+            graph.initializer.append(numpy_helper.from_array(np.asarray(observed[name]), name))
+        else:
+            graph.input.append(_value_info(name, observed[name]))
+    declared = {o.name: o for o in proto.graph.output}
+    graph.output.extend(declared[name] if name in declared else helper.make_value_info(name, onnx.TypeProto())
+                        for name in outputs if name in produced)
+    return model
+
+
+def _value_info(name: str, value: Any) -> onnx.ValueInfoProto:
+    if isinstance(value, np.ndarray):
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
+    if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
+        return helper.make_tensor_sequence_value_info(name, helper.np_dtype_to_tensor_dtype(value[0].dtype), None)
+    raise TypeError(f"tensor {name!r}: cannot type an observed {type(value).__name__}")
