@@ -25,7 +25,7 @@ from hyperion.frontend import (
 )
 from hyperion.ir import ExecutionMode, Graph
 from hyperion.planner import optimal_batch_size, parse_mode, plan
-from hyperion.replan import Runner, runner_for
+from hyperion.replan import ReplanRunner, ReplanStats, Runner, runner_for
 from hyperion.runtime import RunStats, Runtime, SessionConfig
 from hyperion.runtime.tracing import Tracing
 from hyperion.schedule import Schedule, check_consistency
@@ -209,6 +209,13 @@ class CompiledModel:
     @property
     def stats(self) -> RunStats:
         return self._active().runtime.stats
+
+    @property
+    def replans(self) -> ReplanStats | None:
+        """Run-time re-planning of the current plan (plans made, time per plan); None when
+        the plan has no re-plan points (docs/dynamic_shapes.md)."""
+        runtime = self._active().runtime
+        return runtime.replans if isinstance(runtime, ReplanRunner) else None
 
     @property
     def input_names(self) -> tuple[str, ...]:

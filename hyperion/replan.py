@@ -75,7 +75,7 @@ class ReplanRunner:
         started = time.perf_counter()
         carried = self.prefix.run(feeds, progress)
         observed = {**{name: feeds[name] for name in feeds}, **carried}
-        self._check_observed(observed)
+        prefix_peak = self._check_observed(observed)
         signature = self._signature(observed)
         rest = self._rests.get(signature)
         self.replans.last_run_plans = 0
@@ -87,7 +87,7 @@ class ReplanRunner:
         del observed
         prefix_stats, rest_stats = self.prefix.stats, rest.stats
         held = self._held_bytes(carried, rest)
-        self.stats = RunStats(self.schedule.mode, max(prefix_stats.peak_bytes, rest_stats.peak_bytes + held),
+        self.stats = RunStats(self.schedule.mode, max(prefix_peak, rest_stats.peak_bytes + held),
                               max(prefix_stats.held_peak_bytes, rest_stats.held_peak_bytes + held),
                               [*prefix_stats.segment_ms, *rest_stats.segment_ms],
                               1e3 * (time.perf_counter() - started))
@@ -104,12 +104,11 @@ class ReplanRunner:
                 parts.append((point.tensor, tuple(np.asarray(observed[point.tensor]).reshape(-1).tolist())))
         return tuple(parts)
 
-    def _check_observed(self, observed: Mapping[str, Any]) -> None:
-        """Every prefix step, with the observed sizes in place of what it counted, fits the cap."""
+    def _check_observed(self, observed: Mapping[str, Any]) -> int:
+        """Every prefix step, with the observed sizes in place of what it counted, fits the cap;
+        the prefix's accounted peak with them."""
         limit = self.schedule.memory_limit
-        if limit is None:
-            return
-        excess, decided = 0, []
+        excess, decided, peak = 0, [], 0
         points = sorted((p for p in self.replan.points if p.observe is Observe.SHAPE), key=lambda p: p.step)
         position = 0
         for step in self.schedule.steps:
@@ -119,13 +118,15 @@ class ReplanRunner:
                 excess += size - point.accounted_bytes
                 decided.append((size, point.tensor))
                 position += 1
-            if decided and step.live_bytes + excess > limit:
+            peak = max(peak, step.live_bytes + excess)
+            if limit is not None and decided and step.live_bytes + excess > limit:
                 size, tensor = max(decided)
                 raise ObservedSizeError(
                     f"{self.source.label}: tensor {tensor!r} observed at {size} bytes ({format_size(size)}) cannot "
                     f"fit memory_limit {format_size(limit)} ({limit} bytes): step {step.index} (node {step.node!r}) "
                     f"would hold {step.live_bytes + excess} bytes", tensor=tensor, size_bytes=size,
                     memory_limit=limit, needed_bytes=step.live_bytes + excess)
+        return max(peak, self.schedule.pinned_bytes)
 
     # -- the rest -----------------------------------------------------------------------
     def _plan(self, signature: Signature, observed: Mapping[str, Any], carried: Mapping[str, Any]) -> Runner:
@@ -145,7 +146,7 @@ class ReplanRunner:
             assert limit is not None
             tensor, size = _largest(rest)
             raise ObservedSizeError(
-                f"{self.source.label}: with the sizes observed in this run ({_describe(signature)}), the rest of the "
+                f"{self.source.label}: with what this run observed ({self._describe(observed)}), the rest of the "
                 f"model cannot fit memory_limit {format_size(limit)} ({limit} bytes): its largest tensor {tensor!r} "
                 f"has {size} bytes ({format_size(size)}); {error}", tensor=tensor, size_bytes=size,
                 memory_limit=limit, needed_bytes=error.needed_bytes) from None
@@ -156,8 +157,21 @@ class ReplanRunner:
         self.replans.last_run_plans += 1
         self.replans.replan_ms.append(elapsed)
         self.replans.signatures.append(signature)
-        log.info("re-planned the rest of %s for %s in %.1f ms", self.source.label, _describe(signature), elapsed)
+        log.info("re-planned the rest of %s for %s in %.1f ms", self.source.label, self._describe(observed), elapsed)
         return runner
+
+    def _describe(self, observed: Mapping[str, Any]) -> str:
+        """The observed points, as a person reads them: ``n = 200``, ``idx: int64[1, 999]``."""
+        parts = []
+        for point in self.replan.points:
+            value = observed[point.tensor]
+            if point.observe is Observe.VALUE:
+                parts.append(f"{point.tensor} = {np.asarray(value).tolist()}")
+            elif isinstance(value, np.ndarray):
+                parts.append(f"{point.tensor}: {value.dtype}{list(value.shape)}")
+            else:
+                parts.append(f"{point.tensor}: {observed_nbytes(value)} bytes")
+        return ", ".join(parts)
 
     def _held_bytes(self, carried: Mapping[str, Any], rest: Runner) -> int:
         return sum(observed_nbytes(carried[name]) for name in self.replan.outputs
@@ -199,5 +213,3 @@ def _largest(imported: ImportedModel) -> tuple[str, int]:
     return name, size
 
 
-def _describe(signature: Signature) -> str:
-    return ", ".join(f"{name}: {value}" for name, value in signature)
