@@ -17,6 +17,7 @@ re-planned schedule and calls it as it calls a :class:`~hyperion.runtime.Runtime
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -76,9 +77,13 @@ class ReplanRunner:
         carried = self.prefix.run(feeds, progress)
         observed = {**{name: feeds[name] for name in feeds}, **carried}
         prefix_peak = self._check_observed(observed)
+        self.replans.last_run_plans = 0
+        if not self.replan.suffix_nodes:  # the deciding steps make the outputs: nothing to plan
+            self.stats = dataclasses.replace(self.prefix.stats, peak_bytes=prefix_peak,
+                                             total_ms=1e3 * (time.perf_counter() - started))
+            return {name: carried[name] for name in self.replan.outputs}
         signature = self._signature(observed)
         rest = self._rests.get(signature)
-        self.replans.last_run_plans = 0
         if rest is None:
             rest = self._rests[signature] = self._plan(signature, observed, carried)
         self.last_rest = rest
