@@ -5,8 +5,10 @@ tensors it hands on are observed, and :func:`import_suffix` imports the remainin
 nodes as a model of their own: those tensors become its inputs, typed with the
 observed shapes (a sequence with its element type, sized by its observed bytes),
 and the tensors observed by value become constants, so onnx's shape inference sizes
-what they decide (a Range's length, a ConstantOfShape's shape). Nodes keep the names
-they have in the user's model, so the schedule planned from it runs on the same nodes.
+what they decide (a Range's length, a ConstantOfShape's shape); an If whose condition
+is observed becomes the branch it takes. Nodes keep the names they have in the user's
+model (an inlined branch's: ``if_name/branch/node``), so the schedule planned from it runs
+on the same nodes.
 """
 
 from __future__ import annotations
@@ -90,10 +92,40 @@ def _suffix_model(proto: ModelProto, suffix_nodes: tuple[str, ...], outputs: tup
             graph.initializer.append(numpy_helper.from_array(np.asarray(observed[name]), name))
         else:
             graph.input.append(_value_info(name, observed[name]))
+    known = {name: observed[name] for name in by_value if name in observed}
+    _inline_decided_branches(graph, known)
     declared = {o.name: o for o in proto.graph.output}
     graph.output.extend(declared[name] if name in declared else helper.make_value_info(name, onnx.TypeProto())
                         for name in outputs if name in produced)
     return model
+
+
+def _inline_decided_branches(graph: onnx.GraphProto, values: Mapping[str, Any]) -> None:
+    """Replace every If whose condition was observed by the branch it takes.
+
+    onnx's shape inference merges both branches of an If, whatever its condition: with
+    branches of different shapes its outputs stay unsized even once the condition is
+    known. The branch's nodes, in its place, are sized like any others; Identity nodes
+    give its outputs the If's names.
+    """
+    nodes = list(graph.node)
+    del graph.node[:]
+    for node in nodes:
+        cond = node.input[0] if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input else None
+        if cond not in values:
+            graph.node.append(node)
+            continue
+        taken = "then_branch" if bool(np.asarray(values[cond]).reshape(-1)[0]) else "else_branch"
+        branch = next(a.g for a in node.attribute if a.name == taken)
+        graph.initializer.extend(branch.initializer)
+        for index, inner in enumerate(branch.node):
+            copy = graph.node.add()
+            copy.CopyFrom(inner)
+            copy.name = f"{node.name}/{taken}/{inner.name or f'{inner.op_type}_{index}'}"
+        for index, (result, output) in enumerate(zip(branch.output, node.output, strict=False)):
+            if output:
+                graph.node.append(helper.make_node("Identity", [result.name], [output],
+                                                   name=f"{node.name}/{taken}/output_{index}"))
 
 
 def _value_info(name: str, value: Any) -> onnx.ValueInfoProto:

@@ -11,9 +11,11 @@ Two ways, tried in this order (docs/dynamic_shapes.md):
    *frontier*). A frontier op with a bound runs in the prefix, its output counted at
    the bound (or at 0 when the bound does not fit; the run then checks the observed
    size against the cap); one without (Range, Expand, ConstantOfShape, ... whose size
-   comes from a value) waits for the suffix, and the small integer tensors it reads are
-   observed by value. The schedule's ``replan`` record lists these points and the rest
-   of the model, which :mod:`hyperion.replan` plans at run time per observed signature.
+   comes from a value) waits for the suffix, and the small integer tensors (and numeric
+   scalars) it reads are observed by value. One without a bound and without such an
+   input (all it reads is known, yet onnx cannot size it) runs in the prefix, counted
+   at 0. The schedule's ``replan`` record lists these points and the rest of the model,
+   which :mod:`hyperion.replan` plans at run time per observed signature.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 
-from hyperion.errors import MemoryLimitError, ShapeError
+from hyperion.errors import MemoryLimitError
 from hyperion.frontend import ImportedModel
 from hyperion.frontend.bounds import Bound, unsized_tensors, upper_bounds
 from hyperion.ir import Graph, TensorRole
@@ -33,6 +35,7 @@ PlanSized = Callable[[ImportedModel], Schedule]
 # value (their value becomes a constant of the re-planned rest): shapes, counts, limits.
 VALUE_OBSERVED_ELEMENTS = 64
 VALUE_DTYPES = frozenset({"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool"})
+SCALAR_DTYPES = frozenset({"float32", "float64", "float16"})
 
 
 def plan_dynamic(imported: ImportedModel, plan_sized: PlanSized) -> Schedule:
@@ -78,7 +81,7 @@ def _prefix_schedule(imported: ImportedModel, unsized: list[str], bounds: Mappin
                      plan_sized: PlanSized) -> Schedule:
     split = split_at_frontier(imported, unsized, bounds)
     prefix = dataclasses.replace(imported, graph=cut_graph(imported.graph, split.prefix_nodes, split.carried))
-    counted = {name: bounds[name] for name in split.shape_points}
+    counted = {name: bounds.get(name, Bound(0)) for name in split.shape_points}
     try:
         schedule = plan_sized(with_sizes(prefix, counted))
     except MemoryLimitError:
@@ -123,11 +126,12 @@ def split_at_frontier(imported: ImportedModel, unsized: list[str], bounds: Mappi
             reasons.append(f"{node.op_type} {name!r} decides the shape of {', '.join(map(repr, outputs))}")
         elif outputs:  # waits for the value that sizes it
             values = [t for t in node.inputs if _observable_value(graph, t)]
-            if not values:
-                raise ShapeError(
-                    f"{imported.source.label}: the size of tensor {outputs[0]!r} ({node.op_type} {name!r}) is "
-                    "unknown before running, no rule bounds it and no small integer input decides it, so a memory "
-                    "cap cannot be promised; bind the input shapes (input_shapes=...) or compile without a cap")
+            if not values:  # nothing to wait for: it runs in the prefix, counted at 0, and is observed
+                shape_points.extend(outputs)
+                later.update(outputs)
+                reasons.append(f"{node.op_type} {name!r} decides the shape of {', '.join(map(repr, outputs))} "
+                               "(no bound: counted when observed)")
+                continue
             suffix.add(name)
             later.update(node.outputs)
             value_points.extend(t for t in values if t not in value_points)
@@ -150,11 +154,15 @@ def split_at_frontier(imported: ImportedModel, unsized: list[str], bounds: Mappi
 
 
 def _observable_value(graph: Graph, tensor: str) -> bool:
+    """A small integer tensor, or a numeric scalar (Range's float start, limit and delta)."""
     info = graph.tensors[tensor]
-    if info.role is TensorRole.WEIGHT or info.dtype not in VALUE_DTYPES or info.nbytes is None:
+    if info.role is TensorRole.WEIGHT or info.nbytes is None or info.shape is None or \
+            not all(isinstance(d, int) for d in info.shape):
         return False
-    return info.shape is not None and all(isinstance(d, int) for d in info.shape) and \
-        _elements(info.shape) <= VALUE_OBSERVED_ELEMENTS
+    elements = _elements(info.shape)
+    if info.dtype in VALUE_DTYPES:
+        return elements <= VALUE_OBSERVED_ELEMENTS
+    return elements == 1 and info.dtype in SCALAR_DTYPES
 
 
 def _elements(shape: tuple[int | str, ...]) -> int:
