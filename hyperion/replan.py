@@ -55,13 +55,16 @@ class ReplanRunner:
     """Runs a re-planned schedule: prefix, observation, the rest planned per signature."""
 
     def __init__(self, source: ModelSource, schedule: Schedule, config: SessionConfig, plan_rest: PlanRest,
-                 *, isolate_symbolic: bool) -> None:
+                 *, isolate_symbolic: bool, known_values: frozenset[str] = frozenset()) -> None:
         assert schedule.replan is not None  # only re-planned schedules come here
         self.source, self.schedule, self.config = source, schedule, config
         self.replan: Replan = schedule.replan
         self.prefix = Runtime(source, schedule, config)
         self._plan_rest = plan_rest
         self._isolate_symbolic = isolate_symbolic
+        # Values an enclosing re-plan observed: fed to this schedule, and constants again for
+        # the rest's shape inference (else the rest would wait for them once more).
+        self._known_values = known_values
         self._rests: dict[Signature, Runner] = {}
         self.replans = ReplanStats()
         self.stats = RunStats(mode=schedule.mode)
@@ -136,7 +139,8 @@ class ReplanRunner:
     # -- the rest -----------------------------------------------------------------------
     def _plan(self, signature: Signature, observed: Mapping[str, Any], carried: Mapping[str, Any]) -> Runner:
         started = time.perf_counter()
-        by_value = frozenset(p.tensor for p in self.replan.points if p.observe is Observe.VALUE)
+        by_value = frozenset(p.tensor for p in self.replan.points if p.observe is Observe.VALUE) | frozenset(
+            name for name in self._known_values if name in observed)
         rest = import_suffix(self.source, self.replan.suffix_nodes, self.replan.outputs, observed, by_value,
                              isolate_symbolic=self._isolate_symbolic)
         limit = self.schedule.memory_limit
@@ -156,7 +160,7 @@ class ReplanRunner:
                 f"has {size} bytes ({format_size(size)}); {error}", tensor=tensor, size_bytes=size,
                 memory_limit=limit, needed_bytes=error.needed_bytes) from None
         runner = runner_for(rest.source, schedule, self.config, self._plan_rest,
-                            isolate_symbolic=self._isolate_symbolic)
+                            isolate_symbolic=self._isolate_symbolic, known_values=by_value)
         elapsed = 1e3 * (time.perf_counter() - started)
         self.replans.plans_made += 1
         self.replans.last_run_plans += 1
@@ -197,11 +201,12 @@ Runner = Runtime | ReplanRunner
 
 
 def runner_for(source: ModelSource, schedule: Schedule, config: SessionConfig, plan_rest: PlanRest, *,
-               isolate_symbolic: bool) -> Runner:
+               isolate_symbolic: bool, known_values: frozenset[str] = frozenset()) -> Runner:
     """What runs ``schedule``: the runtime, or a re-plan runner when the schedule says so."""
     if schedule.replan is None:
         return Runtime(source, schedule, config)
-    return ReplanRunner(source, schedule, config, plan_rest, isolate_symbolic=isolate_symbolic)
+    return ReplanRunner(source, schedule, config, plan_rest, isolate_symbolic=isolate_symbolic,
+                        known_values=known_values)
 
 
 def _shape_of(value: Any) -> Any:

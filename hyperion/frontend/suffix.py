@@ -24,6 +24,7 @@ from onnx import ModelProto, helper, numpy_helper
 from hyperion.frontend.bounds import unsized_tensors, upper_bounds
 from hyperion.frontend.build import ImportedModel, import_model, outer_scope_reads, unique_node_names
 from hyperion.frontend.source import ModelSource
+from hyperion.ir import Graph, TensorRole
 
 
 def observed_nbytes(value: Any) -> int:
@@ -42,14 +43,45 @@ def import_suffix(source: ModelSource, suffix_nodes: tuple[str, ...], outputs: t
                   isolate_symbolic: bool) -> ImportedModel:
     """The nodes ``suffix_nodes`` of ``source`` as a model whose inputs are the ``observed``
     values they read (``by_value`` ones as constants); its outputs: those of ``outputs`` it makes."""
-    rest = dataclasses.replace(source, proto=_suffix_model(source.proto, suffix_nodes, outputs, observed, by_value))
+    inferred = _suffix_model(source.proto, suffix_nodes, outputs, observed, by_value)
+    rest = dataclasses.replace(source, proto=inferred)
     # onnx's inference alone first (milliseconds); onnxruntime's estimate, in a child process
     # under a cap (a second or so), only where it leaves sizes that no bound covers.
     imported = _with_observed_bytes(import_model(rest, estimate=False), observed)
     unsized = unsized_tensors(imported)
     if set(unsized) - set(upper_bounds(imported, unsized)):
         imported = _with_observed_bytes(import_model(rest, isolate_symbolic=isolate_symbolic), observed)
-    return imported
+    return _values_fed(imported, by_value, observed)
+
+
+def _values_fed(imported: ImportedModel, by_value: frozenset[str], observed: Mapping[str, Any]) -> ImportedModel:
+    """The values shape inference read as constants, made inputs again for running.
+
+    As constants they size what they decide; as initializers of a segment model they would
+    also be checked by onnxruntime's own inference, which is stricter than its kernels (a
+    Range fed a one-element vector runs, but refuses it as a constant). So the plan runs
+    them as inputs fed the observed values, declared with their element type alone, as
+    the user's model declared them; their values stay known to the passes as constants.
+    """
+    graph, proto = imported.graph, imported.source.proto
+    fed = [t for t in proto.graph.initializer if t.name in by_value and t.name in graph.tensors]
+    if not fed:
+        return imported
+    names = {t.name for t in fed}
+    running = ModelProto()
+    running.CopyFrom(proto)
+    kept = [t for t in running.graph.initializer if t.name not in names]
+    del running.graph.initializer[:]
+    running.graph.initializer.extend(kept)
+    running.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, None) for t in fed)
+    tensors = {name: dataclasses.replace(info, role=TensorRole.INPUT, external=None) if name in names else info
+               for name, info in graph.tensors.items()}
+    inputs = (*graph.inputs, *(t.name for t in fed))
+    regraphed = Graph(list(graph.nodes.values()), tensors, inputs, graph.outputs, constants=graph.constants,
+                      opset=graph.opset)
+    value_types = {**imported.value_types, **{t.name: helper.make_tensor_type_proto(t.data_type, None) for t in fed}}
+    shapes = {**imported.input_shapes, **{t.name: tuple(np.shape(observed[t.name])) for t in fed}}
+    return ImportedModel(dataclasses.replace(imported.source, proto=running), regraphed, value_types, shapes)
 
 
 def _with_observed_bytes(imported: ImportedModel, observed: Mapping[str, Any]) -> ImportedModel:

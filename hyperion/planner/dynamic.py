@@ -125,7 +125,8 @@ def split_at_frontier(imported: ImportedModel, unsized: list[str], bounds: Mappi
             later.update(outputs)
             reasons.append(f"{node.op_type} {name!r} decides the shape of {', '.join(map(repr, outputs))}")
         elif outputs:  # waits for the value that sizes it
-            values = [t for t in node.inputs if _observable_value(graph, t)]
+            # Values already known (constants, or observed by an earlier re-plan) cannot help again.
+            values = [t for t in node.inputs if _observable_value(graph, t) and graph.constant(t) is None]
             if not values:  # nothing to wait for: it runs in the prefix, counted at 0, and is observed
                 shape_points.extend(outputs)
                 later.update(outputs)
