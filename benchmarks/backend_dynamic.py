@@ -74,12 +74,13 @@ def run_case(model: onnx.ModelProto, inputs: list[Any], cap: str) -> tuple[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", default="64MB")
-    parser.add_argument("-k", default="", help="only tests whose name contains this")
+    parser.add_argument("-k", default="", help="only tests whose name contains one of these (comma-separated)")
     args = parser.parse_args()
     passing = {name.removesuffix("_cpu") for name in read_passlist()}
     tally: collections.Counter[tuple[str, str]] = collections.Counter()
     for case in sorted(load_node_model_tests(), key=lambda c: c.name):
-        if case.name not in passing or args.k not in case.name or case.model is None or not case.data_sets:
+        wanted = any(part in case.name for part in args.k.split(","))
+        if case.name not in passing or not wanted or case.model is None or not case.data_sets:
             continue
         try:
             imported = import_model(load_source(case.model), isolate_symbolic=True)

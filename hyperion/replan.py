@@ -186,11 +186,6 @@ class ReplanRunner:
         return sum(observed_nbytes(carried[name]) for name in self.replan.outputs
                    if name in carried and name not in rest.schedule.graph_inputs)
 
-    def total_plans(self) -> int:
-        """Plans made by this runner and by the re-planned rests it made."""
-        return self.replans.plans_made + sum(r.total_plans() for r in self._rests.values()
-                                             if isinstance(r, ReplanRunner))
-
     def close(self) -> None:
         self.prefix.close()
         for rest in self._rests.values():

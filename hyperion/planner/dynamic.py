@@ -28,7 +28,6 @@ from hyperion.frontend import ImportedModel
 from hyperion.frontend.bounds import Bound, unsized_tensors, upper_bounds
 from hyperion.ir import Graph, TensorRole
 from hyperion.schedule import Observe, Replan, ReplanPoint, Schedule
-from hyperion.units import format_size
 
 PlanSized = Callable[[ImportedModel], Schedule]
 # Integer tensors of at most this many elements that decide a later size are observed by
@@ -189,6 +188,3 @@ def cut_graph(graph: Graph, nodes: Iterable[str], outputs: Iterable[str]) -> Gra
     constants = {name: value for name, value in graph.constants.items() if name in tensors}
     return Graph(kept, tensors, graph.inputs, wanted, constants=constants, opset=graph.opset)
 
-
-def describe_fit(size_bytes: int, memory_limit: int) -> str:
-    return f"{size_bytes} bytes ({format_size(size_bytes)}) against memory_limit {format_size(memory_limit)}"
