@@ -8,6 +8,7 @@ from hyperion.errors import (
                              HyperionError,
                              MemoryLimitError,
                              ModelLoadError,
+                             ObservedSizeError,
                              OptionError,
                              OutputError,
                              PartitionError,
@@ -41,8 +42,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompiledModel", "EdgeKind", "ExecutionMode", "FeedError", "HyperionError", "InferenceSession",
-    "MemoryLimitError", "ModelLoadError", "OptionError", "OutputError", "Partition", "PartitionError", "PassError",
-    "RunStats", "StageFailedError",
+    "MemoryLimitError", "ModelLoadError", "ObservedSizeError", "OptionError", "OutputError", "Partition",
+    "PartitionError", "PassError", "RunStats", "StageFailedError",
     "RuntimeExecutionError", "Schedule", "ScheduleError", "ShapeError", "UnsafeModelError", "UnsupportedModelError",
     "compile", "load", "parse_size", "partition",
 ]

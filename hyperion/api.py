@@ -25,6 +25,7 @@ from hyperion.frontend import (
 )
 from hyperion.ir import ExecutionMode, Graph
 from hyperion.planner import optimal_batch_size, parse_mode, plan
+from hyperion.replan import ReplanRunner, ReplanStats, Runner, runner_for
 from hyperion.runtime import RunStats, Runtime, SessionConfig
 from hyperion.runtime.tracing import Tracing
 from hyperion.schedule import Schedule, check_consistency
@@ -45,7 +46,7 @@ class _Plan(NamedTuple):
 
     imported: ImportedModel | None   # None: a loaded schedule, imported only when its graph is asked for
     schedule: Schedule
-    runtime: Runtime
+    runtime: Runner   # a Runtime, or a ReplanRunner for a schedule with re-plan points
 
 
 class CompiledModel:
@@ -84,7 +85,7 @@ class CompiledModel:
         model._input_names = schedule.graph_inputs
         model._sorted_inputs = _tensor_inputs(schedule.graph_inputs, lambda n: schedule.tensors[n].dtype)
         model._current = model._signature_of(schedule.input_shapes)
-        model._plans[model._current] = _Plan(None, schedule, Runtime(source, schedule, config))
+        model._plans[model._current] = _Plan(None, schedule, model._runner(source, schedule))
         model._only_runtime = model._plans[model._current].runtime if model._static_shapes else None
         return model
 
@@ -127,7 +128,20 @@ class CompiledModel:
         if schedule.whole_model and not self.whole_model_shortcut:
             # Recorded in the plan (a saved schedule keeps it): segment models even for one segment.
             schedule = dataclasses.replace(schedule, whole_model=False)
-        return _Plan(imported, schedule, Runtime(imported.source, schedule, self.session_config))
+        return _Plan(imported, schedule, self._runner(imported.source, schedule))
+
+    def _runner(self, source: ModelSource, schedule: Schedule) -> Runner:
+        """The runtime of ``schedule``; for a re-planned one, the orchestration of hyperion.replan."""
+        return runner_for(source, schedule, self.session_config, self._plan_rest,
+                          isolate_symbolic=self.memory_limit is not None)
+
+    def _plan_rest(self, imported: ImportedModel, memory_limit: int | None) -> Schedule:
+        """The plan of the rest of a re-planned model (hyperion.replan), as this model plans."""
+        schedule = plan(imported, self.mode, memory_limit, self.max_segment_steps, prefetch=self.prefetch,
+                        weight_cache_bytes=self.weight_cache_bytes,
+                        prepack_weights=self.session_config.prepack_weights)
+        # The rest's model is built from the user's nodes, never the user's model file as a whole.
+        return dataclasses.replace(schedule, whole_model=False)
 
     def _pruned_plan(self, signature: ShapeSignature, outputs: tuple[str, ...]) -> _Plan:
         """The plan of the subgraph ``outputs`` need, for ``signature`` (made on first use)."""
@@ -198,6 +212,13 @@ class CompiledModel:
         return self._active().runtime.stats
 
     @property
+    def replans(self) -> ReplanStats | None:
+        """Run-time re-planning of the current plan (plans made, time per plan); None when
+        the plan has no re-plan points (docs/dynamic_shapes.md)."""
+        runtime = self._active().runtime
+        return runtime.replans if isinstance(runtime, ReplanRunner) else None
+
+    @property
     def input_names(self) -> tuple[str, ...]:
         return self._input_names
 
@@ -249,6 +270,9 @@ class CompiledModel:
             runtime = self._plan_for(signature).runtime
             self._current, self._current_outputs = signature, None
         if self._tracing is not None:
+            if not isinstance(runtime, Runtime):
+                raise OptionError(f"trace: {self._source.label} is re-planned at run time (data-dependent sizes); "
+                                  "tracing such a run is not supported yet")
             runtime = self._tracing.runtime_for(runtime)
         if outputs:  # as asked: in this order
             return _select(self._run(runtime, feeds, progress), outputs)
@@ -268,7 +292,7 @@ class CompiledModel:
         return None if len(wanted) == len(self.output_names) else wanted
 
     @staticmethod
-    def _run(runtime: Runtime, feeds: Mapping[str, np.ndarray],
+    def _run(runtime: Runner, feeds: Mapping[str, np.ndarray],
              progress: Callable[[int, int], None] | None) -> dict[str, np.ndarray]:
         if progress is None:
             return runtime.run(feeds)

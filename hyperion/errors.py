@@ -88,6 +88,21 @@ class PartitionError(MemoryLimitError):
         self.smallest_stages = smallest_stages
 
 
+class ObservedSizeError(MemoryLimitError):
+    """A size only the data decides was observed at run time and cannot fit the cap:
+    ``tensor`` is the tensor, ``size_bytes`` its observed size, ``memory_limit`` the cap.
+    Another input (a smaller data-dependent size) or a larger cap runs."""
+
+    exit_code = 19
+
+    def __init__(self, message: str, *, tensor: str, size_bytes: int, memory_limit: int,
+                 needed_bytes: int = 0) -> None:
+        super().__init__(message, needed_bytes=needed_bytes or size_bytes)
+        self.tensor = tensor
+        self.size_bytes = size_bytes
+        self.memory_limit = memory_limit
+
+
 class ScheduleError(HyperionError):
     """A schedule file is malformed, of a newer format, or for another model."""
 
@@ -147,5 +162,5 @@ class OutputError(HyperionError):
 #: report it), 130 for Ctrl-C.
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in (
     HyperionError, OptionError, ModelLoadError, UnsafeModelError, ShapeError, UnsupportedModelError, FeedError,
-    MemoryLimitError, ScheduleError, PassError, RuntimeExecutionError, SchedulerError, SchedulerMemoryError,
-    OutputError, PartitionError, StageFailedError, MissingExtraError)}
+    MemoryLimitError, ObservedSizeError, ScheduleError, PassError, RuntimeExecutionError, SchedulerError,
+    SchedulerMemoryError, OutputError, PartitionError, StageFailedError, MissingExtraError)}

@@ -75,6 +75,9 @@ class TensorRecord:
     consumers: tuple[str, ...]
     external: ExternalLocation | None        # weights stored as ONNX external data
     value_type: ValueType | None         # tensors some segment reads or returns; None otherwise
+    # ``bytes`` is an upper bound from the op's semantics (NonZero, TopK, If, ...): the data
+    # decides the real size, which is never larger. A file may leave it out (absent: false).
+    upper_bound: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,36 @@ class Streaming:
     bytes_per_sample: int                # of the batched graph inputs and outputs, held for the whole run
 
 
+class Observe(enum.Enum):
+    """What a re-plan point reads off a run: a tensor's shape, or (small integer tensors
+    that decide a later size, e.g. Range's limit) its value."""
+
+    SHAPE = "shape"
+    VALUE = "value"
+
+
+@dataclass(frozen=True)
+class ReplanPoint:
+    """A tensor whose size (or value) the data decides, observed after ``step`` runs."""
+
+    tensor: str
+    step: int                 # the step of this schedule that decides it; -1: a graph input (the feeds)
+    observe: Observe
+    accounted_bytes: int      # what this schedule counts for it: its bound, or 0 when the bound did not fit
+
+
+@dataclass(frozen=True)
+class Replan:
+    """This schedule is the prefix of the model: the runtime runs it, and the rest
+    (``suffix_nodes``) is imported with the points' observed shapes and values bound and
+    planned under the same cap, once per observed signature (hyperion.replan)."""
+
+    points: tuple[ReplanPoint, ...]
+    suffix_nodes: tuple[str, ...]        # the model's nodes planned at run time, in file order
+    outputs: tuple[str, ...]             # what a whole run returns, in the model's order
+    reason: str                          # why the model is re-planned and which plans exist
+
+
 @dataclass(frozen=True)
 class Schedule:
     model: ModelRef
@@ -163,6 +196,9 @@ class Schedule:
     # Proven minimum over all orders (one step per segment); None when the search did not
     # prove it. The one field a file may leave out (it was added last; absent means None).
     optimal_peak_bytes: int | None = None
+    # Data-dependent sizes: this schedule plans the prefix up to the steps that decide them;
+    # None: the whole model is planned. A file may leave it out (absent means None).
+    replan: Replan | None = None
     format: str = FORMAT
     version: int = VERSION
 
@@ -223,6 +259,7 @@ class Schedule:
             intra_op_spinning=data["intra_op_spinning"],
             pinned_bytes=data["pinned_bytes"],
             streaming=None if streaming is None else Streaming(**_tuples(streaming)),
+            replan=_replan(data.get("replan")),
         )
 
     @classmethod
@@ -272,7 +309,16 @@ def _tensor(data: Mapping[str, Any]) -> TensorRecord:
         name=data["name"], dtype=data["dtype"], shape=None if data["shape"] is None else tuple(data["shape"]),
         bytes=data["bytes"], role=TensorRole(data["role"]), producer=data["producer"],
         consumers=tuple(data["consumers"]), external=None if external is None else ExternalLocation(**external),
-        value_type=None if value_type is None else _value_type(value_type))
+        value_type=None if value_type is None else _value_type(value_type),
+        upper_bound=data.get("upper_bound", False))
+
+
+def _replan(data: Mapping[str, Any] | None) -> Replan | None:
+    if data is None:
+        return None
+    points = tuple(ReplanPoint(p["tensor"], p["step"], Observe(p["observe"]), p["accounted_bytes"])
+                   for p in data["points"])
+    return Replan(points, tuple(data["suffix_nodes"]), tuple(data["outputs"]), data["reason"])
 
 
 def _value_type(data: Mapping[str, Any]) -> ValueType:
@@ -398,7 +444,9 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
     for name in schedule.graph_inputs:
         if tensors[name].dtype not in _NON_TENSOR_KINDS and name not in schedule.input_shapes:
             fail("input_shapes", f"input {name!r} has no shape")
-    if set(schedule.graph_outputs) - {o.name for o in graph.output}:
+    # A re-planned schedule's outputs are what its prefix hands on; the run returns replan.outputs.
+    returned = schedule.graph_outputs if schedule.replan is None else schedule.replan.outputs
+    if set(returned) - {o.name for o in graph.output}:
         fail("graph_outputs", "names an output the model does not have")
     for name, record in tensors.items():
         if record.name != name:
@@ -462,6 +510,13 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
         if edge.src not in node_ops or edge.dst not in node_ops or edge.tensor not in tensors:
             fail(f"edges/{position}", f"{edge.src} -> {edge.dst} ({edge.tensor}) names a node or tensor that is "
                                       "not there")
+    if schedule.replan is not None:
+        for point in schedule.replan.points:
+            if point.tensor not in tensors or not -1 <= point.step < len(schedule.steps):
+                fail("replan/points", f"tensor {point.tensor!r} at step {point.step} is not in the schedule")
+        for node in schedule.replan.suffix_nodes:
+            if node not in node_ops:
+                fail("replan/suffix_nodes", f"node {node!r} is not in the model")
     if schedule.whole_model and len(schedule.segments) != 1:
         fail("whole_model", f"a whole-model schedule has one segment, not {len(schedule.segments)}")
     _check_dataflow(schedule, fail)
@@ -497,5 +552,6 @@ def _check_dataflow(schedule: Schedule, fail: Any) -> None:
             fail("graph_outputs", f"output {name!r} is produced by no segment")
 
 
-__all__ = ["FORMAT", "VERSION", "EdgeRecord", "ModelRef", "Schedule", "ScheduleError", "Segment",
-           "Step", "Streaming", "TensorRecord", "ValueType", "check_consistency", "schema", "validate", "write_atomic"]
+__all__ = ["FORMAT", "VERSION", "EdgeRecord", "ModelRef", "Observe", "Replan", "ReplanPoint", "Schedule",
+           "ScheduleError", "Segment", "Step", "Streaming", "TensorRecord", "ValueType", "check_consistency", "schema",
+           "validate", "write_atomic"]

@@ -207,18 +207,21 @@ def _refuse_absurd_declared_sizes(skeleton: ModelProto, label: str) -> None:
 
 
 def import_model(source: ModelSource, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
-                 isolate_symbolic: bool = False) -> ImportedModel:
+                 isolate_symbolic: bool = False, estimate: bool = True) -> ImportedModel:
     """Build the IR of ``source`` with symbolic input dims bound by ``input_shapes``.
 
     ``isolate_symbolic``: run onnxruntime's symbolic shape inference, when needed, in a
     child process, so that sympy never loads here (compiling under a cap does).
+    ``estimate=False``: onnx's shape inference alone, never onnxruntime's (a re-planned
+    rest of a model tries that first: it is the fast way, see hyperion.frontend.suffix).
     """
     proto = source.proto
     weights = {t.name: t for t in proto.graph.initializer}
     skeleton = skeleton_of(proto)
     bound = bind_inputs(skeleton, set(weights), input_shapes or {})
     _refuse_absurd_declared_sizes(skeleton, source.label)
-    types, sizing = split_value_types(*infer_types(skeleton, source.label, isolate_symbolic), proto.graph.output)
+    inferred = infer_types(skeleton, source.label, isolate_symbolic, estimate)
+    types, sizing = split_value_types(*inferred, proto.graph.output)
 
     node_names = unique_node_names(proto.graph.node)
     dropped = unread_unsized_optional_outputs(proto, sizing)

@@ -86,7 +86,8 @@ def declared_input_shapes(source: ModelSource) -> dict[str, tuple[int | str, ...
     return {i.name: declared_dims(i.type) for i in source.proto.graph.input if i.name not in weights}
 
 
-def infer_types(skeleton: ModelProto, label: str, isolate_symbolic: bool) -> tuple[ModelProto, ModelProto | None]:
+def infer_types(skeleton: ModelProto, label: str, isolate_symbolic: bool,
+                estimate: bool = True) -> tuple[ModelProto, ModelProto | None]:
     """(onnx's inference, onnxruntime's symbolic inference where onnx's left tensors unsized).
 
     onnx's result follows the operator specs; onnxruntime's symbolic inference
@@ -100,7 +101,7 @@ def infer_types(skeleton: ModelProto, label: str, isolate_symbolic: bool) -> tup
     except Exception as exc:  # onnx raises several unrelated types here
         log.info("%s: onnx shape inference failed (%s); trying onnxruntime's", label, exc)
         inferred = skeleton
-    if _all_sized(inferred):
+    if not estimate or _all_sized(inferred):  # estimate=False: onnx's inference alone
         return inferred, None
     return inferred, infer_symbolic(inferred, label, isolated=isolate_symbolic)
 

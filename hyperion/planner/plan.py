@@ -19,10 +19,12 @@ from hyperion.errors import (
     UnsupportedModelError,
 )
 from hyperion.frontend import ImportedModel
+from hyperion.frontend.bounds import unsized_tensors
 from hyperion.ir import ExecutionMode
 from hyperion.passes import Program
 from hyperion.passes.batch.separable import analyze
 from hyperion.passes.pipeline import SegmentOptions, Stage, build_pipeline
+from hyperion.planner.dynamic import plan_dynamic
 from hyperion.planner.emit import build_schedule
 from hyperion.planner.streaming import (
     chunk_program,
@@ -115,13 +117,14 @@ def plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
 
 def _plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
           options: SegmentOptions) -> Schedule:
-    if memory_limit is not None:
-        unsized = [t.name for t in imported.graph.tensors.values()
-                   if t.nbytes is None and (t.consumers or t.producer)]
-        if unsized:
-            raise ShapeError(f"{imported.source.label}: the size of tensor {unsized[0]!r} is unknown "
-                             "before running, so a memory cap cannot be promised; bind the input shapes "
-                             "(input_shapes=...) or compile without a cap")
+    if memory_limit is not None and unsized_tensors(imported):
+        # Sizes only the data decides: bounded, or re-planned at run time (planner/dynamic.py).
+        return plan_dynamic(imported, lambda sized: _plan_sized(sized, mode, memory_limit, options))
+    return _plan_sized(imported, mode, memory_limit, options)
+
+
+def _plan_sized(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
+                options: SegmentOptions) -> Schedule:
     planner = Planner(imported, options)
     if mode is ExecutionMode.STREAMING:
         program = plan_streaming(planner, memory_limit)

@@ -53,6 +53,8 @@ def summary(schedule: Schedule) -> str:
     ]
     if schedule.streaming is not None:
         lines.append(f"batch chunk  {schedule.streaming.chunk} of {schedule.streaming.batch_size} samples")
+    if schedule.replan is not None:  # docs/dynamic_shapes.md
+        lines.append(f"re-planned   {schedule.replan.reason}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,220 @@
+"""Run-time re-planning: run the prefix, observe, plan the rest (cached), run it.
+
+A schedule with a ``replan`` record (planner/dynamic.py) plans only the prefix of
+the model, up to the steps that decide sizes only the data knows. :class:`ReplanRunner`
+carries the record out and decides nothing itself: the runtime runs the prefix; the
+points' observed sizes are checked against what the prefix counted for them and the
+cap (:class:`~hyperion.errors.ObservedSizeError` when they cannot fit); the rest of
+the model is imported with the observed shapes and values bound
+(:func:`~hyperion.frontend.suffix.import_suffix`) and planned by the normal planner
+under the same cap, less the model outputs the prefix already made (held to the
+end); that plan is kept per observed signature, so a second run with the same sizes
+plans nothing. The rest may itself be re-planned (a size decided by another).
+
+It sits above the runtime and the planner: ``api.CompiledModel`` builds one for a
+re-planned schedule and calls it as it calls a :class:`~hyperion.runtime.Runtime`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hyperion.errors import MemoryLimitError, ObservedSizeError
+from hyperion.frontend import ImportedModel, ModelSource
+from hyperion.frontend.suffix import import_suffix, observed_nbytes
+from hyperion.ir import TensorRole
+from hyperion.runtime import RunStats, Runtime, SessionConfig
+from hyperion.schedule import Observe, Replan, Schedule
+from hyperion.units import format_size
+
+log = logging.getLogger(__name__)
+
+# The planner for the rest of the model: an imported model and a cap to a schedule.
+PlanRest = Callable[[ImportedModel, int | None], Schedule]
+Signature = tuple[tuple[str, Any], ...]
+
+
+@dataclass
+class ReplanStats:
+    """What re-planning did, over the runner's lifetime and in the last run."""
+
+    plans_made: int = 0                  # rest-of-model plans made (one per new observed signature)
+    last_run_plans: int = 0              # of them, made by the last run
+    replan_ms: list[float] = field(default_factory=list)  # time of each plan made (import + passes)
+    signatures: list[Signature] = field(default_factory=list)
+
+
+class ReplanRunner:
+    """Runs a re-planned schedule: prefix, observation, the rest planned per signature."""
+
+    def __init__(self, source: ModelSource, schedule: Schedule, config: SessionConfig, plan_rest: PlanRest,
+                 *, isolate_symbolic: bool, known_values: frozenset[str] = frozenset()) -> None:
+        assert schedule.replan is not None  # only re-planned schedules come here
+        self.source, self.schedule, self.config = source, schedule, config
+        self.replan: Replan = schedule.replan
+        self.prefix = Runtime(source, schedule, config)
+        self._plan_rest = plan_rest
+        self._isolate_symbolic = isolate_symbolic
+        # Values an enclosing re-plan observed: fed to this schedule, and constants again for
+        # the rest's shape inference (else the rest would wait for them once more).
+        self._known_values = known_values
+        self._rests: dict[Signature, Runner] = {}
+        self.replans = ReplanStats()
+        self.stats = RunStats(mode=schedule.mode)
+        self.last_rest: Runner | None = None
+
+    @property
+    def segment_runs(self) -> int:
+        return self.prefix.segment_runs
+
+    def run(self, feeds: Mapping[str, np.ndarray], progress: Callable[[int], None] | None = None
+            ) -> dict[str, Any]:
+        started = time.perf_counter()
+        carried = self.prefix.run(feeds, progress)
+        observed = {**{name: feeds[name] for name in feeds}, **carried}
+        prefix_peak = self._check_observed(observed)
+        self.replans.last_run_plans = 0
+        if not self.replan.suffix_nodes:  # the deciding steps make the outputs: nothing to plan
+            self.stats = dataclasses.replace(self.prefix.stats, peak_bytes=prefix_peak,
+                                             total_ms=1e3 * (time.perf_counter() - started))
+            return {name: carried[name] for name in self.replan.outputs}
+        signature = self._signature(observed)
+        rest = self._rests.get(signature)
+        if rest is None:
+            rest = self._rests[signature] = self._plan(signature, observed, carried)
+        self.last_rest = rest
+        needed = set(rest.schedule.graph_inputs)
+        outputs = rest.run({name: observed[name] for name in needed}, progress)
+        del observed
+        prefix_stats, rest_stats = self.prefix.stats, rest.stats
+        held = self._held_bytes(carried, rest)
+        self.stats = RunStats(self.schedule.mode, max(prefix_peak, rest_stats.peak_bytes + held),
+                              max(prefix_stats.held_peak_bytes, rest_stats.held_peak_bytes + held),
+                              [*prefix_stats.segment_ms, *rest_stats.segment_ms],
+                              1e3 * (time.perf_counter() - started))
+        return {name: outputs[name] if name in outputs else carried[name] for name in self.replan.outputs}
+
+    # -- observation --------------------------------------------------------------------
+    def _signature(self, observed: Mapping[str, Any]) -> Signature:
+        """The sizes (and decisive values) the rest's plan depends on."""
+        parts: list[tuple[str, Any]] = []
+        for name in self.schedule.graph_outputs + tuple(n for n in self.schedule.graph_inputs if n in observed):
+            parts.append((name, _shape_of(observed[name])))
+        for point in self.replan.points:
+            if point.observe is Observe.VALUE:
+                parts.append((point.tensor, tuple(np.asarray(observed[point.tensor]).reshape(-1).tolist())))
+        return tuple(parts)
+
+    def _check_observed(self, observed: Mapping[str, Any]) -> int:
+        """Every prefix step, with the observed sizes in place of what it counted, fits the cap;
+        the prefix's accounted peak with them."""
+        limit = self.schedule.memory_limit
+        excess, decided, peak = 0, [], 0
+        points = sorted((p for p in self.replan.points if p.observe is Observe.SHAPE), key=lambda p: p.step)
+        position = 0
+        for step in self.schedule.steps:
+            while position < len(points) and points[position].step <= step.index:
+                point = points[position]
+                size = observed_nbytes(observed[point.tensor])
+                excess += size - point.accounted_bytes
+                decided.append((size, point.tensor))
+                position += 1
+            peak = max(peak, step.live_bytes + excess)
+            if limit is not None and decided and step.live_bytes + excess > limit:
+                size, tensor = max(decided)
+                raise ObservedSizeError(
+                    f"{self.source.label}: tensor {tensor!r} observed at {size} bytes ({format_size(size)}) cannot "
+                    f"fit memory_limit {format_size(limit)} ({limit} bytes): step {step.index} (node {step.node!r}) "
+                    f"would hold {step.live_bytes + excess} bytes", tensor=tensor, size_bytes=size,
+                    memory_limit=limit, needed_bytes=step.live_bytes + excess)
+        return max(peak, self.schedule.pinned_bytes)
+
+    # -- the rest -----------------------------------------------------------------------
+    def _plan(self, signature: Signature, observed: Mapping[str, Any], carried: Mapping[str, Any]) -> Runner:
+        started = time.perf_counter()
+        by_value = frozenset(p.tensor for p in self.replan.points if p.observe is Observe.VALUE) | frozenset(
+            name for name in self._known_values if name in observed)
+        rest = import_suffix(self.source, self.replan.suffix_nodes, self.replan.outputs, observed, by_value,
+                             isolate_symbolic=self._isolate_symbolic)
+        limit = self.schedule.memory_limit
+        held = sum(observed_nbytes(carried[name]) for name in self.replan.outputs
+                   if name in carried and name not in rest.graph.inputs)
+        rest_limit = None if limit is None else limit - held
+        try:
+            if rest_limit is not None and rest_limit < 1:
+                raise MemoryLimitError(f"the outputs the prefix made hold {held} bytes")
+            schedule = self._plan_rest(rest, rest_limit)
+        except MemoryLimitError as error:
+            assert limit is not None
+            tensor, size = _largest(rest)
+            raise ObservedSizeError(
+                f"{self.source.label}: with what this run observed ({self._describe(observed)}), the rest of the "
+                f"model cannot fit memory_limit {format_size(limit)} ({limit} bytes): its largest tensor {tensor!r} "
+                f"has {size} bytes ({format_size(size)}); {error}", tensor=tensor, size_bytes=size,
+                memory_limit=limit, needed_bytes=error.needed_bytes) from None
+        runner = runner_for(rest.source, schedule, self.config, self._plan_rest,
+                            isolate_symbolic=self._isolate_symbolic, known_values=by_value)
+        elapsed = 1e3 * (time.perf_counter() - started)
+        self.replans.plans_made += 1
+        self.replans.last_run_plans += 1
+        self.replans.replan_ms.append(elapsed)
+        self.replans.signatures.append(signature)
+        log.info("re-planned the rest of %s for %s in %.1f ms", self.source.label, self._describe(observed), elapsed)
+        return runner
+
+    def _describe(self, observed: Mapping[str, Any]) -> str:
+        """The observed points, as a person reads them: ``n = 200``, ``idx: int64[1, 999]``."""
+        parts = []
+        for point in self.replan.points:
+            value = observed[point.tensor]
+            if point.observe is Observe.VALUE:
+                parts.append(f"{point.tensor} = {np.asarray(value).tolist()}")
+            elif isinstance(value, np.ndarray):
+                parts.append(f"{point.tensor}: {value.dtype}{list(value.shape)}")
+            else:
+                parts.append(f"{point.tensor}: {observed_nbytes(value)} bytes")
+        return ", ".join(parts)
+
+    def _held_bytes(self, carried: Mapping[str, Any], rest: Runner) -> int:
+        return sum(observed_nbytes(carried[name]) for name in self.replan.outputs
+                   if name in carried and name not in rest.schedule.graph_inputs)
+
+    def close(self) -> None:
+        self.prefix.close()
+        for rest in self._rests.values():
+            rest.close()
+
+
+Runner = Runtime | ReplanRunner
+
+
+def runner_for(source: ModelSource, schedule: Schedule, config: SessionConfig, plan_rest: PlanRest, *,
+               isolate_symbolic: bool, known_values: frozenset[str] = frozenset()) -> Runner:
+    """What runs ``schedule``: the runtime, or a re-plan runner when the schedule says so."""
+    if schedule.replan is None:
+        return Runtime(source, schedule, config)
+    return ReplanRunner(source, schedule, config, plan_rest, isolate_symbolic=isolate_symbolic,
+                        known_values=known_values)
+
+
+def _shape_of(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return (str(value.dtype), value.shape)
+    if isinstance(value, list | tuple):
+        return tuple(_shape_of(v) for v in value)
+    return type(value).__name__
+
+
+def _largest(imported: ImportedModel) -> tuple[str, int]:
+    sized = [(t.nbytes or 0, t.name) for t in imported.graph.tensors.values() if t.role is not TensorRole.WEIGHT]
+    size, name = max(sized, default=(0, ""))
+    return name, size
+
+
