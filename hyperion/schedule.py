@@ -113,7 +113,7 @@ class Segment:
     # onnxruntime may fold nodes of constant inputs into initializers of its own when the
     # session is built; False where that would hold generated weights the plan counts as
     # activations (a capped plan whose segment makes large tensors from constants alone).
-    fold_constants: bool
+    fold_constants: bool = True   # optional in the file: version 2 schedules written before it load
 
     @property
     def steps(self) -> range:
