@@ -78,6 +78,20 @@ class TensorRecord:
 
 
 @dataclass(frozen=True)
+class RowGather:
+    """A Gather (axis 0) over a weight that the runtime runs itself, reading only the rows
+    its indices name from the weight's file (``tensors[weight].external``, or the file an
+    in-memory model's embedded weights are spilled to)."""
+
+    weight: str          # the table
+    indices: str
+    output: str
+    rows: int            # rows of the table; indices outside [-rows, rows) are an error
+    row_bytes: int
+    read_bytes: int      # the most bytes read: distinct indices at most, times row_bytes
+
+
+@dataclass(frozen=True)
 class Step:
     index: int
     node: str
@@ -89,6 +103,9 @@ class Step:
     loads: tuple[str, ...]     # weights made resident before this step
     evicts: tuple[str, ...]    # weights released after this step
     live_bytes: int
+    # Run by Hyperion from the rows it names, not by a session (a segment of its own);
+    # a file may leave it out (absent means None).
+    row_gather: RowGather | None = None
 
 
 @dataclass(frozen=True)
@@ -206,7 +223,7 @@ class Schedule:
             optimal_peak_bytes=data.get("optimal_peak_bytes"),
             input_shapes={k: tuple(v) for k, v in data["input_shapes"].items()},
             tensors={k: _tensor(v) for k, v in data["tensors"].items()},
-            steps=tuple(Step(**_tuples(s)) for s in data["steps"]),
+            steps=tuple(_step(s) for s in data["steps"]),
             segments=tuple(_segment(s, label) for s in data["segments"]),
             edges=tuple(EdgeRecord(e["src"], e["dst"], e["tensor"], EdgeKind(e["kind"])) for e in data["edges"]),
             graph_inputs=tuple(data["graph_inputs"]),
@@ -260,6 +277,12 @@ class Schedule:
 def _tuples(record: Mapping[str, Any]) -> dict[str, Any]:
     """``record`` with JSON lists as tuples (the dataclasses hold tuples: hashable, frozen)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+
+
+def _step(data: Mapping[str, Any]) -> Step:
+    fields = _tuples(data)
+    row_gather = fields.pop("row_gather", None)
+    return Step(**fields, row_gather=None if row_gather is None else RowGather(**row_gather))
 
 
 def _tensor(data: Mapping[str, Any]) -> TensorRecord:
@@ -432,6 +455,8 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
         for name in (*step.inputs, *step.outputs, *step.frees, *step.loads, *step.evicts):
             if name not in tensors:
                 fail(where, f"tensor {name!r} is not in the tensor table")
+        if step.row_gather is not None:
+            _check_row_gather(step, schedule, initializers, fail)
     next_step = 0
     for position, segment in enumerate(schedule.segments):
         where = f"segments/{position}"
@@ -474,6 +499,26 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
 _NON_TENSOR_KINDS = frozenset({"sequence", "optional", "map", "sparse_tensor"})
 
 
+def _check_row_gather(step: Step, schedule: Schedule, initializers: Mapping[str, Any], fail: Any) -> None:
+    """A row gather reads its node's table and indices, within the table, alone in its segment."""
+    import numpy as np
+
+    where, gather = f"steps/{step.index}/row_gather", step.row_gather
+    assert gather is not None
+    if step.op_type != "Gather" or (gather.weight, gather.indices) != step.inputs or (gather.output,) != step.outputs:
+        fail(where, f"does not match node {step.node!r}'s inputs and output")
+    init = initializers.get(gather.weight)
+    record = schedule.tensors.get(gather.weight)
+    if init is None or record is None or record.role is not TensorRole.WEIGHT:
+        fail(where, f"table {gather.weight!r} is not a weight of the model")
+    table_bytes = int(np.prod(init.dims, dtype=np.int64)) * np.dtype(record.dtype).itemsize
+    if not init.dims or gather.rows != init.dims[0] or gather.rows * gather.row_bytes != table_bytes:
+        fail(where, f"{gather.rows} rows of {gather.row_bytes} bytes are not the table {gather.weight!r}")
+    segment = schedule.segments[step.segment] if step.segment < len(schedule.segments) else None
+    if segment is None or segment.first_step != segment.last_step:
+        fail(where, "a row gather is a segment of its own")
+
+
 def _check_dataflow(schedule: Schedule, fail: Any) -> None:
     """Every segment's inputs are available when it runs (as the runtime holds tensors)."""
     if schedule.whole_model:
@@ -493,5 +538,5 @@ def _check_dataflow(schedule: Schedule, fail: Any) -> None:
             fail("graph_outputs", f"output {name!r} is produced by no segment")
 
 
-__all__ = ["FORMAT", "VERSION", "EdgeRecord", "ModelRef", "Schedule", "ScheduleError", "Segment",
+__all__ = ["FORMAT", "VERSION", "EdgeRecord", "ModelRef", "RowGather", "Schedule", "ScheduleError", "Segment",
            "Step", "Streaming", "TensorRecord", "ValueType", "check_consistency", "schema", "validate", "write_atomic"]

@@ -74,7 +74,9 @@ class SegmentPass(Pass):
     8. segments are grown greedily while every constraint above holds; a step that
        does not fit even as its own segment raises
        :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
-       the smallest cap that works (that cap always admits a plan).
+       the smallest cap that works (that cap always admits a plan);
+    9. a step the ``tile`` pass runs outside onnxruntime (a row gather) is a segment
+       of its own.
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.
@@ -92,10 +94,11 @@ class SegmentPass(Pass):
 
     def call(self, program: Program) -> PassResult:
         assert program.liveness is not None
+        isolated = program.tiling.isolated_steps(program.liveness.order) if program.tiling else frozenset()
         segmentation = segment(program.graph, program.liveness, program.planning_mode, program.memory_limit,
                                self.max_segment_steps, prefetch=self.prefetch,
                                weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=self.pinned_bytes,
-                               prepack_weights=self.prepack_weights)
+                               prepack_weights=self.prepack_weights, isolated=isolated)
         modified = segmentation != program.segmentation
         program.segmentation = segmentation
         return PassResult(program, modified)
@@ -181,8 +184,11 @@ class _Rules:
     budget: int | None        # the cap minus pinned bytes
     prefetch: bool
     max_segment_steps: int | None
+    isolated: frozenset[int] = frozenset()   # steps that are segments of their own (tile pass)
 
     def fits(self, costs: _Costs, span: _GrowingSpan, step: int, previous: _GrowingSpan | None) -> bool:
+        if step in self.isolated or step - 1 in self.isolated:
+            return False
         if self.max_segment_steps is not None and step - span.start >= self.max_segment_steps:
             return False
         if self.budget is None:
@@ -203,7 +209,7 @@ class _Rules:
 def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit: int | None,
             max_segment_steps: int | None = None, *, prefetch: bool = True,
             weight_cache_bytes: int | None = None, pinned_bytes: int = 0,
-            prepack_weights: bool = True) -> Segmentation:
+            prepack_weights: bool = True, isolated: frozenset[int] = frozenset()) -> Segmentation:
     if liveness.num_steps == 0:
         return Segmentation((), ())
     normal = mode is ExecutionMode.NORMAL
@@ -211,7 +217,7 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
     costs = _Costs(graph, liveness, normal, prepack_weights)
     _check_single_steps(costs, mode, memory_limit, prefetch, pinned_bytes)
     budget = None if memory_limit is None else memory_limit - pinned_bytes
-    spans = _grow(costs, _Rules(budget, prefetch, max_segment_steps))
+    spans = _grow(costs, _Rules(budget, prefetch, max_segment_steps, isolated))
     held = tuple(costs.held(s.weights) for s in spans)
     loading = tuple(costs.loading(s.weights) for s in spans)
     layout = _Layout(costs, spans, held, loading, prefetch, pinned_bytes)

@@ -23,6 +23,7 @@ from hyperion.passes.segment import Segmentation
 from hyperion.schedule import (
     EdgeRecord,
     ModelRef,
+    RowGather,
     Schedule,
     Segment,
     Step,
@@ -107,7 +108,9 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
                         if t in graph.outputs or liveness.intervals[t].last >= span.stop)
         constants = inlined_constants(graph, inputs)
         large = tuple(w for w in weights if (graph.tensors[w].nbytes or 0) > SMALL_TENSOR_BYTES)
-        fed = large if feeds_weights and index not in cached else ()
+        # A row gather has no session: its table is read row by row, never fed.
+        runs_in_session = not (program.tiling and any(n.name in program.tiling.row_gathers for n in nodes))
+        fed = large if feeds_weights and index not in cached and runs_in_session else ()
         segments.append(Segment(
             index=index, first_step=span.start, last_step=span.stop - 1, inputs=inputs, outputs=outputs,
             weights=weights, peak_bytes=max(segmentation.step_bytes[span.start:span.stop], default=0),
@@ -123,6 +126,15 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
     if normal and order:
         loads[0].extend(sorted(t.name for t in graph.tensors.values() if t.role is TensorRole.WEIGHT))
     return tuple(segments), loads, evicts
+
+
+def _row_gather(program: Program, node: str) -> RowGather | None:
+    """The row gather the tile pass made of ``node``, as the schedule records it."""
+    gather = program.tiling.row_gathers.get(node) if program.tiling else None
+    if gather is None:
+        return None
+    return RowGather(weight=gather.weight, indices=gather.indices, output=gather.output, rows=gather.rows,
+                     row_bytes=gather.row_bytes, read_bytes=gather.read_bytes)
 
 
 def _at(values: tuple[int, ...], index: int) -> int:
@@ -213,7 +225,7 @@ def build_schedule(imported: ImportedModel, program: Program, *, requested: Exec
         Step(index=i, node=name, op_type=graph.nodes[name].op_type, segment=segment_of_step[i],
              inputs=graph.nodes[name].inputs, outputs=graph.nodes[name].outputs,
              frees=liveness.frees[i], loads=tuple(loads[i]), evicts=tuple(evicts[i]),
-             live_bytes=segmentation.step_bytes[i])
+             live_bytes=segmentation.step_bytes[i], row_gather=_row_gather(program, name))
         for i, name in enumerate(liveness.order))
     streaming = _streaming(program)
     types = _boundary_types(segments, imported.value_types, free_batch=streaming is not None)

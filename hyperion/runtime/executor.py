@@ -33,11 +33,12 @@ from onnx import NodeProto
 from hyperion.errors import FeedError, RuntimeExecutionError, UnsupportedModelError
 from hyperion.frontend import ModelSource
 from hyperion.ir import ExecutionMode, TensorRole
+from hyperion.runtime.rows import gather_rows
 from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
 from hyperion.runtime.sessions import SessionPool, SessionTimes, return_freed_memory, session_options
 from hyperion.runtime.trace import HELD_COUNTER, NULL_RECORDER, NullRecorder
 from hyperion.runtime.weights import WeightStore
-from hyperion.schedule import Schedule, Segment
+from hyperion.schedule import RowGather, Schedule, Segment
 
 # With a cap, blocks of this size or more go back to the OS when freed (see sessions.return_freed_memory).
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -288,6 +289,10 @@ class Runtime:
             # Only dead nodes (outputs nobody reads): nothing to compute, and onnxruntime
             # refuses both a run that fetches nothing and a graph with no outputs.
             return []
+        gather = self.schedule.steps[segment.first_step].row_gather
+        if gather is not None:  # a segment of its own, run here: no session
+            self._prefetch(self._next_segment(segment.index))
+            return [self._gather_rows(segment, gather, feeds[gather.indices])]
         session = self.session(segment)
         self._prefetch(self._next_segment(segment.index))  # while this one computes
         model_feeds = self._model_feeds(segment, feeds)
@@ -303,10 +308,22 @@ class Runtime:
             del model_feeds
             self.weights.release(segment.fed_weights)
 
+    def _gather_rows(self, segment: Segment, gather: RowGather, indices: np.ndarray) -> np.ndarray:
+        """A row gather (``Step.row_gather``): the rows its indices name, read from the table's file."""
+        record = self.schedule.tensors[gather.weight]
+        shape = tuple(int(d) for d in record.shape or ())
+        span = self.weights._span(gather.weight)  # the located file (contained), or None: kept in the proto
+        table = self.weights.read(gather.weight) if span is None else None
+        with self.tracer.span(f"row gather {gather.weight}", "row_gather", segment=segment.index):
+            return gather_rows(gather, self.schedule.steps[segment.first_step].node, indices,
+                               np.dtype(record.dtype), shape[1:], None if span is None else span.path,
+                               0 if span is None else span.offset, table)
+
     def _prefetch(self, index: int | None) -> None:
         """Get segment ``index`` ready: its session built in the background (when it is not
-        kept) and its fed weights read ahead into the page cache."""
-        if index is None or not self.schedule.prefetch:
+        kept) and its fed weights read ahead into the page cache. A row gather has neither."""
+        if index is None or not self.schedule.prefetch or self.schedule.steps[
+                self.schedule.segments[index].first_step].row_gather is not None:
             return
         self.pool.prefetch(index)
         self.weights.prefetch(self.schedule.segments[index].fed_weights)
