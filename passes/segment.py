@@ -75,8 +75,8 @@ class SegmentPass(Pass):
        does not fit even as its own segment raises
        :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
        the smallest cap that works (that cap always admits a plan);
-    9. a step the ``tile`` pass runs outside onnxruntime (a row gather) is a segment
-       of its own.
+    9. a step the ``tile`` pass runs outside onnxruntime (a row gather, a tiled step)
+       is a segment of its own, and loads its weights when it runs (never prefetched).
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.
@@ -120,8 +120,10 @@ class SegmentPass(Pass):
 class _Costs:
     """Per-step facts the segmentation needs: live activations, deaths, weights."""
 
-    def __init__(self, graph: Graph, liveness: Liveness, normal: bool, prepack: bool = True) -> None:
+    def __init__(self, graph: Graph, liveness: Liveness, normal: bool, prepack: bool = True,
+                 isolated: frozenset[int] = frozenset()) -> None:
         self.graph, self.liveness, self.normal, self.prepack = graph, liveness, normal, prepack
+        self.isolated = isolated   # steps Hyperion runs itself: segments of their own, loaded when they run
         self.n = liveness.num_steps
         self.activations = activation_live_bytes(graph, liveness)
         self.deaths: list[list[str]] = [[] for _ in range(self.n)]
@@ -184,10 +186,9 @@ class _Rules:
     budget: int | None        # the cap minus pinned bytes
     prefetch: bool
     max_segment_steps: int | None
-    isolated: frozenset[int] = frozenset()   # steps that are segments of their own (tile pass)
 
     def fits(self, costs: _Costs, span: _GrowingSpan, step: int, previous: _GrowingSpan | None) -> bool:
-        if step in self.isolated or step - 1 in self.isolated:
+        if step in costs.isolated or step - 1 in costs.isolated:
             return False
         if self.max_segment_steps is not None and step - span.start >= self.max_segment_steps:
             return False
@@ -214,10 +215,10 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
         return Segmentation((), ())
     normal = mode is ExecutionMode.NORMAL
     prefetch = prefetch and not normal
-    costs = _Costs(graph, liveness, normal, prepack_weights)
+    costs = _Costs(graph, liveness, normal, prepack_weights, isolated)
     _check_single_steps(costs, mode, memory_limit, prefetch, pinned_bytes)
     budget = None if memory_limit is None else memory_limit - pinned_bytes
-    spans = _grow(costs, _Rules(budget, prefetch, max_segment_steps, isolated))
+    spans = _grow(costs, _Rules(budget, prefetch, max_segment_steps))
     held = tuple(costs.held(s.weights) for s in spans)
     loading = tuple(costs.loading(s.weights) for s in spans)
     layout = _Layout(costs, spans, held, loading, prefetch, pinned_bytes)
@@ -263,7 +264,7 @@ class _Layout:
         nxt = self.next_of(index)
         ahead = self.loading[nxt] if self.prefetch and nxt is not None else 0
         steps = [a + self.held[index] + ahead + self.pinned for a in span.step_activation]
-        created_alone = index == 0 or not self.prefetch
+        created_alone = index == 0 or not self.prefetch or span.start in costs.isolated
         creation = span.step_activation[0] + self.loading[index] + self.pinned if created_alone else 0
         return steps, creation
 
@@ -332,7 +333,7 @@ def _single_steps(costs: _Costs, prefetch: bool, pinned_bytes: int) -> list[int]
         elif prefetch:
             ahead = costs.loading(costs.weights[step + 1]) if step + 1 < costs.n else 0
             cost = activation + costs.held(weights) + ahead
-            if step == 0:
+            if step == 0 or step in costs.isolated:
                 cost = max(cost, activation + costs.loading(weights))
         else:
             cost = activation + costs.loading(weights)
