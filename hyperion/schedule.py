@@ -92,6 +92,22 @@ class RowGather:
 
 
 @dataclass(frozen=True)
+class Tiles:
+    """A step the runtime runs tile by tile: its output split along ``output_axis`` at
+    ``bounds``, each tile computed by the step's op from one weight tile (and bias tile)
+    read into a buffer every tile reuses, and written into the one output buffer."""
+
+    weight: str
+    bias: str | None           # sliced with the weight; None: absent, or one value for every tile
+    output: str
+    output_axis: int
+    weight_axis: int           # the weight's axis the tiles slice: 0 -> each tile one contiguous read
+    bounds: tuple[int, ...]    # tile edges: 0, ..., the axis' length
+    in_place: bool             # output slices are contiguous: tiles are bound straight into the output
+    staging_bytes: int         # the weight tile's buffer, plus an output tile's when not in place
+
+
+@dataclass(frozen=True)
 class Step:
     index: int
     node: str
@@ -106,6 +122,7 @@ class Step:
     # Run by Hyperion from the rows it names, not by a session (a segment of its own);
     # a file may leave it out (absent means None).
     row_gather: RowGather | None = None
+    tiles: Tiles | None = None           # run tile by tile by Hyperion (a segment of its own); may be absent
 
 
 @dataclass(frozen=True)
@@ -281,8 +298,9 @@ def _tuples(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def _step(data: Mapping[str, Any]) -> Step:
     fields = _tuples(data)
-    row_gather = fields.pop("row_gather", None)
-    return Step(**fields, row_gather=None if row_gather is None else RowGather(**row_gather))
+    row_gather, tiles = fields.pop("row_gather", None), fields.pop("tiles", None)
+    return Step(**fields, row_gather=None if row_gather is None else RowGather(**row_gather),
+                tiles=None if tiles is None else Tiles(**_tuples(tiles)))
 
 
 def _tensor(data: Mapping[str, Any]) -> TensorRecord:
@@ -539,4 +557,5 @@ def _check_dataflow(schedule: Schedule, fail: Any) -> None:
 
 
 __all__ = ["FORMAT", "VERSION", "EdgeRecord", "ModelRef", "RowGather", "Schedule", "ScheduleError", "Segment",
-           "Step", "Streaming", "TensorRecord", "ValueType", "check_consistency", "schema", "validate", "write_atomic"]
+           "Step", "Streaming", "TensorRecord", "Tiles", "ValueType", "check_consistency", "schema", "validate",
+           "write_atomic"]

@@ -12,7 +12,10 @@ import numpy as np
 
 from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, NodeInfo, TensorInfo
 from hyperion.passes._infra import Pass, PassResult, ensure, require
+from hyperion.passes.liveness import activation_live_bytes, compute_liveness
+from hyperion.passes.memory.costs import resident_bytes
 from hyperion.passes.program import Program
+from hyperion.passes.tile_ops import Geometry, geometry
 
 # A table smaller than this is read whole: a few pages, not worth a step of its own.
 ROW_GATHER_MIN_BYTES = 1 << 20
@@ -32,16 +35,31 @@ class RowGather:
 
 
 @dataclass(frozen=True)
+class TiledStep:
+    """A step split along its output axis into tiles, each computed from one weight tile."""
+
+    geometry: Geometry
+    bounds: tuple[int, ...]      # tile edges along the tiled axis: 0, ..., size
+    staging_bytes: int           # the widest tile's buffers, reused by every tile
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False))
+
+
+@dataclass(frozen=True)
 class Tiling:
     """The tile pass's result: the steps that read a weight in part, by node."""
 
     row_gathers: Mapping[str, RowGather]
+    tiled: Mapping[str, TiledStep] = dataclasses.field(default_factory=dict)
 
     def isolated_steps(self, order: tuple[str, ...]) -> frozenset[int]:
         """Steps run by Hyperion itself, not by a session: each is a segment of its own."""
-        return frozenset(i for i, node in enumerate(order) if node in self.row_gathers)
+        return frozenset(i for i, node in enumerate(order) if node in self.row_gathers or node in self.tiled)
 
 
+@dataclass(frozen=True)
 class TilePass(Pass):
     """Steps that need only part of a large weight account only that part.
 
@@ -59,28 +77,50 @@ class TilePass(Pass):
     3. only when every reader of the weight is a row gather (another reader would
        load the whole table anyway) and the weight is not a graph output; and only
        when the rows read are fewer than the table's;
-    4. a row gather runs outside onnxruntime, so it is a segment of its own (the
-       ``segment`` pass reads :meth:`Tiling.isolated_steps`).
+    4. under a cap, a MatMul, Gemm or Conv (``tile_ops.py``: the axis of each that
+       keeps results exact) whose step does not fit -- its live activations and its
+       weight being loaded (held, plus the original while it is packed), and with
+       prefetch the next step's weights being loaded -- is split along that axis
+       into tiles, each computed by onnxruntime's kernel from one weight tile read
+       into a buffer the tiles share, and written into the one output buffer;
+    5. tiles are as wide as the cap allows, in multiples of ``TILE_UNIT``, and of
+       equal width but the last; when even one unit does not fit, one unit it is,
+       and the ``segment`` pass names the smallest cap: the step's live tensors
+       (its output included) plus one tile;
+    6. only when the weight has no other reader and is not a graph output;
+    7. row gathers and tiled steps run outside one session of their segment, so
+       each is a segment of its own (the ``segment`` pass reads
+       :meth:`Tiling.isolated_steps`).
 
-    The weight's accounted size in ``program.graph`` becomes the most a row gather
-    of it reads (its tensor record's ``bytes`` in the schedule). Writes
-    ``program.tiling``. Postcondition: every row gather's node still reads its weight
-    and accounts no more than the table.
+    The weight's accounted size in ``program.graph`` becomes what the step holds of
+    it: the most a row gather of it reads, or one tile (its shape the tile's, so the
+    cost model prices the tile's packed copy; its ``bytes`` the tile's buffers).
+    Writes ``program.tiling``. Postcondition: every row gather's and tiled step's
+    node still reads its weight, a row gather accounts no more than its table, and
+    tiles cover the tiled axis in order.
     """
 
     name: ClassVar[str] = "tile"
+    prefetch: bool = True
+    prepack_weights: bool = True
 
     def requires(self, program: Program) -> None:
         require(program.order is not None, self.name, "an order (the 'order' pass)")
 
     def call(self, program: Program) -> PassResult:
         graph = program.graph
-        gathers = {} if program.planning_mode is ExecutionMode.NORMAL else row_gathers(graph)
-        tiling = Tiling(gathers)
+        if program.planning_mode is ExecutionMode.NORMAL:
+            tiling = Tiling({})
+        else:
+            gathers = row_gathers(graph)
+            graph = graph.with_tensors(_accounted(graph, gathers.values())) if gathers else graph
+            tiled = {} if program.memory_limit is None else tiled_steps(
+                graph, program.order or (), program.memory_limit, self.prefetch, self.prepack_weights)
+            graph = graph.with_tensors(_tile_accounted(graph, tiled.values())) if tiled else graph
+            tiling = Tiling(gathers, tiled)
         modified = tiling != program.tiling
         program.tiling = tiling
-        if gathers:
-            program.graph = graph.with_tensors(_accounted(graph, gathers.values()))
+        program.graph = graph
         return PassResult(program, modified)
 
     def ensures(self, program: Program) -> None:
@@ -92,6 +132,13 @@ class TilePass(Pass):
             ensure(node.inputs[0] == gather.weight, self.name, f"node {gather.node!r} does not read {gather.weight!r}")
             ensure(gather.read_bytes <= gather.rows * gather.row_bytes, self.name,
                    f"row gather {gather.node!r} accounts more than its table")
+        for tiled in tiling.tiled.values():
+            geometry = tiled.geometry
+            ensure(geometry.weight in program.graph.nodes[geometry.node].inputs, self.name,
+                   f"node {geometry.node!r} does not read {geometry.weight!r}")
+            bounds = tiled.bounds
+            ensure(bounds[0] == 0 and bounds[-1] == geometry.size and all(w > 0 for w in tiled.widths),
+                   self.name, f"the tiles of {geometry.node!r} do not cover its axis in order")
 
 
 def row_gathers(graph: Graph) -> dict[str, RowGather]:
@@ -141,4 +188,90 @@ def _accounted(graph: Graph, gathers: Iterable[RowGather]) -> dict[str, TensorIn
     tensors = dict(graph.tensors)
     for weight, nbytes in read.items():
         tensors[weight] = dataclasses.replace(tensors[weight], nbytes=nbytes)
+    return tensors
+
+
+# -- tiles --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _StepCost:
+    """What a tiled step accounts, as the ``segment`` pass will for a segment of its own:
+    its live activations and its weights being loaded (held, plus the largest original
+    while packing), with prefetch also the next step's weights being loaded -- and, on
+    the previous step, this one's weights being prefetched."""
+
+    shape: Geometry
+    activations: int
+    others_held: int         # the step's other weights (a bias), as held
+    others_plain: int        # the largest of them, as read
+    ahead: int               # the next step's loading, with prefetch
+    behind: int              # the previous step's activations and held weights, with prefetch
+    prepack: bool
+
+    def __call__(self, width: int) -> int:
+        loading = self.shape.held_bytes(width, self.prepack) + self.others_held
+        if self.prepack:
+            loading += max(self.shape.staging_bytes(width), self.others_plain)
+        return max(self.activations + loading + self.ahead, self.behind + loading)
+
+    def widest(self, memory_limit: int) -> int:
+        """The widest tile (whole units) that fits ``memory_limit``; one unit if none does."""
+        unit = self.shape.unit
+        low, high = 1, self.shape.size // unit       # in units; the cost grows with the width
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self(middle * unit) <= memory_limit:
+                low = middle
+            else:
+                high = middle - 1
+        return low * unit
+
+
+def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetch: bool,
+                prepack: bool) -> dict[str, TiledStep]:
+    """Rules 4-6: the steps that do not fit whole, and their tiles."""
+    liveness = compute_liveness(graph, order)
+    activations = activation_live_bytes(graph, liveness)
+    weights = [graph.weights_of(node) for node in order]
+    plain = {w: graph.tensors[w].nbytes or 0 for ws in weights for w in ws}
+    held = {w: resident_bytes(graph, w) if prepack else plain[w] for w in plain}
+
+    def loading(names: tuple[str, ...]) -> int:
+        return sum(held[w] for w in names) + (max((plain[w] for w in names), default=0) if prepack else 0)
+
+    tiled: dict[str, TiledStep] = {}
+    for step, name in enumerate(order):
+        shape = geometry(graph, graph.nodes[name])
+        if shape is None or shape.weight in graph.outputs or graph.tensors[shape.weight].consumers != (name,):
+            continue
+        others = [w for w in weights[step] if w != shape.weight]
+        cost = _StepCost(
+            shape, activations[step], sum(held[w] for w in others), max((plain[w] for w in others), default=0),
+            loading(weights[step + 1]) if prefetch and step + 1 < len(order) else 0,
+            activations[step - 1] + sum(held[w] for w in weights[step - 1]) if prefetch and step > 0 else 0,
+            prepack)
+        if cost(shape.size) <= memory_limit:
+            continue
+        tiled[name] = _balanced(shape, cost.widest(memory_limit))
+    return tiled
+
+
+def _balanced(shape: Geometry, widest: int) -> TiledStep:
+    """As few tiles as ``widest`` allows, of equal width (whole units) but the last."""
+    count = _ceil_div(shape.size, widest)
+    width = min(widest, _ceil_div(_ceil_div(shape.size, count), shape.unit) * shape.unit)
+    bounds = (*range(0, shape.size, width), shape.size)
+    return TiledStep(shape, bounds, shape.staging_bytes(width))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tile_accounted(graph: Graph, tiled: Iterable[TiledStep]) -> dict[str, TensorInfo]:
+    """The tensor table with each tiled weight sized and shaped as its widest tile."""
+    tensors = dict(graph.tensors)
+    for step in tiled:
+        shape = step.geometry
+        tensors[shape.weight] = dataclasses.replace(tensors[shape.weight], shape=shape.tile_shape(max(step.widths)),
+                                                    nbytes=step.staging_bytes)
     return tensors

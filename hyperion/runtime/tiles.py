@@ -1,0 +1,122 @@
+"""Tiled steps: one op computed tile by tile, each from one weight tile, into one output.
+
+The schedule says everything (``Step.tiles``): the axis, the tile edges, which axis
+of the weight a tile slices, whether output slices are contiguous. Per tile, the
+weight tile is read from the weight's file into one buffer every tile reuses
+(positioned reads: one for a contiguous tile, one per weight row for a column
+tile), and a one-node session over the step's own node computes it: the weight
+tile (and bias tile) are handed to onnxruntime as external initializers
+(``SessionOptions.add_external_initializers``) over that buffer, so onnxruntime
+pre-packs them exactly as it packs the whole weight, and each output element is
+computed as untiled. The tile's output is bound straight into the output buffer
+with IOBinding when its slice is contiguous, else copied into it; the output is
+never held twice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import NodeProto, TensorProto
+
+from hyperion.errors import ModelLoadError, RuntimeExecutionError
+from hyperion.schedule import Tiles
+
+# The name tile weights are declared under: never read (their bytes are handed over in memory).
+TILE_DATA_LOCATION = "hyperion-tile-in-memory"
+
+
+def tile_model(node: NodeProto, tiles: Tiles, width: int, weight_shape: tuple[int, ...],
+               inputs: Mapping[str, np.ndarray], initializers: Mapping[str, TensorProto], opsets: list) -> bytes:
+    """A one-node model of ``node`` for one tile ``width`` wide: activations as inputs, the
+    weight (and bias) tile as external initializers supplied at session creation."""
+    tile_shape = list(weight_shape)
+    tile_shape[tiles.weight_axis] = width
+    declared = [_external(tiles.weight, tile_shape)]
+    if tiles.bias is not None:
+        declared.append(_external(tiles.bias, [width]))
+    others = [initializers[name] for name in node.input if name and name in initializers
+              and name not in (tiles.weight, tiles.bias)]
+    graph = onnx.helper.make_graph(
+        [node], "tile", [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
+                                                            list(value.shape)) for name, value in inputs.items()],
+        [onnx.ValueInfoProto(name=tiles.output)], [*declared, *others])
+    model = onnx.helper.make_model(graph, opset_imports=opsets)
+    return model.SerializeToString()
+
+
+def _external(name: str, shape: list[int]) -> TensorProto:
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=shape, data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", TILE_DATA_LOCATION), ("length", str(4 * math.prod(shape)))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def read_weight_tile(path: Path, offset: int, name: str, shape: tuple[int, ...], axis: int, start: int,
+                     stop: int, buffer: np.ndarray) -> np.ndarray:
+    """``weight[start:stop]`` along ``axis`` (0, or 1 of a 2-D weight) into ``buffer``, as a
+    C-contiguous array; read from the file with one positioned read per contiguous run."""
+    width = stop - start
+    tile_shape = list(shape)
+    tile_shape[axis] = width
+    tile = buffer[:math.prod(tile_shape)].reshape(tile_shape)
+    raw = memoryview(tile.reshape(-1).view(np.uint8))
+    item = tile.itemsize
+    if axis == 0:
+        row_bytes = math.prod(shape[1:]) * item
+        runs = [(offset + start * row_bytes, 0, width * row_bytes)]
+    else:  # a column block of a row-major [rows, columns] weight: one run per row
+        rows, columns = shape
+        runs = [(offset + (row * columns + start) * item, row * width * item, width * item) for row in range(rows)]
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read weight {name!r}: {exc.strerror or exc}") from None
+    try:
+        for file_offset, at, length in runs:
+            if os.preadv(fd, [raw[at:at + length]], file_offset) != length:
+                raise ModelLoadError(f"{path}: truncated external data for weight {name!r}")
+    finally:
+        os.close(fd)
+    return tile
+
+
+def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], inputs: Mapping[str, np.ndarray],
+              read_tile: Callable[[int, int, np.ndarray], np.ndarray], bias: np.ndarray | None,
+              build: Callable[[int], bytes], options: Callable[[], ort.SessionOptions]) -> np.ndarray:
+    """The step's output, tile by tile: ``read_tile(start, stop, buffer)`` gives a weight
+    tile, ``build(width)`` the tile model, ``options()`` fresh session options."""
+    output = np.empty(output_shape, np.float32)
+    staging = np.empty(max(1, tiles.staging_bytes // 4), np.float32)
+    for start, stop in zip(tiles.bounds, tiles.bounds[1:], strict=False):
+        weight = read_tile(start, stop, staging)
+        supplied = {tiles.weight: weight}
+        if tiles.bias is not None and bias is not None:
+            supplied[tiles.bias] = np.ascontiguousarray(bias[start:stop])
+        session_options = options()
+        session_options.add_external_initializers(
+            list(supplied), [ort.OrtValue.ortvalue_from_numpy(value) for value in supplied.values()])
+        where = (slice(None),) * tiles.output_axis + (slice(start, stop),)
+        try:
+            session = ort.InferenceSession(build(stop - start), session_options, providers=["CPUExecutionProvider"])
+            target = output[where]
+            if tiles.in_place and target.flags.c_contiguous:
+                binding = session.io_binding()
+                for name, value in inputs.items():
+                    binding.bind_cpu_input(name, value)
+                binding.bind_output(tiles.output, "cpu", 0, np.float32, list(target.shape), target.ctypes.data)
+                session.run_with_iobinding(binding)
+            else:
+                target[...] = session.run([tiles.output], dict(inputs))[0]
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise RuntimeExecutionError(f"node {node!r}: onnxruntime failed on tile {start}:{stop} of "
+                                        f"{tiles.output!r}: {str(exc).strip().splitlines()[0]}") from None
+        del session, supplied, weight
+    return output
