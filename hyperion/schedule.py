@@ -475,6 +475,8 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
                 fail(where, f"tensor {name!r} is not in the tensor table")
         if step.row_gather is not None:
             _check_row_gather(step, schedule, initializers, fail)
+        if step.tiles is not None:
+            _check_tiles(step, schedule, initializers, fail)
     next_step = 0
     for position, segment in enumerate(schedule.segments):
         where = f"segments/{position}"
@@ -535,6 +537,38 @@ def _check_row_gather(step: Step, schedule: Schedule, initializers: Mapping[str,
     segment = schedule.segments[step.segment] if step.segment < len(schedule.segments) else None
     if segment is None or segment.first_step != segment.last_step:
         fail(where, "a row gather is a segment of its own")
+
+
+def _check_tiles(step: Step, schedule: Schedule, initializers: Mapping[str, Any], fail: Any) -> None:
+    """Tiles slice their node's float32 weight within its shape, cover the output axis in
+    order, fit their buffer, and are a segment of their own."""
+    import math
+    from itertools import pairwise
+
+    where, tiles = f"steps/{step.index}/tiles", step.tiles
+    assert tiles is not None
+    if tiles.weight not in step.inputs or (tiles.bias is not None and tiles.bias not in step.inputs) \
+            or (tiles.output,) != step.outputs:
+        fail(where, f"does not match node {step.node!r}'s inputs and output")
+    for name in (tiles.weight, *(() if tiles.bias is None else (tiles.bias,))):
+        if name not in initializers or schedule.tensors[name].dtype != "float32":
+            fail(where, f"{name!r} is not a float32 weight of the model")
+    dims = tuple(initializers[tiles.weight].dims)
+    output = schedule.tensors[tiles.output].shape or ()
+    if not ((tiles.weight_axis == 0 and dims) or (tiles.weight_axis == 1 and len(dims) == 2)) \
+            or not tiles.output_axis < len(output):
+        fail(where, f"weight axis {tiles.weight_axis} or output axis {tiles.output_axis} cannot be tiled")
+    bounds = tiles.bounds
+    if bounds[0] != 0 or bounds[-1] != dims[tiles.weight_axis] or any(a >= b for a, b in pairwise(bounds)):
+        fail(where, f"bounds do not cover the {dims[tiles.weight_axis]} of {tiles.weight!r} in order")
+    if tiles.bias is not None and math.prod(initializers[tiles.bias].dims) != dims[tiles.weight_axis]:
+        fail(where, f"bias {tiles.bias!r} does not have one value per tile column")
+    widest = max(b - a for a, b in pairwise(bounds))
+    if 4 * math.prod(dims) // dims[tiles.weight_axis] * widest > tiles.staging_bytes:
+        fail(where, f"a tile {widest} wide does not fit staging_bytes {tiles.staging_bytes}")
+    segment = schedule.segments[step.segment] if step.segment < len(schedule.segments) else None
+    if segment is None or segment.first_step != segment.last_step:
+        fail(where, "a tiled step is a segment of its own")
 
 
 def _check_dataflow(schedule: Schedule, fail: Any) -> None:

@@ -20,11 +20,13 @@ from hyperion.schedule import (
     VERSION,
     EdgeRecord,
     ModelRef,
+    RowGather,
     Schedule,
     Segment,
     Step,
     Streaming,
     TensorRecord,
+    Tiles,
     ValueType,
     _plain,
     schema,
@@ -120,16 +122,18 @@ RECORDS: dict[type, tuple[tuple[str, ...], str]] = {
     Segment: (("$defs", "segment"), "Segment"),
     EdgeRecord: (("$defs", "edge"), "Edge"),
     Streaming: (("$defs", "streaming"), "Streaming"),
+    RowGather: (("$defs", "row_gather"), "Row gather"),
+    Tiles: (("$defs", "tiles"), "Tiles"),
 }
 
 # Fields a file may leave out (absent means None); every other field is required.
-OPTIONAL: dict[type, set[str]] = {Schedule: {"optimal_peak_bytes"}}
+OPTIONAL: dict[type, set[str]] = {Schedule: {"optimal_peak_bytes"}, Step: {"row_gather", "tiles"}}
 
 
 def _nested_records(record: type) -> set[type]:
     """The record types ``record``'s fields hold (the dataclasses among their annotations)."""
     by_name = {cls.__name__: cls for cls in (ModelRef, TensorRecord, ExternalLocation, ValueType, Step, Segment,
-                                             EdgeRecord, Streaming)}
+                                             EdgeRecord, Streaming, RowGather, Tiles)}
     return {cls for f in dataclasses.fields(record) for name, cls in by_name.items() if name in str(f.type)}
 
 

@@ -1,0 +1,155 @@
+"""Operator tiling: a MatMul, Gemm or Conv step bigger than the cap runs tile by tile,
+within the cap, with onnxruntime's outputs bit for bit (tiles split an axis no output
+element is summed over, and each tile's weight is packed as the whole weight is)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import hyperion
+from hyperion.passes.tile_ops import TILE_UNIT
+from hyperion.schedule import Tiles
+from tests.conftest import reference_outputs
+
+EXAMPLES = settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _model(node: onnx.NodeProto, inputs: dict[str, list[int]], output: str, weights: dict[str, np.ndarray]
+           ) -> onnx.ModelProto:
+    """One op, then a Relu (so the tiled step has a reader inside the model), as ONNX."""
+    graph = helper.make_graph(
+        [node, helper.make_node("Relu", [output], ["y"], name="relu")], "tile",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value, name) for name, value in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _saved(model: onnx.ModelProto, folder: Path) -> Path:
+    path = folder / "op.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="op.onnx.data", size_threshold=0)
+    return path
+
+
+def _random(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _check_under_caps(path: Path, feeds: dict[str, np.ndarray], weight_bytes: int, fraction: float) -> Tiles:
+    """Compile at a cap between the smallest feasible and the weight's size: the step is
+    tiled, the plan fits, and the outputs are onnxruntime's exactly."""
+    with pytest.raises(hyperion.MemoryLimitError) as refused:
+        hyperion.compile(path, memory_limit=1, mode="memory_opt")
+    smallest = refused.value.smallest_limit_bytes
+    assert smallest < weight_bytes       # the cap falls below the weight: an output plus one tile
+    cap = int(smallest + fraction * (weight_bytes - smallest))
+    cm = hyperion.compile(path, memory_limit=cap, mode="memory_opt")
+    tiled = [step for step in cm.schedule.steps if step.tiles is not None]
+    assert len(tiled) == 1 and cm.schedule.peak_bytes <= cap
+    tiles = tiled[0].tiles
+    assert len(tiles.bounds) > 2  # more than one tile: the weight alone exceeds the cap
+    assert all(b - a == tiles.bounds[1] for a, b in zip(tiles.bounds, tiles.bounds[1:-1], strict=False))
+    assert tiles.bounds[1] % TILE_UNIT == 0 or tiles.bounds[1] == tiles.bounds[-1]
+    np.testing.assert_array_equal(cm.run(feeds)["y"], reference_outputs(path, feeds)["y"])
+    return tiles
+
+
+@EXAMPLES
+@given(rows=st.integers(1, 12), k=st.integers(64, 160), n=st.integers(300, 700), batched=st.booleans(),
+       fraction=st.floats(0.0, 0.6))
+def test_matmul_by_output_columns(tmp_path: Path, rows: int, k: int, n: int, batched: bool, fraction: float) -> None:
+    a_shape = [1, rows, k] if batched else [rows, k]
+    weight = _random((k, n), 1)
+    model = _model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": a_shape}, "m", {"w": weight})
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    _check_under_caps(_saved(model, folder), {"a": _random(tuple(a_shape), 2)}, weight.nbytes, fraction)
+
+
+@EXAMPLES
+@given(rows=st.integers(1, 12), k=st.integers(64, 160), n=st.integers(300, 700), trans_b=st.booleans(),
+       bias=st.sampled_from(["none", "per column", "one value"]), fraction=st.floats(0.0, 0.6))
+def test_gemm_by_output_columns(tmp_path: Path, rows: int, k: int, n: int, trans_b: bool, bias: str,
+                                fraction: float) -> None:
+    weight = _random((n, k) if trans_b else (k, n), 3)
+    weights = {"w": weight}
+    inputs = ["a", "w"]
+    if bias != "none":
+        weights["c"] = _random((n,) if bias == "per column" else (1,), 4)
+        inputs.append("c")
+    node = helper.make_node("Gemm", inputs, ["g"], name="gemm", transB=int(trans_b), alpha=0.5, beta=2.0)
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    model = _model(node, {"a": [rows, k]}, "g", weights)
+    _check_under_caps(_saved(model, folder), {"a": _random((rows, k), 5)}, weight.nbytes, fraction)
+
+
+@EXAMPLES
+@given(batch=st.integers(1, 2), channels=st.integers(32, 64), out_channels=st.integers(64, 160),
+       size=st.integers(3, 6), bias=st.booleans(), fraction=st.floats(0.0, 0.6))
+def test_conv_by_output_channels(tmp_path: Path, batch: int, channels: int, out_channels: int, size: int,
+                                 bias: bool, fraction: float) -> None:
+    weight = _random((out_channels, channels, 3, 3), 6)
+    weights = {"w": weight}
+    inputs = ["x", "w"]
+    if bias:
+        weights["b"] = _random((out_channels,), 7)
+        inputs.append("b")
+    node = helper.make_node("Conv", inputs, ["c"], name="conv", pads=[1, 1, 1, 1])
+    x_shape = (batch, channels, size, size)
+    model = _model(node, {"x": list(x_shape)}, "c", weights)
+    path = _saved(model, Path(tempfile.mkdtemp(dir=tmp_path)))
+    tiles = _check_under_caps(path, {"x": _random(x_shape, 8)}, weight.nbytes, fraction)
+    assert tiles.in_place == (batch == 1) and tiles.output_axis == 1 and tiles.weight_axis == 0
+
+
+def test_the_smallest_cap_is_the_output_plus_one_tile(tmp_path: Path) -> None:
+    rows, k, n = 4, 256, 4096                    # a 4 MiB weight, a 64 KiB output
+    weight = _random((k, n), 9)
+    model = _model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": [rows, k]}, "m", {"w": weight})
+    path = _saved(model, tmp_path)
+    with pytest.raises(hyperion.MemoryLimitError) as refused:
+        hyperion.compile(path, memory_limit=1, mode="memory_opt")
+    smallest = refused.value.smallest_limit_bytes
+    one_tile = k * TILE_UNIT * 4
+    # The MatMul: its input, its output, one weight tile (read, and packed) and one output
+    # tile; or the Relu after it: its input and output.
+    matmul = rows * k * 4 + rows * n * 4 + 3 * one_tile + rows * TILE_UNIT * 4
+    assert smallest <= max(matmul, 2 * rows * n * 4)
+    assert smallest < weight.nbytes / 16
+    cm = hyperion.compile(path, memory_limit=smallest, mode="memory_opt")
+    feeds = {"a": _random((rows, k), 10)}
+    np.testing.assert_array_equal(cm.run(feeds)["y"], reference_outputs(path, feeds)["y"])
+
+
+def test_a_saved_tiled_schedule_runs_and_an_edited_one_is_refused(tmp_path: Path) -> None:
+    weight = _random((64, 512), 11)
+    model = _model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": [8, 64]}, "m", {"w": weight})
+    path = _saved(model, tmp_path)
+    cm = hyperion.compile(path, memory_limit=weight.nbytes // 3, mode="memory_opt")
+    saved = cm.schedule.save(tmp_path / "op.schedule.json")
+    loaded = hyperion.load(path, saved)
+    feeds = {"a": _random((8, 64), 12)}
+    np.testing.assert_array_equal(loaded.run(feeds)["y"], reference_outputs(path, feeds)["y"])
+    data = cm.schedule.to_dict()
+    step = next(s for s in data["steps"] if s["tiles"] is not None)
+    step["tiles"]["bounds"][-1] += 16   # reads past the weight
+    edited = tmp_path / "edited.json"
+    edited.write_text(__import__("json").dumps(data))
+    with pytest.raises(hyperion.ScheduleError, match="tiles"):
+        hyperion.load(path, edited)
+
+
+def test_no_tiles_without_a_cap_or_in_normal_mode(tmp_path: Path) -> None:
+    weight = _random((64, 512), 13)
+    model = _model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": [8, 64]}, "m", {"w": weight})
+    path = _saved(model, tmp_path)
+    assert all(s.tiles is None for s in hyperion.compile(path, mode="memory_opt").schedule.steps)
+    with pytest.raises(hyperion.MemoryLimitError):
+        hyperion.compile(path, memory_limit=weight.nbytes // 3, mode="normal")
