@@ -138,6 +138,13 @@ def _row_gather(program: Program, node: str) -> RowGather | None:
                      row_bytes=gather.row_bytes, read_bytes=gather.read_bytes)
 
 
+def _optimal_peak(program: Program) -> int | None:
+    """The order search's proven smallest peak -- of the steps whole: no bound once the
+    tile pass split some."""
+    split = program.tiling is not None and (program.tiling.row_gathers or program.tiling.tiled)
+    return program.order_result.optimal_peak_bytes if program.order_result and not split else None
+
+
 def _tiles(program: Program, node: str) -> Tiles | None:
     """The tiles the tile pass split ``node`` into, as the schedule records them."""
     tiled = program.tiling.tiled.get(node) if program.tiling else None
@@ -254,7 +261,7 @@ def build_schedule(imported: ImportedModel, program: Program, *, requested: Exec
         mode=program.mode, requested_mode=requested, mode_reason=reason + _prefetch_note(program),
         memory_limit=program.memory_limit, peak_bytes=segmentation.peak_bytes,
         lower_bound_bytes=memory_plan.lower_bound_bytes, arena_bytes=memory_plan.arena_bytes,
-        optimal_peak_bytes=program.order_result.optimal_peak_bytes if program.order_result else None,
+        optimal_peak_bytes=_optimal_peak(program),
         input_shapes=dict(imported.input_shapes), tensors=_tensors(graph, types, imported.graph), steps=steps,
         segments=segments, edges=edges, graph_inputs=graph.inputs, graph_outputs=graph.outputs,
         whole_model=_whole_model(imported, program, segments),
