@@ -86,7 +86,8 @@ class TilePass(Pass):
     5. tiles are as wide as the cap allows, in multiples of ``TILE_UNIT``, and of
        equal width but the last; when even one unit does not fit, one unit it is,
        and the ``segment`` pass names the smallest cap: the step's live tensors
-       (its output included) plus one tile;
+       (its output included) plus one tile; no tiles when they would not account
+       less than the step whole (an output tile buffer can outweigh a small weight);
     6. only when the weight has no other reader and is not a graph output;
     7. row gathers and tiled steps run outside one session of their segment, so
        each is a segment of its own (the ``segment`` pass reads
@@ -208,9 +209,16 @@ class _StepCost:
     prepack: bool
 
     def __call__(self, width: int) -> int:
-        loading = self.shape.held_bytes(width, self.prepack) + self.others_held
+        return self._with(self.shape.held_bytes(width, self.prepack), self.shape.staging_bytes(width))
+
+    def untiled(self, held: int, plain: int) -> int:
+        """The step whole, its weight as onnxruntime holds it."""
+        return self._with(held, plain)
+
+    def _with(self, weight_held: int, weight_plain: int) -> int:
+        loading = weight_held + self.others_held
         if self.prepack:
-            loading += max(self.shape.staging_bytes(width), self.others_plain)
+            loading += max(weight_plain, self.others_plain)
         return max(self.activations + loading + self.ahead, self.behind + loading)
 
     def widest(self, memory_limit: int) -> int:
@@ -249,9 +257,12 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
             loading(weights[step + 1]) if prefetch and step + 1 < len(order) else 0,
             activations[step - 1] + sum(held[w] for w in weights[step - 1]) if prefetch and step > 0 else 0,
             prepack)
-        if cost(shape.size) <= memory_limit:
+        whole = cost.untiled(held[shape.weight], plain[shape.weight])
+        if whole <= memory_limit:
             continue
-        tiled[name] = _balanced(shape, cost.widest(memory_limit))
+        width = cost.widest(memory_limit)
+        if width < shape.size and cost(width) < whole:  # tiles must help: not when the output dominates
+            tiled[name] = _balanced(shape, width)
     return tiled
 
 
