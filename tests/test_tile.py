@@ -153,3 +153,25 @@ def test_no_tiles_without_a_cap_or_in_normal_mode(tmp_path: Path) -> None:
     assert all(s.tiles is None for s in hyperion.compile(path, mode="memory_opt").schedule.steps)
     with pytest.raises(hyperion.MemoryLimitError):
         hyperion.compile(path, memory_limit=weight.nbytes // 3, mode="normal")
+
+
+@EXAMPLES
+@given(rows=st.integers(2, 12), k=st.integers(64, 160), n=st.integers(300, 700), fraction=st.floats(0.0, 0.6))
+def test_unpacked_tiles_are_within_onnxruntimes_own_error(tmp_path: Path, rows: int, k: int, n: int,
+                                                          fraction: float) -> None:
+    # Unpacked (prepack_weights=False), onnxruntime's GEMM blocks a tile's columns otherwise
+    # than the whole weight's when more than one row is multiplied: not bit-exact, so the
+    # error against float64 is bounded by twice onnxruntime's own (unpacked, untiled).
+    weight = _random((k, n), 14)
+    model = _model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": [rows, k]}, "m", {"w": weight})
+    path = _saved(model, Path(tempfile.mkdtemp(dir=tmp_path)))
+    with pytest.raises(hyperion.MemoryLimitError) as refused:
+        hyperion.compile(path, memory_limit=1, mode="memory_opt", prepack_weights=False)
+    smallest = refused.value.smallest_limit_bytes
+    cap = int(smallest + fraction * (weight.nbytes - smallest))
+    cm = hyperion.compile(path, memory_limit=cap, mode="memory_opt", prepack_weights=False)
+    assert cm.schedule.peak_bytes <= cap and any(step.tiles is not None for step in cm.schedule.steps)
+    a = _random((rows, k), 15)
+    exact = np.maximum(a.astype(np.float64) @ weight.astype(np.float64), 0)
+    plain = reference_outputs(path, {"a": a}, prepack_weights=False)["y"]
+    assert np.abs(cm.run({"a": a})["y"] - exact).max() <= 2 * np.abs(plain - exact).max()
