@@ -550,9 +550,8 @@ def _check_tiles(step: Step, schedule: Schedule, initializers: Mapping[str, Any]
     if tiles.weight not in step.inputs or (tiles.bias is not None and tiles.bias not in step.inputs) \
             or (tiles.output,) != step.outputs:
         fail(where, f"does not match node {step.node!r}'s inputs and output")
-    for name in (tiles.weight, *(() if tiles.bias is None else (tiles.bias,))):
-        if name not in initializers or schedule.tensors[name].dtype != "float32":
-            fail(where, f"{name!r} is not a float32 weight of the model")
+    if tiles.weight not in initializers or schedule.tensors[tiles.weight].dtype != "float32":
+        fail(where, f"{tiles.weight!r} is not a float32 weight of the model")
     dims = tuple(initializers[tiles.weight].dims)
     output = schedule.tensors[tiles.output].shape or ()
     if not ((tiles.weight_axis == 0 and dims) or (tiles.weight_axis == 1 and len(dims) == 2)) \
@@ -561,7 +560,9 @@ def _check_tiles(step: Step, schedule: Schedule, initializers: Mapping[str, Any]
     bounds = tiles.bounds
     if bounds[0] != 0 or bounds[-1] != dims[tiles.weight_axis] or any(a >= b for a, b in pairwise(bounds)):
         fail(where, f"bounds do not cover the {dims[tiles.weight_axis]} of {tiles.weight!r} in order")
-    if tiles.bias is not None and math.prod(initializers[tiles.bias].dims) != dims[tiles.weight_axis]:
+    bias_shape = () if tiles.bias is None else schedule.tensors[tiles.bias].shape or ()
+    if tiles.bias is not None and (not all(isinstance(d, int) for d in bias_shape)
+                                   or math.prod(bias_shape) != dims[tiles.weight_axis]):  # type: ignore[arg-type]
         fail(where, f"bias {tiles.bias!r} does not have one value per tile column")
     widest = max(b - a for a, b in pairwise(bounds))
     if 4 * math.prod(dims) // dims[tiles.weight_axis] * widest > tiles.staging_bytes:

@@ -11,6 +11,9 @@ operands in the same order as untiled:
 * Conv (``group == 1``): output channels; OIHW weight tiles are contiguous, and
   the bias is sliced with them.
 
+A bias may be a weight (read whole: it is small) or an activation (a weight passed
+through an Identity, as exporters share biases): either way it is sliced per tile.
+
 Tiles are multiples of ``TILE_UNIT`` wide (MLAS packs GEMM operands in panels of
 16 columns, and blocks NCHWc convolutions by 8 or 16 channels).
 """
@@ -112,7 +115,7 @@ def _gemm(graph: Graph, node: NodeInfo, inputs: list[TensorInfo | None], output:
     bias = inputs[2] if len(inputs) > 2 else None
     sliced_bias = None
     if bias is not None:
-        if not graph.is_weight(bias.name) or not _sized(bias):
+        if not _sized(bias):
             return None
         elements = math.prod(_shape(bias))
         if elements == size and size > 1:
@@ -129,7 +132,7 @@ def _conv(graph: Graph, node: NodeInfo, inputs: list[TensorInfo | None], output:
     if node.int_attribute("group", 1) != 1 or len(out) < 3 or graph.is_weight(inputs[0].name):  # type: ignore[union-attr]
         return None
     bias = inputs[2] if len(inputs) > 2 else None
-    if bias is not None and not graph.is_weight(bias.name):
+    if bias is not None and (not _sized(bias) or math.prod(_shape(bias)) != out[1]):
         return None
     return Geometry(node.name, inputs[1].name, None if bias is None else bias.name, output.name, out[1], 1, 0,  # type: ignore[union-attr]
                     weight, out[0] == 1, out[0] * math.prod(out[2:]), False)

@@ -100,18 +100,21 @@ def test_gemm_by_output_columns(tmp_path: Path, rows: int, k: int, n: int, trans
 
 @EXAMPLES
 @given(batch=st.integers(1, 2), channels=st.integers(32, 64), out_channels=st.integers(64, 160),
-       size=st.integers(3, 6), bias=st.booleans(), fraction=st.floats(0.0, 0.6))
+       size=st.integers(3, 6), bias=st.sampled_from(["none", "weight", "through Identity"]),
+       fraction=st.floats(0.0, 0.6))
 def test_conv_by_output_channels(tmp_path: Path, batch: int, channels: int, out_channels: int, size: int,
-                                 bias: bool, fraction: float) -> None:
+                                 bias: str, fraction: float) -> None:
     weight = _random((out_channels, channels, 3, 3), 6)
     weights = {"w": weight}
     inputs = ["x", "w"]
-    if bias:
+    if bias != "none":
         weights["b"] = _random((out_channels,), 7)
-        inputs.append("b")
+        inputs.append("b" if bias == "weight" else "shared_b")   # exporters share biases through Identity
     node = helper.make_node("Conv", inputs, ["c"], name="conv", pads=[1, 1, 1, 1])
     x_shape = (batch, channels, size, size)
     model = _model(node, {"x": list(x_shape)}, "c", weights)
+    if bias == "through Identity":
+        model.graph.node.insert(0, helper.make_node("Identity", ["b"], ["shared_b"], name="share"))
     path = _saved(model, Path(tempfile.mkdtemp(dir=tmp_path)))
     x = _random(x_shape, 8)
     # Not always bit-exact: with several threads, MLAS partitions a small convolution's work

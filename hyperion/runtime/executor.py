@@ -343,16 +343,16 @@ class Runtime:
         if self.schedule.streaming is not None:  # chunks: the batch axis is the chunk's
             output_shape[0] = len(next(iter(inputs.values())))
 
-        def build(width: int) -> bytes:
-            key = (step.index, width, tuple(v.shape for v in inputs.values()))
+        def build(width: int, tile_inputs: Mapping[str, np.ndarray]) -> bytes:
+            key = (step.index, width, tuple(v.shape for v in tile_inputs.values()))
             if key not in self._tile_models:
-                self._tile_models[key] = tile_model(node, tiles, width, shape, inputs, self.weights.protos,
+                self._tile_models[key] = tile_model(node, tiles, width, shape, tile_inputs, self.weights.protos,
                                                     list(self.source.proto.opset_import))
             return self._tile_models[key]
 
         with self.tracer.span(f"{len(tiles.bounds) - 1} tiles of {step.node}", "tiles", segment=segment.index):
-            return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile,
-                             None if tiles.bias is None else self.weights.read(tiles.bias), build, self._options)
+            bias = self.weights.read(tiles.bias) if tiles.bias is not None and tiles.bias not in inputs else None
+            return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile, bias, build, self._options)
 
     def _prefetch(self, index: int | None) -> None:
         """Get segment ``index`` ready: its session built in the background (when it is not

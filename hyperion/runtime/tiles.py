@@ -39,7 +39,7 @@ def tile_model(node: NodeProto, tiles: Tiles, width: int, weight_shape: tuple[in
     tile_shape = list(weight_shape)
     tile_shape[tiles.weight_axis] = width
     declared = [_external(tiles.weight, tile_shape)]
-    if tiles.bias is not None:
+    if tiles.bias is not None and tiles.bias not in inputs:  # a weight: supplied like the weight tile
         declared.append(_external(tiles.bias, [width]))
     others = [initializers[name] for name in node.input if name and name in initializers
               and name not in (tiles.weight, tiles.bias)]
@@ -90,33 +90,39 @@ def read_weight_tile(path: Path, offset: int, name: str, shape: tuple[int, ...],
 
 def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], inputs: Mapping[str, np.ndarray],
               read_tile: Callable[[int, int, np.ndarray], np.ndarray], bias: np.ndarray | None,
-              build: Callable[[int], bytes], options: Callable[[], ort.SessionOptions]) -> np.ndarray:
+              build: Callable[[int, Mapping[str, np.ndarray]], bytes],
+              options: Callable[[], ort.SessionOptions]) -> np.ndarray:
     """The step's output, tile by tile: ``read_tile(start, stop, buffer)`` gives a weight
-    tile, ``build(width)`` the tile model, ``options()`` fresh session options."""
+    tile, ``build(width, inputs)`` the tile model, ``options()`` fresh session options.
+    ``bias`` is a bias weight's values; a bias that is an activation is among ``inputs``."""
     output = np.empty(output_shape, np.float32)
     staging = np.empty(max(1, tiles.staging_bytes // 4), np.float32)
     for start, stop in zip(tiles.bounds, tiles.bounds[1:], strict=False):
         weight = read_tile(start, stop, staging)
         supplied = {tiles.weight: weight}
-        if tiles.bias is not None and bias is not None:
+        tile_inputs = dict(inputs)
+        if tiles.bias is not None and tiles.bias in inputs:
+            tile_inputs[tiles.bias] = np.ascontiguousarray(inputs[tiles.bias][start:stop])
+        elif tiles.bias is not None and bias is not None:
             supplied[tiles.bias] = np.ascontiguousarray(bias[start:stop])
         session_options = options()
         session_options.add_external_initializers(
             list(supplied), [ort.OrtValue.ortvalue_from_numpy(value) for value in supplied.values()])
         where = (slice(None),) * tiles.output_axis + (slice(start, stop),)
         try:
-            session = ort.InferenceSession(build(stop - start), session_options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(build(stop - start, tile_inputs), session_options,
+                                           providers=["CPUExecutionProvider"])
             target = output[where]
             if tiles.in_place and target.flags.c_contiguous:
                 binding = session.io_binding()
-                for name, value in inputs.items():
+                for name, value in tile_inputs.items():
                     binding.bind_cpu_input(name, value)
                 binding.bind_output(tiles.output, "cpu", 0, np.float32, list(target.shape), target.ctypes.data)
                 session.run_with_iobinding(binding)
             else:
-                target[...] = session.run([tiles.output], dict(inputs))[0]
+                target[...] = session.run([tiles.output], tile_inputs)[0]
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RuntimeExecutionError(f"node {node!r}: onnxruntime failed on tile {start}:{stop} of "
                                         f"{tiles.output!r}: {str(exc).strip().splitlines()[0]}") from None
-        del session, supplied, weight
+        del session, supplied, weight, tile_inputs
     return output
