@@ -76,7 +76,8 @@ class SegmentPass(Pass):
        :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
        the smallest cap that works (that cap always admits a plan);
     9. a step the ``tile`` pass runs outside onnxruntime (a row gather, a tiled step)
-       is a segment of its own, and loads its weights when it runs (never prefetched).
+       is a segment of its own, and loads what it reads when it runs: never prefetched,
+       so no step before it accounts its loading.
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.
@@ -137,6 +138,11 @@ class _Costs:
         self.resident = {w: resident_bytes(graph, w) for w in names} if prepack else self.plain
         self.all_held = sum(resident_bytes(graph, t.name) if prepack else t.nbytes or 0
                             for t in graph.tensors.values() if graph.is_weight(t.name))
+
+    def prefetched(self, step: int) -> bool:
+        """Whether the segment starting at ``step`` is prefetched: it exists, and is not run by
+        Hyperion itself (an isolated step loads what it reads when it runs)."""
+        return step < self.n and step not in self.isolated
 
     def held(self, weights: set[str]) -> int:
         return sum(self.resident[w] for w in weights)
@@ -199,7 +205,7 @@ class _Rules:
         if costs.normal:
             return (peak + costs.all_held <= self.budget
                     and first_activation + costs.all_held + costs.transient(weights) <= self.budget)
-        next_loading = costs.loading(costs.weights[step + 1]) if self.prefetch and step + 1 < costs.n else 0
+        next_loading = costs.loading(costs.weights[step + 1]) if self.prefetch and costs.prefetched(step + 1) else 0
         if peak + costs.held(weights) + next_loading > self.budget:
             return False
         if self.prefetch and previous is not None:   # this segment is created while the previous runs
@@ -262,7 +268,8 @@ class _Layout:
             steps = [a + costs.all_held + self.pinned for a in span.step_activation]
             return steps, span.step_activation[0] + costs.all_held + costs.transient(span.weights) + self.pinned
         nxt = self.next_of(index)
-        ahead = self.loading[nxt] if self.prefetch and nxt is not None else 0
+        prefetching = self.prefetch and nxt is not None and costs.prefetched(self.spans[nxt].start)
+        ahead = self.loading[nxt] if prefetching else 0  # type: ignore[index]
         steps = [a + self.held[index] + ahead + self.pinned for a in span.step_activation]
         created_alone = index == 0 or not self.prefetch or span.start in costs.isolated
         creation = span.step_activation[0] + self.loading[index] + self.pinned if created_alone else 0
@@ -331,7 +338,7 @@ def _single_steps(costs: _Costs, prefetch: bool, pinned_bytes: int) -> list[int]
         if costs.normal:
             cost = activation + costs.all_held + costs.transient(weights)
         elif prefetch:
-            ahead = costs.loading(costs.weights[step + 1]) if step + 1 < costs.n else 0
+            ahead = costs.loading(costs.weights[step + 1]) if costs.prefetched(step + 1) else 0
             cost = activation + costs.held(weights) + ahead
             if step == 0 or step in costs.isolated:
                 cost = max(cost, activation + costs.loading(weights))

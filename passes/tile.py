@@ -197,15 +197,14 @@ def _accounted(graph: Graph, gathers: Iterable[RowGather]) -> dict[str, TensorIn
 class _StepCost:
     """What a tiled step accounts, as the ``segment`` pass will for a segment of its own:
     its live activations and its weights being loaded (held, plus the largest original
-    while packing), with prefetch also the next step's weights being loaded -- and, on
-    the previous step, this one's weights being prefetched."""
+    while packing), with prefetch also the next step's weights being loaded (a tiled step
+    itself is never prefetched)."""
 
     shape: Geometry
     activations: int
     others_held: int         # the step's other weights (a bias), as held
     others_plain: int        # the largest of them, as read
     ahead: int               # the next step's loading, with prefetch
-    behind: int              # the previous step's activations and held weights, with prefetch
     prepack: bool
 
     def __call__(self, width: int) -> int:
@@ -219,7 +218,7 @@ class _StepCost:
         loading = weight_held + self.others_held
         if self.prepack:
             loading += max(weight_plain, self.others_plain)
-        return max(self.activations + loading + self.ahead, self.behind + loading)
+        return self.activations + loading + self.ahead
 
     def widest(self, memory_limit: int) -> int:
         """The widest tile (whole units) that fits ``memory_limit``; one unit if none does."""
@@ -254,9 +253,7 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
         others = [w for w in weights[step] if w != shape.weight]
         cost = _StepCost(
             shape, activations[step], sum(held[w] for w in others), max((plain[w] for w in others), default=0),
-            loading(weights[step + 1]) if prefetch and step + 1 < len(order) else 0,
-            activations[step - 1] + sum(held[w] for w in weights[step - 1]) if prefetch and step > 0 else 0,
-            prepack)
+            loading(weights[step + 1]) if prefetch and step + 1 < len(order) else 0, prepack)
         whole = cost.untiled(held[shape.weight], plain[shape.weight])
         if whole <= memory_limit:
             continue

@@ -113,13 +113,16 @@ def test_a_zero_cache_keeps_nothing_and_a_bad_size_is_refused(mlp: Path) -> None
         compiled(mlp, weight_cache="lots")
 
 
-def matmul_chain(folder: Path) -> Path:
-    """MatMuls back to back: every step has a weight, so the double buffer costs a weight more."""
+def matmul_chain(folder: Path, *, shared_weight: bool = False) -> Path:
+    """MatMuls back to back: every step has a weight, so the double buffer costs a weight more.
+    With ``shared_weight`` every step reads one weight, so no step can be split into tiles
+    (the tile pass splits only a weight that its step alone reads)."""
     rng = np.random.default_rng(1)
+    count = 1 if shared_weight else 4
     weights = [onnx.numpy_helper.from_array(rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32) / 16, f"w{i}")
-               for i in range(4)]
+               for i in range(count)]
     names = ["x", "h0", "h1", "h2", "y"]
-    nodes = [onnx.helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]]) for i in range(4)]
+    nodes = [onnx.helper.make_node("MatMul", [names[i], f"w{i % count}"], [names[i + 1]]) for i in range(4)]
     value = onnx.helper.make_tensor_value_info
     graph = onnx.helper.make_graph(nodes, "chain", [value("x", onnx.TensorProto.FLOAT, ["n", HIDDEN])],
                                    [value("y", onnx.TensorProto.FLOAT, ["n", HIDDEN])], weights)
@@ -130,7 +133,7 @@ def matmul_chain(folder: Path) -> Path:
 
 
 def test_prefetch_is_dropped_when_the_double_buffer_does_not_fit(tmp_path: Path) -> None:
-    path = matmul_chain(tmp_path)
+    path = matmul_chain(tmp_path, shared_weight=True)   # steps that tiles cannot shrink
     with pytest.raises(hyperion.MemoryLimitError) as info:
         compiled(path, cap=1000, max_segment_steps=None)
     smallest = info.value.smallest_limit_bytes                 # the smallest that works, without prefetch
