@@ -105,6 +105,7 @@ class Tiles:
     bounds: tuple[int, ...]    # tile edges: 0, ..., the axis' length
     in_place: bool             # output slices are contiguous: tiles are bound straight into the output
     staging_bytes: int         # the weight tile's buffer, plus an output tile's when not in place
+    initializers_in_place: bool  # sessions use the weight tile's buffer in place; else onnxruntime copies it
 
 
 @dataclass(frozen=True)

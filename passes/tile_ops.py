@@ -60,10 +60,22 @@ class Geometry:
         weight = math.prod(self.tile_shape(width)) * _ITEM
         return weight + (0 if self.in_place else self.output_outer * width * _ITEM)
 
+    @property
+    def initializers_in_place(self) -> bool:
+        """Sessions use the weight tile in place (MatMul, Gemm: the kernel packs it). A Conv's
+        tile is handed over as a copy: onnxruntime reorders convolution weights (NCHWc) while
+        optimizing the graph, from the data the model declares, before any override applies."""
+        return self.packed
+
+    def accounted_bytes(self, width: int) -> int:
+        """The tile's buffers, plus onnxruntime's copy of the weight tile when it makes one."""
+        copy = 0 if self.initializers_in_place else math.prod(self.tile_shape(width)) * _ITEM
+        return self.staging_bytes(width) + copy
+
     def held_bytes(self, width: int, prepack: bool) -> int:
         """What the tile's session holds for it: the packed copy, as ``memory/costs.py`` prices it."""
         if not (prepack and self.packed):
-            return self.staging_bytes(width)
+            return self.accounted_bytes(width)
         rows, cols = self.tile_shape(width)
         panels = max(rows * _round_up(cols, MLAS_PANEL_COLUMNS), cols * _round_up(rows, MLAS_PANEL_COLUMNS))
         return panels * _ITEM

@@ -213,3 +213,54 @@ def test_unpacked_tiles_are_within_onnxruntimes_own_error(tmp_path: Path, rows: 
     plain = reference_outputs(path, {"a": a}, prepack_weights=False)["y"]
     assert (np.abs(plain - exact) <= bound).all()
     assert (np.abs(cm.run({"a": a})["y"] - exact) <= bound).all()
+
+
+# -- the real process --------------------------------------------------------------------
+_BASELINE = """
+from hyperion.tools.rss import peak_rss_bytes
+import hyperion, onnxruntime
+print(peak_rss_bytes())
+"""
+_RUN = """
+import json, sys
+import numpy as np
+import hyperion
+from hyperion.tools.rss import peak_rss_bytes
+cm = hyperion.compile(sys.argv[1], memory_limit=int(sys.argv[2]), mode="memory_opt")
+a = np.random.default_rng(16).standard_normal((1, 64, 768)).astype(np.float32)
+for _ in range(2):
+    y = cm.run({"a": a})["y"]
+np.save(sys.argv[3], y)
+tiles = [len(s.tiles.bounds) - 1 for s in cm.schedule.steps if s.tiles is not None]
+print(json.dumps({"rss": peak_rss_bytes(), "peak_bytes": cm.schedule.peak_bytes, "tiles": tiles}))
+"""
+
+
+def _python(code: str, *args: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_a_tiled_projection_over_a_100_mb_weight_keeps_rss_under_the_cap(tmp_path: Path) -> None:
+    import json
+
+    weight = _random((768, 32768), 17)           # 100 MB, as a vocabulary projection's
+    model = _model(helper.make_node("MatMul", ["a", "w"], ["m"], name="logits"), {"a": [1, 64, 768]}, "m",
+                   {"w": weight})
+    path = _saved(model, tmp_path)
+    cap = 40 * 2**20                             # the output (8 MiB) twice, its input, tiles
+    baseline = int(_python(_BASELINE))
+    report = json.loads(_python(_RUN, str(path), str(cap), str(tmp_path / "y.npy")))
+    above = report["rss"] - baseline
+    print(f"\npeak RSS {above / 2**20:.1f} MiB above the import baseline; cap {cap / 2**20:.0f} MiB, "
+          f"accounted {report['peak_bytes'] / 2**20:.1f} MiB, tiles {report['tiles']}")
+    assert report["peak_bytes"] <= cap and report["tiles"] and report["tiles"][0] > 1
+    assert above <= cap + 32 * 2**20             # SPEC's promise: the cap plus 32 MiB
+    a = np.random.default_rng(16).standard_normal((1, 64, 768)).astype(np.float32)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), reference_outputs(path, {"a": a})["y"])

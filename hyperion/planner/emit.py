@@ -153,7 +153,7 @@ def _tiles(program: Program, node: str) -> Tiles | None:
     shape = tiled.geometry
     return Tiles(weight=shape.weight, bias=shape.bias, output=shape.output, output_axis=shape.output_axis,
                  weight_axis=shape.weight_axis, bounds=tiled.bounds, in_place=shape.in_place,
-                 staging_bytes=tiled.staging_bytes)
+                 staging_bytes=tiled.staging_bytes, initializers_in_place=shape.initializers_in_place)
 
 
 def _at(values: tuple[int, ...], index: int) -> int:

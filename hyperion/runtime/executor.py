@@ -14,13 +14,16 @@ weight cache), which weights are mapped and fed on every run
 segment is prefetched (its session built, or its fed weights read ahead). A schedule with a
 ``streaming`` record runs the batch in chunks and writes each chunk's outputs
 into arrays for the whole batch. A ``whole_model`` schedule hands onnxruntime
-the user's model untouched. The runtime reads these fields; it never looks at
-the mode to decide anything.
+the user's model untouched. Steps the schedule marks ``row_gather`` or ``tiles``
+are segments of their own that the runtime runs itself (:mod:`hyperion.runtime.rows`,
+:mod:`hyperion.runtime.tiles`), reading only the part of the weight they need. The
+runtime reads these fields; it never looks at the mode to decide anything.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -339,6 +342,12 @@ class Runtime:
                                     buffer)
 
         inputs = {name: feeds[name] for name in dict.fromkeys(node.input) if name in feeds}
+        sliced = [tiles.weight] + ([tiles.bias] if tiles.bias is not None and tiles.bias not in inputs else [])
+        spans = {name: self.weights._span(name) for name in sliced}
+        # Declared in their own files (never read: the tiles replace them), so sessions use the tiles in place.
+        locations = {name: (os.path.relpath(found.path, self.weights.folder), found.offset)
+                     for name, found in spans.items() if found is not None}
+        in_place = tiles.initializers_in_place and len(locations) == len(sliced)
         output_shape = [int(d) for d in self.schedule.tensors[tiles.output].shape or ()]
         if self.schedule.streaming is not None:  # chunks: the batch axis is the chunk's
             output_shape[0] = len(next(iter(inputs.values())))
@@ -347,12 +356,14 @@ class Runtime:
             key = (step.index, width, tuple(v.shape for v in tile_inputs.values()))
             if key not in self._tile_models:
                 self._tile_models[key] = tile_model(node, tiles, width, shape, tile_inputs, self.weights.protos,
-                                                    list(self.source.proto.opset_import))
+                                                    list(self.source.proto.opset_import),
+                                                    locations if in_place else {})
             return self._tile_models[key]
 
         with self.tracer.span(f"{len(tiles.bounds) - 1} tiles of {step.node}", "tiles", segment=segment.index):
             bias = self.weights.read(tiles.bias) if tiles.bias is not None and tiles.bias not in inputs else None
-            return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile, bias, build, self._options)
+            return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile, bias, build, self._options,
+                             in_place)
 
     def _prefetch(self, index: int | None) -> None:
         """Get segment ``index`` ready: its session built in the background (when it is not
