@@ -208,7 +208,7 @@ class _StepCost:
     prepack: bool
 
     def __call__(self, width: int) -> int:
-        return self._with(self.shape.held_bytes(width, self.prepack), self.shape.staging_bytes(width))
+        return self._with(self.shape.held_bytes(width, self.prepack), self.shape.accounted_bytes(width))
 
     def untiled(self, held: int, plain: int) -> int:
         """The step whole, its weight as onnxruntime holds it."""

@@ -264,3 +264,24 @@ def test_a_tiled_projection_over_a_100_mb_weight_keeps_rss_under_the_cap(tmp_pat
     assert above <= cap + 32 * 2**20             # SPEC's promise: the cap plus 32 MiB
     a = np.random.default_rng(16).standard_normal((1, 64, 768)).astype(np.float32)
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), reference_outputs(path, {"a": a})["y"])
+
+
+def test_compile_prints_the_smallest_limit_and_inspect_lists_the_tiles(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from hyperion.tools.cli import main
+
+    weight = _random((64, 512), 18)
+    model = _model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": [8, 64]}, "m", {"w": weight})
+    path = _saved(model, tmp_path)
+    assert main(["compile", str(path), "--smallest-limit", "-q"]) == 0
+    printed = capsys.readouterr().out
+    with pytest.raises(hyperion.MemoryLimitError) as refused:
+        hyperion.compile(path, memory_limit=1)
+    assert f"smallest limit {refused.value.smallest_limit_bytes} bytes" in printed
+    assert f"set by node {refused.value.node!r}" in printed and refused.value.smallest_limit_bytes < weight.nbytes
+    assert not list(tmp_path.glob("*.schedule.json"))            # nothing saved
+    schedule = tmp_path / "op.schedule.json"
+    assert main(["compile", str(path), "--memory-limit", str(weight.nbytes // 3), "-o", str(schedule), "-q"]) == 0
+    assert main(["inspect", str(schedule)]) == 0
+    shown = capsys.readouterr().out
+    assert "tile 0/" in shown and "from w[axis 1: 0:" in shown and "split steps  1 tiled" in shown
