@@ -60,10 +60,10 @@ class CompiledModel:
 
     def __init__(self, imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
                  max_segment_steps: int | None = None, session_config: SessionConfig | None = None, *,
-                 prefetch: bool = True, weight_cache_bytes: int | None = None,
-                 whole_model_shortcut: bool = True) -> None:
+                 prefetch: bool | None = None, weight_cache_bytes: int | None = None,
+                 whole_model_shortcut: bool = True, prepack_weights: bool | None = None) -> None:
         self._setup(imported.source, mode, memory_limit, max_segment_steps, session_config, prefetch,
-                    weight_cache_bytes, whole_model_shortcut)
+                    weight_cache_bytes, whole_model_shortcut, prepack_weights)
         self._base: ImportedModel | None = imported
         self._input_names = imported.graph.inputs
         self._sorted_inputs = _tensor_inputs(imported.graph.inputs, lambda n: imported.graph.tensors[n].dtype)
@@ -79,7 +79,7 @@ class CompiledModel:
         model = cls.__new__(cls)
         config = session_config or SessionConfig.for_schedule(schedule)
         model._setup(source, schedule.requested_mode, schedule.memory_limit, None, config,
-                     config.prepack_weights, None, True)
+                     None, None, True, None if config.prepack_weights else False)
         model._base = None
         model._input_names = schedule.graph_inputs
         model._sorted_inputs = _tensor_inputs(schedule.graph_inputs, lambda n: schedule.tensors[n].dtype)
@@ -89,13 +89,14 @@ class CompiledModel:
         return model
 
     def _setup(self, source: ModelSource, mode: ExecutionMode, memory_limit: int | None,
-               max_segment_steps: int | None, session_config: SessionConfig | None, prefetch: bool,
-               weight_cache_bytes: int | None, whole_model_shortcut: bool) -> None:
+               max_segment_steps: int | None, session_config: SessionConfig | None, prefetch: bool | None,
+               weight_cache_bytes: int | None, whole_model_shortcut: bool, prepack_weights: bool | None) -> None:
         self._source = source
         self.mode = mode
         self.memory_limit = memory_limit
         self.max_segment_steps = max_segment_steps
         self.prefetch = prefetch
+        self.prepack_weights = prepack_weights   # None: packed in normal mode, fed in the others
         self.weight_cache_bytes = weight_cache_bytes
         self.whole_model_shortcut = whole_model_shortcut
         self.session_config = session_config or SessionConfig(enable_cpu_mem_arena=memory_limit is None,
@@ -122,7 +123,7 @@ class CompiledModel:
     def _new_plan(self, imported: ImportedModel) -> _Plan:
         schedule = plan(imported, self.mode, self.memory_limit, self.max_segment_steps,
                         prefetch=self.prefetch, weight_cache_bytes=self.weight_cache_bytes,
-                        prepack_weights=self.session_config.prepack_weights)
+                        prepack_weights=self.prepack_weights)
         if schedule.whole_model and not self.whole_model_shortcut:
             # Recorded in the plan (a saved schedule keeps it): segment models even for one segment.
             schedule = dataclasses.replace(schedule, whole_model=False)
@@ -352,7 +353,7 @@ class CompiledModel:
             raise OptionError("calculate_optimal_batch_size: the model was compiled without a memory_limit")
         return optimal_batch_size(self._active_imported(), self.memory_limit, max_batch_size, mode=self.mode,
                                   input_bytes_per_sample=input_size, output_bytes_per_sample=output_size,
-                                  prefetch=self.prefetch, prepack_weights=self.session_config.prepack_weights)
+                                  prefetch=self.prefetch, prepack_weights=self.prepack_weights)
 
     def close(self) -> None:
         """Release every onnxruntime session (and the weights they hold)."""
@@ -388,7 +389,7 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
             input_shapes: Mapping[str, Sequence[int]] | None = None, *,
             max_segment_steps: int | None = None, whole_model_shortcut: bool = True,
             weight_cache: int | str | None = None, prefetch: bool | None = None,
-            prepack_weights: bool = True, intra_op_num_threads: int = 0,
+            prepack_weights: bool | None = None, intra_op_num_threads: int = 0,
             base_dir: str | os.PathLike | None = None) -> CompiledModel:
     """Import ``model``, run the passes and plan it under ``memory_limit``.
 
@@ -416,8 +417,6 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
     a ``ModelProto`` (required when it has any); external data is only ever read from
     inside the model's folder (docs/errors.md).
     """
-    if prefetch is None:
-        prefetch = prepack_weights
     limit = parse_size(memory_limit)
     exec_mode = parse_mode(mode)
     shapes = _checked_input_shapes(input_shapes)
@@ -427,10 +426,12 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
     # Under a cap, sympy (onnxruntime's symbolic shape inference) must not load here.
     imported = import_model(load_source(model, base_dir), shapes, isolate_symbolic=limit is not None)
     cache_bytes = None if weight_cache is None else _cache_size(weight_cache)
+    # The runtime packs where the schedule says it may; False forbids it everywhere.
     config = SessionConfig(enable_cpu_mem_arena=limit is None, return_freed_memory=limit is not None,
-                           prepack_weights=prepack_weights, intra_op_num_threads=intra_op_num_threads)
+                           prepack_weights=prepack_weights is not False, intra_op_num_threads=intra_op_num_threads)
     return CompiledModel(imported, exec_mode, limit, max_segment_steps, config, prefetch=prefetch,
-                         weight_cache_bytes=cache_bytes, whole_model_shortcut=whole_model_shortcut)
+                         weight_cache_bytes=cache_bytes, whole_model_shortcut=whole_model_shortcut,
+                         prepack_weights=prepack_weights)
 
 
 def _checked_input_shapes(input_shapes: object) -> dict[str, list[int]] | None:

@@ -142,6 +142,10 @@ class Segment:
     loading_bytes: int                  # the most while its session is created
     fed_weights: tuple[str, ...]        # weights mapped from disk and fed to its session on every run
     persistent: bool                    # its session is built once and kept across runs
+    # onnxruntime may fold nodes of constant inputs into initializers of its own when the
+    # session is built; False where that would hold generated weights the plan counts as
+    # activations (a capped plan whose segment makes large tensors from constants alone).
+    fold_constants: bool
 
     @property
     def steps(self) -> range:

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from hyperion.ir import ExecutionMode, Graph, TensorInfo, TensorRole
 from hyperion.passes._infra import Pass, PassResult, ensure, require
+from hyperion.passes.memory.costs import workspace_bytes
 from hyperion.passes.program import Program
 
 BEFORE_FIRST_STEP = -1
@@ -126,7 +127,8 @@ def step_weight_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode) -> 
 
 def step_live_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode) -> list[int]:
     """Accounted bytes at every step with one step per segment: live activations
-    (the step's inputs and outputs included), graph inputs still needed, and
-    resident weights."""
+    (the step's inputs and outputs included), graph inputs still needed, resident
+    weights, and the step's kernel workspace with weights held as initializers."""
     weights = step_weight_bytes(graph, liveness, mode)
-    return [a + w for a, w in zip(activation_live_bytes(graph, liveness), weights, strict=True)]
+    workspace = [workspace_bytes(graph, graph.nodes[n], weights_fed=False) for n in liveness.order]
+    return [a + w + k for a, w, k in zip(activation_live_bytes(graph, liveness), weights, workspace, strict=True)]

@@ -15,6 +15,7 @@ Graphs built by hand (the seed API) come with their edge kinds and skip ``CLASSI
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,11 +46,23 @@ class SegmentOptions:
     """The segment pass's options, as ``compile`` takes them."""
 
     max_segment_steps: int | None = None
-    prefetch: bool = True
+    prefetch: bool | None = None          # None: when weights are pre-packed
     weight_cache_bytes: int | None = None
-    prepack_weights: bool = True
+    prepack_weights: bool | None = None   # None: in normal mode only
+
+    def for_mode(self, mode: ExecutionMode) -> SegmentOptions:
+        """The options with ``None`` resolved for ``mode``. Weights are pre-packed where
+        sessions persist anyway (normal mode: packed once, the fastest kernels) and fed
+        where they stream (every other mode: sessions built once, each run handed the
+        weights mapped from their file, so no run builds a session or packs a weight).
+        Prefetch builds the next packed session during the current segment; fed weights
+        need none."""
+        prepack = self.prepack_weights if self.prepack_weights is not None else mode is ExecutionMode.NORMAL
+        prefetch = self.prefetch if self.prefetch is not None else prepack
+        return dataclasses.replace(self, prefetch=prefetch, prepack_weights=prepack)
 
     def segment_pass(self, pinned_bytes: int = 0) -> SegmentPass:
+        assert self.prefetch is not None and self.prepack_weights is not None, "resolve with for_mode first"
         return SegmentPass(max_segment_steps=self.max_segment_steps, prefetch=self.prefetch,
                            weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=pinned_bytes,
                            prepack_weights=self.prepack_weights)
@@ -63,7 +76,7 @@ def build_pipeline(mode: ExecutionMode, options: SegmentOptions | None = None, *
     run outside the graph (streaming: the batch's inputs and outputs).
     """
     wanted = frozenset(stages)
-    options = options or SegmentOptions()
+    options = (options or SegmentOptions()).for_mode(mode)
     passes: list[Pass] = []
     if Stage.CLASSIFY in wanted:
         passes.append(ClassifyEdgesPass())

@@ -8,10 +8,15 @@ from typing import ClassVar
 import numpy as np
 
 from hyperion.errors import MemoryLimitError
-from hyperion.ir import ExecutionMode, Graph
+from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph
 from hyperion.passes._infra import Pass, PassResult, ensure, require
 from hyperion.passes.liveness import Liveness, activation_live_bytes
-from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, resident_bytes
+from hyperion.passes.memory.costs import (
+    SESSION_BOOKKEEPING_ALLOWANCE_BYTES,
+    resident_bytes,
+    session_bookkeeping_bytes,
+    workspace_bytes,
+)
 from hyperion.passes.program import Program
 from hyperion.units import format_size
 
@@ -65,13 +70,20 @@ class SegmentPass(Pass):
        the next run, when that fits); the first segment (every segment without
        prefetch) accounts its own creation at its first step;
     6. the weight cache: in ``memory_opt`` mode, sessions of segments kept alive
-       across runs, chosen in order while their held bytes (plus
-       ``SESSION_OVERHEAD_BYTES`` each) fit ``weight_cache_bytes`` (``None``: any
+       across runs, chosen in order while their held bytes (plus their bookkeeping,
+       unless rule 9 counts it already) fit ``weight_cache_bytes`` (``None``: any
        amount) and every step stays under the cap; a cached session counts at every
-       step;
+       step, and in a fed plan its kernels' workspace is that of constant weights;
     7. ``pinned_bytes`` are held for the whole run outside the graph (streaming:
        the whole batch's inputs and outputs) and count at every step;
-    8. segments are grown greedily while every constraint above holds; a step that
+    8. a step's kernel workspace (``costs.workspace_bytes``: onnxruntime's blocked copies
+       around convolutions and pools, ConvTranspose's column buffer) counts with its
+       activations;
+    9. every session that persists across runs whatever the cache (all of them in a
+       normal or fed plan; in a packed plan, those holding no large weight) counts its
+       bookkeeping (``costs.session_bookkeeping_bytes``) at every step, beyond the first
+       ``SESSION_BOOKKEEPING_ALLOWANCE_BYTES`` that the RSS promise's allowance holds;
+    10. segments are grown greedily while every constraint above holds; a step that
        does not fit even as its own segment raises
        :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
        the smallest cap that works (that cap always admits a plan);
@@ -126,7 +138,15 @@ class _Costs:
         self.graph, self.liveness, self.normal, self.prepack = graph, liveness, normal, prepack
         self.isolated = isolated   # steps Hyperion runs itself: segments of their own, loaded when they run
         self.n = liveness.num_steps
-        self.activations = activation_live_bytes(graph, liveness)
+        # Kernel workspace counts as activation bytes of its step. A fed plan's sessions
+        # are handed their large weights, except the weight cache's, which hold them
+        # as initializers: ``cached_workspace`` is what caching a step's session adds.
+        fed = not normal and not prepack
+        nodes = [graph.nodes[n] for n in liveness.order]
+        workspace = [workspace_bytes(graph, node, weights_fed=fed) for node in nodes]
+        self.cached_workspace = ([workspace_bytes(graph, node, weights_fed=False) - w
+                                  for node, w in zip(nodes, workspace, strict=True)] if fed else [0] * self.n)
+        self.activations = [a + w for a, w in zip(activation_live_bytes(graph, liveness), workspace, strict=True)]
         self.deaths: list[list[str]] = [[] for _ in range(self.n)]
         for name, interval in liveness.intervals.items():
             if 0 <= interval.last < self.n:
@@ -153,6 +173,20 @@ class _Costs:
     def transient(self, weights: set[str]) -> int:
         """Held only while a session is created: the original of the weight being packed."""
         return max((self.plain[w] for w in weights), default=0) if self.prepack else 0
+
+    def persistent(self, span: _GrowingSpan | Span) -> bool:
+        """Whether the span's session outlives its run whatever the weight cache: every
+        session of a normal or fed plan, and one holding no large weight."""
+        if self.normal or not self.prepack:
+            return True
+        return all(self.plain[w] <= SMALL_TENSOR_BYTES for step in range(span.start, span.stop)
+                   for w in self.weights[step])
+
+    def bookkeeping(self, spans: list[_GrowingSpan]) -> int:
+        """What the sessions that persist across runs hold besides weights, beyond the
+        share of the RSS promise's fixed allowance kept for it."""
+        total = sum(session_bookkeeping_bytes(s.stop - s.start) for s in spans if self.persistent(s))
+        return max(0, total - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
 
     def newly_held(self, step: int, first: int) -> int:
         """Bytes of inputs defined before ``first`` whose last reader is ``step``."""
@@ -222,17 +256,76 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
     normal = mode is ExecutionMode.NORMAL
     prefetch = prefetch and not normal
     costs = _Costs(graph, liveness, normal, prepack_weights, isolated)
-    _check_single_steps(costs, mode, memory_limit, prefetch, pinned_bytes)
-    budget = None if memory_limit is None else memory_limit - pinned_bytes
-    spans = _grow(costs, _Rules(budget, prefetch, max_segment_steps))
-    held = tuple(costs.held(s.weights) for s in spans)
-    loading = tuple(costs.loading(s.weights) for s in spans)
-    layout = _Layout(costs, spans, held, loading, prefetch, pinned_bytes)
-    cyclic = prefetch and len(spans) > 1 and (budget is None or layout.fits_cyclic(memory_limit))
+    _check_single_steps(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
+    layout = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
+    if memory_limit is not None and not layout.fits(memory_limit):
+        _refuse_for_bookkeeping(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
+    spans = layout.spans
+    cyclic = prefetch and len(spans) > 1 and (memory_limit is None or layout.fits_cyclic(memory_limit))
     layout.cyclic = cyclic
     cached = tuple(range(len(spans))) if normal else layout.choose_cache(memory_limit, weight_cache_bytes)
     return Segmentation(tuple(Span(s.start, s.stop) for s in spans), tuple(layout.step_bytes(cached)),
-                        held, loading, cached, prefetch, cyclic, pinned_bytes, prepack_weights)
+                        layout.held, layout.loading, cached, prefetch, cyclic, pinned_bytes, prepack_weights)
+
+
+def _grown_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max_segment_steps: int | None,
+                  pinned_bytes: int) -> _Layout:
+    budget = None if memory_limit is None else memory_limit - pinned_bytes
+    spans, bookkeeping = _grow_with_bookkeeping(costs, budget, prefetch, max_segment_steps)
+    held = tuple(costs.held(s.weights) for s in spans)
+    loading = tuple(costs.loading(s.weights) for s in spans)
+    return _Layout(costs, spans, held, loading, prefetch, pinned_bytes, bookkeeping)
+
+
+def _smallest_limit(costs: _Costs, prefetch: bool, max_segment_steps: int | None, pinned_bytes: int,
+                    refused: int, candidate: int) -> tuple[int, int]:
+    """The smallest cap above ``refused`` whose plan fits for this order, and the
+    bookkeeping of the sessions kept across runs in that plan; ``candidate`` is a
+    first guess. More sessions need more bookkeeping, so the cap is found by
+    bisection on the plan itself: more room never makes a plan worse. (Callers pass
+    the most one step needs alone as ``refused + 1``: less may fit once steps are
+    grouped, but under another cap the order pass may choose another order.)"""
+    def fits(limit: int) -> bool:
+        return _grown_layout(costs, limit, prefetch, max_segment_steps, pinned_bytes).fits(limit)
+
+    low, high = refused, max(candidate, refused + 1)
+    while not fits(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high, _grown_layout(costs, high, prefetch, max_segment_steps, pinned_bytes).bookkeeping
+
+
+def _refuse_for_bookkeeping(costs: _Costs, mode: ExecutionMode, memory_limit: int, prefetch: bool,
+                            max_segment_steps: int | None, pinned_bytes: int) -> None:
+    """Every step fits alone, but not beside the bookkeeping of the sessions kept across runs."""
+    smallest, bookkeeping = _smallest_limit(costs, prefetch, max_segment_steps, pinned_bytes, memory_limit,
+                                           memory_limit + 1)
+    raise MemoryLimitError(
+        f"memory_limit {format_size(memory_limit)} ({memory_limit} bytes) cannot be met in {mode.value} mode: "
+        f"every step fits alone, but not beside the bookkeeping of the onnxruntime sessions kept across "
+        f"runs ({format_size(bookkeeping)} at the smallest limit); the smallest limit that works in this mode is "
+        f"{smallest} bytes", needed_bytes=smallest, smallest_limit_bytes=smallest)
+
+
+def _grow_with_bookkeeping(costs: _Costs, budget: int | None, prefetch: bool,
+                           max_segment_steps: int | None) -> tuple[list[_GrowingSpan], int]:
+    """Spans grown under the budget less the bookkeeping of the sessions that persist,
+    and that bookkeeping. Smaller spans mean more sessions, so the reserve is raised
+    until it covers the spans grown under it (a few rounds: it grows by a session's
+    bookkeeping per extra span)."""
+    reserve = 0
+    for _ in range(_BOOKKEEPING_ROUNDS):
+        spans = _grow(costs, _Rules(None if budget is None else budget - reserve, prefetch, max_segment_steps))
+        needed = costs.bookkeeping(spans)
+        if budget is None or needed <= reserve:
+            return spans, needed
+        reserve = needed
+    return spans, needed
+
+
+_BOOKKEEPING_ROUNDS = 6
 
 
 def _grow(costs: _Costs, rules: _Rules) -> list[_GrowingSpan]:
@@ -252,9 +345,15 @@ class _Layout:
     """Accounted bytes per step of a fixed segmentation, for a choice of cached segments."""
 
     def __init__(self, costs: _Costs, spans: list[_GrowingSpan], held: tuple[int, ...],
-                 loading: tuple[int, ...], prefetch: bool, pinned_bytes: int) -> None:
+                 loading: tuple[int, ...], prefetch: bool, pinned_bytes: int, bookkeeping: int) -> None:
         self.costs, self.spans, self.held, self.loading = costs, spans, held, loading
-        self.prefetch, self.pinned, self.cyclic = prefetch, pinned_bytes, False
+        # Persistent sessions' bookkeeping counts at every step, like pinned bytes.
+        self.prefetch, self.pinned, self.cyclic = prefetch, pinned_bytes + bookkeeping, False
+        self.bookkeeping = bookkeeping
+
+    def fits(self, memory_limit: int) -> bool:
+        """Whether the plan without any cached session stays under ``memory_limit``."""
+        return max(self.step_bytes(()), default=0) <= memory_limit
 
     def next_of(self, index: int) -> int | None:
         if index + 1 < len(self.spans):
@@ -282,7 +381,15 @@ class _Layout:
         return memory_limit is None or max(steps) <= memory_limit
 
     def _cache_cost(self, index: int) -> int:
-        return self.held[index] + SESSION_OVERHEAD_BYTES
+        span = self.spans[index]
+        own = 0 if self.costs.persistent(span) else session_bookkeeping_bytes(span.stop - span.start)
+        return self.held[index] + own
+
+    def _cached_workspace(self, index: int) -> list[int]:
+        """Per step of segment ``index``: the workspace its kernels add once its session
+        holds its weights as initializers (cached, in a fed plan)."""
+        span = self.spans[index]
+        return self.costs.cached_workspace[span.start:span.stop]
 
     def choose_cache(self, memory_limit: int | None, weight_cache_bytes: int | None) -> tuple[int, ...]:
         """Segments in order, each kept if it fits the cache budget and the cap."""
@@ -301,8 +408,12 @@ class _Layout:
             # A cached session counts everywhere but in its own segment and while it is prefetched.
             touched_steps = np.array([i != c and nexts[i] != c for i in range(k)])
             touched_creation = np.arange(k) != c
-            if (step_slack[touched_steps] < cost).any() or (creation_slack[touched_creation] < cost).any():
+            steps = bases[c][0]
+            own = max(b + w for b, w in zip(steps, self._cached_workspace(c), strict=True)) - max(steps)
+            if (step_slack[touched_steps] < cost).any() or (creation_slack[touched_creation] < cost).any() \
+                    or step_slack[c] < own:
                 continue
+            step_slack[c] -= own
             step_slack[touched_steps] -= cost
             creation_slack[touched_creation] -= cost
             cached.append(c)
@@ -317,6 +428,8 @@ class _Layout:
                 nxt = self.next_of(index)
                 during = sum(self._cache_cost(c) for c in cached if c not in (index, nxt))
                 steps = [b + during for b in steps]
+                if index in cached:
+                    steps = [b + w for b, w in zip(steps, self._cached_workspace(index), strict=True)]
                 creation += sum(self._cache_cost(c) for c in cached if c != index) if creation else 0
             steps[0] = max(steps[0], creation)
             out.extend(steps)
@@ -349,14 +462,15 @@ def _single_steps(costs: _Costs, prefetch: bool, pinned_bytes: int) -> list[int]
 
 
 def _check_single_steps(costs: _Costs, mode: ExecutionMode, memory_limit: int | None, prefetch: bool,
-                        pinned_bytes: int) -> None:
+                        max_segment_steps: int | None, pinned_bytes: int) -> None:
     if memory_limit is None:
         return
     singles = _single_steps(costs, prefetch, pinned_bytes)
-    smallest = max(singles)
-    if smallest <= memory_limit:
+    needed = max(singles)
+    if needed <= memory_limit:
         return
-    worst = singles.index(smallest)
+    worst = singles.index(needed)
+    smallest, _ = _smallest_limit(costs, prefetch, max_segment_steps, pinned_bytes, needed - 1, needed)
     node = costs.liveness.order[worst]
     what = ("its live tensors and every weight as onnxruntime holds them" if costs.normal else
             "its live tensors, its weights as onnxruntime holds them"
@@ -364,5 +478,5 @@ def _check_single_steps(costs: _Costs, mode: ExecutionMode, memory_limit: int | 
     raise MemoryLimitError(
         f"memory_limit {format_size(memory_limit)} ({memory_limit} bytes) cannot be met in "
         f"{mode.value} mode: step {worst} (node {node!r}, {costs.graph.nodes[node].op_type}) needs "
-        f"{smallest} bytes ({format_size(smallest)}: {what}); the smallest limit that works in this mode is "
-        f"{smallest} bytes", node=node, needed_bytes=smallest, smallest_limit_bytes=smallest)
+        f"{needed} bytes ({format_size(needed)}: {what}); the smallest limit that works in this mode is "
+        f"{smallest} bytes", node=node, needed_bytes=needed, smallest_limit_bytes=smallest)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -59,10 +63,75 @@ def assert_outputs_equal(actual: Mapping[str, np.ndarray], expected: Mapping[str
             np.testing.assert_array_equal(got, want, err_msg=name)
 
 
+@functools.cache
+def fixture_model(name: str) -> onnx.ModelProto:
+    return onnx.load(str(fixture_path(name)))   # external data loaded: the fixtures are small
+
+
+def all_default_domain(graph: onnx.GraphProto) -> bool:
+    return all(node.domain in ("", "ai.onnx") and all(all_default_domain(a.g) for a in node.attribute
+                                                       if a.type == onnx.AttributeProto.GRAPH)
+               for node in graph.node)
+
+
+def _to_double(graph: onnx.GraphProto) -> None:
+    """Every float32 tensor, type and cast of ``graph`` (and its subgraphs) made float64, in place."""
+    for init in graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+    for info in (*graph.input, *graph.output, *graph.value_info):
+        tensor_type = info.type.tensor_type
+        if tensor_type.elem_type == TensorProto.FLOAT:
+            tensor_type.elem_type = TensorProto.DOUBLE
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _to_double(attribute.g)
+            elif attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type == TensorProto.FLOAT:
+                attribute.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attribute.t).astype(np.float64)))
+            elif node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT:
+                attribute.i = TensorProto.DOUBLE
+
+
+def float64_reference(name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    model = onnx.ModelProto()
+    model.CopyFrom(fixture_model(name))
+    _to_double(model.graph)
+    evaluator = ReferenceEvaluator(model)
+    doubled = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
+    names = [o.name for o in model.graph.output]
+    return dict(zip(names, evaluator.run(None, doubled), strict=True))
+
+
+def float_error(outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> float:
+    """The largest absolute difference over the float outputs."""
+    return max((float(np.max(np.abs(outputs[k].astype(np.float64) - reference[k]), initial=0.0))
+                for k in reference if np.asarray(outputs[k]).dtype == np.float32), default=0.0)
+
+
+def assert_matches_onnxruntime(compiled, name: str, feeds: Mapping[str, np.ndarray],
+                               got: Mapping[str, np.ndarray]) -> None:
+    """``got`` (a run of ``compiled``, a fixture's compiled model) against onnxruntime with
+    the same GEMM kernels (packed or not, as the schedule ran). Where a convolution's
+    weight was fed, onnxruntime's NCHWc kernels (which need the weight when the session
+    is built) are not used and the sum runs in another order: there the promise is an
+    error against a float64 reference at most twice plain onnxruntime's (docs/memory.md)."""
+    schedule = compiled.schedule
+    fed = {w for s in schedule.segments for w in s.fed_weights}
+    fed_convolution = any(step.op_type in ("Conv", "ConvTranspose") and set(step.inputs) & fed
+                          for step in schedule.steps)
+    if fed_convolution and all_default_domain(fixture_model(name).graph):
+        exact = float64_reference(name, dict(feeds))
+        plain = float_error(reference_outputs(fixture_path(name), feeds), exact)
+        assert float_error(dict(got), exact) <= 2 * plain
+        return
+    assert_outputs_equal(got, reference_outputs(fixture_path(name), feeds, prepack_weights=schedule.prepack_weights))
+
+
 @pytest.fixture(params=FIXTURE_NAMES)
 def fixture_name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-__all__ = ["FIXTURE_NAMES", "REPO", "assert_outputs_equal", "example_feeds", "fixture_path",
-           "reference_outputs"]
+__all__ = ["FIXTURE_NAMES", "REPO", "all_default_domain", "assert_matches_onnxruntime", "assert_outputs_equal",
+           "example_feeds", "fixture_model", "fixture_path", "float64_reference", "float_error", "reference_outputs"]

@@ -34,6 +34,7 @@ from onnx import numpy_helper
 
 import hyperion
 from hyperion import Schedule
+from hyperion.runtime import session_options
 from tests.golden_table import GOLDEN_DIR, UPDATE_ENV, assert_golden, render
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -68,8 +69,11 @@ def random_feeds(model: onnx.ModelProto, seed: int,
     return feeds
 
 
-def onnxruntime_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def onnxruntime_outputs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+                        prepack_weights: bool = True) -> dict[str, np.ndarray]:
+    """Plain onnxruntime's outputs, with the GEMM kernels of a schedule packed or not."""
+    session = ort.InferenceSession(model.SerializeToString(), session_options(prepack=prepack_weights),
+                                   providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, dict(feeds)), strict=True))
 
@@ -86,7 +90,7 @@ def check_scenario(scenario: str, title: str, model: onnx.ModelProto, *, seed: i
         actual = compiled.run(feeds)
     finally:
         compiled.close()
-    expected = onnxruntime_outputs(model, feeds)
+    expected = onnxruntime_outputs(model, feeds, prepack_weights=schedule.prepack_weights)
     assert set(actual) == set(expected)
     exact = str(getattr(schedule.mode, "value", schedule.mode)) == "normal"
     for name, want in expected.items():
@@ -210,10 +214,10 @@ def test_memory_opt_under_a_cap_splits_into_segments_that_load_and_evict_weights
         [r3] f = Relu (e)
         [mm4] y = MatMul (f, w4)
     }""", weights)
-    # Weights are held packed (64 columns: 16384 bytes each) and creating a session holds
-    # one more original. Segment 0 cannot take r2: r2 would also account the prefetch of
-    # segment 2's session (w3, w4 and one original: 49152) on top of w1, w2 held. So r2
-    # runs alone (segment 1) while segment 2's session is built: 49152 + c + d = 49664.
+    # Weights are fed (memory_opt's default), held at their own size (16384 bytes each)
+    # while their segment runs, with no packing and no prefetch. Segment 0 takes three
+    # layers (w1-w3: 49152, plus two 256-byte rows and the 256-byte graph input held until
+    # it returns: 49920); a fourth weight would exceed the cap, so mm4 runs alone.
     schedule = check_scenario("memory_opt_segments", "memory_opt: four 16 KiB weights under a 64000-byte cap",
                               model, mode="memory_opt", memory_limit=64_000)
     assert len(schedule.segments) > 1

@@ -15,7 +15,7 @@ import pytest
 import hyperion
 from fixtures.streaming_mlp import build_streaming_mlp
 from hyperion.frontend import load_source
-from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES
+from hyperion.passes.memory.costs import session_bookkeeping_bytes
 from hyperion.passes.tile_ops import TILE_UNIT
 from tests.conftest import reference_outputs
 from tests.test_rss import _float64_reference
@@ -35,8 +35,10 @@ def feeds(batch: int = 2) -> dict[str, np.ndarray]:
 
 
 def compiled(model: Path | onnx.ModelProto, cap: int | None = CAP, **options: object) -> hyperion.CompiledModel:
-    """memory_opt, by default one layer (MatMul, Relu) per segment."""
+    """memory_opt, by default one layer (MatMul, Relu) per segment, weights pre-packed (the
+    fed path, memory_opt's default, is tested below with ``prepack_weights=False``)."""
     options.setdefault("max_segment_steps", 2)
+    options.setdefault("prepack_weights", True)
     return hyperion.compile(model, memory_limit=cap, mode="memory_opt", input_shapes={"x": [2, HIDDEN]},
                             **options)  # type: ignore[arg-type]
 
@@ -89,12 +91,13 @@ def test_the_plan_accounts_the_next_segments_creation_while_one_runs(mlp: Path) 
 
 
 def test_the_weight_cache_keeps_sessions_alive_across_runs(mlp: Path) -> None:
-    budget = 2 * (WEIGHT_BYTES + SESSION_OVERHEAD_BYTES)
+    budget = 2 * (WEIGHT_BYTES + session_bookkeeping_bytes(4))
     cm = compiled(mlp, cap=8 * WEIGHT_BYTES, weight_cache=budget)
     schedule = cm.schedule
     cached = [s.index for s in schedule.segments if s.cached]
     assert 1 <= len(cached) <= 2
-    assert sum(schedule.segments[i].held_bytes + SESSION_OVERHEAD_BYTES for i in cached) <= budget
+    segments = schedule.segments
+    assert sum(segments[i].held_bytes + session_bookkeeping_bytes(len(segments[i].steps)) for i in cached) <= budget
     for index in cached:   # cached weights are loaded once and never evicted
         assert schedule.steps[schedule.segments[index].last_step].evicts == ()
     expected = reference_outputs(mlp, feeds())
@@ -188,7 +191,7 @@ def _smallest_cap(mlp: Path, **options: object) -> int:
 
 
 def test_unpacked_weights_are_planned_at_their_size_and_run_unpacked(mlp: Path, tmp_path: Path) -> None:
-    packed_smallest = _smallest_cap(mlp, prefetch=False)
+    packed_smallest = _smallest_cap(mlp, prefetch=False, prepack_weights=True)
     unpacked_smallest = _smallest_cap(mlp, prepack_weights=False)
     # Packed: a session holds the packed copy and, while created, the original too. At the
     # smallest cap every MatMul runs in tiles (the tile pass), so that is one tile's original.
@@ -231,6 +234,20 @@ def test_unpacked_sessions_are_built_once_and_fed_mapped_weights_on_every_run(ml
     view = cm._active().runtime.weights.view(fed[0])
     assert not view.flags.owndata and not view.flags.writeable
     cm.close()
+
+
+def test_by_default_streamed_weights_are_fed_and_resident_ones_packed(mlp: Path) -> None:
+    x = feeds()
+    capped = hyperion.compile(mlp, memory_limit=2 * WEIGHT_BYTES + (1 << 20), input_shapes={"x": [2, HIDDEN]})
+    schedule = capped.schedule
+    assert schedule.mode == "memory_opt" and not schedule.prepack_weights and not schedule.prefetch
+    assert all(s.persistent for s in schedule.segments) and any(s.fed_weights for s in schedule.segments)
+    capped.run(x)
+    np.testing.assert_array_equal(capped.run(x)["y"], reference_outputs(mlp, x, prepack_weights=False)["y"])
+    assert capped.stats.sessions.built == 0          # a capped run in steady state builds nothing
+    uncapped = hyperion.compile(mlp, input_shapes={"x": [2, HIDDEN]})
+    assert uncapped.schedule.mode == "normal" and uncapped.schedule.prepack_weights
+    np.testing.assert_array_equal(uncapped.run(x)["y"], reference_outputs(mlp, x)["y"])
 
 
 def test_the_optimal_batch_of_an_unpacked_plan_is_read_off_that_plan(mlp: Path) -> None:

@@ -4,6 +4,7 @@ outputs equal to the unsplit run, refusals that name the op, and the optimal bat
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,9 +30,12 @@ def cap_for_chunk(name: str, batch: int, chunk: int) -> int:
     """The smallest cap at which streaming ``batch`` samples of ``name`` runs ``chunk`` at a time."""
     feeds = example_feeds(name, batch=batch)
     imported = import_model(load_source(fixture_path(name)), _shapes(feeds))
-    whole = run_passes(imported, ExecutionMode.MEMORY_OPT, None, options=SegmentOptions())
+    options = SegmentOptions().for_mode(ExecutionMode.STREAMING)   # as compile plans streaming by default
+    whole = run_passes(imported, ExecutionMode.MEMORY_OPT, None, options=options)
     analysis = analyze(whole.graph, whole.order)
-    return smallest_limit(whole, analysis, chunk, fixed_bytes=stream_pinned_bytes(imported.graph, analysis))
+    assert options.prefetch is not None and options.prepack_weights is not None
+    return smallest_limit(whole, analysis, chunk, fixed_bytes=stream_pinned_bytes(imported.graph, analysis),
+                          prefetch=options.prefetch, prepack_weights=options.prepack_weights)
 
 
 @pytest.mark.parametrize("name", ["demo", "dynamic_dims"])
@@ -70,12 +74,30 @@ def test_streaming_refuses_a_graph_that_mixes_samples_naming_the_op() -> None:
         hyperion.compile(model, mode="streaming", memory_limit="1MB", input_shapes={"x": [4, 8]})
 
 
+def _largest_cap_memory_opt_refuses(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Bisected between a cap memory_opt refuses and the smallest it names: the order it
+    plans depends on the cap, so the cap just below the one it names may still fit."""
+    def refuses(cap: int) -> bool:
+        try:
+            hyperion.compile(path, mode="memory_opt", memory_limit=cap, input_shapes=shapes)
+        except hyperion.MemoryLimitError:
+            return True
+        return False
+
+    with pytest.raises(hyperion.MemoryLimitError) as info:
+        hyperion.compile(path, mode="memory_opt", memory_limit=1000, input_shapes=shapes)
+    low, high = 1000, info.value.smallest_limit_bytes
+    assert not refuses(high)
+    while high - low > 1024:
+        middle = (low + high) // 2
+        low, high = (middle, high) if refuses(middle) else (low, middle)
+    return low
+
+
 def test_adaptive_picks_streaming_when_the_whole_batch_does_not_fit() -> None:
     feeds = example_feeds("demo", batch=8)
     path = fixture_path("demo")
-    with pytest.raises(hyperion.MemoryLimitError) as info:
-        hyperion.compile(path, mode="memory_opt", memory_limit=1000, input_shapes=_shapes(feeds))
-    cap = info.value.smallest_limit_bytes - 1
+    cap = _largest_cap_memory_opt_refuses(path, _shapes(feeds))
     cm = hyperion.compile(path, memory_limit=cap, input_shapes=_shapes(feeds))
     schedule = cm.schedule
     assert schedule.requested_mode == "adaptive" and schedule.mode == "streaming"
@@ -89,14 +111,13 @@ def test_adaptive_classifies_once_and_orders_once_per_planning_mode(monkeypatch)
     # graph; edge kinds depend on none of them and the order only on normal vs memory_opt.
     feeds = example_feeds("demo", batch=8)
     path = fixture_path("demo")
-    with pytest.raises(hyperion.MemoryLimitError) as info:
-        hyperion.compile(path, mode="memory_opt", memory_limit=1000, input_shapes=_shapes(feeds))
+    cap = _largest_cap_memory_opt_refuses(path, _shapes(feeds))
     classified, ordered = [], []
     classify, plan_order = classify_module.classify_edges, order_module.plan_order
     monkeypatch.setattr(classify_module, "classify_edges", lambda graph: classified.append(1) or classify(graph))
     monkeypatch.setattr(order_module, "plan_order",
                         lambda graph, mode, budget=None: ordered.append(mode) or plan_order(graph, mode, budget))
-    cm = hyperion.compile(path, memory_limit=info.value.smallest_limit_bytes - 1, input_shapes=_shapes(feeds))
+    cm = hyperion.compile(path, memory_limit=cap, input_shapes=_shapes(feeds))
     assert cm.schedule.mode == "streaming"
     assert len(classified) == 1
     assert ordered == [ExecutionMode.NORMAL, ExecutionMode.MEMORY_OPT]

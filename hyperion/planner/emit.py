@@ -15,7 +15,7 @@ from onnx import TensorProto, TensorShapeProto, TypeProto
 
 from hyperion.errors import PassError
 from hyperion.frontend import ImportedModel, is_whole_graph
-from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, TensorRole
+from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, NodeInfo, TensorRole
 from hyperion.passes import Program
 from hyperion.passes.liveness import Liveness
 from hyperion.passes.memory.plan_memory import MemoryPlan
@@ -119,7 +119,8 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
             cached=index in cached, held_bytes=_at(segmentation.held_bytes, index),
             loading_bytes=_at(segmentation.loading_bytes, index), fed_weights=fed,
             # A session that holds no large weight costs its graph and kernels alone: kept.
-            persistent=index in cached or len(fed) == len(large)))
+            persistent=index in cached or len(fed) == len(large),
+            fold_constants=program.memory_limit is None or not generated_weights(graph, nodes)))
         if not normal:
             loads[span.start].extend(weights)
             if index not in cached:  # cached sessions keep their weights across runs
@@ -154,6 +155,21 @@ def _tiles(program: Program, node: str) -> Tiles | None:
     return Tiles(weight=shape.weight, bias=shape.bias, output=shape.output, output_axis=shape.output_axis,
                  weight_axis=shape.weight_axis, bounds=tiled.bounds, in_place=shape.in_place,
                  staging_bytes=tiled.staging_bytes, initializers_in_place=shape.initializers_in_place)
+
+
+def generated_weights(graph: Graph, nodes: list[NodeInfo]) -> list[str]:
+    """Large outputs of ``nodes`` computed from constants alone (the weights of models that
+    build them with ConstantOfShape, a Transpose of a weight, ...). onnxruntime's constant
+    folding would compute them when the session is built and hold them as initializers for
+    the session's life; the plan counts them as activations of their step, so a capped
+    plan's sessions run them instead."""
+    constant = {t for node in nodes for t in node.inputs if graph.is_weight(t)}
+    generated = []
+    for node in nodes:   # in order: a node fed by generated tensors generates too
+        if all(t in constant for t in node.inputs):
+            constant.update(node.outputs)
+            generated.extend(t for t in node.outputs if (graph.tensors[t].nbytes or 0) > SMALL_TENSOR_BYTES)
+    return generated
 
 
 def _at(values: tuple[int, ...], index: int) -> int:

@@ -80,7 +80,7 @@ class Planner:
         try:
             return self.planned(mode, memory_limit)
         except MemoryLimitError:
-            if mode is ExecutionMode.NORMAL or not self.options.prefetch:
+            if mode is ExecutionMode.NORMAL or not self.options.for_mode(mode).prefetch:
                 raise
         # The double buffer does not fit: each segment's weights are loaded when it starts.
         program = self.planned(mode, memory_limit, dataclasses.replace(self.options, prefetch=False))
@@ -95,17 +95,19 @@ def run_passes(imported: ImportedModel, mode: ExecutionMode, memory_limit: int |
 
 
 def plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
-         max_segment_steps: int | None = None, *, prefetch: bool = True,
-         weight_cache_bytes: int | None = None, prepack_weights: bool = True) -> Schedule:
+         max_segment_steps: int | None = None, *, prefetch: bool | None = None,
+         weight_cache_bytes: int | None = None, prepack_weights: bool | None = None) -> Schedule:
     """The schedule of ``imported`` in ``mode`` under ``memory_limit`` bytes.
 
     ``prefetch``: in memory_opt, create the next segment's session while the
-    current one computes (accounted: both are resident then).
+    current one computes (accounted: both are resident then); ``None``: when
+    weights are pre-packed.
     ``weight_cache_bytes``: the most bytes of sessions kept alive across runs
     in memory_opt (``None``: as many as the cap allows; 0: none).
     ``prepack_weights=False``: sessions will not pre-pack weights, so each holds
     its weights at their own size (recorded in the schedule: the runtime must
-    then run unpacked).
+    then run unpacked); ``None``: packed in normal mode, fed in the others
+    (:meth:`SegmentOptions.for_mode`).
     """
     options = SegmentOptions(max_segment_steps, prefetch, weight_cache_bytes, prepack_weights)
     return _plan(imported, mode, memory_limit, options)
@@ -181,7 +183,7 @@ def _chunk_phrase(program: Program) -> str:
 
 def plan_streaming(planner: Planner, memory_limit: int | None) -> Program:
     """The plan of the largest chunk of the batch that fits, in memory_opt mode."""
-    imported, options = planner.imported, planner.options
+    imported, options = planner.imported, planner.options.for_mode(ExecutionMode.STREAMING)
     try:
         whole = planner.run(ExecutionMode.STREAMING, None)
     except UnsupportedModelError as refusal:
@@ -218,8 +220,8 @@ def plan_streaming(planner: Planner, memory_limit: int | None) -> Program:
 
 def optimal_batch_size(imported: ImportedModel, memory_limit: int, max_batch_size: int, *,
                        mode: ExecutionMode = ExecutionMode.MEMORY_OPT, input_bytes_per_sample: int | None = None,
-                       output_bytes_per_sample: int | None = None, prefetch: bool = True,
-                       prepack_weights: bool = True) -> int:
+                       output_bytes_per_sample: int | None = None, prefetch: bool | None = None,
+                       prepack_weights: bool | None = None) -> int:
     """The largest batch <= ``max_batch_size`` whose plan fits ``memory_limit`` bytes (0: none).
 
     Read off the plan: activations scale with the batch, weights do not. The
@@ -231,9 +233,10 @@ def optimal_batch_size(imported: ImportedModel, memory_limit: int, max_batch_siz
     if max_batch_size < 1:
         raise OptionError(f"max_batch_size: must be at least 1, got {max_batch_size}")
     run_mode = mode.planning_mode
-    options = SegmentOptions(prefetch=prefetch, prepack_weights=prepack_weights)
+    options = SegmentOptions(prefetch=prefetch, prepack_weights=prepack_weights).for_mode(run_mode)
     whole = Planner(imported, options).run(run_mode, None)
     analysis = analyze(whole.graph, whole.order)
     extra = (input_bytes_per_sample or 0) + (output_bytes_per_sample or 0)
-    return largest_batch(whole, analysis, memory_limit, max_batch_size, prefetch=prefetch,
-                         extra_bytes_per_sample=extra, prepack_weights=prepack_weights)
+    assert options.prefetch is not None and options.prepack_weights is not None  # resolved for run_mode
+    return largest_batch(whole, analysis, memory_limit, max_batch_size, prefetch=options.prefetch,
+                         extra_bytes_per_sample=extra, prepack_weights=options.prepack_weights)

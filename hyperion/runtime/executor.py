@@ -157,7 +157,8 @@ class Runtime:
                     self._segment_models[index] = model
         try:
             session = ort.InferenceSession(model, self.tracer.session_options(self._options(), index),
-                                           providers=["CPUExecutionProvider"])
+                                           providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=[] if segment.fold_constants else ["ConstantFolding"])
         except Exception as exc:  # onnxruntime raises its own untyped errors
             first = self.schedule.steps[segment.first_step]
             raise UnsupportedModelError(

@@ -110,7 +110,7 @@ def ort_session(model: Path, prepack_weights: bool = True) -> ort.InferenceSessi
 
 def bench_model(model: Path, limits: Sequence[int | OrtFraction | None], *, mode: str = "adaptive",
                 input_shapes: Mapping[str, Sequence[int]] | None = None, repeats: int = 20,
-                measure_rss: bool = True, seed: int = 0, prepack_weights: bool = True,
+                measure_rss: bool = True, seed: int = 0, prepack_weights: bool | None = None,
                 progress: Callable[[int, int], None] | None = None) -> list[BenchRow]:
     """Hyperion under each of ``limits`` next to plain onnxruntime as installed (which
     pre-packs weights whatever ``prepack_weights`` Hyperion compiles with). An
@@ -158,7 +158,7 @@ def bench_model(model: Path, limits: Sequence[int | OrtFraction | None], *, mode
 
 # -- peak RSS in subprocesses ----------------------------------------------------------
 def rss_pair(model: Path, feeds: Mapping[str, np.ndarray], limit: int | None, mode: str,
-             shapes: Mapping[str, Sequence[int]], prepack_weights: bool = True) -> tuple[int, int]:
+             shapes: Mapping[str, Sequence[int]], prepack_weights: bool | None = None) -> tuple[int, int]:
     """(plain onnxruntime, Hyperion) peak RSS above the import-only baseline, in bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         feeds_path = Path(tmp) / "feeds.npz"

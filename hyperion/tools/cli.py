@@ -111,9 +111,13 @@ def _step_arg(text: str) -> int:
 
 
 def _add_no_prepack(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-prepack", action="store_true",
-                        help="weights fed unpacked from their file to sessions built once: fast under a cap, "
-                             "outputs differ by float32 rounding")
+    packing = parser.add_mutually_exclusive_group()
+    packing.add_argument("--prepack", dest="prepack", action="store_const", const=True, default=None,
+                         help="pre-pack weights in every session, as plain onnxruntime does (exact; under a cap, "
+                              "streamed sessions are rebuilt every run). Default: packed in normal mode only")
+    packing.add_argument("--no-prepack", dest="prepack", action="store_const", const=False,
+                         help="never pre-pack: weights fed unpacked from their file to sessions built once, "
+                              "in every mode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +191,7 @@ def _compile(args: argparse.Namespace, model: Path):
 
     return hyperion.compile(model, memory_limit=args.memory_limit, mode=args.mode,
                             input_shapes=dict(args.input_shape) or None,
-                            prepack_weights=not getattr(args, "no_prepack", False))
+                            prepack_weights=getattr(args, "prepack", None))
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -248,7 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import hyperion
 
     if args.schedule:
-        cm = hyperion.load(args.model, args.schedule, prepack_weights=not args.no_prepack)
+        cm = hyperion.load(args.model, args.schedule, prepack_weights=args.prepack is not False)
     else:
         cm = _compile(args, args.model)
     feeds = _load_inputs(cm, args)
@@ -268,7 +272,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.trace:
         print(f"trace written to {args.trace} (open it in ui.perfetto.dev or chrome://tracing)")
     if args.check:
-        return _check_against_onnxruntime(args.model, feeds, outputs, prepack_weights=not args.no_prepack)
+        # Against onnxruntime with the same GEMM kernels: packed or not, as the schedule ran.
+        return _check_against_onnxruntime(args.model, feeds, outputs, prepack_weights=cm.schedule.prepack_weights)
     return 0
 
 
@@ -417,7 +422,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     limits = [None, *args.memory_limit]
     with _progress_bar(f"bench {args.model.name}", args.quiet, unit="measurement") as progress:
         rows = bench_model(args.model, limits, mode=args.mode, input_shapes=dict(args.input_shape) or None,
-                           repeats=args.repeats, measure_rss=not args.no_rss, prepack_weights=not args.no_prepack,
+                           repeats=args.repeats, measure_rss=not args.no_rss, prepack_weights=args.prepack,
                            progress=progress)
     print(markdown_table(rows))
     return 0

@@ -15,11 +15,17 @@ external-data weights:
 * While a session is being created it holds, on top of that, the original of
   the weight being packed, at most the largest one (``passes/segment.py``
   accounts it).
-* A session's own bookkeeping (graph, kernels) is about 120 KiB.
-  :data:`SESSION_OVERHEAD_BYTES` is charged for every session the plan keeps
-  alive across runs (the weight cache); the one or two sessions a run works
-  with fall in the fixed allowance of the RSS promise, with onnxruntime's code
-  and Hyperion's own data.
+* A session's own bookkeeping (graph, kernels, thread pool) is about 120 KiB
+  plus 3-17 KiB per node (100 sessions of one Relu: 124 KiB each; of 100 Relus:
+  419 KiB; of 20 small Convs: 454 KiB; of 20 fed MatMuls: 226 KiB):
+  :func:`session_bookkeeping_bytes` charges ``SESSION_OVERHEAD_BYTES`` plus
+  ``SESSION_NODE_BYTES`` per node for every session the plan keeps alive across
+  runs (every session of a normal or fed plan, the weight cache of a packed
+  one), beyond the first ``SESSION_BOOKKEEPING_ALLOWANCE_BYTES``; those, and the
+  one or two short-lived sessions a packed run works with, fall in the fixed
+  allowance of the RSS promise, with onnxruntime's code and Hyperion's own data.
+* Some kernels allocate a workspace while they run, beyond their inputs and
+  outputs: :func:`workspace_bytes`.
 
 Weights embedded in the ONNX file are turned into external data first
 (:mod:`hyperion.frontend.embedded`), so the same rules hold for them. With pre-packing
@@ -32,9 +38,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from hyperion.ir import Graph
+import numpy as np
+
+from hyperion.ir import SMALL_TENSOR_BYTES, Graph, NodeInfo
 
 SESSION_OVERHEAD_BYTES = 128 * 1024
+SESSION_NODE_BYTES = 12 * 1024
+# The RSS promise's fixed allowance (32 MiB over the import baseline) holds onnxruntime's
+# code paged in by the first session (8.5 MiB), Hyperion's compile (5-20 MiB) and the
+# first few MiB of session bookkeeping: only what persistent sessions hold beyond that
+# is charged against the cap.
+SESSION_BOOKKEEPING_ALLOWANCE_BYTES = 4 * 2**20
 MLAS_PANEL_COLUMNS = 16          # MLAS packs SGEMM's B operand in panels this wide
 _PREPACKED_INPUT = {"MatMul": 1, "Gemm": 1}
 
@@ -84,3 +98,54 @@ def resident_bytes(graph: Graph, weight: str) -> int:
 def held_bytes(graph: Graph, weights: Iterable[str]) -> int:
     """What a live session over ``weights`` holds for them."""
     return sum(resident_bytes(graph, w) for w in set(weights))
+
+
+def session_bookkeeping_bytes(nodes: int) -> int:
+    """What a live session of ``nodes`` nodes holds besides its weights."""
+    return SESSION_OVERHEAD_BYTES + SESSION_NODE_BYTES * nodes
+
+
+# Workspace, measured on one node per session, arena off, pre-packing off (VmHWM while
+# running minus RSS before, minus the output; onnxruntime 1.32, 2 threads):
+#
+#   Conv 3x3, 64->64 ch, 256x256, weight an initializer   input 16 + output 16 MiB -> +31.9 MiB
+#   the same Conv, weight fed as a graph input                                      -> +0.1 MiB
+#   Conv 1x1, 256->64 ch, 56x56, initializer / fed          in 3.1, out 0.8 MiB      -> +3.1 / +0.0 MiB
+#   MaxPool 2x2, 64 ch, 256x256                             in 16, out 4 MiB         -> +20.0 MiB
+#   ConvTranspose 2x2 stride 2, 128->64 ch, 64x64, fed      out 4 MiB                -> +4.0 MiB
+#   Relu, 16 MiB                                                                     -> +0.0 MiB
+#
+# With a constant weight, onnxruntime's NCHWc layout transformer runs the Conv on blocked
+# copies of its input and output (ReorderInput / ReorderOutput around it); it does the
+# same for pools, which need no weight. A Conv whose weight is fed cannot be transformed
+# (its weight is not known when the session is built) and MLAS bounds its im2col buffer
+# per thread. ConvTranspose's column buffer holds (out channels / group) x kernel x input
+# pixels.
+_NCHWC_POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"})
+
+
+def workspace_bytes(graph: Graph, node: NodeInfo, *, weights_fed: bool) -> int:
+    """Bytes ``node``'s kernel allocates while it runs, beyond its inputs and outputs.
+
+    ``weights_fed``: the node's session is handed its large weights as inputs
+    (``prepack_weights=False``) rather than holding them as initializers.
+    """
+    if not node.is_default_domain or not node.inputs:
+        return 0
+    first = graph.tensors.get(node.inputs[0])
+    if first is None or first.dtype != "float32" or first.shape is None or len(first.shape) != 4:
+        return 0
+    io = (first.nbytes or 0) + sum(graph.tensors[t].nbytes or 0 for t in node.outputs[:1])
+    if node.op_type in _NCHWC_POOLS:
+        return io
+    if node.op_type == "Conv" and len(node.inputs) > 1:
+        weight = graph.tensors[node.inputs[1]]
+        fed = weights_fed and graph.is_weight(weight.name) and (weight.nbytes or 0) > SMALL_TENSOR_BYTES
+        return 0 if fed else io
+    if node.op_type == "ConvTranspose" and len(node.inputs) > 1:
+        weight = graph.tensors[node.inputs[1]]   # (in channels, out channels / group, kh, kw)
+        dims = (*first.shape, *(weight.shape or ()))
+        if weight.shape is None or len(weight.shape) != 4 or not all(isinstance(d, int) for d in dims):
+            return 0
+        return 4 * int(np.prod(weight.shape[1:])) * int(first.shape[2]) * int(first.shape[3])
+    return 0

@@ -9,7 +9,8 @@ over the set ``S`` of nodes already run, the rules of ``passes/liveness.py`` bec
 * running node ``v`` next costs ``resident(S) + outputs(v) + weights(v)``: its inputs are
   resident already, all its outputs count at its step (an output nobody reads dies there),
   and ``weights(v)`` is its own weights in ``memory_opt`` mode, every weight in ``normal``
-  mode (a constant, kept apart in :attr:`StepModel.constant_bytes`);
+  mode (a constant, kept apart in :attr:`StepModel.constant_bytes`), plus its kernel's
+  workspace (``passes/memory/costs.py``);
 * afterwards ``resident`` gains the outputs someone reads (or graph outputs) and loses each
   input ``v`` was the last reader of.
 
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hyperion.ir import ExecutionMode, Graph, TensorRole
+from hyperion.passes.memory.costs import workspace_bytes
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def build_step_model(graph: Graph, base: Sequence[str], mode: ExecutionMode) -> 
         own_weights = 0 if normal else sum(sizes[t] for t in inputs if t not in readers)
         preds.append(tuple(sorted({producer[t] for t in data if t in producer})))
         succs.append(tuple(sorted({c for t in node.outputs for c in readers[t]})))
-        step.append(sum(sizes[t] for t in node.outputs) + own_weights)
+        step.append(sum(sizes[t] for t in node.outputs) + own_weights + workspace_bytes(graph, node, weights_fed=False))
         kept.append(sum(sizes[t] for t in node.outputs if readers[t] or t in outputs))
         reads.append(tuple(tensor_id[t] for t in data if t in tensor_id))
         reads_data.append(bool(data))

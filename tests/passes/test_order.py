@@ -120,11 +120,11 @@ def test_the_schedule_records_the_proven_optimum() -> None:
     path = fixture_path("demo")
     schedule = hyperion.compile(path, mode="memory_opt", input_shapes={"image": [1, 3, 64, 64]}).schedule
     graph = program_from_model(str(path)).graph
-    assert schedule.optimal_peak_bytes == 688128  # below the file order's 720896, see docs/ordering.md
+    assert schedule.optimal_peak_bytes == 753664  # below the file order's 786432, see docs/ordering.md
     assert schedule.lower_bound_bytes <= schedule.optimal_peak_bytes <= schedule.peak_bytes
     assert [s.node for s in schedule.steps] != list(graph.file_order())
     data = schedule.to_dict()
-    assert hyperion.Schedule.from_dict(data).optimal_peak_bytes == 688128
+    assert hyperion.Schedule.from_dict(data).optimal_peak_bytes == 753664
     del data["optimal_peak_bytes"]  # files written before the field existed still load
     assert hyperion.Schedule.from_dict(data).optimal_peak_bytes is None
 

@@ -12,7 +12,7 @@ from hyperion.errors import MemoryLimitError
 from hyperion.ir import ExecutionMode
 from hyperion.passes import Program
 from hyperion.passes.liveness import Liveness, compute_liveness
-from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, packed_bytes, resident_bytes
+from hyperion.passes.memory.costs import packed_bytes, resident_bytes, session_bookkeeping_bytes
 from hyperion.passes.segment import SegmentPass, segment
 from tests.passes.helpers import program_from_model
 
@@ -121,22 +121,22 @@ def test_the_smallest_limit_reported_admits_a_plan_and_one_byte_less_does_not() 
 
 
 def test_the_weight_cache_keeps_what_fits_its_budget_and_the_cap() -> None:
-    budget = WEIGHT_BYTES + SESSION_OVERHEAD_BYTES
+    budget = WEIGHT_BYTES + session_bookkeeping_bytes(1)
     seg = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, max_segment_steps=1,
                     weight_cache_bytes=budget).segmentation
     assert seg.cached == (0,)                       # the first session that fits; the budget holds one
     everything = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, max_segment_steps=1).segmentation
     assert everything.cached == (0, 2, 4)           # no budget and no cap: every session with weights
     # Under a cap, caching never pushes a step over it.
-    cap = 2 * ROW_BYTES + 3 * WEIGHT_BYTES + SESSION_OVERHEAD_BYTES
+    cap = 2 * ROW_BYTES + 3 * WEIGHT_BYTES + session_bookkeeping_bytes(1)
     capped = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, cap, max_segment_steps=1).segmentation
     assert capped.peak_bytes <= cap and len(capped.cached) < 3
 
 
 def test_a_cached_session_counts_at_every_step_outside_its_own_segment() -> None:
     seg = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, max_segment_steps=1, prefetch=False,
-                    weight_cache_bytes=WEIGHT_BYTES + SESSION_OVERHEAD_BYTES).segmentation
-    act, loading, kept = 2 * ROW_BYTES, 2 * WEIGHT_BYTES, WEIGHT_BYTES + SESSION_OVERHEAD_BYTES
+                    weight_cache_bytes=WEIGHT_BYTES + session_bookkeeping_bytes(1)).segmentation
+    act, loading, kept = 2 * ROW_BYTES, 2 * WEIGHT_BYTES, WEIGHT_BYTES + session_bookkeeping_bytes(1)
     assert seg.cached == (0,)
     assert seg.step_bytes == (act + loading, act + kept, act + loading + kept, act + kept, act + loading + kept)
 
