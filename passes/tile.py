@@ -13,7 +13,7 @@ import numpy as np
 from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, NodeInfo, TensorInfo
 from hyperion.passes._infra import Pass, PassResult, ensure, require
 from hyperion.passes.liveness import activation_live_bytes, compute_liveness
-from hyperion.passes.memory.costs import resident_bytes
+from hyperion.passes.memory.costs import resident_bytes, workspace_bytes
 from hyperion.passes.program import Program
 from hyperion.passes.tile_ops import Geometry, geometry
 
@@ -206,19 +206,22 @@ class _StepCost:
     others_plain: int        # the largest of them, as read
     ahead: int               # the next step's loading, with prefetch
     prepack: bool
+    workspace: int           # the kernel's workspace, the step whole (``costs.workspace_bytes``)
+    tiled_workspace: int     # ... and tiled: weight tiles are constant initializers of their sessions
 
     def __call__(self, width: int) -> int:
-        return self._with(self.shape.held_bytes(width, self.prepack), self.shape.accounted_bytes(width))
+        return self._with(self.shape.held_bytes(width, self.prepack), self.shape.accounted_bytes(width),
+                          self.tiled_workspace)
 
     def untiled(self, held: int, plain: int) -> int:
         """The step whole, its weight as onnxruntime holds it."""
-        return self._with(held, plain)
+        return self._with(held, plain, self.workspace)
 
-    def _with(self, weight_held: int, weight_plain: int) -> int:
+    def _with(self, weight_held: int, weight_plain: int, workspace: int) -> int:
         loading = weight_held + self.others_held
         if self.prepack:
             loading += max(weight_plain, self.others_plain)
-        return self.activations + loading + self.ahead
+        return self.activations + workspace + loading + self.ahead
 
     def widest(self, memory_limit: int) -> int:
         """The widest tile (whole units) that fits ``memory_limit``; one unit if none does."""
@@ -237,7 +240,7 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
                 prepack: bool) -> dict[str, TiledStep]:
     """Rules 4-6: the steps that do not fit whole, and their tiles."""
     liveness = compute_liveness(graph, order)
-    activations = activation_live_bytes(graph, liveness)
+    activations = activation_live_bytes(graph, liveness)   # kernel workspace is added per step below
     weights = [graph.weights_of(node) for node in order]
     plain = {w: graph.tensors[w].nbytes or 0 for ws in weights for w in ws}
     held = {w: resident_bytes(graph, w) if prepack else plain[w] for w in plain}
@@ -251,9 +254,11 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
         if shape is None or shape.weight in graph.outputs or graph.tensors[shape.weight].consumers != (name,):
             continue
         others = [w for w in weights[step] if w != shape.weight]
+        node = graph.nodes[name]
         cost = _StepCost(
             shape, activations[step], sum(held[w] for w in others), max((plain[w] for w in others), default=0),
-            loading(weights[step + 1]) if prefetch and step + 1 < len(order) else 0, prepack)
+            loading(weights[step + 1]) if prefetch and step + 1 < len(order) else 0, prepack,
+            workspace_bytes(graph, node, weights_fed=not prepack), _tiled_workspace(graph, node, shape, prepack))
         whole = cost.untiled(held[shape.weight], plain[shape.weight])
         if whole <= memory_limit:
             continue
@@ -261,6 +266,17 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
         if width < shape.size and cost(width) < whole:  # tiles must help: not when the output dominates
             tiled[name] = _balanced(shape, width)
     return tiled
+
+
+def _tiled_workspace(graph: Graph, node: NodeInfo, shape: Geometry, prepack: bool) -> int:
+    """The step's kernel workspace with its weight a tile of one unit: as the ``segment``
+    pass prices it once the weight is accounted as a tile (a small tile is never fed)."""
+    names = dict.fromkeys((*node.inputs, *node.outputs))
+    tensors = {n: dataclasses.replace(graph.tensors[n], producer=None) for n in names}
+    tensors[shape.weight] = dataclasses.replace(tensors[shape.weight], shape=shape.tile_shape(shape.unit),
+                                                nbytes=shape.accounted_bytes(shape.unit))
+    alone = Graph([dataclasses.replace(node)], tensors, (), ())
+    return max(workspace_bytes(alone, node, weights_fed=not prepack), workspace_bytes(graph, node, weights_fed=False))
 
 
 def _balanced(shape: Geometry, widest: int) -> TiledStep:
