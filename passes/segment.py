@@ -176,7 +176,10 @@ class _Costs:
 
     def persistent(self, span: _GrowingSpan | Span) -> bool:
         """Whether the span's session outlives its run whatever the weight cache: every
-        session of a normal or fed plan, and one holding no large weight."""
+        session of a normal or fed plan, and one holding no large weight. A step Hyperion
+        runs itself (``isolated``) keeps no session."""
+        if span.start in self.isolated:
+            return False
         if self.normal or not self.prepack:
             return True
         return all(self.plain[w] <= SMALL_TENSOR_BYTES for step in range(span.start, span.stop)
