@@ -88,6 +88,9 @@ class TilePass(Pass):
        and the ``segment`` pass names the smallest cap: the step's live tensors
        (its output included) plus one tile; no tiles when they would not account
        less than the step whole (an output tile buffer can outweigh a small weight);
+       and never narrower, nor for more steps, than the largest step that cannot be
+       split requires: no cap below that step is met anyway (each split step is a
+       segment, and a session, fewer);
     6. only when the weight has no other reader and is not a graph output;
     7. row gathers and tiled steps run outside one session of their segment, so
        each is a segment of its own (the ``segment`` pass reads
@@ -248,24 +251,40 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
     def loading(names: tuple[str, ...]) -> int:
         return sum(held[w] for w in names) + (max((plain[w] for w in names), default=0) if prepack else 0)
 
+    def ahead(step: int) -> int:
+        return loading(weights[step + 1]) if prefetch and step + 1 < len(order) else 0
+
+    shapes = {name: _splittable(graph, name) for name in order}
+    # No cap below the largest step that cannot be split is met: tiles need be no narrower.
+    floor = max((activations[i] + workspace_bytes(graph, graph.nodes[name], weights_fed=not prepack)
+                 + loading(weights[i]) + ahead(i) for i, name in enumerate(order) if shapes[name] is None), default=0)
+    budget = max(memory_limit, floor)
     tiled: dict[str, TiledStep] = {}
     for step, name in enumerate(order):
-        shape = geometry(graph, graph.nodes[name])
-        if shape is None or shape.weight in graph.outputs or graph.tensors[shape.weight].consumers != (name,):
+        shape = shapes[name]
+        if shape is None:
             continue
         others = [w for w in weights[step] if w != shape.weight]
         node = graph.nodes[name]
         cost = _StepCost(
             shape, activations[step], sum(held[w] for w in others), max((plain[w] for w in others), default=0),
-            loading(weights[step + 1]) if prefetch and step + 1 < len(order) else 0, prepack,
+            ahead(step), prepack,
             workspace_bytes(graph, node, weights_fed=not prepack), _tiled_workspace(graph, node, shape, prepack))
         whole = cost.untiled(held[shape.weight], plain[shape.weight])
-        if whole <= memory_limit:
+        if whole <= budget:
             continue
-        width = cost.widest(memory_limit)
+        width = cost.widest(budget)
         if width < shape.size and cost(width) < whole:  # tiles must help: not when the output dominates
             tiled[name] = _balanced(shape, width)
     return tiled
+
+
+def _splittable(graph: Graph, name: str) -> Geometry | None:
+    """Rule 6: how ``name`` splits, when its weight is its own."""
+    shape = geometry(graph, graph.nodes[name])
+    if shape is None or shape.weight in graph.outputs or graph.tensors[shape.weight].consumers != (name,):
+        return None
+    return shape
 
 
 def _tiled_workspace(graph: Graph, node: NodeInfo, shape: Geometry, prepack: bool) -> int:
