@@ -10,14 +10,17 @@ from hyperion.errors import (
                              ModelLoadError,
                              OptionError,
                              OutputError,
+                             PartitionError,
                              PassError,
                              RuntimeExecutionError,
                              ScheduleError,
                              ShapeError,
+                             StageFailedError,
                              UnsafeModelError,
                              UnsupportedModelError,
 )
 from hyperion.ir import EdgeKind, ExecutionMode
+from hyperion.planner.partition import Partition, partition
 from hyperion.runtime import RunStats
 from hyperion.schedule import Schedule
 from hyperion.seed import (
@@ -38,9 +41,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CompiledModel", "EdgeKind", "ExecutionMode", "FeedError", "HyperionError", "InferenceSession",
-    "MemoryLimitError", "ModelLoadError", "OptionError", "OutputError", "PassError", "RunStats",
+    "MemoryLimitError", "ModelLoadError", "OptionError", "OutputError", "Partition", "PartitionError", "PassError",
+    "RunStats", "StageFailedError",
     "RuntimeExecutionError", "Schedule", "ScheduleError", "ShapeError", "UnsafeModelError", "UnsupportedModelError",
-    "compile", "load", "parse_size",
+    "compile", "load", "parse_size", "partition",
 ]
 __all__ += ["DependencyType", "ExecLayer", "ForwardScheduler", "MappedModel", "MmapConfig", "SchedulerError",
             "SchedulerMemoryError", "default_mmap_config", "open_mapped_model"]  # the seed API

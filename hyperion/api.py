@@ -402,15 +402,18 @@ def compile(model: ModelLike, memory_limit: int | str | None = None, mode: str |
 
     ``weight_cache`` (bytes or a size string) bounds the sessions, with their
     weights, that memory_opt keeps alive across runs (``None``: as many as the
-    cap allows; 0: none). ``prepack_weights=False`` stops onnxruntime from
-    packing a copy of every MatMul/Gemm weight: in memory_opt each segment's
-    session is then built once and every run feeds it the weights mapped from
-    their file, uncopied -- the fast way to run under a cap -- at the price of
-    outputs that differ from plain onnxruntime's by float32 rounding (equal to
-    onnxruntime's with pre-packing disabled; within twice its error against
-    float64, tested). ``prefetch`` gets the next segment ready while the current
-    one computes (a packed session built, both accounted; fed weights read
-    ahead); ``None``: only when weights are packed. See docs/memory.md.
+    cap allows; 0: none). ``prepack_weights`` says how weights reach sessions:
+    ``None`` (the default) pre-packs them in normal mode, whose sessions persist,
+    and feeds them in memory_opt and streaming -- each segment's session built once,
+    every run handing it the weights mapped from their file, uncopied, so that no
+    run builds a session or packs a weight; ``True`` packs everywhere, as plain
+    onnxruntime does (exact, but a streamed segment's session is rebuilt every
+    run); ``False`` feeds everywhere. Fed or segmented outputs differ from plain
+    onnxruntime's by float32 rounding, within twice its error against float64
+    (tested; docs/memory.md says which modes are bit-exact). ``prefetch`` gets the
+    next segment ready while the current one computes (a packed session built,
+    both accounted; fed weights read ahead); ``None``: only when weights are
+    packed.
     ``intra_op_num_threads`` sizes onnxruntime's thread pools (0: its default).
 
     ``base_dir`` is the folder holding the external data of a model given as bytes or

@@ -74,6 +74,20 @@ class MemoryLimitError(HyperionError):
         self.smallest_limit_bytes = smallest_limit_bytes
 
 
+class PartitionError(MemoryLimitError):
+    """No cut of the model into the requested pipeline stages fits the per-stage cap.
+
+    ``smallest_stages`` is the fewest stages that fit the cap (0 when no number does:
+    one step alone exceeds it); ``smallest_limit_bytes`` the smallest per-stage cap for
+    which the requested number of stages fits."""
+
+    exit_code = 16
+
+    def __init__(self, message: str, *, smallest_stages: int = 0, smallest_limit_bytes: int = 0) -> None:
+        super().__init__(message, smallest_limit_bytes=smallest_limit_bytes)
+        self.smallest_stages = smallest_stages
+
+
 class ScheduleError(HyperionError):
     """A schedule file is malformed, of a newer format, or for another model."""
 
@@ -105,6 +119,22 @@ class SchedulerMemoryError(SchedulerError, MemoryLimitError):
     exit_code = 14
 
 
+class StageFailedError(RuntimeExecutionError):
+    """A pipeline stage (a Ray actor) died or did not answer in time; ``stage`` says which."""
+
+    exit_code = 17
+
+    def __init__(self, message: str, *, stage: int | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+
+
+class MissingExtraError(HyperionError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra."""
+
+    exit_code = 18
+
+
 class OutputError(HyperionError):
     """A file Hyperion was asked to write cannot be written, or would replace one of the
     user's inputs (the model, its data files, the schedule being read, an input array)."""
@@ -118,4 +148,4 @@ class OutputError(HyperionError):
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in (
     HyperionError, OptionError, ModelLoadError, UnsafeModelError, ShapeError, UnsupportedModelError, FeedError,
     MemoryLimitError, ScheduleError, PassError, RuntimeExecutionError, SchedulerError, SchedulerMemoryError,
-    OutputError)}
+    OutputError, PartitionError, StageFailedError, MissingExtraError)}

@@ -4,6 +4,7 @@ memory_limit + 32 MiB, and its outputs equal plain onnxruntime's."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -134,3 +135,93 @@ def test_a_contrib_op_model_under_a_tiny_cap_keeps_sympy_out_of_the_process() ->
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert not report["sympy"]
     assert report["rss"] - baseline <= cap + ALLOWANCE_BYTES
+
+
+# -- the promise at fractions of plain onnxruntime's own RSS -------------------------------
+ORT_BASELINE = _PEAK + """
+import numpy, onnxruntime
+print(peak_rss_bytes())
+"""
+ORT_RUN = _PEAK + """
+import sys
+import numpy as np
+import onnxruntime as ort
+model, feeds = sys.argv[1], dict(np.load(sys.argv[2]))
+session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+session.run(None, feeds)
+print(peak_rss_bytes())
+"""
+CAPPED_RUN = _PEAK + """
+import json, sys
+import numpy as np
+import hyperion
+model, feeds, cap = sys.argv[1], dict(np.load(sys.argv[2])), int(sys.argv[3])
+try:
+    cm = hyperion.compile(model, memory_limit=cap, input_shapes={k: list(v.shape) for k, v in feeds.items()})
+except hyperion.MemoryLimitError as refused:
+    print(json.dumps({"refused": refused.smallest_limit_bytes}))
+    raise SystemExit(0)
+for _ in range(2):
+    cm.run(feeds)
+print(json.dumps({"rss": peak_rss_bytes(), "mode": cm.schedule.mode, "peak_bytes": cm.schedule.peak_bytes}))
+"""
+LIGHT_MODELS = sorted(p.stem.removeprefix("light_") for p in
+                      (Path(onnx.__file__).parent / "backend" / "test" / "data" / "light").glob("light_*.onnx"))
+
+
+def _light_feeds(name: str, folder: Path) -> tuple[Path, Path]:
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"light_{name}.onnx"
+    proto = onnx.load(str(path), load_external_data=False)
+    weights = {t.name for t in proto.graph.initializer}
+    feeds = {i.name: np.random.default_rng(0).random([d.dim_value for d in i.type.tensor_type.shape.dim],
+                                                     dtype=np.float32)
+             for i in proto.graph.input if i.name not in weights}
+    np.savez(folder / "feeds.npz", **feeds)
+    return path, folder / "feeds.npz"
+
+
+@functools.cache
+def _baseline(code: str) -> int:
+    """An import-only process's peak RSS, measured once per test session."""
+    return int(_python(code))
+
+
+def _check_fractions(model: Path, feeds: Path, fractions: tuple[float, ...]) -> list[str]:
+    """Run ``model`` under caps of ``fractions`` of plain onnxruntime's peak RSS on it, in fresh
+    processes: each run keeps the promise, or is refused before running with a smallest cap
+    above the one given. Returns a line per fraction, for the log."""
+    ort_rss = int(_python(ORT_RUN, str(model), str(feeds))) - _baseline(ORT_BASELINE)
+    baseline = _baseline(BASELINE)
+    lines = []
+    for fraction in fractions:
+        cap = int(fraction * ort_rss)
+        report = json.loads(_python(CAPPED_RUN, str(model), str(feeds), str(cap)))
+        if "refused" in report:
+            assert report["refused"] > cap
+            lines.append(f"{model.stem} at {fraction:.0%} ({cap / 2**20:.1f} MiB): refused, needs "
+                         f"{report['refused'] / 2**20:.1f} MiB")
+            continue
+        above = report["rss"] - baseline
+        lines.append(f"{model.stem} at {fraction:.0%} ({cap / 2**20:.1f} MiB): {report['mode']}, "
+                     f"{above / 2**20:.1f} MiB above the baseline")
+        assert report["peak_bytes"] <= cap
+        assert above <= cap + ALLOWANCE_BYTES, lines[-1]
+    return lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LIGHT_MODELS)
+def test_onnx_light_models_keep_the_promise_at_half_and_a_quarter_of_onnxruntimes_rss(name: str,
+                                                                                      tmp_path: Path) -> None:
+    model, feeds = _light_feeds(name, tmp_path)
+    print("\n" + "\n".join(_check_fractions(model, feeds, (0.5, 0.25))))
+
+
+@pytest.mark.slow
+def test_a_big_model_keeps_the_promise_at_half_and_a_quarter_of_onnxruntimes_rss(big_model: Path,
+                                                                                tmp_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((1, DEFAULT_HIDDEN)).astype(np.float32)
+    np.savez(tmp_path / "feeds.npz", x=x)
+    lines = _check_fractions(big_model, tmp_path / "feeds.npz", (0.5, 0.25))
+    print("\n" + "\n".join(lines))
+    assert not any("refused" in line for line in lines)   # a weight-streamed MLP fits both

@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a measured Chrome/Perfetto trace of the run (open it in ui.perfetto.dev)")
     _add_no_prepack(p)
     _add_quiet(p)
+    _add_ray_options(p)
 
     p = commands.add_parser("inspect", help="show layers, edge kinds, liveness and memory per step")
     p.add_argument("target", type=Path, help="a model or a schedule file")
@@ -248,9 +249,57 @@ def _load_inputs(cm, args: argparse.Namespace) -> dict[str, np.ndarray]:
     return given
 
 
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pipeline stages on Ray (pip install 'hyperion[ray]'; docs/cluster.md)")
+    group.add_argument("--ray", action="store_true",
+                       help="run as pipeline stages, one Ray actor each (cluster at $RAY_ADDRESS, else a local one)")
+    group.add_argument("--stages", type=_count_arg(1, "--stages"), default=2, help="pipeline stages (default 2)")
+    group.add_argument("--memory-limit-per-stage", type=_size_arg, metavar="SIZE", help="each stage's cap")
+    group.add_argument("--micro-batches", type=_count_arg(1, "--micro-batches"), default=1,
+                       help="parts the batch is split into, streamed through the stages (default 1)")
+
+
+def _run_on_ray(args: argparse.Namespace) -> int:
+    """``run --ray``: the model partitioned into stages run by Ray actors, each under its cap."""
+    import hyperion
+    from hyperion.ray import RayPipeline
+
+    if args.schedule or args.trace or args.memory_limit is not None:
+        raise OptionError("--ray: use --memory-limit-per-stage (each stage compiles its own schedule); "
+                          "--schedule, --trace and --memory-limit do not apply")
+    feeds = _load_inputs(hyperion.compile(args.model, input_shapes=dict(args.input_shape) or None), args)
+    import ray
+
+    started = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    try:
+        with RayPipeline(args.model, args.stages, args.memory_limit_per_stage, args.micro_batches) as pipeline:
+            outputs = pipeline.run(feeds)
+            assert pipeline.plan is not None
+            packed = all(stage.schedule.prepack_weights for stage in pipeline.plan.stages)
+            for stage, mode, rss in zip(pipeline.plan.stages, pipeline.stage_modes(),
+                                        pipeline.stage_peak_rss_bytes(), strict=True):
+                print(f"stage {stage.index}: steps {stage.first_step}-{stage.last_step}, weights "
+                      f"{format_size(stage.weight_bytes)}, mode {mode}, peak RSS {format_size(rss)} above baseline")
+    finally:
+        if started:
+            ray.shutdown()
+    for name, value in outputs.items():
+        print(f"  {name}: {value.dtype}{list(value.shape)}")
+    if args.output_dir:
+        for name, value in outputs.items():
+            target = args.output_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.npy"
+            refuse_overwrite(target, _given_files(args), option="--output-dir")
+            write_atomic(target, lambda handle, value=value: np.save(handle, value, allow_pickle=False))
+    if args.check:
+        return _check_against_onnxruntime(args.model, feeds, outputs, prepack_weights=packed)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import hyperion
 
+    if args.ray:
+        return _run_on_ray(args)
     if args.schedule:
         cm = hyperion.load(args.model, args.schedule, prepack_weights=args.prepack is not False)
     else:
