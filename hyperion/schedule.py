@@ -81,6 +81,37 @@ class TensorRecord:
 
 
 @dataclass(frozen=True)
+class RowGather:
+    """A Gather (axis 0) over a weight that the runtime runs itself, reading only the rows
+    its indices name from the weight's file (``tensors[weight].external``, or the file an
+    in-memory model's embedded weights are spilled to)."""
+
+    weight: str          # the table
+    indices: str
+    output: str
+    rows: int            # rows of the table; indices outside [-rows, rows) are an error
+    row_bytes: int
+    read_bytes: int      # the most bytes read: distinct indices at most, times row_bytes
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """A step the runtime runs tile by tile: its output split along ``output_axis`` at
+    ``bounds``, each tile computed by the step's op from one weight tile (and bias tile)
+    read into a buffer every tile reuses, and written into the one output buffer."""
+
+    weight: str
+    bias: str | None           # sliced with the weight; None: absent, or one value for every tile
+    output: str
+    output_axis: int
+    weight_axis: int           # the weight's axis the tiles slice: 0 -> each tile one contiguous read
+    bounds: tuple[int, ...]    # tile edges: 0, ..., the axis' length
+    in_place: bool             # output slices are contiguous: tiles are bound straight into the output
+    staging_bytes: int         # the weight tile's buffer, plus an output tile's when not in place
+    initializers_in_place: bool  # sessions use the weight tile's buffer in place; else onnxruntime copies it
+
+
+@dataclass(frozen=True)
 class Step:
     index: int
     node: str
@@ -92,6 +123,10 @@ class Step:
     loads: tuple[str, ...]     # weights made resident before this step
     evicts: tuple[str, ...]    # weights released after this step
     live_bytes: int
+    # Run by Hyperion from the rows it names, not by a session (a segment of its own);
+    # a file may leave it out (absent means None).
+    row_gather: RowGather | None = None
+    tiles: Tiles | None = None           # run tile by tile by Hyperion (a segment of its own); may be absent
 
 
 @dataclass(frozen=True)
@@ -246,7 +281,7 @@ class Schedule:
             optimal_peak_bytes=data.get("optimal_peak_bytes"),
             input_shapes={k: tuple(v) for k, v in data["input_shapes"].items()},
             tensors={k: _tensor(v) for k, v in data["tensors"].items()},
-            steps=tuple(Step(**_tuples(s)) for s in data["steps"]),
+            steps=tuple(_step(s) for s in data["steps"]),
             segments=tuple(_segment(s, label) for s in data["segments"]),
             edges=tuple(EdgeRecord(e["src"], e["dst"], e["tensor"], EdgeKind(e["kind"])) for e in data["edges"]),
             graph_inputs=tuple(data["graph_inputs"]),
@@ -301,6 +336,13 @@ class Schedule:
 def _tuples(record: Mapping[str, Any]) -> dict[str, Any]:
     """``record`` with JSON lists as tuples (the dataclasses hold tuples: hashable, frozen)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in record.items()}
+
+
+def _step(data: Mapping[str, Any]) -> Step:
+    fields = _tuples(data)
+    row_gather, tiles = fields.pop("row_gather", None), fields.pop("tiles", None)
+    return Step(**fields, row_gather=None if row_gather is None else RowGather(**row_gather),
+                tiles=None if tiles is None else Tiles(**_tuples(tiles)))
 
 
 def _tensor(data: Mapping[str, Any]) -> TensorRecord:
@@ -484,6 +526,10 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
         for name in (*step.inputs, *step.outputs, *step.frees, *step.loads, *step.evicts):
             if name not in tensors:
                 fail(where, f"tensor {name!r} is not in the tensor table")
+        if step.row_gather is not None:
+            _check_row_gather(step, schedule, initializers, fail)
+        if step.tiles is not None:
+            _check_tiles(step, schedule, initializers, fail)
     next_step = 0
     for position, segment in enumerate(schedule.segments):
         where = f"segments/{position}"
@@ -533,6 +579,59 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
 _NON_TENSOR_KINDS = frozenset({"sequence", "optional", "map", "sparse_tensor"})
 
 
+def _check_row_gather(step: Step, schedule: Schedule, initializers: Mapping[str, Any], fail: Any) -> None:
+    """A row gather reads its node's table and indices, within the table, alone in its segment."""
+    import numpy as np
+
+    where, gather = f"steps/{step.index}/row_gather", step.row_gather
+    assert gather is not None
+    if step.op_type != "Gather" or (gather.weight, gather.indices) != step.inputs or (gather.output,) != step.outputs:
+        fail(where, f"does not match node {step.node!r}'s inputs and output")
+    init = initializers.get(gather.weight)
+    record = schedule.tensors.get(gather.weight)
+    if init is None or record is None or record.role is not TensorRole.WEIGHT:
+        fail(where, f"table {gather.weight!r} is not a weight of the model")
+    table_bytes = int(np.prod(init.dims, dtype=np.int64)) * np.dtype(record.dtype).itemsize
+    if not init.dims or gather.rows != init.dims[0] or gather.rows * gather.row_bytes != table_bytes:
+        fail(where, f"{gather.rows} rows of {gather.row_bytes} bytes are not the table {gather.weight!r}")
+    segment = schedule.segments[step.segment] if step.segment < len(schedule.segments) else None
+    if segment is None or segment.first_step != segment.last_step:
+        fail(where, "a row gather is a segment of its own")
+
+
+def _check_tiles(step: Step, schedule: Schedule, initializers: Mapping[str, Any], fail: Any) -> None:
+    """Tiles slice their node's float32 weight within its shape, cover the output axis in
+    order, fit their buffer, and are a segment of their own."""
+    import math
+    from itertools import pairwise
+
+    where, tiles = f"steps/{step.index}/tiles", step.tiles
+    assert tiles is not None
+    if tiles.weight not in step.inputs or (tiles.bias is not None and tiles.bias not in step.inputs) \
+            or (tiles.output,) != step.outputs:
+        fail(where, f"does not match node {step.node!r}'s inputs and output")
+    if tiles.weight not in initializers or schedule.tensors[tiles.weight].dtype != "float32":
+        fail(where, f"{tiles.weight!r} is not a float32 weight of the model")
+    dims = tuple(initializers[tiles.weight].dims)
+    output = schedule.tensors[tiles.output].shape or ()
+    if not ((tiles.weight_axis == 0 and dims) or (tiles.weight_axis == 1 and len(dims) == 2)) \
+            or not tiles.output_axis < len(output):
+        fail(where, f"weight axis {tiles.weight_axis} or output axis {tiles.output_axis} cannot be tiled")
+    bounds = tiles.bounds
+    if bounds[0] != 0 or bounds[-1] != dims[tiles.weight_axis] or any(a >= b for a, b in pairwise(bounds)):
+        fail(where, f"bounds do not cover the {dims[tiles.weight_axis]} of {tiles.weight!r} in order")
+    bias_shape = () if tiles.bias is None else schedule.tensors[tiles.bias].shape or ()
+    if tiles.bias is not None and (not all(isinstance(d, int) for d in bias_shape)
+                                   or math.prod(bias_shape) != dims[tiles.weight_axis]):  # type: ignore[arg-type]
+        fail(where, f"bias {tiles.bias!r} does not have one value per tile column")
+    widest = max(b - a for a, b in pairwise(bounds))
+    if 4 * math.prod(dims) // dims[tiles.weight_axis] * widest > tiles.staging_bytes:
+        fail(where, f"a tile {widest} wide does not fit staging_bytes {tiles.staging_bytes}")
+    segment = schedule.segments[step.segment] if step.segment < len(schedule.segments) else None
+    if segment is None or segment.first_step != segment.last_step:
+        fail(where, "a tiled step is a segment of its own")
+
+
 def _check_dataflow(schedule: Schedule, fail: Any) -> None:
     """Every segment's inputs are available when it runs (as the runtime holds tensors)."""
     if schedule.whole_model:
@@ -552,6 +651,6 @@ def _check_dataflow(schedule: Schedule, fail: Any) -> None:
             fail("graph_outputs", f"output {name!r} is produced by no segment")
 
 
-__all__ = ["FORMAT", "VERSION", "EdgeRecord", "ModelRef", "Observe", "Replan", "ReplanPoint", "Schedule",
-           "ScheduleError", "Segment", "Step", "Streaming", "TensorRecord", "ValueType", "check_consistency", "schema",
-           "validate", "write_atomic"]
+__all__ = ["FORMAT", "VERSION", "EdgeRecord", "ModelRef", "Observe", "Replan", "ReplanPoint", "RowGather",
+           "Schedule", "ScheduleError", "Segment", "Step", "Streaming", "TensorRecord", "Tiles", "ValueType",
+           "check_consistency", "schema", "validate", "write_atomic"]

@@ -7,8 +7,8 @@ things and the planner may try several modes on one graph:
 * ``ORDER`` -- the order: depends on the planning mode only (``normal`` versus
   everything else, planned as ``memory_opt``), run once per planning mode;
 * ``BATCH`` -- streaming only: can the batch be split along axis 0;
-* ``PLAN`` -- liveness, arena and segments: depend on the mode, the cap and the
-  segment options, run for every plan tried.
+* ``PLAN`` -- steps read in part (tile), liveness, arena and segments: depend on the
+  mode, the cap and the segment options, run for every plan tried.
 
 Graphs built by hand (the seed API) come with their edge kinds and skip ``CLASSIFY``.
 """
@@ -28,6 +28,7 @@ from hyperion.passes.liveness import LivenessPass
 from hyperion.passes.memory.plan_memory import PlanMemoryPass
 from hyperion.passes.ordering.order import OrderPass
 from hyperion.passes.segment import SegmentPass
+from hyperion.passes.tile import TilePass
 
 
 class Stage(enum.Enum):
@@ -84,5 +85,6 @@ def build_pipeline(mode: ExecutionMode, options: SegmentOptions | None = None, *
     if Stage.BATCH in wanted and mode is ExecutionMode.STREAMING:
         passes.append(BatchSeparablePass())
     if Stage.PLAN in wanted:
-        passes += [LivenessPass(), PlanMemoryPass(), options.segment_pass(pinned_bytes)]
+        passes += [TilePass(options.prefetch, options.prepack_weights), LivenessPass(), PlanMemoryPass(),
+                   options.segment_pass(pinned_bytes)]
     return PassManager(passes)

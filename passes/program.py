@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # the result types import the pass infrastructure, which impo
     from hyperion.passes.memory.plan_memory import MemoryPlan
     from hyperion.passes.ordering.order import OrderResult
     from hyperion.passes.segment import Segmentation
+    from hyperion.passes.tile import Tiling
 
 
 @dataclass
@@ -20,7 +21,8 @@ class Program:
     """The graph, the mode and cap it is planned for, and the analyses so far.
 
     Each analysis field is written by one pass (named beside it); None until that
-    pass ran. The graph itself is changed by ``classify_edges`` only (edge kinds).
+    pass ran. The graph itself is changed by ``classify_edges`` (edge kinds) and ``tile``
+    (the accounted size of weights read in part).
     """
 
     graph: Graph
@@ -28,6 +30,7 @@ class Program:
     memory_limit: int | None = None
     order: tuple[str, ...] | None = None                    # order: the steps, in the order they run
     order_result: OrderResult | None = None                 # order: peak, proven optimum, winner
+    tiling: Tiling | None = None                            # tile: steps that read part of a weight
     liveness: Liveness | None = None                        # liveness
     memory_plan: MemoryPlan | None = None                   # plan_memory
     segmentation: Segmentation | None = None                # segment

@@ -86,7 +86,10 @@ class SegmentPass(Pass):
     10. segments are grown greedily while every constraint above holds; a step that
        does not fit even as its own segment raises
        :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
-       the smallest cap that works (that cap always admits a plan).
+       the smallest cap that works (that cap always admits a plan);
+    9. a step the ``tile`` pass runs outside onnxruntime (a row gather, a tiled step)
+       is a segment of its own, and loads what it reads when it runs: never prefetched,
+       so no step before it accounts its loading.
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.
@@ -104,10 +107,11 @@ class SegmentPass(Pass):
 
     def call(self, program: Program) -> PassResult:
         assert program.liveness is not None
+        isolated = program.tiling.isolated_steps(program.liveness.order) if program.tiling else frozenset()
         segmentation = segment(program.graph, program.liveness, program.planning_mode, program.memory_limit,
                                self.max_segment_steps, prefetch=self.prefetch,
                                weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=self.pinned_bytes,
-                               prepack_weights=self.prepack_weights)
+                               prepack_weights=self.prepack_weights, isolated=isolated)
         modified = segmentation != program.segmentation
         program.segmentation = segmentation
         return PassResult(program, modified)
@@ -129,8 +133,10 @@ class SegmentPass(Pass):
 class _Costs:
     """Per-step facts the segmentation needs: live activations, deaths, weights."""
 
-    def __init__(self, graph: Graph, liveness: Liveness, normal: bool, prepack: bool = True) -> None:
+    def __init__(self, graph: Graph, liveness: Liveness, normal: bool, prepack: bool = True,
+                 isolated: frozenset[int] = frozenset()) -> None:
         self.graph, self.liveness, self.normal, self.prepack = graph, liveness, normal, prepack
+        self.isolated = isolated   # steps Hyperion runs itself: segments of their own, loaded when they run
         self.n = liveness.num_steps
         # Kernel workspace counts as activation bytes of its step. A fed plan's sessions
         # are handed their large weights, except the weight cache's, which hold them
@@ -153,6 +159,11 @@ class _Costs:
         self.all_held = sum(resident_bytes(graph, t.name) if prepack else t.nbytes or 0
                             for t in graph.tensors.values() if graph.is_weight(t.name))
 
+    def prefetched(self, step: int) -> bool:
+        """Whether the segment starting at ``step`` is prefetched: it exists, and is not run by
+        Hyperion itself (an isolated step loads what it reads when it runs)."""
+        return step < self.n and step not in self.isolated
+
     def held(self, weights: set[str]) -> int:
         return sum(self.resident[w] for w in weights)
 
@@ -165,7 +176,10 @@ class _Costs:
 
     def persistent(self, span: _GrowingSpan | Span) -> bool:
         """Whether the span's session outlives its run whatever the weight cache: every
-        session of a normal or fed plan, and one holding no large weight."""
+        session of a normal or fed plan, and one holding no large weight. A step Hyperion
+        runs itself (``isolated``) keeps no session."""
+        if span.start in self.isolated:
+            return False
         if self.normal or not self.prepack:
             return True
         return all(self.plain[w] <= SMALL_TENSOR_BYTES for step in range(span.start, span.stop)
@@ -217,6 +231,8 @@ class _Rules:
     max_segment_steps: int | None
 
     def fits(self, costs: _Costs, span: _GrowingSpan, step: int, previous: _GrowingSpan | None) -> bool:
+        if step in costs.isolated or step - 1 in costs.isolated:
+            return False
         if self.max_segment_steps is not None and step - span.start >= self.max_segment_steps:
             return False
         if self.budget is None:
@@ -226,7 +242,7 @@ class _Rules:
         if costs.normal:
             return (peak + costs.all_held <= self.budget
                     and first_activation + costs.all_held + costs.transient(weights) <= self.budget)
-        next_loading = costs.loading(costs.weights[step + 1]) if self.prefetch and step + 1 < costs.n else 0
+        next_loading = costs.loading(costs.weights[step + 1]) if self.prefetch and costs.prefetched(step + 1) else 0
         if peak + costs.held(weights) + next_loading > self.budget:
             return False
         if self.prefetch and previous is not None:   # this segment is created while the previous runs
@@ -237,12 +253,12 @@ class _Rules:
 def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit: int | None,
             max_segment_steps: int | None = None, *, prefetch: bool = True,
             weight_cache_bytes: int | None = None, pinned_bytes: int = 0,
-            prepack_weights: bool = True) -> Segmentation:
+            prepack_weights: bool = True, isolated: frozenset[int] = frozenset()) -> Segmentation:
     if liveness.num_steps == 0:
         return Segmentation((), ())
     normal = mode is ExecutionMode.NORMAL
     prefetch = prefetch and not normal
-    costs = _Costs(graph, liveness, normal, prepack_weights)
+    costs = _Costs(graph, liveness, normal, prepack_weights, isolated)
     _check_single_steps(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     layout = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     if memory_limit is not None and not layout.fits(memory_limit):
@@ -354,9 +370,10 @@ class _Layout:
             steps = [a + costs.all_held + self.pinned for a in span.step_activation]
             return steps, span.step_activation[0] + costs.all_held + costs.transient(span.weights) + self.pinned
         nxt = self.next_of(index)
-        ahead = self.loading[nxt] if self.prefetch and nxt is not None else 0
+        prefetching = self.prefetch and nxt is not None and costs.prefetched(self.spans[nxt].start)
+        ahead = self.loading[nxt] if prefetching else 0  # type: ignore[index]
         steps = [a + self.held[index] + ahead + self.pinned for a in span.step_activation]
-        created_alone = index == 0 or not self.prefetch
+        created_alone = index == 0 or not self.prefetch or span.start in costs.isolated
         creation = span.step_activation[0] + self.loading[index] + self.pinned if created_alone else 0
         return steps, creation
 
@@ -437,9 +454,9 @@ def _single_steps(costs: _Costs, prefetch: bool, pinned_bytes: int) -> list[int]
         if costs.normal:
             cost = activation + costs.all_held + costs.transient(weights)
         elif prefetch:
-            ahead = costs.loading(costs.weights[step + 1]) if step + 1 < costs.n else 0
+            ahead = costs.loading(costs.weights[step + 1]) if costs.prefetched(step + 1) else 0
             cost = activation + costs.held(weights) + ahead
-            if step == 0:
+            if step == 0 or step in costs.isolated:
                 cost = max(cost, activation + costs.loading(weights))
         else:
             cost = activation + costs.loading(weights)

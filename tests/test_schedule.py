@@ -22,11 +22,13 @@ from hyperion.schedule import (
     ModelRef,
     Replan,
     ReplanPoint,
+    RowGather,
     Schedule,
     Segment,
     Step,
     Streaming,
     TensorRecord,
+    Tiles,
     ValueType,
     _plain,
     schema,
@@ -124,17 +126,19 @@ RECORDS: dict[type, tuple[tuple[str, ...], str]] = {
     Streaming: (("$defs", "streaming"), "Streaming"),
     Replan: (("$defs", "replan"), "Replan"),
     ReplanPoint: (("$defs", "replan_point"), "Replan point"),
+    RowGather: (("$defs", "row_gather"), "Row gather"),
+    Tiles: (("$defs", "tiles"), "Tiles"),
 }
 
 # Fields a file may leave out (absent means None); every other field is required.
 OPTIONAL: dict[type, set[str]] = {Schedule: {"optimal_peak_bytes", "replan"}, TensorRecord: {"upper_bound"},
-                                  Segment: {"fold_constants"}}
+                                  Segment: {"fold_constants"}, Step: {"row_gather", "tiles"}}
 
 
 def _nested_records(record: type) -> set[type]:
     """The record types ``record``'s fields hold (the dataclasses among their annotations)."""
     by_name = {cls.__name__: cls for cls in (ModelRef, TensorRecord, ExternalLocation, ValueType, Step, Segment,
-                                             EdgeRecord, Streaming, Replan, ReplanPoint)}
+                                             EdgeRecord, Streaming, Replan, ReplanPoint, RowGather, Tiles)}
     return {cls for f in dataclasses.fields(record) for name, cls in by_name.items() if name in str(f.type)}
 
 

@@ -23,11 +23,13 @@ from hyperion.passes.segment import Segmentation
 from hyperion.schedule import (
     EdgeRecord,
     ModelRef,
+    RowGather,
     Schedule,
     Segment,
     Step,
     Streaming,
     TensorRecord,
+    Tiles,
     ValueType,
 )
 
@@ -107,7 +109,9 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
                         if t in graph.outputs or liveness.intervals[t].last >= span.stop)
         constants = inlined_constants(graph, inputs)
         large = tuple(w for w in weights if (graph.tensors[w].nbytes or 0) > SMALL_TENSOR_BYTES)
-        fed = large if feeds_weights and index not in cached else ()
+        # Row gathers and tiled steps read their weights in part themselves: never fed whole.
+        runs_in_session = not (program.tiling and program.tiling.isolated_steps(order[span.start:span.stop]))
+        fed = large if feeds_weights and index not in cached and runs_in_session else ()
         segments.append(Segment(
             index=index, first_step=span.start, last_step=span.stop - 1, inputs=inputs, outputs=outputs,
             weights=weights, peak_bytes=max(segmentation.step_bytes[span.start:span.stop], default=0),
@@ -124,6 +128,33 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
     if normal and order:
         loads[0].extend(sorted(t.name for t in graph.tensors.values() if t.role is TensorRole.WEIGHT))
     return tuple(segments), loads, evicts
+
+
+def _row_gather(program: Program, node: str) -> RowGather | None:
+    """The row gather the tile pass made of ``node``, as the schedule records it."""
+    gather = program.tiling.row_gathers.get(node) if program.tiling else None
+    if gather is None:
+        return None
+    return RowGather(weight=gather.weight, indices=gather.indices, output=gather.output, rows=gather.rows,
+                     row_bytes=gather.row_bytes, read_bytes=gather.read_bytes)
+
+
+def _optimal_peak(program: Program) -> int | None:
+    """The order search's proven smallest peak -- of the steps whole: no bound once the
+    tile pass split some."""
+    split = program.tiling is not None and (program.tiling.row_gathers or program.tiling.tiled)
+    return program.order_result.optimal_peak_bytes if program.order_result and not split else None
+
+
+def _tiles(program: Program, node: str) -> Tiles | None:
+    """The tiles the tile pass split ``node`` into, as the schedule records them."""
+    tiled = program.tiling.tiled.get(node) if program.tiling else None
+    if tiled is None:
+        return None
+    shape = tiled.geometry
+    return Tiles(weight=shape.weight, bias=shape.bias, output=shape.output, output_axis=shape.output_axis,
+                 weight_axis=shape.weight_axis, bounds=tiled.bounds, in_place=shape.in_place,
+                 staging_bytes=tiled.staging_bytes, initializers_in_place=shape.initializers_in_place)
 
 
 def generated_weights(graph: Graph, nodes: list[NodeInfo]) -> list[str]:
@@ -187,10 +218,13 @@ def _boundary_types(segments: Iterable[Segment], value_types: Mapping[str, TypeP
     return types
 
 
-def _tensors(graph: Graph, value_types: Mapping[str, ValueType]) -> dict[str, TensorRecord]:
+def _tensors(graph: Graph, value_types: Mapping[str, ValueType], imported: Graph) -> dict[str, TensorRecord]:
+    """Every tensor as the plan accounts it; a weight the plan holds in part (a tiled or
+    row-gathered weight: ``bytes`` what is held) keeps the model's shape."""
     return {
         name: TensorRecord(
-            name=name, dtype=t.dtype, shape=t.shape, bytes=t.nbytes, role=t.role, producer=t.producer,
+            name=name, dtype=t.dtype, shape=imported.tensors[name].shape if t.role is TensorRole.WEIGHT else t.shape,
+            bytes=t.nbytes, role=t.role, producer=t.producer,
             consumers=t.consumers,
             external=t.external,
             value_type=value_types.get(name))
@@ -229,7 +263,8 @@ def build_schedule(imported: ImportedModel, program: Program, *, requested: Exec
         Step(index=i, node=name, op_type=graph.nodes[name].op_type, segment=segment_of_step[i],
              inputs=graph.nodes[name].inputs, outputs=graph.nodes[name].outputs,
              frees=liveness.frees[i], loads=tuple(loads[i]), evicts=tuple(evicts[i]),
-             live_bytes=segmentation.step_bytes[i])
+             live_bytes=segmentation.step_bytes[i], row_gather=_row_gather(program, name),
+             tiles=_tiles(program, name))
         for i, name in enumerate(liveness.order))
     streaming = _streaming(program)
     types = _boundary_types(segments, imported.value_types, free_batch=streaming is not None)
@@ -242,8 +277,8 @@ def build_schedule(imported: ImportedModel, program: Program, *, requested: Exec
         mode=program.mode, requested_mode=requested, mode_reason=reason + _prefetch_note(program),
         memory_limit=program.memory_limit, peak_bytes=segmentation.peak_bytes,
         lower_bound_bytes=memory_plan.lower_bound_bytes, arena_bytes=memory_plan.arena_bytes,
-        optimal_peak_bytes=program.order_result.optimal_peak_bytes if program.order_result else None,
-        input_shapes=dict(imported.input_shapes), tensors=_tensors(graph, types), steps=steps,
+        optimal_peak_bytes=_optimal_peak(program),
+        input_shapes=dict(imported.input_shapes), tensors=_tensors(graph, types, imported.graph), steps=steps,
         segments=segments, edges=edges, graph_inputs=graph.inputs, graph_outputs=graph.outputs,
         whole_model=_whole_model(imported, program, segments),
         # Memory-saving modes stream weights: every session reads its weights from a file.

@@ -14,13 +14,16 @@ weight cache), which weights are mapped and fed on every run
 segment is prefetched (its session built, or its fed weights read ahead). A schedule with a
 ``streaming`` record runs the batch in chunks and writes each chunk's outputs
 into arrays for the whole batch. A ``whole_model`` schedule hands onnxruntime
-the user's model untouched. The runtime reads these fields; it never looks at
-the mode to decide anything.
+the user's model untouched. Steps the schedule marks ``row_gather`` or ``tiles``
+are segments of their own that the runtime runs itself (:mod:`hyperion.runtime.rows`,
+:mod:`hyperion.runtime.tiles`), reading only the part of the weight they need. The
+runtime reads these fields; it never looks at the mode to decide anything.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,11 +36,13 @@ from onnx import NodeProto
 from hyperion.errors import FeedError, RuntimeExecutionError, UnsupportedModelError
 from hyperion.frontend import ModelSource
 from hyperion.ir import ExecutionMode, TensorRole
+from hyperion.runtime.rows import gather_rows
 from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
 from hyperion.runtime.sessions import SessionPool, SessionTimes, return_freed_memory, session_options
+from hyperion.runtime.tiles import read_weight_tile, run_tiles, tile_model
 from hyperion.runtime.trace import HELD_COUNTER, NULL_RECORDER, NullRecorder
 from hyperion.runtime.weights import WeightStore
-from hyperion.schedule import Schedule, Segment
+from hyperion.schedule import RowGather, Schedule, Segment, Tiles
 
 # With a cap, blocks of this size or more go back to the OS when freed (see sessions.return_freed_memory).
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -104,6 +109,7 @@ class Runtime:
             self.weights.spill_embedded()  # weights read by sessions from a file, never from the proto
         self._node_protos: dict[str, NodeProto] | None = None
         self._segment_models: dict[int, bytes] = {}
+        self._tile_models: dict[tuple, bytes] = {}   # tiled steps' one-node models, weightless
         kept = frozenset(segment.index for segment in schedule.segments if segment.persistent)
         self.pool = SessionPool(_weak_builder(self), kept, schedule.prefetch)
         self._whole_model_ms: float | None = None
@@ -289,6 +295,12 @@ class Runtime:
             # Only dead nodes (outputs nobody reads): nothing to compute, and onnxruntime
             # refuses both a run that fetches nothing and a graph with no outputs.
             return []
+        step = self.schedule.steps[segment.first_step]
+        if step.row_gather is not None or step.tiles is not None:  # a segment of its own, run here
+            self._prefetch(self._next_segment(segment.index))
+            if step.row_gather is not None:
+                return [self._gather_rows(segment, step.row_gather, feeds[step.row_gather.indices])]
+            return [self._run_tiles(segment, step.tiles, feeds)]
         session = self.session(segment)
         self._prefetch(self._next_segment(segment.index))  # while this one computes
         model_feeds = self._model_feeds(segment, feeds)
@@ -304,10 +316,62 @@ class Runtime:
             del model_feeds
             self.weights.release(segment.fed_weights)
 
+    def _gather_rows(self, segment: Segment, gather: RowGather, indices: np.ndarray) -> np.ndarray:
+        """A row gather (``Step.row_gather``): the rows its indices name, read from the table's file."""
+        record = self.schedule.tensors[gather.weight]
+        shape = tuple(int(d) for d in record.shape or ())
+        span = self.weights._span(gather.weight)  # the located file (contained), or None: kept in the proto
+        table = self.weights.read(gather.weight) if span is None else None
+        with self.tracer.span(f"row gather {gather.weight}", "row_gather", segment=segment.index):
+            return gather_rows(gather, self.schedule.steps[segment.first_step].node, indices,
+                               np.dtype(record.dtype), shape[1:], None if span is None else span.path,
+                               0 if span is None else span.offset, table)
+
+    def _run_tiles(self, segment: Segment, tiles: Tiles, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """A tiled step (``Step.tiles``): tile by tile, each from one weight tile, into one output."""
+        step = self.schedule.steps[segment.first_step]
+        node = self._nodes()[step.node]
+        shape = tuple(int(d) for d in self.schedule.tensors[tiles.weight].shape or ())
+        span = self.weights._span(tiles.weight)  # the located file (contained), or None: kept in the proto
+        whole = self.weights.read(tiles.weight) if span is None else None
+
+        def read_tile(start: int, stop: int, buffer: np.ndarray) -> np.ndarray:
+            if whole is not None:
+                return np.ascontiguousarray(np.take(whole, np.arange(start, stop), axis=tiles.weight_axis))
+            assert span is not None
+            return read_weight_tile(span.path, span.offset, tiles.weight, shape, tiles.weight_axis, start, stop,
+                                    buffer)
+
+        inputs = {name: feeds[name] for name in dict.fromkeys(node.input) if name in feeds}
+        sliced = [tiles.weight] + ([tiles.bias] if tiles.bias is not None and tiles.bias not in inputs else [])
+        spans = {name: self.weights._span(name) for name in sliced}
+        # Declared in their own files (never read: the tiles replace them), so sessions use the tiles in place.
+        locations = {name: (os.path.relpath(found.path, self.weights.folder), found.offset)
+                     for name, found in spans.items() if found is not None}
+        in_place = tiles.initializers_in_place and len(locations) == len(sliced)
+        output_shape = [int(d) for d in self.schedule.tensors[tiles.output].shape or ()]
+        if self.schedule.streaming is not None:  # chunks: the batch axis is the chunk's
+            output_shape[0] = len(next(iter(inputs.values())))
+
+        def build(width: int, tile_inputs: Mapping[str, np.ndarray]) -> bytes:
+            key = (step.index, width, tuple(v.shape for v in tile_inputs.values()))
+            if key not in self._tile_models:
+                self._tile_models[key] = tile_model(node, tiles, width, shape, tile_inputs, self.weights.protos,
+                                                    list(self.source.proto.opset_import),
+                                                    locations if in_place else {})
+            return self._tile_models[key]
+
+        with self.tracer.span(f"{len(tiles.bounds) - 1} tiles of {step.node}", "tiles", segment=segment.index):
+            bias = self.weights.read(tiles.bias) if tiles.bias is not None and tiles.bias not in inputs else None
+            return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile, bias, build, self._options,
+                             in_place)
+
     def _prefetch(self, index: int | None) -> None:
         """Get segment ``index`` ready: its session built in the background (when it is not
-        kept) and its fed weights read ahead into the page cache."""
-        if index is None or not self.schedule.prefetch:
+        kept) and its fed weights read ahead into the page cache. Row gathers and tiled steps
+        have neither: they read their weights in part when they run."""
+        first = self.schedule.steps[self.schedule.segments[index].first_step] if index is not None else None
+        if first is None or not self.schedule.prefetch or first.row_gather is not None or first.tiles is not None:
             return
         self.pool.prefetch(index)
         self.weights.prefetch(self.schedule.segments[index].fed_weights)

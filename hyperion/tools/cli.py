@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", type=Path)
     _add_plan_options(p)
     p.add_argument("-o", "--output", type=Path, help="schedule file (default: MODEL.schedule.json here)")
+    p.add_argument("--smallest-limit", action="store_true",
+                   help="print the smallest memory limit a plan in --mode fits, and save no schedule")
     _add_quiet(p)
 
     p = commands.add_parser("run", help="run a model, optionally checking against plain onnxruntime")
@@ -196,6 +198,8 @@ def _compile(args: argparse.Namespace, model: Path):
 def cmd_compile(args: argparse.Namespace) -> int:
     from hyperion.tools.report import summary
 
+    if args.smallest_limit:
+        return _print_smallest_limit(args)
     with _working(f"compiling {args.model.name}", args.quiet):
         cm = _compile(args, args.model)
     output = args.output or Path(f"{args.model.stem}.schedule.json")
@@ -203,6 +207,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cm.schedule.save(output)
     print(summary(cm.schedule))
     print(f"schedule     {output}")
+    return 0
+
+
+def _print_smallest_limit(args: argparse.Namespace) -> int:
+    """The smallest cap: what compile names when refusing a cap of one byte."""
+    import hyperion
+
+    with _working(f"compiling {args.model.name}", args.quiet):
+        try:
+            hyperion.compile(args.model, memory_limit=1, mode=args.mode,
+                             input_shapes=dict(args.input_shape) or None)
+        except hyperion.MemoryLimitError as refusal:
+            smallest, node = refusal.smallest_limit_bytes, refusal.node
+        else:
+            smallest, node = 1, None
+    print(f"smallest limit {smallest} bytes ({format_size(smallest)}) in {args.mode} mode"
+          + (f", set by node {node!r}" if node else ""))
     return 0
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from hyperion.errors import OptionError
 from hyperion.files import write_atomic
 from hyperion.schedule import Schedule
-from hyperion.tools.report import ROLES, alive_at, peak_step, role_bytes
+from hyperion.tools.report import ROLES, alive_at, peak_step, role_bytes, sub_steps
 
 MIB = 1024 * 1024
 ROLE_COLORS = dict(zip(ROLES, ("#4C72B0", "#9DB4D6", "#55A868", "#DD8452", "#C44E52", "#8172B3"), strict=True))
@@ -121,6 +121,7 @@ def _plot_image(schedule: Schedule, output: Path, rss: tuple[list[float], list[f
                      colors=[ROLE_COLORS[r] for r in shown], alpha=0.9)
         live = [s.live_bytes / MIB for s in schedule.steps]
         ax.step(steps, live, where="mid", color="black", linewidth=0.8, label="accounted live bytes")
+    _mark_split_steps(ax, schedule)
     if schedule.memory_limit:
         ax.axhline(schedule.memory_limit / MIB, color="tab:red", linestyle="--", linewidth=1.2, label="memory limit")
     ax.axhline(schedule.lower_bound_bytes / MIB, color="dimgray", linestyle=":", linewidth=1.2, label="lower bound")
@@ -148,6 +149,28 @@ def _plot_image(schedule: Schedule, output: Path, rss: tuple[list[float], list[f
     return output
 
 
+TILE_MARKS = 64   # tile edges drawn per tiled step, at most
+
+
+def _mark_split_steps(ax: Any, schedule: Schedule) -> None:
+    """Tiled steps as their tiles (an edge per tile boundary across the step's width, and
+    the count); row gathers as the rows they read."""
+    labelled = False
+    for step in schedule.steps:
+        if step.tiles is not None:
+            bounds = step.tiles.bounds
+            stride = max(1, (len(bounds) - 1) // TILE_MARKS)
+            for bound in bounds[::stride]:
+                ax.plot([step.index - 0.5 + bound / bounds[-1]] * 2, [0, step.live_bytes / MIB], color="tab:purple",
+                        linewidth=0.6, label=None if labelled else "tile edges (tiled steps)")
+                labelled = True
+            ax.annotate(f"{len(bounds) - 1} tiles", (step.index, step.live_bytes / MIB), xytext=(0, 4),
+                        textcoords="offset points", ha="center", fontsize=7, color="tab:purple")
+        elif step.row_gather is not None:
+            ax.annotate("rows", (step.index, step.live_bytes / MIB), xytext=(0, 4), textcoords="offset points",
+                        ha="center", fontsize=7, color="tab:purple")
+
+
 # -- HTML --------------------------------------------------------------------------------
 HOVER_TENSORS = 12
 
@@ -166,6 +189,7 @@ def _plot_html(schedule: Schedule, output: Path, rss: tuple[list[float], list[fl
     for step in schedule.steps:
         alive = alive_at(schedule, step.index)
         lines = [f"<b>step {step.index}: {step.node}</b> ({step.op_type}, segment {step.segment})",
+                 *sub_steps(step),
                  f"accounted {format_size(step.live_bytes)}; {len(alive)} tensor(s) resident:"]
         lines += [f"{format_size(a.bytes)} {a.name} <i>({a.role})</i>" for a in alive[:HOVER_TENSORS]]
         if len(alive) > HOVER_TENSORS:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from hyperion.ir import TensorRole
-from hyperion.schedule import Schedule
+from hyperion.schedule import Schedule, Step
 from hyperion.units import format_size
 
 KIND_COLORS = {"sequential": "black", "residual": "blue", "attention": "red", "none": "gray"}
@@ -55,7 +55,34 @@ def summary(schedule: Schedule) -> str:
         lines.append(f"batch chunk  {schedule.streaming.chunk} of {schedule.streaming.batch_size} samples")
     if schedule.replan is not None:  # docs/dynamic_shapes.md
         lines.append(f"re-planned   {schedule.replan.reason}")
+    tiled = [step for step in schedule.steps if step.tiles is not None]
+    gathers = [step for step in schedule.steps if step.row_gather is not None]
+    if tiled or gathers:
+        lines.append(f"split steps  {len(tiled)} tiled ({sum(len(s.tiles.bounds) - 1 for s in tiled)} tiles), "  # type: ignore[union-attr]
+                     f"{len(gathers)} row gather(s)")
     return "\n".join(lines)
+
+
+SUB_STEPS_SHOWN = 6   # tiles listed per tiled step; the rest are summed up in one line
+
+
+def sub_steps(step: Step) -> list[str]:
+    """What a step split by the tile pass does, one line per tile (or per row gather)."""
+    if step.row_gather is not None:
+        gather = step.row_gather
+        return [f"reads at most {format_size(gather.read_bytes)} of the {gather.rows} rows of {gather.weight} "
+                f"(rows named by {gather.indices}, read by position, never mapped)"]
+    if step.tiles is None:
+        return []
+    tiles = step.tiles
+    edges = list(zip(tiles.bounds, tiles.bounds[1:], strict=False))
+    where = "in place" if tiles.in_place else "copied in"
+    lines = [f"tile {i}/{len(edges)}: {tiles.output}[axis {tiles.output_axis}: {a}:{b}] from {tiles.weight}"
+             f"[axis {tiles.weight_axis}: {a}:{b}], {where}" for i, (a, b) in enumerate(edges[:SUB_STEPS_SHOWN])]
+    if len(edges) > SUB_STEPS_SHOWN:
+        lines.append(f"... {len(edges) - SUB_STEPS_SHOWN} more tiles up to {tiles.bounds[-1]}; one weight tile "
+                     f"buffer of {format_size(tiles.staging_bytes)} shared by all")
+    return lines
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -77,6 +104,7 @@ def step_table(schedule: Schedule) -> str:
         frees = ", ".join(step.frees)
         rows.append(f"{step.index:>5} {step.segment:>4}  {step.node[:28]:<28} {step.op_type[:18]:<18} "
                     f"{deps[:24]:<24} {format_size(step.live_bytes):>10}  {frees}")
+        rows += [f"{'':>11}  - {line}" for line in sub_steps(step)]
     return "\n".join(rows)
 
 
@@ -214,7 +242,9 @@ def inspect_data(schedule: Schedule) -> dict[str, Any]:
         "steps": [{"index": step.index, "segment": step.segment, "node": step.node, "op": step.op_type,
                    "depends_on": dict(sorted(incoming.get(step.node, Counter()).items())),
                    "live_bytes": step.live_bytes, "bytes_by_role": {r: roles[r][step.index] for r in ROLES},
-                   "frees": list(step.frees), "loads": list(step.loads), "evicts": list(step.evicts)}
+                   "frees": list(step.frees), "loads": list(step.loads), "evicts": list(step.evicts),
+                   "row_gather": None if step.row_gather is None else asdict(step.row_gather),
+                   "tiles": None if step.tiles is None else {**asdict(step.tiles), "bounds": list(step.tiles.bounds)}}
                   for step in schedule.steps],
     }
 

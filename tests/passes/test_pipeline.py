@@ -22,7 +22,7 @@ g (float[4, 8] x) => (float[4, 8] y) {{
     b = Neg(a)
     y = Add(a, b)
 }}"""
-PLAN = ["classify_edges", "order", "liveness", "plan_memory", "segment"]
+PLAN = ["classify_edges", "order", "tile", "liveness", "plan_memory", "segment"]
 
 
 @pytest.mark.parametrize("mode", [ExecutionMode.NORMAL, ExecutionMode.MEMORY_OPT])
@@ -32,7 +32,7 @@ def test_normal_and_memory_opt_run_every_pass_but_batch_separable(mode: Executio
 
 def test_streaming_checks_the_batch_after_the_order() -> None:
     assert list(build_pipeline(ExecutionMode.STREAMING).names) == \
-        ["classify_edges", "order", "batch_separable", "liveness", "plan_memory", "segment"]
+        ["classify_edges", "order", "batch_separable", "tile", "liveness", "plan_memory", "segment"]
 
 
 def test_stages_select_the_passes_and_options_reach_the_segment_pass() -> None:

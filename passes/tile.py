@@ -1,0 +1,320 @@
+"""tile: steps that read only part of a weight (see :class:`TilePass`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, NodeInfo, TensorInfo
+from hyperion.passes._infra import Pass, PassResult, ensure, require
+from hyperion.passes.liveness import activation_live_bytes, compute_liveness
+from hyperion.passes.memory.costs import resident_bytes, workspace_bytes
+from hyperion.passes.program import Program
+from hyperion.passes.tile_ops import Geometry, geometry
+
+# A table smaller than this is read whole: a few pages, not worth a step of its own.
+ROW_GATHER_MIN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class RowGather:
+    """A Gather (axis 0) over a weight that reads only the rows its indices name."""
+
+    node: str
+    weight: str          # the table: read row by row from its file, never mapped
+    indices: str
+    output: str
+    rows: int            # rows in the table (axis 0); indices must lie in [-rows, rows)
+    row_bytes: int       # bytes of one row (the product of the other dims, times the item size)
+    read_bytes: int      # the most bytes the step reads: distinct indices at most, times row_bytes
+
+
+@dataclass(frozen=True)
+class TiledStep:
+    """A step split along its output axis into tiles, each computed from one weight tile."""
+
+    geometry: Geometry
+    bounds: tuple[int, ...]      # tile edges along the tiled axis: 0, ..., size
+    staging_bytes: int           # the widest tile's buffers, reused by every tile
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False))
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The tile pass's result: the steps that read a weight in part, by node."""
+
+    row_gathers: Mapping[str, RowGather]
+    tiled: Mapping[str, TiledStep] = dataclasses.field(default_factory=dict)
+
+    def isolated_steps(self, order: tuple[str, ...]) -> frozenset[int]:
+        """Steps run by Hyperion itself, not by a session: each is a segment of its own."""
+        return frozenset(i for i, node in enumerate(order) if node in self.row_gathers or node in self.tiled)
+
+
+@dataclass(frozen=True)
+class TilePass(Pass):
+    """Steps that need only part of a large weight account only that part.
+
+    Rules (memory_opt planning only: in ``normal`` mode every weight is resident
+    anyway, so reading part of one saves nothing):
+
+    1. a ``Gather`` of the default domain along axis 0 whose data input is a weight
+       of at least ``ROW_GATHER_MIN_BYTES`` and whose indices have a known element
+       count becomes a *row gather*: the step reads the rows its indices name from
+       the weight's file (pread, never a mapping: the kernel maps files in large
+       folios, so a mapped table costs far more RSS than the rows read) into a
+       compact table and gathers from it;
+    2. a row gather accounts ``min(index count, rows) * row_bytes`` for the table,
+       not the table: the indices name at most that many distinct rows;
+    3. only when every reader of the weight is a row gather (another reader would
+       load the whole table anyway) and the weight is not a graph output; and only
+       when the rows read are fewer than the table's;
+    4. under a cap, a MatMul, Gemm or Conv (``tile_ops.py``: the axis of each that
+       keeps results exact) whose step does not fit -- its live activations and its
+       weight being loaded (held, plus the original while it is packed), and with
+       prefetch the next step's weights being loaded -- is split along that axis
+       into tiles, each computed by onnxruntime's kernel from one weight tile read
+       into a buffer the tiles share, and written into the one output buffer;
+    5. tiles are as wide as the cap allows, in multiples of ``TILE_UNIT``, and of
+       equal width but the last; when even one unit does not fit, one unit it is,
+       and the ``segment`` pass names the smallest cap: the step's live tensors
+       (its output included) plus one tile; no tiles when they would not account
+       less than the step whole (an output tile buffer can outweigh a small weight);
+       and never narrower, nor for more steps, than the largest step that cannot be
+       split requires: no cap below that step is met anyway (each split step is a
+       segment, and a session, fewer);
+    6. only when the weight has no other reader and is not a graph output;
+    7. row gathers and tiled steps run outside one session of their segment, so
+       each is a segment of its own (the ``segment`` pass reads
+       :meth:`Tiling.isolated_steps`).
+
+    The weight's accounted size in ``program.graph`` becomes what the step holds of
+    it: the most a row gather of it reads, or one tile (its shape the tile's, so the
+    cost model prices the tile's packed copy; its ``bytes`` the tile's buffers).
+    Writes ``program.tiling``. Postcondition: every row gather's and tiled step's
+    node still reads its weight, a row gather accounts no more than its table, and
+    tiles cover the tiled axis in order.
+    """
+
+    name: ClassVar[str] = "tile"
+    prefetch: bool = True
+    prepack_weights: bool = True
+
+    def requires(self, program: Program) -> None:
+        require(program.order is not None, self.name, "an order (the 'order' pass)")
+
+    def call(self, program: Program) -> PassResult:
+        graph = program.graph
+        if program.planning_mode is ExecutionMode.NORMAL:
+            tiling = Tiling({})
+        else:
+            gathers = row_gathers(graph)
+            graph = graph.with_tensors(_accounted(graph, gathers.values())) if gathers else graph
+            tiled = {} if program.memory_limit is None else tiled_steps(
+                graph, program.order or (), program.memory_limit, self.prefetch, self.prepack_weights)
+            graph = graph.with_tensors(_tile_accounted(graph, tiled.values())) if tiled else graph
+            tiling = Tiling(gathers, tiled)
+        modified = tiling != program.tiling
+        program.tiling = tiling
+        program.graph = graph
+        return PassResult(program, modified)
+
+    def ensures(self, program: Program) -> None:
+        tiling = program.tiling
+        ensure(tiling is not None, self.name, "no tiling was recorded")
+        assert tiling is not None
+        for gather in tiling.row_gathers.values():
+            node = program.graph.nodes[gather.node]
+            ensure(node.inputs[0] == gather.weight, self.name, f"node {gather.node!r} does not read {gather.weight!r}")
+            ensure(gather.read_bytes <= gather.rows * gather.row_bytes, self.name,
+                   f"row gather {gather.node!r} accounts more than its table")
+        for tiled in tiling.tiled.values():
+            geometry = tiled.geometry
+            ensure(geometry.weight in program.graph.nodes[geometry.node].inputs, self.name,
+                   f"node {geometry.node!r} does not read {geometry.weight!r}")
+            bounds = tiled.bounds
+            ensure(bounds[0] == 0 and bounds[-1] == geometry.size and all(w > 0 for w in tiled.widths),
+                   self.name, f"the tiles of {geometry.node!r} do not cover its axis in order")
+
+
+def row_gathers(graph: Graph) -> dict[str, RowGather]:
+    """Rule 1-3: the Gathers over large weights that can read only their rows."""
+    candidates = {node.name: gather for node in graph.nodes.values()
+                  if (gather := _row_gather(graph, node)) is not None}
+    readers_ok = {w for w in {g.weight for g in candidates.values()}
+                  if all(c in candidates for c in graph.tensors[w].consumers) and w not in graph.outputs}
+    return {name: g for name, g in candidates.items() if g.weight in readers_ok}
+
+
+def _row_gather(graph: Graph, node: NodeInfo) -> RowGather | None:
+    if node.op_type != "Gather" or not node.is_default_domain or len(node.inputs) != 2:
+        return None
+    weight, indices = node.inputs
+    table, index = graph.tensors[weight], graph.tensors[indices]
+    if not graph.is_weight(weight) or not table.shape or table.dtype not in np.sctypeDict:
+        return None
+    if node.int_attribute("axis", 0) not in (0, -len(table.shape)):
+        return None
+    # From the shape, not ``nbytes``: an earlier tile pass may have resized the table's account.
+    table_elements, count = _elements(table), _elements(index)
+    rows = int(table.shape[0])
+    if table_elements is None or count is None or rows == 0:
+        return None
+    table_bytes = table_elements * np.dtype(table.dtype).itemsize
+    if table_bytes < max(ROW_GATHER_MIN_BYTES, SMALL_TENSOR_BYTES):
+        return None
+    row_bytes = table_bytes // rows
+    read = min(count, rows) * row_bytes
+    if read >= table_bytes:
+        return None
+    return RowGather(node.name, weight, indices, node.outputs[0], rows, row_bytes, read)
+
+
+def _elements(tensor: TensorInfo) -> int | None:
+    if tensor.shape is None or not all(isinstance(d, int) for d in tensor.shape):
+        return None
+    return math.prod(int(d) for d in tensor.shape)
+
+
+def _accounted(graph: Graph, gathers: Iterable[RowGather]) -> dict[str, TensorInfo]:
+    """The tensor table with each row-gathered weight sized as the most one gather of it reads."""
+    read: dict[str, int] = {}
+    for gather in gathers:
+        read[gather.weight] = max(read.get(gather.weight, 0), gather.read_bytes)
+    tensors = dict(graph.tensors)
+    for weight, nbytes in read.items():
+        tensors[weight] = dataclasses.replace(tensors[weight], nbytes=nbytes)
+    return tensors
+
+
+# -- tiles --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _StepCost:
+    """What a tiled step accounts, as the ``segment`` pass will for a segment of its own:
+    its live activations and its weights being loaded (held, plus the largest original
+    while packing), with prefetch also the next step's weights being loaded (a tiled step
+    itself is never prefetched)."""
+
+    shape: Geometry
+    activations: int
+    others_held: int         # the step's other weights (a bias), as held
+    others_plain: int        # the largest of them, as read
+    ahead: int               # the next step's loading, with prefetch
+    prepack: bool
+    workspace: int           # the kernel's workspace, the step whole (``costs.workspace_bytes``)
+    tiled_workspace: int     # ... and tiled: weight tiles are constant initializers of their sessions
+
+    def __call__(self, width: int) -> int:
+        return self._with(self.shape.held_bytes(width, self.prepack), self.shape.accounted_bytes(width),
+                          self.tiled_workspace)
+
+    def untiled(self, held: int, plain: int) -> int:
+        """The step whole, its weight as onnxruntime holds it."""
+        return self._with(held, plain, self.workspace)
+
+    def _with(self, weight_held: int, weight_plain: int, workspace: int) -> int:
+        loading = weight_held + self.others_held
+        if self.prepack:
+            loading += max(weight_plain, self.others_plain)
+        return self.activations + workspace + loading + self.ahead
+
+    def widest(self, memory_limit: int) -> int:
+        """The widest tile (whole units) that fits ``memory_limit``; one unit if none does."""
+        unit = self.shape.unit
+        low, high = 1, self.shape.size // unit       # in units; the cost grows with the width
+        while low < high:
+            middle = (low + high + 1) // 2
+            if self(middle * unit) <= memory_limit:
+                low = middle
+            else:
+                high = middle - 1
+        return low * unit
+
+
+def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetch: bool,
+                prepack: bool) -> dict[str, TiledStep]:
+    """Rules 4-6: the steps that do not fit whole, and their tiles."""
+    liveness = compute_liveness(graph, order)
+    activations = activation_live_bytes(graph, liveness)   # kernel workspace is added per step below
+    weights = [graph.weights_of(node) for node in order]
+    plain = {w: graph.tensors[w].nbytes or 0 for ws in weights for w in ws}
+    held = {w: resident_bytes(graph, w) if prepack else plain[w] for w in plain}
+
+    def loading(names: tuple[str, ...]) -> int:
+        return sum(held[w] for w in names) + (max((plain[w] for w in names), default=0) if prepack else 0)
+
+    def ahead(step: int) -> int:
+        return loading(weights[step + 1]) if prefetch and step + 1 < len(order) else 0
+
+    shapes = {name: _splittable(graph, name) for name in order}
+    # No cap below the largest step that cannot be split is met: tiles need be no narrower.
+    floor = max((activations[i] + workspace_bytes(graph, graph.nodes[name], weights_fed=not prepack)
+                 + loading(weights[i]) + ahead(i) for i, name in enumerate(order) if shapes[name] is None), default=0)
+    budget = max(memory_limit, floor)
+    tiled: dict[str, TiledStep] = {}
+    for step, name in enumerate(order):
+        shape = shapes[name]
+        if shape is None:
+            continue
+        others = [w for w in weights[step] if w != shape.weight]
+        node = graph.nodes[name]
+        cost = _StepCost(
+            shape, activations[step], sum(held[w] for w in others), max((plain[w] for w in others), default=0),
+            ahead(step), prepack,
+            workspace_bytes(graph, node, weights_fed=not prepack), _tiled_workspace(graph, node, shape, prepack))
+        whole = cost.untiled(held[shape.weight], plain[shape.weight])
+        if whole <= budget:
+            continue
+        width = cost.widest(budget)
+        if width < shape.size and cost(width) < whole:  # tiles must help: not when the output dominates
+            tiled[name] = _balanced(shape, width)
+    return tiled
+
+
+def _splittable(graph: Graph, name: str) -> Geometry | None:
+    """Rule 6: how ``name`` splits, when its weight is its own."""
+    shape = geometry(graph, graph.nodes[name])
+    if shape is None or shape.weight in graph.outputs or graph.tensors[shape.weight].consumers != (name,):
+        return None
+    return shape
+
+
+def _tiled_workspace(graph: Graph, node: NodeInfo, shape: Geometry, prepack: bool) -> int:
+    """The step's kernel workspace with its weight a tile of one unit: as the ``segment``
+    pass prices it once the weight is accounted as a tile (a small tile is never fed)."""
+    names = dict.fromkeys((*node.inputs, *node.outputs))
+    tensors = {n: dataclasses.replace(graph.tensors[n], producer=None) for n in names}
+    tensors[shape.weight] = dataclasses.replace(tensors[shape.weight], shape=shape.tile_shape(shape.unit),
+                                                nbytes=shape.accounted_bytes(shape.unit))
+    alone = Graph([dataclasses.replace(node)], tensors, (), ())
+    return max(workspace_bytes(alone, node, weights_fed=not prepack), workspace_bytes(graph, node, weights_fed=False))
+
+
+def _balanced(shape: Geometry, widest: int) -> TiledStep:
+    """As few tiles as ``widest`` allows, of equal width (whole units) but the last."""
+    count = _ceil_div(shape.size, widest)
+    width = min(widest, _ceil_div(_ceil_div(shape.size, count), shape.unit) * shape.unit)
+    bounds = (*range(0, shape.size, width), shape.size)
+    return TiledStep(shape, bounds, shape.staging_bytes(width))
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tile_accounted(graph: Graph, tiled: Iterable[TiledStep]) -> dict[str, TensorInfo]:
+    """The tensor table with each tiled weight sized and shaped as its widest tile."""
+    tensors = dict(graph.tensors)
+    for step in tiled:
+        shape = step.geometry
+        tensors[shape.weight] = dataclasses.replace(tensors[shape.weight], shape=shape.tile_shape(max(step.widths)),
+                                                    nbytes=step.staging_bytes)
+    return tensors
