@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -128,10 +129,19 @@ def assert_matches_onnxruntime(compiled, name: str, feeds: Mapping[str, np.ndarr
     assert_outputs_equal(got, reference_outputs(fixture_path(name), feeds, prepack_weights=schedule.prepack_weights))
 
 
+def run_python(code: str, *args: str) -> str:
+    """The last line ``code`` prints, run in a fresh interpreter (for RSS measured from scratch)."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
 @pytest.fixture(params=FIXTURE_NAMES)
 def fixture_name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
 __all__ = ["FIXTURE_NAMES", "REPO", "all_default_domain", "assert_matches_onnxruntime", "assert_outputs_equal",
-           "example_feeds", "fixture_model", "fixture_path", "float64_reference", "float_error", "reference_outputs"]
+           "example_feeds", "fixture_model", "fixture_path", "float64_reference", "float_error", "reference_outputs",
+           "run_python"]

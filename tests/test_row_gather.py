@@ -4,8 +4,6 @@ accounts those rows, and the outputs are onnxruntime's, byte for byte."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from hyperion.passes import Program
 from hyperion.passes.pipeline import build_pipeline
 from hyperion.runtime.rows import row_runs
 from hyperion.schedule import Schedule
-from tests.conftest import reference_outputs
+from tests.conftest import reference_outputs, run_python
 
 ROWS, WIDTH = 4096, 96            # a 1.5 MiB float32 table
 CAP_BYTES = 256 * 1024            # a sixth of the table
@@ -181,12 +179,6 @@ print(json.dumps({"rss": peak_rss_bytes(), "peak_bytes": cm.schedule.peak_bytes}
 """
 
 
-def _python(code: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-1]
-
 
 @pytest.mark.slow
 def test_128_rows_of_a_100_mb_table_cost_far_less_rss_than_the_table(tmp_path: Path) -> None:
@@ -194,8 +186,8 @@ def test_128_rows_of_a_100_mb_table_cost_far_less_rss_than_the_table(tmp_path: P
     # kernels (about 10 MiB) would blur what reading the rows costs.
     model = save_external(gather_model(BIG_ROWS, BIG_WIDTH, [1, 128], shift=False), tmp_path / "embedding.onnx")
     assert (tmp_path / "embedding.onnx.data").stat().st_size >= 100 * 10**6
-    baseline = int(_python(_BASELINE))
-    report = json.loads(_python(_RUN, str(model), str(4 * 2**20), str(tmp_path / "y.npy")))
+    baseline = int(run_python(_BASELINE))
+    report = json.loads(run_python(_RUN, str(model), str(4 * 2**20), str(tmp_path / "y.npy")))
     above = report["rss"] - baseline
     print(f"\npeak RSS {above / 2**20:.1f} MiB above the import baseline; accounted {report['peak_bytes']} bytes")
     assert report["peak_bytes"] <= 4 * 2**20

@@ -16,7 +16,7 @@ import pytest
 
 import hyperion
 from fixtures.streaming_mlp import DEFAULT_HIDDEN, build_streaming_mlp, weight_bytes
-from tests.conftest import REPO, fixture_path, reference_outputs
+from tests.conftest import REPO, fixture_path, reference_outputs, run_python
 
 CAP_BYTES = 100 * 10**6
 ALLOWANCE_BYTES = 32 * 2**20
@@ -45,12 +45,6 @@ print(json.dumps({"mode": cm.schedule.mode, "peak_bytes": cm.schedule.peak_bytes
 """
 
 
-def _python(code: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-1]
-
 
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -69,8 +63,8 @@ def test_peak_rss_stays_under_the_cap_for_a_model_four_times_larger(big_model: P
     prepack = not storage.endswith("unpacked")
     x = np.random.default_rng(0).standard_normal((1, DEFAULT_HIDDEN)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    baseline = int(_python(BASELINE))
-    report = json.loads(_python(RUN, str(model), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), str(CAP_BYTES),
+    baseline = int(run_python(BASELINE))
+    report = json.loads(run_python(RUN, str(model), str(tmp_path / "x.npy"), str(tmp_path / "y.npy"), str(CAP_BYTES),
                                 "1" if prepack else "0"))
     above_baseline = report["rss"] - baseline
     print(f"\n{storage}: peak RSS {report['rss'] / 2**20:.1f} MiB, baseline {baseline / 2**20:.1f} MiB, "
@@ -128,7 +122,7 @@ def test_a_contrib_op_model_under_a_tiny_cap_keeps_sympy_out_of_the_process() ->
     with pytest.raises(hyperion.MemoryLimitError) as refused:
         hyperion.compile(fixture_path(name), memory_limit=1, mode="memory_opt")
     cap = refused.value.smallest_limit_bytes
-    baseline = int(_python(BASELINE))
+    baseline = int(run_python(BASELINE))
     done = subprocess.run([sys.executable, "-c", FIXTURE_RUN, name, str(cap)], capture_output=True, text=True,
                           check=False, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -183,19 +177,19 @@ def _light_feeds(name: str, folder: Path) -> tuple[Path, Path]:
 @functools.cache
 def _baseline(code: str) -> int:
     """An import-only process's peak RSS, measured once per test session."""
-    return int(_python(code))
+    return int(run_python(code))
 
 
 def _check_fractions(model: Path, feeds: Path, fractions: tuple[float, ...]) -> list[str]:
     """Run ``model`` under caps of ``fractions`` of plain onnxruntime's peak RSS on it, in fresh
     processes: each run keeps the promise, or is refused before running with a smallest cap
     above the one given. Returns a line per fraction, for the log."""
-    ort_rss = int(_python(ORT_RUN, str(model), str(feeds))) - _baseline(ORT_BASELINE)
+    ort_rss = int(run_python(ORT_RUN, str(model), str(feeds))) - _baseline(ORT_BASELINE)
     baseline = _baseline(BASELINE)
     lines = []
     for fraction in fractions:
         cap = int(fraction * ort_rss)
-        report = json.loads(_python(CAPPED_RUN, str(model), str(feeds), str(cap)))
+        report = json.loads(run_python(CAPPED_RUN, str(model), str(feeds), str(cap)))
         if "refused" in report:
             assert report["refused"] > cap
             lines.append(f"{model.stem} at {fraction:.0%} ({cap / 2**20:.1f} MiB): refused, needs "

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import hyperion
 from hyperion.passes.tile_ops import TILE_UNIT
 from hyperion.schedule import Tiles
-from tests.conftest import reference_outputs
+from tests.conftest import reference_outputs, run_python
 
 # Packed, as plain onnxruntime packs: the plans whose outputs are compared bit for bit. (Fed,
 # the default under a cap, tiles are bounded: test_unpacked_tiles_are_within_...)
@@ -238,15 +238,6 @@ print(json.dumps({"rss": peak_rss_bytes(), "peak_bytes": cm.schedule.peak_bytes,
 """
 
 
-def _python(code: str, *args: str) -> str:
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout.strip().splitlines()[-1]
-
 
 @pytest.mark.slow
 def test_a_tiled_projection_over_a_100_mb_weight_keeps_rss_under_the_cap(tmp_path: Path) -> None:
@@ -257,8 +248,8 @@ def test_a_tiled_projection_over_a_100_mb_weight_keeps_rss_under_the_cap(tmp_pat
                    {"w": weight})
     path = _saved(model, tmp_path)
     cap = 40 * 2**20                             # the output (8 MiB) twice, its input, tiles
-    baseline = int(_python(_BASELINE))
-    report = json.loads(_python(_RUN, str(path), str(cap), str(tmp_path / "y.npy")))
+    baseline = int(run_python(_BASELINE))
+    report = json.loads(run_python(_RUN, str(path), str(cap), str(tmp_path / "y.npy")))
     above = report["rss"] - baseline
     print(f"\npeak RSS {above / 2**20:.1f} MiB above the import baseline; cap {cap / 2**20:.0f} MiB, "
           f"accounted {report['peak_bytes'] / 2**20:.1f} MiB, tiles {report['tiles']}")

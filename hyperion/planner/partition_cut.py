@@ -21,6 +21,7 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Literal
 
 from hyperion.errors import OptionError, PartitionError
@@ -101,16 +102,9 @@ def step_facts(graph: Graph, order: Sequence[str], balance: Balance) -> StepFact
             cut[first + 1] += tensor.nbytes        # crosses every cut after its producer ...
             cut[max(uses) + 1] -= tensor.nbytes    # ... up to (and including) the one before its last use
     packing = max((graph.tensors[w].nbytes or 0 for w in seen if packed_bytes(graph, w) is not None), default=0)
-    live_bytes = [b + packing for b in _running(live)[:steps]]
-    return StepFacts(tuple(order), seconds, weights, live_bytes, _running(cut)[:steps + 1])
+    live_bytes = [b + packing for b in list(accumulate(live))[:steps]]
+    return StepFacts(tuple(order), seconds, weights, live_bytes, list(accumulate(cut))[:steps + 1])
 
-
-def _running(deltas: list[int]) -> list[int]:
-    total, out = 0, []
-    for d in deltas:
-        total += d
-        out.append(total)
-    return out
 
 
 # -- the cut ----------------------------------------------------------------------------
@@ -119,8 +113,8 @@ class _Ranges:
 
     def __init__(self, facts: StepFacts) -> None:
         self.facts = facts
-        self.time = [0.0, *_running_float(facts.seconds)]
-        self.weights = [0, *_running(facts.weight_bytes)]
+        self.time = [0.0, *accumulate(facts.seconds)]
+        self.weights = [0, *accumulate(facts.weight_bytes)]
 
     def cost(self, start: int, stop: int) -> float:
         return self.time[stop] - self.time[start]
@@ -147,13 +141,6 @@ class _Ranges:
     def need(self, start: int, stop: int) -> int:
         return self.weights[stop] - self.weights[start] + max(self.facts.live_bytes[start:stop])
 
-
-def _running_float(values: list[float]) -> list[float]:
-    total, out = 0.0, []
-    for v in values:
-        total += v
-        out.append(total)
-    return out
 
 
 def _fewest_stages(ranges: _Ranges, bound: float, cap: int | None) -> int | None:
