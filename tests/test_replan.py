@@ -22,8 +22,8 @@ import hyperion
 from fixtures.dynamic_shapes import BUILDERS, dynamic_feeds, nonzero
 from hyperion.schedule import Observe, Schedule
 from hyperion.units import parse_size
-from tests.conftest import REPO
-from tests.test_rss import _PEAK, ALLOWANCE_BYTES, BASELINE, _python
+from tests.conftest import REPO, run_python
+from tests.test_rss import _PEAK, ALLOWANCE_BYTES, BASELINE
 
 # name -> (a cap at which the bounds fit: None when no rule bounds every size, a cap at
 # which the model is re-planned, the tensor a too-large observation is refused for: None
@@ -171,7 +171,7 @@ print(json.dumps({"rss": peak_rss_bytes(), "peak": cm.stats.peak_bytes, "plans":
 
 @pytest.mark.slow
 def test_peak_rss_of_a_replanned_model_stays_under_the_cap(tmp_path: Path) -> None:
-    baseline = int(_python(BASELINE))
+    baseline = int(run_python(BASELINE))
     out = tmp_path / "y.npy"
     done = subprocess.run([sys.executable, "-c", RSS_RUN, str(RSS_N), str(RSS_CAP), str(out)], capture_output=True,
                           text=True, check=False, timeout=300, cwd=REPO)
