@@ -87,7 +87,7 @@ class SegmentPass(Pass):
        does not fit even as its own segment raises
        :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
        the smallest cap that works (that cap always admits a plan);
-    9. a step the ``tile`` pass runs outside onnxruntime (a row gather, a tiled step)
+    11. a step the ``tile`` pass runs outside onnxruntime (a row gather, a tiled step)
        is a segment of its own, and loads what it reads when it runs: never prefetched,
        so no step before it accounts its loading.
 
