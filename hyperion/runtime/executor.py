@@ -320,7 +320,7 @@ class Runtime:
         """A row gather (``Step.row_gather``): the rows its indices name, read from the table's file."""
         record = self.schedule.tensors[gather.weight]
         shape = tuple(int(d) for d in record.shape or ())
-        span = self.weights._span(gather.weight)  # the located file (contained), or None: kept in the proto
+        span = self.weights.span(gather.weight)  # the located file (contained), or None: kept in the proto
         table = self.weights.read(gather.weight) if span is None else None
         with self.tracer.span(f"row gather {gather.weight}", "row_gather", segment=segment.index):
             return gather_rows(gather, self.schedule.steps[segment.first_step].node, indices,
@@ -332,7 +332,7 @@ class Runtime:
         step = self.schedule.steps[segment.first_step]
         node = self._nodes()[step.node]
         shape = tuple(int(d) for d in self.schedule.tensors[tiles.weight].shape or ())
-        span = self.weights._span(tiles.weight)  # the located file (contained), or None: kept in the proto
+        span = self.weights.span(tiles.weight)  # the located file (contained), or None: kept in the proto
         whole = self.weights.read(tiles.weight) if span is None else None
 
         def read_tile(start: int, stop: int, buffer: np.ndarray) -> np.ndarray:
@@ -344,7 +344,7 @@ class Runtime:
 
         inputs = {name: feeds[name] for name in dict.fromkeys(node.input) if name in feeds}
         sliced = [tiles.weight] + ([tiles.bias] if tiles.bias is not None and tiles.bias not in inputs else [])
-        spans = {name: self.weights._span(name) for name in sliced}
+        spans = {name: self.weights.span(name) for name in sliced}
         # Declared in their own files (never read: the tiles replace them), so sessions use the tiles in place.
         locations = {name: (os.path.relpath(found.path, self.weights.folder), found.offset)
                      for name, found in spans.items() if found is not None}

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class _Span:
+class FileSpan:
     """A weight's bytes: which file, where."""
 
     path: Path
@@ -59,14 +59,14 @@ class WeightStore:
         self._embedded = dict(self.protos)   # the originals, for reading arrays
         self.folder: Path = source.base_dir
         self._maps: dict[Path, mmap.mmap] = {}
-        self._spans: dict[str, _Span | None] = {}
+        self._spans: dict[str, FileSpan | None] = {}
         self.fed_bytes = 0                   # bytes handed to sessions as mapped views, since the last reset
 
     # -- weights fed to sessions -------------------------------------------------------------
     def view(self, name: str) -> np.ndarray:
         """``name`` as a read-only array over its mapped file: no copy is made."""
         record = self.records[name]
-        span = self._span(name)
+        span = self.span(name)
         if span is None:  # embedded in a model that also has external data: decoded, a copy
             return numpy_helper.to_array(self._embedded[name])
         dtype = np.dtype(record.dtype)
@@ -94,7 +94,7 @@ class WeightStore:
     def _advise(self, names: Iterable[str], advice: int) -> None:
         page = mmap.PAGESIZE
         for name in names:
-            span = self._span(name)
+            span = self.span(name)
             if span is None or span.length == 0:
                 continue
             start = span.offset - span.offset % page  # madvise wants a page-aligned start
@@ -111,22 +111,22 @@ class WeightStore:
             self._maps[path] = mapping
         return mapping
 
-    def _span(self, name: str) -> _Span | None:
+    def span(self, name: str) -> FileSpan | None:
         """Where ``name``'s bytes are: where the model says (contained in its folder, as
         :meth:`read` checks too), or the file it was spilled to. Found once per weight."""
         if name not in self._spans:
             self._spans[name] = self._locate(name)
         return self._spans[name]
 
-    def _locate(self, name: str) -> _Span | None:
+    def _locate(self, name: str) -> FileSpan | None:
         if self.records[name].external is not None:
             location = external_location(self.source, self._embedded[name])
-            return _Span(Path(location.path), location.offset, location.length)
+            return FileSpan(Path(location.path), location.offset, location.length)
         proto = self.protos[name]
         if proto.data_location != TensorProto.EXTERNAL:
             return None
         info = {entry.key: entry.value for entry in proto.external_data}
-        return _Span(self.folder / info["location"], int(info.get("offset", 0)), int(info["length"]))
+        return FileSpan(self.folder / info["location"], int(info.get("offset", 0)), int(info["length"]))
 
     def spill_embedded(self) -> bool:
         """Serve large embedded weights of an in-memory model from a spilled file.
