@@ -441,8 +441,9 @@ class _Layout:
 
 def single_step_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode, *, prefetch: bool = True,
                       pinned_bytes: int = 0, prepack_weights: bool = True) -> list[int]:
-    """Accounted bytes of every step when each step is its own segment: the
-    smallest cap that admits a plan is their maximum."""
+    """Accounted bytes of every step when each step is its own segment (the bookkeeping
+    of sessions kept across runs aside): for this order, no cap below their maximum
+    admits that plan; streaming sizes its chunks off them (they are linear in the batch)."""
     normal = mode is ExecutionMode.NORMAL
     return _single_steps(_Costs(graph, liveness, normal, prepack_weights), prefetch and not normal, pinned_bytes)
 
