@@ -149,6 +149,10 @@ class Segment:
     # session is built; False where that would hold generated weights the plan counts as
     # activations (a capped plan whose segment makes large tensors from constants alone).
     fold_constants: bool = True   # optional in the file: version 2 schedules written before it load
+    # Its session is built once through onnxruntime's optimizer with the fed weights as
+    # constants (convolutions re-laid for its NCHWc kernels, BatchNormalization folded in),
+    # then fed the re-laid weights the optimizer wrote (hyperion.runtime.relayout).
+    relaid: bool = False          # optional in the file
 
     @property
     def steps(self) -> range:
@@ -376,6 +380,9 @@ def _segment(data: Mapping[str, Any], label: str) -> Segment:
     if segment.model_inputs != tuple(n for n in segment.inputs if n not in inlined):
         raise ScheduleError(f"{label}: not a valid Hyperion schedule at segments/{segment.index}: model_inputs "
                             "must be inputs less inlined_constants, in order")
+    if segment.relaid and not segment.fed_weights:
+        raise ScheduleError(f"{label}: not a valid Hyperion schedule at segments/{segment.index}: relaid "
+                            "needs fed_weights (only fed weights are re-laid)")
     return segment
 
 

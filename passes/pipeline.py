@@ -49,6 +49,7 @@ class SegmentOptions:
     prefetch: bool | None = None          # None: when weights are pre-packed
     weight_cache_bytes: int | None = None
     prepack_weights: bool | None = None   # None: in normal mode only
+    relayout: bool = True                 # fed convolutions built through onnxruntime's optimizer
 
     def for_mode(self, mode: ExecutionMode) -> SegmentOptions:
         """The options with ``None`` resolved for ``mode``. Weights are pre-packed where
@@ -65,7 +66,7 @@ class SegmentOptions:
         assert self.prefetch is not None and self.prepack_weights is not None, "resolve with for_mode first"
         return SegmentPass(max_segment_steps=self.max_segment_steps, prefetch=self.prefetch,
                            weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=pinned_bytes,
-                           prepack_weights=self.prepack_weights)
+                           prepack_weights=self.prepack_weights, relayout=self.relayout)
 
 
 def build_pipeline(mode: ExecutionMode, options: SegmentOptions | None = None, *,

@@ -13,6 +13,7 @@ from hyperion.passes._infra import Pass, PassResult, ensure, require
 from hyperion.passes.liveness import Liveness, activation_live_bytes
 from hyperion.passes.memory.costs import (
     SESSION_BOOKKEEPING_ALLOWANCE_BYTES,
+    relayout_bytes,
     resident_bytes,
     session_bookkeeping_bytes,
     workspace_bytes,
@@ -40,6 +41,7 @@ class Segmentation:
     cyclic_prefetch: bool = False         # the last segment prefetches segment 0 for the next run
     pinned_bytes: int = 0
     prepack_weights: bool = True          # sessions pre-pack weights (False: held at their own size)
+    relaid: tuple[bool, ...] = ()         # per segment: its fed convolutions' weights re-laid (rule 12)
 
     @property
     def peak_bytes(self) -> int:
@@ -89,7 +91,18 @@ class SegmentPass(Pass):
        the smallest cap that works (that cap always admits a plan);
     11. a step the ``tile`` pass runs outside onnxruntime (a row gather, a tiled step)
        is a segment of its own, and loads what it reads when it runs: never prefetched,
-       so no step before it accounts its loading.
+       so no step before it accounts its loading;
+    12. ``relayout`` (fed plans): onnxruntime rewrites a convolution for its fastest
+       kernels (weights re-laid in NCHWc blocks, a following BatchNormalization folded
+       in) only when its weight is a constant of the session. A fed segment with
+       convolutions is therefore built once through onnxruntime's optimizer with its
+       weights as constants, and then fed the re-laid weights: its creation holds
+       every weight as read plus the optimizer's copies of the convolutions'
+       (``costs.relayout_bytes``), and its convolutions run on NCHWc copies of their
+       input and output (rule 8's constant-weight workspace). A segment is *relaid* when its first step fits
+       alone with that cost; it then grows only while its creation fits. One whose
+       first step does not fit is fed plainly, so relayout never raises the smallest
+       cap: single steps are checked without it.
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.
@@ -101,6 +114,7 @@ class SegmentPass(Pass):
     weight_cache_bytes: int | None = None
     pinned_bytes: int = 0
     prepack_weights: bool = True
+    relayout: bool = True
 
     def requires(self, program: Program) -> None:
         require(program.liveness is not None, self.name, "liveness (the 'liveness' pass)")
@@ -111,7 +125,7 @@ class SegmentPass(Pass):
         segmentation = segment(program.graph, program.liveness, program.planning_mode, program.memory_limit,
                                self.max_segment_steps, prefetch=self.prefetch,
                                weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=self.pinned_bytes,
-                               prepack_weights=self.prepack_weights, isolated=isolated)
+                               prepack_weights=self.prepack_weights, isolated=isolated, relayout=self.relayout)
         modified = segmentation != program.segmentation
         program.segmentation = segmentation
         return PassResult(program, modified)
@@ -134,13 +148,14 @@ class _Costs:
     """Per-step facts the segmentation needs: live activations, deaths, weights."""
 
     def __init__(self, graph: Graph, liveness: Liveness, normal: bool, prepack: bool = True,
-                 isolated: frozenset[int] = frozenset()) -> None:
+                 isolated: frozenset[int] = frozenset(), relayout: bool = False) -> None:
         self.graph, self.liveness, self.normal, self.prepack = graph, liveness, normal, prepack
         self.isolated = isolated   # steps Hyperion runs itself: segments of their own, loaded when they run
         self.n = liveness.num_steps
         # Kernel workspace counts as activation bytes of its step. A fed plan's sessions
         # are handed their large weights, except the weight cache's, which hold them
-        # as initializers: ``cached_workspace`` is what caching a step's session adds.
+        # as initializers, and relaid segments, whose convolutions run as if they did:
+        # ``cached_workspace`` is what holding a step's weights as constants adds.
         fed = not normal and not prepack
         nodes = [graph.nodes[n] for n in liveness.order]
         workspace = [workspace_bytes(graph, node, weights_fed=fed) for node in nodes]
@@ -158,6 +173,20 @@ class _Costs:
         self.resident = {w: resident_bytes(graph, w) for w in names} if prepack else self.plain
         self.all_held = sum(resident_bytes(graph, t.name) if prepack else t.nbytes or 0
                             for t in graph.tensors.values() if graph.is_weight(t.name))
+        # Rule 12: the weights onnxruntime's optimizer re-lays when it sees them as constants.
+        self.relaid_weights = frozenset(
+            node.inputs[1] for node in nodes
+            if fed and relayout and node.op_type == "Conv" and node.is_default_domain and len(node.inputs) > 1
+            and graph.is_weight(node.inputs[1]) and self.plain.get(node.inputs[1], 0) > SMALL_TENSOR_BYTES)
+
+    def activation(self, step: int, relaid: bool) -> int:
+        """Live activation bytes at ``step``, with its kernels' workspace; a relaid
+        segment's convolutions run on NCHWc copies, as with constant weights."""
+        return self.activations[step] + (self.cached_workspace[step] if relaid else 0)
+
+    def relaid_copy(self, weights: set[str]) -> int:
+        """What onnxruntime's optimizer adds while it re-lays these weights (rule 12)."""
+        return relayout_bytes(sum(self.plain[w] for w in weights & self.relaid_weights))
 
     def prefetched(self, step: int) -> bool:
         """Whether the segment starting at ``step`` is prefetched: it exists, and is not run by
@@ -167,8 +196,8 @@ class _Costs:
     def held(self, weights: set[str]) -> int:
         return sum(self.resident[w] for w in weights)
 
-    def loading(self, weights: set[str]) -> int:
-        return self.held(weights) + self.transient(weights)
+    def loading(self, weights: set[str], relaid: bool = False) -> int:
+        return self.held(weights) + self.transient(weights) + (self.relaid_copy(weights) if relaid else 0)
 
     def transient(self, weights: set[str]) -> int:
         """Held only while a session is created: the original of the weight being packed."""
@@ -200,16 +229,21 @@ class _Costs:
 class _GrowingSpan:
     """A segment being grown one step at a time: its activation profile and weights."""
 
-    def __init__(self, costs: _Costs, start: int) -> None:
+    def __init__(self, costs: _Costs, start: int, relaid: bool = False) -> None:
         self.costs, self.start, self.stop = costs, start, start + 1
+        self.relaid = relaid   # rule 12: built through onnxruntime's optimizer, then fed re-laid weights
         self.held_inputs = 0
-        self.step_activation = [costs.activations[start]]
-        self.activation_peak = costs.activations[start]
+        self.step_activation = [costs.activation(start, relaid)]
+        self.activation_peak = self.step_activation[0]
         self.weights = set(costs.weights[start])
 
     def _grown_activations(self, step: int) -> tuple[int, int]:
         held = self.held_inputs + self.costs.newly_held(step - 1, self.start)
-        return max(self.activation_peak, self.costs.activations[step] + held), held
+        return max(self.activation_peak, self.costs.activation(step, self.relaid) + held), held
+
+    @property
+    def loading(self) -> int:
+        return self.costs.loading(self.weights, self.relaid)
 
     def grown(self, step: int) -> tuple[int, int, set[str]]:
         """(activation peak, held input bytes, weights) with ``step`` added."""
@@ -220,7 +254,7 @@ class _GrowingSpan:
         # In place: a fresh union per step would make an uncapped model quadratic.
         self.activation_peak, self.held_inputs = self._grown_activations(step)
         self.weights |= self.costs.weights[step]
-        self.step_activation.append(self.costs.activations[step] + self.held_inputs)
+        self.step_activation.append(self.costs.activation(step, self.relaid) + self.held_inputs)
         self.stop = step + 1
 
 
@@ -238,27 +272,38 @@ class _Rules:
         if self.budget is None:
             return True
         peak, _, weights = span.grown(step)
-        first_activation = costs.activations[span.start]
+        first_activation = span.step_activation[0]
         if costs.normal:
             return (peak + costs.all_held <= self.budget
                     and first_activation + costs.all_held + costs.transient(weights) <= self.budget)
-        next_loading = costs.loading(costs.weights[step + 1]) if self.prefetch and costs.prefetched(step + 1) else 0
+        loading = costs.loading(weights, span.relaid)
+        next_loading = (costs.loading(costs.weights[step + 1], self.relaid(costs, step + 1))
+                        if self.prefetch and costs.prefetched(step + 1) else 0)
         if peak + costs.held(weights) + next_loading > self.budget:
             return False
         if self.prefetch and previous is not None:   # this segment is created while the previous runs
-            return previous.activation_peak + costs.held(previous.weights) + costs.loading(weights) <= self.budget
-        return first_activation + costs.loading(weights) <= self.budget
+            return previous.activation_peak + costs.held(previous.weights) + loading <= self.budget
+        return first_activation + loading <= self.budget
+
+    def relaid(self, costs: _Costs, start: int) -> bool:
+        """Whether a segment starting at ``start`` is relaid (rule 12): when that step fits
+        alone with the optimizer's copy of its weights and its constant-weight workspace."""
+        if not costs.relaid_weights:
+            return False
+        return self.budget is None or (costs.activation(start, True)
+                                       + costs.loading(costs.weights[start], True) <= self.budget)
 
 
 def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit: int | None,
             max_segment_steps: int | None = None, *, prefetch: bool = True,
             weight_cache_bytes: int | None = None, pinned_bytes: int = 0,
-            prepack_weights: bool = True, isolated: frozenset[int] = frozenset()) -> Segmentation:
+            prepack_weights: bool = True, isolated: frozenset[int] = frozenset(),
+            relayout: bool = False) -> Segmentation:
     if liveness.num_steps == 0:
         return Segmentation((), ())
     normal = mode is ExecutionMode.NORMAL
     prefetch = prefetch and not normal
-    costs = _Costs(graph, liveness, normal, prepack_weights, isolated)
+    costs = _Costs(graph, liveness, normal, prepack_weights, isolated, relayout)
     _check_single_steps(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     layout = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     if memory_limit is not None and not layout.fits(memory_limit):
@@ -268,7 +313,9 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
     layout.cyclic = cyclic
     cached = tuple(range(len(spans))) if normal else layout.choose_cache(memory_limit, weight_cache_bytes)
     return Segmentation(tuple(Span(s.start, s.stop) for s in spans), tuple(layout.step_bytes(cached)),
-                        layout.held, layout.loading, cached, prefetch, cyclic, pinned_bytes, prepack_weights)
+                        layout.held, layout.loading, cached, prefetch, cyclic, pinned_bytes, prepack_weights,
+                        tuple(s.relaid and bool(s.weights & costs.relaid_weights) and i not in cached
+                              for i, s in enumerate(spans)))
 
 
 def _grown_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max_segment_steps: int | None,
@@ -276,7 +323,7 @@ def _grown_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max_s
     budget = None if memory_limit is None else memory_limit - pinned_bytes
     spans, bookkeeping = _grow_with_bookkeeping(costs, budget, prefetch, max_segment_steps)
     held = tuple(costs.held(s.weights) for s in spans)
-    loading = tuple(costs.loading(s.weights) for s in spans)
+    loading = tuple(s.loading for s in spans)
     return _Layout(costs, spans, held, loading, prefetch, pinned_bytes, bookkeeping)
 
 
@@ -333,13 +380,13 @@ _BOOKKEEPING_ROUNDS = 6
 
 def _grow(costs: _Costs, rules: _Rules) -> list[_GrowingSpan]:
     spans: list[_GrowingSpan] = []
-    current = _GrowingSpan(costs, 0)
+    current = _GrowingSpan(costs, 0, rules.relaid(costs, 0))
     for step in range(1, costs.n):
         if rules.fits(costs, current, step, spans[-1] if spans else None):
             current.extend(step)
             continue
         spans.append(current)
-        current = _GrowingSpan(costs, step)
+        current = _GrowingSpan(costs, step, rules.relaid(costs, step))
     spans.append(current)
     return spans
 
@@ -392,6 +439,8 @@ class _Layout:
         """Per step of segment ``index``: the workspace its kernels add once its session
         holds its weights as initializers (cached, in a fed plan)."""
         span = self.spans[index]
+        if span.relaid:   # its activations count it already
+            return [0] * (span.stop - span.start)
         return self.costs.cached_workspace[span.start:span.stop]
 
     def choose_cache(self, memory_limit: int | None, weight_cache_bytes: int | None) -> tuple[int, ...]:

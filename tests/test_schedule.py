@@ -132,7 +132,7 @@ RECORDS: dict[type, tuple[tuple[str, ...], str]] = {
 
 # Fields a file may leave out (absent means None); every other field is required.
 OPTIONAL: dict[type, set[str]] = {Schedule: {"optimal_peak_bytes", "replan"}, TensorRecord: {"upper_bound"},
-                                  Segment: {"fold_constants"}, Step: {"row_gather", "tiles"}}
+                                  Segment: {"fold_constants", "relaid"}, Step: {"row_gather", "tiles"}}
 
 
 def _nested_records(record: type) -> set[type]:

@@ -120,6 +120,7 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
             loading_bytes=_at(segmentation.loading_bytes, index), fed_weights=fed,
             # A session that holds no large weight costs its graph and kernels alone: kept.
             persistent=index in cached or len(fed) == len(large),
+            relaid=bool(fed) and _at_flag(segmentation.relaid, index),
             fold_constants=program.memory_limit is None or not generated_weights(graph, nodes)))
         if not normal:
             loads[span.start].extend(weights)
@@ -170,6 +171,10 @@ def generated_weights(graph: Graph, nodes: list[NodeInfo]) -> list[str]:
             constant.update(node.outputs)
             generated.extend(t for t in node.outputs if (graph.tensors[t].nbytes or 0) > SMALL_TENSOR_BYTES)
     return generated
+
+
+def _at_flag(values: tuple[bool, ...], index: int) -> bool:
+    return values[index] if index < len(values) else False
 
 
 def _at(values: tuple[int, ...], index: int) -> int:

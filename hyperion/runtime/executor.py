@@ -16,13 +16,17 @@ segment is prefetched (its session built, or its fed weights read ahead). A sche
 into arrays for the whole batch. A ``whole_model`` schedule hands onnxruntime
 the user's model untouched. Steps the schedule marks ``row_gather`` or ``tiles``
 are segments of their own that the runtime runs itself (:mod:`hyperion.runtime.rows`,
-:mod:`hyperion.runtime.tiles`), reading only the part of the weight they need. The
+:mod:`hyperion.runtime.tiles`), reading only the part of the weight they need. A
+``relaid`` segment's session is built through onnxruntime's optimizer and fed the
+weights it re-laid (:mod:`hyperion.runtime.relayout`). The
 runtime reads these fields; it never looks at the mode to decide anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import mmap
 import os
 import time
 import weakref
@@ -36,12 +40,13 @@ from onnx import NodeProto
 from hyperion.errors import FeedError, RuntimeExecutionError, UnsupportedModelError
 from hyperion.frontend import ModelSource
 from hyperion.ir import ExecutionMode, TensorRole
+from hyperion.runtime.relayout import RelaidWeight, relaid_model
 from hyperion.runtime.rows import gather_rows
 from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
 from hyperion.runtime.sessions import SessionPool, SessionTimes, return_freed_memory, session_options
 from hyperion.runtime.tiles import read_weight_tile, run_tiles, tile_model
 from hyperion.runtime.trace import HELD_COUNTER, NULL_RECORDER, NullRecorder
-from hyperion.runtime.weights import WeightStore
+from hyperion.runtime.weights import FileSpan, WeightStore
 from hyperion.schedule import RowGather, Schedule, Segment, Tiles
 
 # With a cap, blocks of this size or more go back to the OS when freed (see sessions.return_freed_memory).
@@ -110,6 +115,7 @@ class Runtime:
         self._node_protos: dict[str, NodeProto] | None = None
         self._segment_models: dict[int, bytes] = {}
         self._tile_models: dict[tuple, bytes] = {}   # tiled steps' one-node models, weightless
+        self._relaid: dict[int, tuple[RelaidWeight, ...]] = {}   # relaid segments' fed weights, once built
         kept = frozenset(segment.index for segment in schedule.segments if segment.persistent)
         self.pool = SessionPool(_weak_builder(self), kept, schedule.prefetch)
         self._whole_model_ms: float | None = None
@@ -146,19 +152,16 @@ class Runtime:
 
     def _build_session(self, index: int) -> ort.InferenceSession:
         segment = self.schedule.segments[index]
-        if self.schedule.whole_model:
-            model = str(self.source.path) if self.source.path else self.source.proto.SerializeToString()
-        else:
-            model = self._segment_models.get(index)
-            if model is None:
-                model = build_segment_model(self.source, self.schedule, segment, self._nodes(),
-                                            self.weights.protos).SerializeToString()
-                if len(model) <= KEPT_SEGMENT_MODEL_BYTES:  # memory_opt creates it again every run
-                    self._segment_models[index] = model
+        disabled = [] if segment.fold_constants else ["ConstantFolding"]
+        options = self.tracer.session_options(self._options(), index)
         try:
-            session = ort.InferenceSession(model, self.tracer.session_options(self._options(), index),
-                                           providers=["CPUExecutionProvider"],
-                                           disabled_optimizers=[] if segment.fold_constants else ["ConstantFolding"])
+            if segment.relaid:
+                model = self._relaid_model(segment, disabled)
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done already
+            else:
+                model = self._segment_model(segment)
+            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=disabled)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             first = self.schedule.steps[segment.first_step]
             raise UnsupportedModelError(
@@ -167,6 +170,34 @@ class Runtime:
                 f"{_first_line(exc)}") from None
         self.tracer.session_built(index, session, segment.held_bytes)
         return session
+
+    def _segment_model(self, segment: Segment) -> bytes | str:
+        if self.schedule.whole_model:
+            return str(self.source.path) if self.source.path else self.source.proto.SerializeToString()
+        model = self._segment_models.get(segment.index)
+        if model is None:
+            model = build_segment_model(self.source, self.schedule, segment, self._nodes(),
+                                        self.weights.protos).SerializeToString()
+            if len(model) <= KEPT_SEGMENT_MODEL_BYTES:  # memory_opt creates it again every run
+                self._segment_models[segment.index] = model
+        return model
+
+    def _relaid_model(self, segment: Segment, disabled: list[str]) -> bytes:
+        """The segment optimized with its fed weights as constants (made once, cached on
+        disk); records which of the optimizer's weights each run feeds it."""
+        constants = dataclasses.replace(segment, fed_weights=())
+        relaid = relaid_model(build_segment_model(self.source, self.schedule, constants, self._nodes(),
+                                                  self.weights.protos),
+                              self._options(), self.weights.folder, disabled)
+        self._relaid[segment.index] = relaid.weights
+        return relaid.model
+
+    def _fed_spans(self, segment: Segment) -> list[FileSpan]:
+        """Where the weights fed to ``segment`` are: the optimizer's file for a relaid
+        segment (known once its session is built), else the weights' own."""
+        if segment.relaid:
+            return [w.span for w in self._relaid.get(segment.index, ())]
+        return [span for span in map(self.weights.span, segment.fed_weights) if span is not None]
 
     def close(self) -> None:
         """Release every session (and the weights they hold) and every weight mapping."""
@@ -304,7 +335,10 @@ class Runtime:
         session = self.session(segment)
         self._prefetch(self._next_segment(segment.index))  # while this one computes
         model_feeds = self._model_feeds(segment, feeds)
-        if segment.fed_weights:
+        if segment.relaid:
+            model_feeds = {**model_feeds, **{w.name: self.weights.view_span(w.span, w.dtype, w.shape)
+                                             for w in self._relaid[segment.index]}}
+        elif segment.fed_weights:
             model_feeds = {**model_feeds, **{name: self.weights.view(name) for name in segment.fed_weights}}
         try:
             return session.run(list(segment.outputs), model_feeds)
@@ -314,7 +348,7 @@ class Runtime:
                 f"(steps {segment.first_step}-{segment.last_step}): {_first_line(exc)}") from None
         finally:
             del model_feeds
-            self.weights.release(segment.fed_weights)
+            self.weights.advise(self._fed_spans(segment), mmap.MADV_DONTNEED)   # RSS falls back
 
     def _gather_rows(self, segment: Segment, gather: RowGather, indices: np.ndarray) -> np.ndarray:
         """A row gather (``Step.row_gather``): the rows its indices name, read from the table's file."""
@@ -374,7 +408,7 @@ class Runtime:
         if first is None or not self.schedule.prefetch or first.row_gather is not None or first.tiles is not None:
             return
         self.pool.prefetch(index)
-        self.weights.prefetch(self.schedule.segments[index].fed_weights)
+        self.weights.advise(self._fed_spans(self.schedule.segments[index]), mmap.MADV_WILLNEED)
 
     @staticmethod
     def _model_feeds(segment: Segment, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -69,19 +69,13 @@ class WeightStore:
         span = self.span(name)
         if span is None:  # embedded in a model that also has external data: decoded, a copy
             return numpy_helper.to_array(self._embedded[name])
-        dtype = np.dtype(record.dtype)
-        shape = tuple(int(d) for d in record.shape or ())
+        return self.view_span(span, np.dtype(record.dtype), tuple(int(d) for d in record.shape or ()))
+
+    def view_span(self, span: FileSpan, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """The bytes of ``span`` as a read-only array over its mapped file: no copy is made."""
         self.fed_bytes += span.length
         return np.frombuffer(self._map(span.path), dtype=dtype, count=span.length // dtype.itemsize,
                              offset=span.offset).reshape(shape)
-
-    def release(self, names: Iterable[str]) -> None:
-        """Drop the pages of ``names`` from this process (they stay in the page cache)."""
-        self._advise(names, mmap.MADV_DONTNEED)
-
-    def prefetch(self, names: Iterable[str]) -> None:
-        """Start reading ``names`` into the page cache in the background."""
-        self._advise(names, mmap.MADV_WILLNEED)
 
     def close(self) -> None:
         for mapping in self._maps.values():
@@ -91,11 +85,12 @@ class WeightStore:
                 pass
         self._maps.clear()
 
-    def _advise(self, names: Iterable[str], advice: int) -> None:
+    def advise(self, spans: Iterable[FileSpan], advice: int) -> None:
+        """``madvise`` the mapped pages of ``spans``: ``mmap.MADV_DONTNEED`` drops them from this
+        process (they stay in the page cache), ``MADV_WILLNEED`` starts reading them ahead."""
         page = mmap.PAGESIZE
-        for name in names:
-            span = self.span(name)
-            if span is None or span.length == 0:
+        for span in spans:
+            if span.length == 0:
                 continue
             start = span.offset - span.offset % page  # madvise wants a page-aligned start
             self._map(span.path).madvise(advice, start, span.offset + span.length - start)

@@ -1,0 +1,144 @@
+"""Relaid segments: fed convolutions built once through onnxruntime's optimizer.
+
+A fed segment with convolutions is built with its weights as constants, so that
+onnxruntime re-lays them for its NCHWc kernels and folds BatchNormalization in,
+and is then fed the re-laid weights on every run (hyperion/runtime/relayout.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import hyperion
+from tests.conftest import float_error, reference_outputs, run_python
+
+
+def conv_net(folder: Path, channels: int, layers: int, size: int, seed: int = 0) -> Path:
+    """Conv -> BatchNormalization -> Relu, ``layers`` times, weights in an external-data file."""
+    rng = np.random.default_rng(seed)
+    nodes, weights = [], []
+    previous = "x"
+    for i in range(layers):
+        w = (rng.standard_normal((channels, channels, 3, 3)) / np.sqrt(9 * channels)).astype(np.float32)
+        weights.append(numpy_helper.from_array(w, f"w{i}"))
+        for name, values in (("scale", rng.uniform(0.5, 1.5, channels)), ("bias", rng.normal(0, 0.1, channels)),
+                             ("mean", rng.normal(0, 0.1, channels)), ("var", rng.uniform(0.5, 1.5, channels))):
+            weights.append(numpy_helper.from_array(values.astype(np.float32), f"{name}{i}"))
+        nodes += [helper.make_node("Conv", [previous, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1], name=f"conv{i}"),
+                  helper.make_node("BatchNormalization", [f"c{i}", f"scale{i}", f"bias{i}", f"mean{i}", f"var{i}"],
+                                   [f"b{i}"], name=f"bn{i}"),
+                  helper.make_node("Relu", [f"b{i}"], [f"r{i}"], name=f"relu{i}")]
+        previous = f"r{i}"
+    graph = helper.make_graph(nodes, "convs",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
+                              [helper.make_tensor_value_info(previous, TensorProto.FLOAT, [1, channels, size, size])],
+                              weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = folder / "convs.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="convs.onnx.data", size_threshold=1024)
+    return path
+
+
+def _float64_outputs(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    model = onnx.load(path)
+    for tensor in model.graph.initializer:
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float64), tensor.name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    (result,) = ReferenceEvaluator(model).run(None, {"x": x.astype(np.float64)})
+    return {model.graph.output[0].name: result}
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("HYPERION_CACHE_DIR", str(folder))
+    return folder
+
+
+def test_a_fed_cnn_is_relaid_once_and_stays_within_onnxruntimes_error(tmp_path: Path, cache: Path) -> None:
+    path = conv_net(tmp_path, channels=64, layers=4, size=16)
+    x = np.random.default_rng(1).standard_normal((1, 64, 16, 16)).astype(np.float32)
+    compiled = hyperion.compile(path, memory_limit="1.2MB", mode="memory_opt")
+    relaid = [s for s in compiled.schedule.segments if s.relaid]
+    assert relaid and all(s.fed_weights and s.persistent for s in relaid)
+    got = compiled.run({"x": x})
+    compiled.run({"x": x})
+    assert compiled.stats.sessions.built == 0          # built once, on the first run
+
+    optimized = [onnx.load(p, load_external_data=False) for p in sorted(cache.glob("relaid/*/segment.onnx"))]
+    assert len(optimized) == len(relaid)
+    ops = {(n.domain, n.op_type) for m in optimized for n in m.graph.node}
+    assert ("", "BatchNormalization") not in ops        # folded into the convolutions
+    assert ("", "Conv") not in ops and {d for d, _ in ops} & {"com.microsoft.nchwc", "com.microsoft"}
+
+    exact = _float64_outputs(path, x)
+    plain = float_error(reference_outputs(str(path), {"x": x}), exact)
+    assert float_error(got, exact) <= 2 * plain
+
+    stamps = {p: p.stat().st_mtime_ns for p in cache.glob("relaid/*/*")}
+    again = hyperion.compile(path, memory_limit="1.2MB", mode="memory_opt")
+    np.testing.assert_array_equal(again.run({"x": x})[next(iter(got))], got[next(iter(got))])
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("relaid/*/*")} == stamps   # the cache is reused
+
+
+def test_the_plan_counts_the_optimizers_copy_while_a_relaid_session_is_built(tmp_path: Path, cache: Path) -> None:
+    path = conv_net(tmp_path, channels=64, layers=4, size=16)
+    compiled = hyperion.compile(path, memory_limit="1.2MB", mode="memory_opt")
+    schedule = compiled.schedule
+    for segment in schedule.segments:
+        if segment.relaid:
+            weights = sum(schedule.tensors[w].bytes or 0 for w in segment.weights)
+            convolution_weights = sum(schedule.tensors[w].bytes or 0 for w in segment.fed_weights
+                                      if w.startswith("w"))
+            assert segment.loading_bytes >= weights + convolution_weights
+    assert schedule.peak_bytes <= 1_200_000
+    # With more room the segments grow, and each still counts the copy.
+    roomy = hyperion.compile(path, memory_limit="4MB", mode="memory_opt")
+    assert len(roomy.schedule.segments) <= len(schedule.segments)
+
+
+def test_a_cap_too_small_for_the_copy_feeds_plainly_rather_than_refusing(tmp_path: Path, cache: Path) -> None:
+    path = conv_net(tmp_path, channels=64, layers=2, size=16)
+    with pytest.raises(hyperion.MemoryLimitError) as refused:
+        hyperion.compile(path, memory_limit=1, mode="memory_opt")
+    smallest = hyperion.compile(path, memory_limit=refused.value.smallest_limit_bytes, mode="memory_opt")
+    segments = smallest.schedule.segments
+    assert any(s.fed_weights for s in segments) and not any(s.relaid for s in segments)
+    x = {"x": np.ones((1, 64, 16, 16), np.float32)}
+    assert float_error(smallest.run(x), _float64_outputs(path, x["x"])) <= 2 * float_error(
+        reference_outputs(str(path), x), _float64_outputs(path, x["x"]))
+
+
+RELAID_RSS = """
+import json, sys
+import numpy as np
+import hyperion, onnxruntime
+from hyperion.tools.rss import peak_rss_bytes
+path, limit = sys.argv[1], int(sys.argv[2])
+baseline = peak_rss_bytes()
+compiled = hyperion.compile(path, memory_limit=limit, mode="memory_opt")
+x = {"x": np.ones((1, 512, 7, 7), np.float32)}
+compiled.run(x)
+compiled.run(x)
+print(json.dumps({"over": peak_rss_bytes() - baseline,
+                  "relaid": sum(s.relaid for s in compiled.schedule.segments),
+                  "built": compiled.stats.sessions.built}))
+"""
+
+
+def test_a_relaid_plan_keeps_the_rss_promise_in_a_fresh_process(tmp_path: Path, cache: Path) -> None:
+    """94 MB of convolution weights under a 40 MiB cap: the optimizer's copies are made one
+    segment at a time, and every run feeds the re-laid weights and lets them go."""
+    path = conv_net(tmp_path, channels=512, layers=10, size=7)
+    limit = 40 << 20
+    result = json.loads(run_python(RELAID_RSS, str(path), str(limit)))
+    assert result["relaid"] >= 3 and result["built"] == 0
+    assert result["over"] <= limit + (32 << 20), f"{result['over'] / 2**20:.1f} MiB over the import baseline"
