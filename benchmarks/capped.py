@@ -98,6 +98,8 @@ def _child(args: dict[str, Any]) -> None:
         _reply({"ready": True})
         _serve(lambda: session.run(None, feeds))
         return
+    # A cache of its own: relaid segments are optimized in this process, as on a first run anywhere.
+    os.environ["HYPERION_CACHE_DIR"] = args["cache_dir"]
     started = time.perf_counter()
     try:
         cm = hyperion.compile(entry["path"], memory_limit=args["limit"], prepack_weights=args["prepack_weights"])
@@ -194,21 +196,24 @@ def alternate(ort: _Worker, hyp: _Worker, repeats: int, budget_s: float, pause_s
 
 
 def measure_model(entry: dict[str, Any], ort_rss: int, baseline: int, fractions: list[float], repeats: int,
-                  budget_s: float, pause_s: float) -> list[dict[str, Any]]:
+                  budget_s: float, pause_s: float, paths: list[str]) -> list[dict[str, Any]]:
     """Every fraction and path on one model; onnxruntime's worker serves them all."""
     results = []
     with _worker({"kind": "ort", "entry": entry}) as ort:
         ort.receive()
         for fraction in fractions:
             limit = int(fraction * ort_rss)
-            for path, prepack in PATHS.items():
+            for path in paths:
+                prepack = PATHS[path]
                 print(f"  {entry['name']} at {fraction:.0%} ({limit / MIB:.1f} MiB), {path}", file=sys.stderr,
                       flush=True)
                 record: dict[str, Any] = {"model": entry["name"], "family": entry["family"],
                                           "weight_bytes": entry["weight_bytes"], "fraction": fraction,
                                           "limit_bytes": limit, "path": path, "ort_rss_bytes": ort_rss}
-                args = {"kind": "hyperion", "entry": entry, "limit": limit, "prepack_weights": prepack}
-                with _worker(args) as hyp:
+                cache = tempfile.TemporaryDirectory(prefix="hyperion-cache-")
+                args = {"kind": "hyperion", "entry": entry, "limit": limit, "prepack_weights": prepack,
+                        "cache_dir": cache.name}
+                with cache, _worker(args) as hyp:
                     report = hyp.receive()
                     for key in ("compile_rss_bytes", "first_run_rss_bytes", "rss_bytes"):
                         if key in report:
@@ -277,6 +282,8 @@ def summary_table(results: list[dict[str, Any]]) -> str:
     for fraction in sorted({r["fraction"] for r in results}, reverse=True):
         for path in PATHS:
             group = [r for r in results if r["fraction"] == fraction and r["path"] == path]
+            if not group:
+                continue
             ran = [r for r in group if not r["refused"]]
             ratios = [r["latency"]["ratio"] for r in ran]
             spread = (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f}x)" if ratios else "-")
@@ -292,6 +299,7 @@ def main() -> int:
                         help="ort_baseline.py's JSON; models it lacks are measured here (default: %(default)s)")
     parser.add_argument("--only", default="", help="comma-separated model names; default every manifest entry")
     parser.add_argument("--fractions", default="1,0.5,0.25", help="caps as fractions of onnxruntime's peak RSS")
+    parser.add_argument("--paths", default="packed,fed", help="comma-separated capped paths: packed, fed")
     parser.add_argument("--repeats", type=int, default=5, help="latency pairs per run (and baseline processes)")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of latency pairs per run, at most")
     parser.add_argument("--pause", type=float, default=0.1,
@@ -313,6 +321,9 @@ def main() -> int:
         parser.error(f"not in the manifest: {sorted(unknown)}")
     entries = {name: entry for name, entry in entries.items() if not wanted or name in wanted}
     fractions = [float(f) for f in args.fractions.split(",")]
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    if unknown_paths := set(paths) - set(PATHS):
+        parser.error(f"--paths: unknown {sorted(unknown_paths)}; choose from {sorted(PATHS)}")
     ort_rss = ort_figures(entries, args.ort_baseline, args.repeats)
     baseline_samples = [_once({"kind": "baseline"})["rss_bytes"] for _ in range(args.repeats)]
     baseline = int(statistics.median(baseline_samples))
@@ -320,7 +331,8 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     for name, entry in entries.items():
         print(f"{name}", file=sys.stderr, flush=True)
-        results += measure_model(entry, ort_rss[name], baseline, fractions, args.repeats, args.budget, args.pause)
+        results += measure_model(entry, ort_rss[name], baseline, fractions, args.repeats, args.budget, args.pause,
+                                 paths)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "onnxruntime": onnxruntime.__version__,

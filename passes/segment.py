@@ -60,7 +60,9 @@ class SegmentPass(Pass):
        segment and last read inside it stays accounted until the segment's last step;
     3. a session holds its weights as :mod:`hyperion.passes.memory.costs` says: packed
        copies for pre-packed weights, the plain bytes for the others; while it is
-       being created it also holds the original of the weight being packed. With
+       being created it also holds the original of the weight being packed, or the
+       optimizer's copies of its convolutions' weights (``costs.relayout_bytes``),
+       whichever is more. With
        ``prepack_weights=False`` sessions pack nothing: every weight is held at its
        own size, mapped, and creating a session holds nothing more;
     4. ``normal`` mode: every weight is resident all the time, and the first step
@@ -173,11 +175,12 @@ class _Costs:
         self.resident = {w: resident_bytes(graph, w) for w in names} if prepack else self.plain
         self.all_held = sum(resident_bytes(graph, t.name) if prepack else t.nbytes or 0
                             for t in graph.tensors.values() if graph.is_weight(t.name))
-        # Rule 12: the weights onnxruntime's optimizer re-lays when it sees them as constants.
-        self.relaid_weights = frozenset(
-            node.inputs[1] for node in nodes
-            if fed and relayout and node.op_type == "Conv" and node.is_default_domain and len(node.inputs) > 1
-            and graph.is_weight(node.inputs[1]) and self.plain.get(node.inputs[1], 0) > SMALL_TENSOR_BYTES)
+        # What onnxruntime's optimizer adds while it rewrites a convolution's weight, per
+        # weight (costs.relayout_bytes): whenever a packed or normal plan builds a session
+        # holding it, in a fed plan only for relaid segments (rule 12).
+        self.rewritten = {node.inputs[1]: copy for node in nodes
+                          if (copy := relayout_bytes(graph, node)) and self.plain[node.inputs[1]] > SMALL_TENSOR_BYTES}
+        self.relaid_weights = frozenset(self.rewritten) if fed and relayout else frozenset()
 
     def activation(self, step: int, relaid: bool) -> int:
         """Live activation bytes at ``step``, with its kernels' workspace; a relaid
@@ -186,7 +189,7 @@ class _Costs:
 
     def relaid_copy(self, weights: set[str]) -> int:
         """What onnxruntime's optimizer adds while it re-lays these weights (rule 12)."""
-        return relayout_bytes(sum(self.plain[w] for w in weights & self.relaid_weights))
+        return sum(self.rewritten[w] for w in weights & self.relaid_weights)
 
     def prefetched(self, step: int) -> bool:
         """Whether the segment starting at ``step`` is prefetched: it exists, and is not run by
@@ -200,8 +203,13 @@ class _Costs:
         return self.held(weights) + self.transient(weights) + (self.relaid_copy(weights) if relaid else 0)
 
     def transient(self, weights: set[str]) -> int:
-        """Held only while a session is created: the original of the weight being packed."""
-        return max((self.plain[w] for w in weights), default=0) if self.prepack else 0
+        """Held only while a session with these weights as constants is created: the
+        original of the weight being packed, or, before that, the optimizer's copies of
+        its convolutions' weights."""
+        if not self.prepack:
+            return 0
+        rewritten = sum(self.rewritten.get(w, 0) for w in weights)
+        return max(max((self.plain[w] for w in weights), default=0), rewritten)
 
     def persistent(self, span: _GrowingSpan | Span) -> bool:
         """Whether the span's session outlives its run whatever the weight cache: every

@@ -66,7 +66,9 @@ def test_adaptive_records_its_choice() -> None:
     path = fixture_path("demo")
     uncapped = hyperion.compile(path, input_shapes={"image": [1, 3, 64, 64]})
     assert uncapped.schedule.mode == "normal" and "no memory limit" in uncapped.schedule.mode_reason
-    capped = hyperion.compile(path, memory_limit=uncapped.schedule.peak_bytes * 3 // 4,
+    with pytest.raises(hyperion.MemoryLimitError) as normal_refused:
+        hyperion.compile(path, mode="normal", memory_limit=1, input_shapes={"image": [1, 3, 64, 64]})
+    capped = hyperion.compile(path, memory_limit=normal_refused.value.smallest_limit_bytes - 1,
                               input_shapes={"image": [1, 3, 64, 64]})
     assert capped.schedule.requested_mode == "adaptive"
     assert capped.schedule.mode == "memory_opt" and "normal mode needs" in capped.schedule.mode_reason
