@@ -173,7 +173,7 @@ def test_the_optimal_batch_fits_and_one_more_sample_does_not(name: str) -> None:
 def test_the_optimal_batch_counts_the_callers_buffers_and_the_maximum() -> None:
     path = fixture_path("demo")
     imported = import_model(load_source(path), {"image": [1, 3, 64, 64]})
-    cap = 4 * 2**20
+    cap = 8 * 2**20
     plain = optimal_batch_size(imported, cap, 4096)
     with_buffers = optimal_batch_size(imported, cap, 4096, input_bytes_per_sample=3 * 64 * 64 * 4,
                                       output_bytes_per_sample=40)

@@ -55,33 +55,38 @@ def largest_batch(program: Program, analysis: BatchSeparability, memory_limit: i
     buffers).
     """
     order = program.order or program.graph.file_order()
-    lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch, prepack_weights)
+    single, lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch, prepack_weights)
+    if max(single, default=0) + fixed_bytes + extra_bytes_per_sample > memory_limit:
+        return 0
     best = max_batch_size
     for fixed, per_sample in lines:
         fixed += fixed_bytes
         per_sample += extra_bytes_per_sample
-        if fixed + per_sample > memory_limit:
-            return 0
         if per_sample > 0:
             best = min(best, (memory_limit - fixed) // per_sample)
-    return max(best, 0)
+    return max(best, 1)
 
 
 def smallest_limit(program: Program, analysis: BatchSeparability, batch: int, *, prefetch: bool = True,
                    fixed_bytes: int = 0, extra_bytes_per_sample: int = 0, prepack_weights: bool = True) -> int:
     """The smallest cap that admits a plan at ``batch`` samples."""
     order = program.order or program.graph.file_order()
-    lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch, prepack_weights)
+    single, lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch, prepack_weights)
+    if batch == 1:
+        return max(single, default=0) + fixed_bytes + extra_bytes_per_sample
     return max(fixed + fixed_bytes + (per_sample + extra_bytes_per_sample) * batch for fixed, per_sample in lines)
 
 
 def _cost_lines(graph: Graph, order: tuple[str, ...], analysis: BatchSeparability, mode: ExecutionMode,
-                prefetch: bool, prepack_weights: bool) -> list[tuple[int, int]]:
-    """Per step, (fixed, per-sample) bytes of the single-step plan: exact, it is linear."""
-    one, two = (single_step_bytes(g, compute_liveness(g, order), mode, prefetch=prefetch,
-                                  prepack_weights=prepack_weights)
-                for g in (scaled_graph(graph, analysis, 1), scaled_graph(graph, analysis, 2)))
-    return [(a - (b - a), b - a) for a, b in zip(one, two, strict=True)]
+                prefetch: bool, prepack_weights: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """Per step, the single-step plan's bytes at one sample, and its (fixed, per-sample) line
+    from two samples on: exact, activations scale with the batch and weights do not. From
+    two on, since a kernel's workspace may not (a fed Conv's MLAS buffers are one per
+    thread, at most one per image: costs.workspace_bytes)."""
+    one, two, three = (single_step_bytes(g, compute_liveness(g, order), mode, prefetch=prefetch,
+                                         prepack_weights=prepack_weights)
+                       for g in (scaled_graph(graph, analysis, n) for n in (1, 2, 3)))
+    return one, [(3 * b - 2 * c, c - b) for b, c in zip(two, three, strict=True)]
 
 
 def chunk_program(program: Program, analysis: BatchSeparability, chunk: int, memory_limit: int | None,

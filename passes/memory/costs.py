@@ -40,6 +40,7 @@ weight stays mapped at its own size and creating a session holds nothing more;
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -143,12 +144,17 @@ def session_bookkeeping_bytes(nodes: int) -> int:
 #   ConvTranspose 2x2 stride 2, 128->64 ch, 64x64, fed      out 4 MiB                -> +4.0 MiB
 #   Relu, 16 MiB                                                                     -> +0.0 MiB
 #
+#   Conv 3x3, 1024->1024 ch, 16x16 (UNet's deepest), fed          im2col 9 MiB           -> +9 MiB
+#
 # With a constant weight, onnxruntime's NCHWc layout transformer runs the Conv on blocked
 # copies of its input and output (ReorderInput / ReorderOutput around it); it does the
 # same for pools, which need no weight. A Conv whose weight is fed cannot be transformed
-# (its weight is not known when the session is built) and MLAS bounds its im2col buffer
-# per thread. ConvTranspose's column buffer holds (out channels / group) x kernel x input
-# pixels.
+# (its weight is not known when the session is built) and runs as MLAS's im2col and GEMM,
+# whose working buffer MlasConvPrepare (mlas/lib/convolve.cpp) sizes: none for a pointwise
+# Conv without stride or padding; the whole expanded input (output pixels x input channels
+# per group x kernel) when there are more filters than output pixels, or a batch or groups
+# (one per thread, at most one per image and group); else a few panels per thread.
+# ConvTranspose's column buffer holds (out channels / group) x kernel x input pixels.
 _NCHWC_POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"})
 
 
@@ -169,7 +175,7 @@ def workspace_bytes(graph: Graph, node: NodeInfo, *, weights_fed: bool) -> int:
     if node.op_type == "Conv" and len(node.inputs) > 1:
         weight = graph.tensors[node.inputs[1]]
         fed = weights_fed and graph.is_weight(weight.name) and (weight.nbytes or 0) > SMALL_TENSOR_BYTES
-        return 0 if fed else io
+        return _im2col_bytes(graph, node) if fed else io
     if node.op_type == "ConvTranspose" and len(node.inputs) > 1:
         weight = graph.tensors[node.inputs[1]]   # (in channels, out channels / group, kh, kw)
         dims = (*first.shape, *(weight.shape or ()))
@@ -177,3 +183,24 @@ def workspace_bytes(graph: Graph, node: NodeInfo, *, weights_fed: bool) -> int:
             return 0
         return 4 * int(np.prod(weight.shape[1:])) * int(first.shape[2]) * int(first.shape[3])
     return 0
+
+
+def _im2col_bytes(graph: Graph, node: NodeInfo) -> int:
+    """MLAS's working buffer for a float32 2-D Conv run without NCHWc (its weight fed)."""
+    weight, output = graph.tensors[node.inputs[1]].shape, graph.tensors[node.outputs[0]].shape
+    if weight is None or output is None or len(weight) != 4 or len(output) != 4 \
+            or not all(isinstance(d, int) for d in (*weight, *output)):
+        return 0
+    batch, filters, pixels = output[0], output[1], output[2] * output[3]
+    groups = node.int_attribute("group", 1)
+    expanded = pixels * weight[1] * weight[2] * weight[3]          # output pixels x K
+    pointwise = weight[2] == weight[3] == 1 and not any(node.ints_attribute("pads") or ()) \
+        and all(s == 1 for s in node.ints_attribute("strides") or ())
+    if pointwise:
+        return 0
+    if batch > 1 or groups > 1:
+        # One buffer per thread, at most one per image and group: counted for every thread,
+        # so that from two images on the count does not depend on the batch (the streaming
+        # planner reads chunk sizes off a line in the batch).
+        return 4 * (os.cpu_count() or 1) * max(expanded, filters // groups * pixels)
+    return 4 * expanded if filters > pixels else 0
