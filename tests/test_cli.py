@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hyperion.tools.cli import main
-from tests.conftest import fixture_path
+from hyperion.tools.cli import EXIT_MISMATCH, _check_against_onnxruntime, main
+from tests.conftest import example_feeds, fixture_path, reference_outputs
 
 
 def test_compile_writes_a_schedule_and_inspect_reads_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -64,6 +64,19 @@ def test_run_unpacked_checks_against_onnxruntime_running_unpacked(tmp_path: Path
     assert main(["run", str(model), *given, "--seed", "2", "--no-prepack", "--check"]) == 0
     text = capsys.readouterr().out
     assert "mode memory_opt" in text and "outputs match plain onnxruntime (max abs difference 0)" in text
+
+
+def test_check_tolerates_rounding_at_the_outputs_scale_and_nothing_more(capsys: pytest.CaptureFixture) -> None:
+    model = fixture_path("demo")
+    feeds = example_feeds("demo")
+    want = reference_outputs(model, feeds)
+    name, values = next(iter(want.items()))
+    scale = float(np.abs(values).max())
+    rounded = {**want, name: values + np.float32(2e-6 * scale)}      # another summation order
+    assert _check_against_onnxruntime(model, feeds, rounded, prepack_weights=True) == 0
+    wrong = {**want, name: values + np.float32(1e-3 * scale)}
+    assert _check_against_onnxruntime(model, feeds, wrong, prepack_weights=True) == EXIT_MISMATCH
+    assert "MISMATCH" in capsys.readouterr().out
 
 
 def test_plot_and_exports(tmp_path: Path) -> None:

@@ -142,3 +142,15 @@ def test_a_relaid_plan_keeps_the_rss_promise_in_a_fresh_process(tmp_path: Path, 
     result = json.loads(run_python(RELAID_RSS, str(path), str(limit)))
     assert result["relaid"] >= 3 and result["built"] == 0
     assert result["over"] <= limit + (32 << 20), f"{result['over'] / 2**20:.1f} MiB over the import baseline"
+
+
+def test_a_saved_relaid_schedule_loads_and_runs_the_same(tmp_path: Path, cache: Path) -> None:
+    path = conv_net(tmp_path, channels=64, layers=4, size=16)
+    x = {"x": np.random.default_rng(2).standard_normal((1, 64, 16, 16)).astype(np.float32)}
+    compiled = hyperion.compile(path, memory_limit="1.2MB", mode="memory_opt")
+    expected = compiled.run(x)
+    compiled.schedule.save(tmp_path / "plan.json")
+    loaded = hyperion.load(path, tmp_path / "plan.json")
+    assert [s.relaid for s in loaded.schedule.segments] == [s.relaid for s in compiled.schedule.segments]
+    for name, value in loaded.run(x).items():
+        np.testing.assert_array_equal(value, expected[name])

@@ -399,9 +399,13 @@ def _check_against_onnxruntime(model: Path, feeds, outputs, prepack_weights: boo
         if got.shape != want.shape or got.dtype != want.dtype:
             ok = False
         elif np.issubdtype(want.dtype, np.floating) or np.issubdtype(want.dtype, np.complexfloating):
-            # NaN where onnxruntime has NaN (and inf where it has the same inf) is a match.
-            ok &= bool(np.allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True))
+            # NaN where onnxruntime has NaN (and inf where it has the same inf) is a match. The
+            # absolute tolerance follows the output's scale: a segmented or fed run sums in another
+            # order than onnxruntime (docs/memory.md), which moves values near zero by rounding
+            # errors of the whole output's size.
             finite = np.isfinite(got) & np.isfinite(want)
+            scale = float(np.max(np.abs(want[finite]), initial=0.0))
+            ok &= bool(np.allclose(got, want, rtol=1e-5, atol=max(1e-6, 1e-5 * scale), equal_nan=True))
             worst = max(worst, float(np.max(np.abs(got[finite] - want[finite]), initial=0.0)))
         else:
             ok &= bool(np.array_equal(got, want))
