@@ -15,6 +15,7 @@ from hyperion.passes.memory.costs import (
     SESSION_BOOKKEEPING_ALLOWANCE_BYTES,
     relayout_bytes,
     resident_bytes,
+    rewrite_bytes,
     session_bookkeeping_bytes,
     workspace_bytes,
 )
@@ -189,7 +190,10 @@ class _Costs:
 
     def relaid_copy(self, weights: set[str]) -> int:
         """What onnxruntime's optimizer adds while it re-lays these weights (rule 12)."""
-        return sum(self.rewritten[w] for w in weights & self.relaid_weights)
+        return self._rewriting(weights & self.relaid_weights)
+
+    def _rewriting(self, weights: set[str] | frozenset[str]) -> int:
+        return rewrite_bytes((self.plain[w], self.rewritten[w]) for w in weights if w in self.rewritten)
 
     def prefetched(self, step: int) -> bool:
         """Whether the segment starting at ``step`` is prefetched: it exists, and is not run by
@@ -208,8 +212,7 @@ class _Costs:
         its convolutions' weights."""
         if not self.prepack:
             return 0
-        rewritten = sum(self.rewritten.get(w, 0) for w in weights)
-        return max(max((self.plain[w] for w in weights), default=0), rewritten)
+        return max(max((self.plain[w] for w in weights), default=0), self._rewriting(weights))
 
     def persistent(self, span: _GrowingSpan | Span) -> bool:
         """Whether the span's session outlives its run whatever the weight cache: every

@@ -108,25 +108,34 @@ def held_bytes(graph: Graph, weights: Iterable[str]) -> int:
 # Creating a session whose convolutions have constant weights (pre-packing off, arena off;
 # VmHWM over the process before):
 #
+#   one 3x3 Conv of 1024 channels (36 MiB of weight)                                    +144 MiB
 #   ResNet-50's first 47.5 MiB of Conv weights (BatchNormalization folded on export)   +97.9 MiB
 #   Conv -> BatchNormalization -> Relu, 512 ch 3x3 (9 MiB a weight), 1 / 4 layers       +53.4 / +152.4 MiB
 #
 # i.e. about 20 MiB once (onnxruntime's code and optimizer paged in) plus, per byte of
-# weight, the byte read and up to one more for the NCHWc re-layout, or 2.7 more when a
+# weight, the byte read and one more for the NCHWc re-layout -- 2.7 more when a
 # BatchNormalization is folded first (a scaled weight is written, then re-laid, while the
-# original is held).
+# original is held) -- and the largest weight twice more while the session copies the
+# rewritten weights into its own tensors.
 _RELAYOUT_COPIES = 1            # the NCHWc re-laid copy
 _FOLDED_RELAYOUT_COPIES = 3     # the scaled weight and its re-laid copy, rounded up
 
 
 def relayout_bytes(graph: Graph, node: NodeInfo) -> int:
-    """What creating a session adds while it rewrites convolution ``node``, whose weight is a
-    constant of the session (0 for any other node)."""
+    """The copies onnxruntime's optimizer makes of convolution ``node``'s weight when that
+    weight is a constant of the session (0 for any other node); see :func:`rewrite_bytes`."""
     if node.op_type != "Conv" or not node.is_default_domain or len(node.inputs) < 2 \
             or not graph.is_weight(node.inputs[1]):
         return 0
     folded = any(graph.nodes[n].op_type == "BatchNormalization" for n in graph.successors(node.name))
     return (_FOLDED_RELAYOUT_COPIES if folded else _RELAYOUT_COPIES) * (graph.tensors[node.inputs[1]].nbytes or 0)
+
+
+def rewrite_bytes(rewritten: Iterable[tuple[int, int]]) -> int:
+    """What creating a session adds while it rewrites its convolutions: for each (weight
+    bytes, :func:`relayout_bytes`) of them, the copies, plus the largest weight twice."""
+    pairs = list(rewritten)
+    return sum(copies for _, copies in pairs) + 2 * max((size for size, _ in pairs), default=0)
 
 
 def session_bookkeeping_bytes(nodes: int) -> int:
