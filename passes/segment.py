@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -89,7 +90,10 @@ class SegmentPass(Pass):
        the smallest cap that works (that cap always admits a plan);
     11. a step the ``tile`` pass runs outside onnxruntime (a row gather, a tiled step)
        is a segment of its own, and loads what it reads when it runs: never prefetched,
-       so no step before it accounts its loading.
+       so no step before it accounts its loading;
+    12. a region of the ``tile`` pass (steps run tile by tile along a free axis) is
+       exactly one segment, whatever else; its steps also account its staging (tile
+       copies of slices that are not contiguous).
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.
@@ -107,11 +111,14 @@ class SegmentPass(Pass):
 
     def call(self, program: Program) -> PassResult:
         assert program.liveness is not None
-        isolated = program.tiling.isolated_steps(program.liveness.order) if program.tiling else frozenset()
+        tiling = program.tiling
+        isolated = tiling.isolated_steps(program.liveness.order) if tiling else frozenset()
+        regions = tuple((r.start, r.stop) for r in tiling.regions) if tiling else ()
         segmentation = segment(program.graph, program.liveness, program.planning_mode, program.memory_limit,
                                self.max_segment_steps, prefetch=self.prefetch,
                                weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=self.pinned_bytes,
-                               prepack_weights=self.prepack_weights, isolated=isolated)
+                               prepack_weights=self.prepack_weights, isolated=isolated, regions=regions,
+                               staging=tiling.region_staging() if tiling else {})
         modified = segmentation != program.segmentation
         program.segmentation = segmentation
         return PassResult(program, modified)
@@ -134,9 +141,15 @@ class _Costs:
     """Per-step facts the segmentation needs: live activations, deaths, weights."""
 
     def __init__(self, graph: Graph, liveness: Liveness, normal: bool, prepack: bool = True,
-                 isolated: frozenset[int] = frozenset()) -> None:
+                 isolated: frozenset[int] = frozenset(), regions: tuple[tuple[int, int], ...] = (),
+                 staging: Mapping[int, int] | None = None) -> None:
         self.graph, self.liveness, self.normal, self.prepack = graph, liveness, normal, prepack
         self.isolated = isolated   # steps Hyperion runs itself: segments of their own, loaded when they run
+        # Regions are segments of their own: a step joins its region's segment, and a
+        # region's first step and the step after its last start new ones.
+        self.joins = frozenset(step for start, stop in regions for step in range(start + 1, stop))
+        self.breaks = (isolated | {step + 1 for step in isolated}
+                       | {start for start, _ in regions} | {stop for _, stop in regions})
         self.n = liveness.num_steps
         # Kernel workspace counts as activation bytes of its step. A fed plan's sessions
         # are handed their large weights, except the weight cache's, which hold them
@@ -146,7 +159,9 @@ class _Costs:
         workspace = [workspace_bytes(graph, node, weights_fed=fed) for node in nodes]
         self.cached_workspace = ([workspace_bytes(graph, node, weights_fed=False) - w
                                   for node, w in zip(nodes, workspace, strict=True)] if fed else [0] * self.n)
-        self.activations = [a + w for a, w in zip(activation_live_bytes(graph, liveness), workspace, strict=True)]
+        staged = staging or {}
+        self.activations = [a + w + staged.get(step, 0) for step, (a, w) in
+                            enumerate(zip(activation_live_bytes(graph, liveness), workspace, strict=True))]
         self.deaths: list[list[str]] = [[] for _ in range(self.n)]
         for name, interval in liveness.intervals.items():
             if 0 <= interval.last < self.n:
@@ -231,7 +246,9 @@ class _Rules:
     max_segment_steps: int | None
 
     def fits(self, costs: _Costs, span: _GrowingSpan, step: int, previous: _GrowingSpan | None) -> bool:
-        if step in costs.isolated or step - 1 in costs.isolated:
+        if step in costs.joins:
+            return True
+        if step in costs.breaks:
             return False
         if self.max_segment_steps is not None and step - span.start >= self.max_segment_steps:
             return False
@@ -253,12 +270,13 @@ class _Rules:
 def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit: int | None,
             max_segment_steps: int | None = None, *, prefetch: bool = True,
             weight_cache_bytes: int | None = None, pinned_bytes: int = 0,
-            prepack_weights: bool = True, isolated: frozenset[int] = frozenset()) -> Segmentation:
+            prepack_weights: bool = True, isolated: frozenset[int] = frozenset(),
+            regions: tuple[tuple[int, int], ...] = (), staging: Mapping[int, int] | None = None) -> Segmentation:
     if liveness.num_steps == 0:
         return Segmentation((), ())
     normal = mode is ExecutionMode.NORMAL
     prefetch = prefetch and not normal
-    costs = _Costs(graph, liveness, normal, prepack_weights, isolated)
+    costs = _Costs(graph, liveness, normal, prepack_weights, isolated, regions, staging)
     _check_single_steps(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     layout = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     if memory_limit is not None and not layout.fits(memory_limit):
