@@ -457,6 +457,20 @@ class _Layout:
         return out
 
 
+StepCosts = _Costs   # what the tile pass's regions are priced with, as segments will be
+
+
+def step_costs(graph: Graph, liveness: Liveness, mode: ExecutionMode, prepack_weights: bool = True) -> StepCosts:
+    """The per-step facts segmentation accounts (live activations with workspace, weights held
+    and loaded), for a pass that prices a segment of its own before there is one."""
+    return _Costs(graph, liveness, mode is ExecutionMode.NORMAL, prepack_weights)
+
+
+def single_steps_of(costs: StepCosts, prefetch: bool) -> list[int]:
+    """:func:`single_step_bytes` from costs already made."""
+    return _single_steps(costs, prefetch and not costs.normal, 0)
+
+
 def single_step_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode, *, prefetch: bool = True,
                       pinned_bytes: int = 0, prepack_weights: bool = True) -> list[int]:
     """Accounted bytes of every step when each step is its own segment (the bookkeeping

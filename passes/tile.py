@@ -15,7 +15,7 @@ from hyperion.passes._infra import Pass, PassResult, ensure, require
 from hyperion.passes.liveness import activation_live_bytes, compute_liveness
 from hyperion.passes.memory.costs import resident_bytes, workspace_bytes
 from hyperion.passes.program import Program
-from hyperion.passes.segment import single_step_bytes
+from hyperion.passes.segment import step_costs
 from hyperion.passes.tile_ops import Geometry, geometry
 from hyperion.passes.tile_regions import Region, find_regions, region_accounted
 
@@ -115,8 +115,9 @@ class TilePass(Pass):
        in ``program.graph`` the widest tile's); slices that are not contiguous (a dim
        before the axis is not 1) cost a tile copy each, counted at every step of it;
     10. the tile count is the fewest that fit the cap (equal widths but the last);
-       among windows, the fewest tiles, then the least staging (the outermost axis),
-       then the shortest; when even one slice per tile does not fit, no region: no cap
+       among windows, those covering the most steps over the cap, then the fewest
+       tiles, then the least staging (the outermost axis), then the shortest; when
+       even one slice per tile does not fit, no region: no cap
        below what a step needs at its best is met, so regions are cut for that at least
        and the ``segment`` pass names the smallest cap;
     11. a region is one segment of its own, run by one session tile by tile.
@@ -163,11 +164,10 @@ class TilePass(Pass):
         if program.memory_limit is None or program.batch_chunk is not None or not order:
             return (), order
         liveness = compute_liveness(graph, order)
-        singles = single_step_bytes(graph, liveness, program.planning_mode, prefetch=self.prefetch,
-                                    prepack_weights=self.prepack_weights)
+        costs = step_costs(graph, liveness, program.planning_mode, self.prepack_weights)
         excluded = frozenset(i for i, name in enumerate(order)
                              if name in gathered or _splittable(graph, name) is not None)
-        return find_regions(graph, liveness, singles, program.memory_limit, excluded)
+        return find_regions(graph, liveness, costs, self.prefetch, program.memory_limit, excluded)
 
     def ensures(self, program: Program) -> None:
         tiling = program.tiling

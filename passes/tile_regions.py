@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from hyperion.ir import Graph, TensorInfo
 from hyperion.passes.liveness import Liveness
+from hyperion.passes.segment import StepCosts, single_steps_of
 from hyperion.passes.tile_axes import RULES, Carrier, carry
 
 # The longest run of steps a region spans: attention's core is 3-5 steps; longer windows
@@ -63,13 +64,16 @@ class _Candidate:
     sliced: tuple[str, ...]
     read: tuple[str, ...]     # activations it reads from before it (held until it returns)
     moved: tuple[str, ...]    # what the hoisted nodes make: live from before the region on
+    steps: frozenset[int]     # the region's steps in the order as it was
 
 
 class RegionFinder:
     """Finds the regions an order needs under a budget (see :func:`find_regions`)."""
 
-    def __init__(self, graph: Graph, liveness: Liveness, singles: Sequence[int], excluded: frozenset[int]) -> None:
-        self.graph, self.liveness, self.singles = graph, liveness, singles
+    def __init__(self, graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: bool,
+                 excluded: frozenset[int]) -> None:
+        self.graph, self.liveness, self.costs, self.prefetch = graph, liveness, costs, prefetch
+        self.singles = single_steps_of(costs, prefetch)
         self.order = liveness.order
         self.step_of = {node: i for i, node in enumerate(self.order)}
         # Steps a window may span: any but the excluded (a step without a rule can still move out).
@@ -149,7 +153,9 @@ class RegionFinder:
         sliced = tuple(sorted(n for n in boundary if n in axes))
         read = tuple(sorted(n for n in boundary if n in self.liveness.intervals))
         moved = tuple(o for n in hoisted for o in self.graph.nodes[n].outputs if o in self.liveness.intervals)
-        return _Candidate(start, stop, nodes, hoisted, dict(axes), sizes.pop(), interior, outputs, sliced, read, moved)
+        steps = frozenset(self.step_of[n] for n in nodes)
+        return _Candidate(start, stop, nodes, hoisted, dict(axes), sizes.pop(), interior, outputs, sliced, read, moved,
+                          steps)
 
     # -- costs ----------------------------------------------------------------------------
     def tile_bytes(self, name: str, size: int, width: int) -> int:
@@ -164,19 +170,27 @@ class RegionFinder:
                    if not self.contiguous(n, candidate.axes[n]))
 
     def cost(self, candidate: _Candidate, tiles: int) -> int:
-        """The most a step of the region accounts with ``tiles`` tiles: as alone, less what
-        its live interior tensors save, plus the inputs the region's segment holds until
-        it returns, plus the staging."""
+        """The most a step of the region accounts with ``tiles`` tiles, as the ``segment``
+        pass prices a segment of its own (rules 2, 5, 8, 12): its live activations less what
+        its interior tensors save and plus what the moved steps make earlier, the inputs it
+        holds until it returns, the staging, every weight of the region held, and the next
+        step's loading when prefetched -- or, at its first step, its own loading."""
         width = -(-candidate.size // tiles)
-        intervals = self.liveness.intervals
+        intervals, costs = self.liveness.intervals, self.costs
         staging = self.staging(candidate, width)
+        weights = set().union(*(costs.weights[step] for step in candidate.steps))
+        after = candidate.stop
+        ahead = costs.loading(costs.weights[after]) if self.prefetch and after < costs.n else 0
         worst = 0
-        for step in (self.step_of[n] for n in candidate.nodes):
+        for step in sorted(candidate.steps):
             moved = sum(self.graph.tensors[n].nbytes or 0 for n in candidate.moved if intervals[n].first > step)
             saved = sum((self.graph.tensors[n].nbytes or 0) - self.tile_bytes(n, candidate.size, width)
                         for n in candidate.interior if step in intervals[n])
             held = sum(self.graph.tensors[n].nbytes or 0 for n in candidate.read if intervals[n].last < step)
-            worst = max(worst, self.singles[step] - saved + held + moved + staging)
+            activations = costs.activations[step] - saved + held + moved + staging
+            worst = max(worst, activations + costs.held(weights) + ahead)
+            if step == min(candidate.steps):
+                worst = max(worst, activations + costs.loading(weights))
         return worst
 
     def fewest_tiles(self, candidate: _Candidate, budget: int) -> int | None:
@@ -200,17 +214,18 @@ class RegionFinder:
                       {n: axes[n] for n in candidate.interior}, self.staging(candidate, width))
 
 
-def find_regions(graph: Graph, liveness: Liveness, singles: Sequence[int], memory_limit: int,
+def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: bool, memory_limit: int,
                  excluded: frozenset[int]) -> tuple[tuple[Region, ...], tuple[str, ...]]:
     """Rules 8-10: the regions that bring steps over ``memory_limit`` under it.
 
-    ``singles``: every step's accounted bytes as its own segment; ``excluded``: steps no
+    ``costs``: the segmentation's per-step facts; ``excluded``: steps no
     region may hold (run by Hyperion itself, or split by their weight). No cap below the
     most a step needs at its best (its best region with one slice per tile, or whole when
     it has none) is met anyway: regions are cut for that budget at the least. Returns the
     regions and the order with each region's window rearranged: the nodes that are no part
     of it first."""
-    finder = RegionFinder(graph, liveness, singles, excluded)
+    finder = RegionFinder(graph, liveness, costs, prefetch, excluded)
+    singles = finder.singles   # every step's accounted bytes as a segment of its own
     best: dict[int, list[tuple[_Candidate, int]]] = {}
     floor = 0
     for step in sorted(range(len(singles)), key=lambda i: -singles[i]):
@@ -225,15 +240,16 @@ def find_regions(graph: Graph, liveness: Liveness, singles: Sequence[int], memor
     regions: list[Region] = []
     order = list(liveness.order)
     taken: set[int] = set()
-    for step in sorted(best):
-        if step in taken or singles[step] <= budget:
+    over = {step for step in best if singles[step] > budget}
+    for step in sorted(over):
+        if step in taken:
             continue
-        choices = [(tiles, finder.staging(c, -(-c.size // tiles)), c.stop - c.start, c)
+        choices = [(-len(over & set(c.steps)), tiles, finder.staging(c, -(-c.size // tiles)), c.stop - c.start, c)
                    for c, lowest in best[step] if lowest <= budget and not taken & set(range(c.start, c.stop))
                    and (tiles := finder.fewest_tiles(c, budget)) is not None]
         if not choices:
             continue
-        tiles, _, _, chosen = min(choices, key=lambda choice: choice[:3])
+        _, tiles, _, _, chosen = min(choices, key=lambda choice: choice[:4])
         regions.append(finder.region(chosen, tiles))
         order[chosen.start:chosen.stop] = (*chosen.hoisted, *chosen.nodes)
         taken |= set(range(chosen.start, chosen.stop))
