@@ -20,6 +20,8 @@ For each model:
   tile) against its steps whole in one plain onnxruntime session (the segment's model,
   untiled, on inputs of the same shapes); and the whole run against plain onnxruntime's
   session of the model. Medians with min-max; ratios of medians. One process, runs alternating.
+  The run's outputs are checked against onnxruntime's: the largest difference relative to
+  the output's largest magnitude.
 
 Prints Markdown tables and writes every figure to ``--json``
 (default benchmarks/results/tiling.json).
@@ -151,8 +153,11 @@ def latency(entry: dict[str, Any], cap: int, repeats: int) -> dict[str, Any]:
     regions = [s for s in schedule.segments if s.region is not None]
     alone = {s.segment: _op_alone(path, source, s, schedule) for s in split}
     alone |= {s.index: _chain_alone(source, s, schedule) for s in regions}
-    cm.run(feeds)
-    plain.run(None, feeds)
+    ours_out = cm.run(feeds)
+    names = [o.name for o in plain.get_outputs()]
+    error = max(float(np.max(np.abs(ours_out[n].astype(np.float64) - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+                for n, ref in zip(names, plain.run(names, feeds), strict=True))
+    del ours_out
     for session, inputs in alone.values():
         session.run(None, inputs)
     ours, theirs = [], []
@@ -181,6 +186,7 @@ def latency(entry: dict[str, Any], cap: int, repeats: int) -> dict[str, Any]:
     cm.close()
     return {"cap_bytes": cap, "mode": str(schedule.mode), "peak_bytes": schedule.peak_bytes,
             "segments": len(schedule.segments), "run_ms": _median(ours), "onnxruntime_run_ms": _median(theirs),
+            "max_relative_error": error,
             "split_steps": steps}
 
 
@@ -228,7 +234,8 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
             rows.append([name, f"{run['cap_bytes'] / MIB:.1f} MiB", f"`{step['node']}` {step['op']}", step["split"],
                          _range(step["hyperion_ms"]), _range(step["onnxruntime_ms"]), f"{ratio:.2f}x"])
         ratio = run["run_ms"]["median"] / run["onnxruntime_run_ms"]["median"]
-        rows.append([name, f"{run['cap_bytes'] / MIB:.1f} MiB", f"whole run ({run['segments']} segments)", "",
+        rows.append([name, f"{run['cap_bytes'] / MIB:.1f} MiB", f"whole run ({run['segments']} segments; outputs "
+                     f"within {run['max_relative_error']:.1e} of onnxruntime's, relative to their largest)", "",
                      _range(run["run_ms"]), _range(run["onnxruntime_run_ms"]), f"{ratio:.2f}x"])
     latencies = markdown_table(["model", "cap", "step", "split", "Hyperion ms", "onnxruntime ms", "ratio"], rows)
     return f"{caps}\n\n{latencies}"

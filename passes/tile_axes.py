@@ -91,14 +91,15 @@ def _first_input_only(carrier: Carrier, node: NodeInfo) -> int | None:
     return carrier.axis(inputs[0])
 
 
-def _normalised(default: int) -> Rule:
+def _normalised(default: int, before_opset_13: int | None = None) -> Rule:
     """Softmax/LogSoftmax/LayerNormalization: free along the axes before ``axis``. (Before
-    opset 13 Softmax normalises ``axis`` and every axis after it, so the axes before it are
-    the free ones under either reading.)"""
+    opset 13 Softmax normalises ``axis`` -- 1 by default then -- and every axis after it,
+    so the axes before it are the free ones under either reading.)"""
     def rule(carrier: Carrier, node: NodeInfo) -> int | None:
         axis = _first_input_only(carrier, node)
         rank = len(carrier.shape(_inputs(node)[0]))
-        normalised = node.int_attribute("axis", default)
+        legacy = before_opset_13 is not None and (carrier.graph.opset or 13) < 13
+        normalised = node.int_attribute("axis", before_opset_13 if legacy else default)  # type: ignore[arg-type]
         normalised += rank if normalised < 0 else 0
         return axis if axis is not None and axis < normalised else None
     return rule
@@ -174,7 +175,7 @@ def _reshape(carrier: Carrier, node: NodeInfo) -> int | None:
 
 RULES: dict[str, Rule] = {
     **{op: _elementwise for op in ELEMENTWISE},
-    "Softmax": _normalised(-1), "LogSoftmax": _normalised(-1), "LayerNormalization": _normalised(-1),
+    "Softmax": _normalised(-1, 1), "LogSoftmax": _normalised(-1, 1), "LayerNormalization": _normalised(-1),
     **{op: _reduce for op in ("ReduceSum ReduceMean ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum "
                               "ReduceLogSumExp ReduceSumSquare").split()},
     "Transpose": _transpose, "MatMul": _matmul, "Reshape": _reshape,

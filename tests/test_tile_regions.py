@@ -242,3 +242,15 @@ def test_a_tiled_attention_chain_stays_within_the_cap_in_the_real_process(tmp_pa
     assert result["rss"] - baseline <= cap + ALLOWANCE_BYTES, (result, baseline)
     expected = reference_outputs(path, feeds)["y"]
     assert result["sum"] == float(expected.sum())
+
+
+def test_softmax_before_opset_13_normalises_every_axis_from_its_own() -> None:
+    for opset, free_axes in ((11, {0}), (13, {0, 1})):   # axis 1 by default then (and what follows), -1 now
+        nodes = [helper.make_node("Softmax", ["x"], ["y"])]
+        graph_proto = helper.make_graph(nodes, "softmax", [helper.make_tensor_value_info("x", F, [4, 8, 8])],
+                                        [helper.make_tensor_value_info("y", F, [4, 8, 8])])
+        model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", opset)])
+        graph = import_model(load_source(model)).graph
+        softmax = next(iter(graph.nodes.values()))
+        free = {axis for axis in range(3) if carry(Carrier(graph, frozenset({"x"}), {"x": axis}), softmax)}
+        assert free == free_axes, opset
