@@ -15,7 +15,7 @@ from hyperion.passes._infra import Pass, PassResult, ensure, require
 from hyperion.passes.liveness import activation_live_bytes, compute_liveness
 from hyperion.passes.memory.costs import resident_bytes, workspace_bytes
 from hyperion.passes.program import Program
-from hyperion.passes.segment import step_costs
+from hyperion.passes.segment import single_steps_of, step_costs
 from hyperion.passes.tile_ops import Geometry, geometry
 from hyperion.passes.tile_regions import Region, find_regions, region_accounted
 
@@ -116,8 +116,12 @@ class TilePass(Pass):
        before the axis is not 1) cost a tile copy each, counted at every step of it;
     10. the tile count is the fewest that fit the cap (equal widths but the last);
        among windows, those covering the most steps over the cap, then the fewest
-       tiles, then the least staging (the outermost axis), then the shortest; when
-       even one slice per tile does not fit, no region: no cap
+       tiles, then the least staging (the outermost axis), then the shortest; under a
+       cap below what the steps need at their best (the smallest cap's search), no
+       regions unless, at one slice per tile, they lower the plan's largest step by
+       more than the bookkeeping of the sessions they add (two each: its own, and the
+       one it splits in two);
+       when even one slice per tile does not fit, no region: no cap
        below what a step needs at its best is met, so regions are cut for that at least
        and the ``segment`` pass names the smallest cap;
     11. a region is one segment of its own, run by one session tile by tile.
@@ -144,30 +148,54 @@ class TilePass(Pass):
         else:
             gathers = row_gathers(graph)
             graph = graph.with_tensors(_accounted(graph, gathers.values())) if gathers else graph
-            regions, order = self._regions(graph, program, frozenset(gathers))
-            program.order = order
-            graph = graph.with_tensors(region_accounted(graph, regions)) if regions else graph
-            tiled = {} if program.memory_limit is None else tiled_steps(
-                graph, program.order or (), program.memory_limit, self.prefetch, self.prepack_weights)
-            graph = graph.with_tensors(_tile_accounted(graph, tiled.values())) if tiled else graph
+            graph, regions, tiled = self._split(graph, program, frozenset(gathers))
             tiling = Tiling(gathers, tiled, regions)
         modified = tiling != program.tiling
         program.tiling = tiling
         program.graph = graph
         return PassResult(program, modified)
 
-    def _regions(self, graph: Graph, program: Program, gathered: frozenset[str]
-                 ) -> tuple[tuple[Region, ...], tuple[str, ...]]:
-        """Rules 8-10: the regions the order needs under the cap, and the order with the
-        steps of each region's window that are no part of it moved before it."""
+    def _split(self, graph: Graph, program: Program, gathered: frozenset[str]
+               ) -> tuple[Graph, tuple[Region, ...], dict[str, TiledStep]]:
+        """Rules 4-6 and 8-10: regions, then weight tiles on the graph they leave (their
+        floor falls with the regions' steps). When a weight-tiled step still needs more than
+        the regions were cut for, no cap below it is met: regions are cut again for it (rule
+        10), fewer and coarser. Sets ``program.order`` (steps moved out of regions)."""
+        limit, order = program.memory_limit, program.order or ()
+        if limit is None:
+            return graph, (), {}
+        regions, tiled, split, budget = (), {}, graph, limit
+        for _ in range(2):
+            regions, program.order = self._regions(graph, program, gathered, budget, order)
+            split = graph.with_tensors(region_accounted(graph, regions)) if regions else graph
+            tiled = tiled_steps(split, program.order, limit, self.prefetch, self.prepack_weights)
+            split = split.with_tensors(_tile_accounted(split, tiled.values())) if tiled else split
+            floor = self._tiled_floor(split, program, tiled)
+            if not regions or floor <= budget:
+                break
+            budget = floor
+        return split, regions, tiled
+
+    def _tiled_floor(self, graph: Graph, program: Program, tiled: Mapping[str, TiledStep]) -> int:
+        """The most a weight-tiled step needs as a segment of its own, its tiles accounted."""
+        if not tiled:
+            return 0
         order = program.order or ()
-        if program.memory_limit is None or program.batch_chunk is not None or not order:
+        singles = single_steps_of(step_costs(graph, compute_liveness(graph, order), program.planning_mode,
+                                             self.prepack_weights), self.prefetch)
+        return max(singles[i] for i, name in enumerate(order) if name in tiled)
+
+    def _regions(self, graph: Graph, program: Program, gathered: frozenset[str], budget: int,
+                 order: tuple[str, ...]) -> tuple[tuple[Region, ...], tuple[str, ...]]:
+        """Rules 8-10: the regions ``order`` needs under ``budget``, and the order with the
+        steps of each region's window that are no part of it moved before it."""
+        if program.batch_chunk is not None or not order:
             return (), order
         liveness = compute_liveness(graph, order)
         costs = step_costs(graph, liveness, program.planning_mode, self.prepack_weights)
         excluded = frozenset(i for i, name in enumerate(order)
                              if name in gathered or _splittable(graph, name) is not None)
-        return find_regions(graph, liveness, costs, self.prefetch, program.memory_limit, excluded)
+        return find_regions(graph, liveness, costs, self.prefetch, budget, excluded)
 
     def ensures(self, program: Program) -> None:
         tiling = program.tiling

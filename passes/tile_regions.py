@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from hyperion.ir import Graph, TensorInfo
 from hyperion.passes.liveness import Liveness
+from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES
 from hyperion.passes.segment import StepCosts, single_steps_of
 from hyperion.passes.tile_axes import RULES, Carrier, carry
 
@@ -240,6 +241,7 @@ def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: b
     regions: list[Region] = []
     order = list(liveness.order)
     taken: set[int] = set()
+    peaks: list[int] = []
     over = {step for step in best if singles[step] > budget}
     for step in sorted(over):
         if step in taken:
@@ -251,8 +253,17 @@ def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: b
             continue
         _, tiles, _, _, chosen = min(choices, key=lambda choice: choice[:4])
         regions.append(finder.region(chosen, tiles))
+        peaks.append(finder.cost(chosen, chosen.size))   # at its finest: what it can lower the peak to
         order[chosen.start:chosen.stop] = (*chosen.hoisted, *chosen.nodes)
         taken |= set(range(chosen.start, chosen.stop))
+    # Rule 10: below what the steps need at their best (the search for the smallest cap),
+    # regions must be worth their sessions: each is a segment, so a session, of its own --
+    # and splits another in two -- whose bookkeeping counts at every step.
+    kept = [cost for i, cost in enumerate(singles) if i not in excluded]  # weight-split steps lower themselves
+    lowered = max(kept, default=0) - max((*peaks, *(cost for i, cost in enumerate(singles)
+                                                    if i not in taken and i not in excluded)), default=0)
+    if memory_limit < floor and lowered <= 2 * SESSION_OVERHEAD_BYTES * len(regions):
+        return (), liveness.order
     return tuple(sorted(regions, key=lambda r: r.start)), tuple(order)
 
 

@@ -28,6 +28,8 @@ from hyperion.passes.tile_axes import Carrier, carry
 from hyperion.schedule import Region
 from tests.conftest import assert_outputs_equal, reference_outputs, run_python
 
+# Tensors of 0.5 MiB and more: below the smallest cap's search, a region must save more
+# than the bookkeeping of the sessions it adds (tile pass, rule 10).
 EXAMPLES = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 F = TensorProto.FLOAT
 
@@ -90,7 +92,7 @@ def _check(model: onnx.ModelProto, feeds: dict[str, np.ndarray], fraction: float
 
 
 @EXAMPLES
-@given(rows=st.integers(64, 300), columns=st.integers(64, 256), fraction=st.floats(0, 1))
+@given(rows=st.integers(300, 700), columns=st.integers(256, 512), fraction=st.floats(0, 1))
 def test_an_elementwise_chain_runs_tile_by_tile(tmp_path: Path, rows: int, columns: int, fraction: float) -> None:
     # y = x + sigmoid(x * x * b) / 2: three interior tensors as large as x
     nodes = [helper.make_node("Mul", ["x", "x"], ["sq"]), helper.make_node("Mul", ["sq", "b"], ["scaled"]),
@@ -102,7 +104,7 @@ def test_an_elementwise_chain_runs_tile_by_tile(tmp_path: Path, rows: int, colum
 
 
 @EXAMPLES
-@given(batch=st.integers(2, 4), rows=st.integers(64, 200), columns=st.integers(64, 200), fraction=st.floats(0, 1))
+@given(batch=st.integers(2, 4), rows=st.integers(256, 400), columns=st.integers(256, 400), fraction=st.floats(0, 1))
 def test_softmax_and_layer_norm_run_along_their_free_axes(tmp_path: Path, batch: int, rows: int, columns: int,
                                                         fraction: float) -> None:
     # y = x + layer_norm(softmax(x + x)): a chain of equal tensors needs its input and output
@@ -118,7 +120,7 @@ def test_softmax_and_layer_norm_run_along_their_free_axes(tmp_path: Path, batch:
 
 
 @EXAMPLES
-@given(rows=st.integers(64, 256), columns=st.integers(64, 256), fraction=st.floats(0, 1))
+@given(rows=st.integers(384, 700), columns=st.integers(384, 700), fraction=st.floats(0, 1))
 def test_a_transposed_chain_follows_the_axis(tmp_path: Path, rows: int, columns: int, fraction: float) -> None:
     nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0]), helper.make_node("Tanh", ["t"], ["h"]),
              helper.make_node("Exp", ["h"], ["e"]), helper.make_node("Transpose", ["e"], ["back"], perm=[1, 0]),
@@ -144,18 +146,19 @@ def _attention_feeds(heads: int, length: int, depth: int) -> dict[str, np.ndarra
 
 
 @EXAMPLES
-@given(heads=st.integers(1, 4), length=st.integers(64, 256), depth=st.sampled_from([16, 32, 64]),
+@given(heads=st.integers(1, 4), length=st.integers(256, 512), depth=st.sampled_from([16, 32, 64]),
        fraction=st.floats(0, 1))
 def test_an_attention_chain_never_holds_its_scores_whole(tmp_path: Path, heads: int, length: int, depth: int,
                                                          fraction: float) -> None:
     def by_heads(regions: list[Region]) -> bool:
-        return all(region.outputs["y"] == 1 for region in regions)
+        return all(axis == 1 for region in regions for axis in region.outputs.values())
 
     regions = _check(_attention(heads, length, depth), _attention_feeds(heads, length, depth), fraction, tmp_path,
                      exact=by_heads)
     for region in regions:   # heads or query rows: never the keys the softmax normalises over
-        assert region.outputs["y"] in (1, 2) and "kt" not in region.sliced or region.sliced["kt"] == 1
-        assert region.sliced.get("mask", 2) == 2   # the mask is sliced with the rows it masks, or read whole
+        assert all(axis in (1, 2) for axis in region.outputs.values())
+        assert region.sliced.get("kt", 1) == 1     # K^T: sliced by heads, or read whole
+        assert region.sliced.get("mask", 2) == 2   # the mask: sliced with the rows it masks, or read whole
 
 
 def test_a_cap_below_the_smallest_is_refused_naming_it(tmp_path: Path) -> None:
