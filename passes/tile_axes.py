@@ -134,7 +134,7 @@ def _matmul(carrier: Carrier, node: NodeInfo) -> int | None:
     a, b = _inputs(node)[:2]
     rank_a, rank_b = len(carrier.shape(a)), len(carrier.shape(b))
     rank = len(carrier.shape(node.outputs[0]))
-    if min(rank_a, rank_b) < 2 or carrier.graph.is_weight(a) and carrier.axis(a) is not None:
+    if min(rank_a, rank_b) < 2:   # a vector operand: its one axis is the contracted one
         return None
     wanted: set[int] = set()
     for name, own_rank, matrix_axis, out_axis in ((a, rank_a, rank_a - 2, rank - 2), (b, rank_b, rank_b - 1, rank - 1)):
