@@ -78,7 +78,7 @@ class RegionFinder:
         self.order = liveness.order
         self.step_of = {node: i for i, node in enumerate(self.order)}
         # Steps a window may span: any but the excluded (a step without a rule can still move out).
-        self.ruled = [i not in excluded for i in range(len(self.order))]
+        self.spannable = [i not in excluded for i in range(len(self.order))]
 
     def _has_rule(self, name: str) -> bool:
         node = self.graph.nodes[name]
@@ -86,18 +86,19 @@ class RegionFinder:
 
     # -- candidates -----------------------------------------------------------------------
     def candidates(self, step: int) -> Iterator[_Candidate]:
-        """Every window around ``step`` (within ``MAX_REGION_STEPS``) with a free axis."""
-        if not self.ruled[step] or not self._has_rule(self.order[step]):
+        """Every window around ``step`` (within ``MAX_REGION_STEPS``) with a free axis, and
+        ``step`` in its region."""
+        if not self.spannable[step] or not self._has_rule(self.order[step]):
             return
         low = step
-        while low > 0 and self.ruled[low - 1] and step - low + 1 < MAX_REGION_STEPS:
+        while low > 0 and self.spannable[low - 1] and step - low + 1 < MAX_REGION_STEPS:
             low -= 1
         for start in range(low, step + 1):
             high = step + 1
-            while high < len(self.order) and self.ruled[high] and high - start < MAX_REGION_STEPS:
+            while high < len(self.order) and self.spannable[high] and high - start < MAX_REGION_STEPS:
                 high += 1
             for stop in range(step + 1, high + 1):
-                yield from self._windows(start, stop)
+                yield from (c for c in self._windows(start, stop) if step in c.steps)
 
     def _windows(self, start: int, stop: int) -> Iterator[_Candidate]:
         """The window's candidates, one per seed (an axis of an activation its first step
