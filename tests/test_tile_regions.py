@@ -173,10 +173,14 @@ def test_a_cap_below_the_smallest_is_refused_naming_it(tmp_path: Path) -> None:
     assert any(segment.region is not None for segment in cm.schedule.segments)
 
 
-def test_an_edited_region_that_does_not_cover_its_axis_is_refused(tmp_path: Path) -> None:
+def test_a_saved_region_loads_and_an_edited_one_that_does_not_cover_its_axis_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "attention.onnx"
     onnx.save(_attention(2, 256, 32), str(path))
     cm = hyperion.compile(path, memory_limit=_smallest(path), mode="memory_opt")
+    saved = cm.schedule.save(tmp_path / "attention.schedule.json")
+    loaded = hyperion.load(path, saved)          # as saved: loads, and runs as compiled
+    feeds = _attention_feeds(2, 256, 32)
+    assert loaded.schedule == cm.schedule and np.array_equal(loaded.run(feeds)["y"], cm.run(feeds)["y"])
     data = json.loads(cm.schedule.to_json())
     segment = next(s for s in data["segments"] if s["region"] is not None)
     segment["region"]["bounds"] = segment["region"]["bounds"][:-1]     # the last tile left out
