@@ -5,17 +5,23 @@ For each model:
 
 * **Smallest feasible cap.** What ``compile`` names when refusing a cap of one byte in
   ``adaptive`` mode (``MemoryLimitError.smallest_limit_bytes``, also ``hyperion compile
-  --smallest-limit``) -- *before*: with the tile pass finding nothing to split (its two
-  finders patched out in this process), *after*: as shipped. Both as a fraction of the
-  uncapped plan's accounted peak (normal mode, every weight resident).
+  --smallest-limit``) -- *before*: with the tile pass finding nothing to split (its
+  finders patched out in this process), *weight tiles*: with row gathers and weight tiles
+  but no regions (steps tiled along a free axis of their activations), *after*: as
+  shipped. Each as a fraction of the uncapped plan's accounted peak (normal mode, every
+  weight resident).
 * **Latency at a cap that needs the split.** At the midpoint between the two smallest caps
   (no plan fits it without splitting steps; or the smallest cap above it that a plan meets,
   when the bookkeeping of the sessions kept across runs needs more), after one warm-up run, ``--repeats`` runs:
   the time of every split step (its segment's time: reading the rows or weight tiles,
   building the tile sessions, computing) against the same op alone in plain onnxruntime
   (a one-node session with the whole weight as an initializer, packed, warmed up, on
-  inputs of the same shapes); and the whole run against plain onnxruntime's session of
-  the model. Medians with min-max; ratios of medians. One process, runs alternating.
+  inputs of the same shapes); every region (its segment's time: its session run tile by
+  tile) against its steps whole in one plain onnxruntime session (the segment's model,
+  untiled, on inputs of the same shapes); and the whole run against plain onnxruntime's
+  session of the model. Medians with min-max; ratios of medians. One process, runs alternating.
+  The run's outputs are checked against onnxruntime's: the largest difference relative to
+  the output's largest magnitude.
 
 Prints Markdown tables and writes every figure to ``--json``
 (default benchmarks/results/tiling.json).
@@ -48,13 +54,25 @@ import hyperion.passes.tile as tile_pass  # noqa: E402
 from corpus import feeds as corpus_feeds  # noqa: E402
 from corpus import load_manifest  # noqa: E402
 from hyperion.frontend import load_source  # noqa: E402
-from hyperion.runtime.segment_model import nodes_by_name  # noqa: E402
+from hyperion.runtime.segment_model import build_segment_model, nodes_by_name  # noqa: E402
 from hyperion.runtime.sessions import session_options  # noqa: E402
 from hyperion.tools.report import markdown_table  # noqa: E402
 
 MIB = 2**20
 DEFAULT_MODELS = ("bert_base", "gpt2_small", "whisper_tiny", "unet", "light_vgg19", "light_bvlc_alexnet",
-                  "light_zfnet512")
+                  "light_zfnet512", "light_densenet121", "light_inception_v1", "light_inception_v2", "light_resnet50",
+                  "light_shufflenet", "light_squeezenet")
+
+
+@contextmanager
+def regions_off() -> Iterator[None]:
+    """The tile pass makes no region: weight tiles and row gathers only."""
+    find_regions = tile_pass.find_regions
+    tile_pass.find_regions = lambda graph, liveness, *args: ((), liveness.order)
+    try:
+        yield
+    finally:
+        tile_pass.find_regions = find_regions
 
 
 @contextmanager
@@ -64,7 +82,8 @@ def tile_pass_off() -> Iterator[None]:
     tile_pass.row_gathers = lambda graph: {}
     tile_pass.tiled_steps = lambda *args, **kwargs: {}
     try:
-        yield
+        with regions_off():
+            yield
     finally:
         tile_pass.row_gathers, tile_pass.tiled_steps = row_gathers, tiled_steps
 
@@ -106,6 +125,17 @@ def _op_alone(model_path: str, source: Any, step: Any, schedule: Any) -> tuple[o
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), inputs
 
 
+def _chain_alone(source: Any, segment: Any, schedule: Any) -> tuple[ort.InferenceSession, dict]:
+    """A region's steps whole in plain onnxruntime: its segment's model, untiled, on inputs of its shapes."""
+    initializers = {t.name: t for t in source.proto.graph.initializer}
+    model = build_segment_model(source, schedule, segment, nodes_by_name(source), initializers)
+    rng = np.random.default_rng(0)
+    inputs = {name: rng.standard_normal(tuple(int(d) for d in schedule.tensors[name].shape)).astype(
+        schedule.tensors[name].dtype) for name in (*segment.model_inputs, *segment.fed_weights)}
+    options = session_options(external_folder=Path(source.path).parent)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), inputs
+
+
 def _timed(run: Any) -> float:
     started = time.perf_counter()
     run()
@@ -120,31 +150,43 @@ def latency(entry: dict[str, Any], cap: int, repeats: int) -> dict[str, Any]:
     feeds = corpus_feeds(entry)
     plain = ort.InferenceSession(path, session_options(threads=0), providers=["CPUExecutionProvider"])
     source = load_source(path)
-    alone = {s.index: _op_alone(path, source, s, schedule) for s in split}
-    cm.run(feeds)
-    plain.run(None, feeds)
+    regions = [s for s in schedule.segments if s.region is not None]
+    alone = {s.segment: _op_alone(path, source, s, schedule) for s in split}
+    alone |= {s.index: _chain_alone(source, s, schedule) for s in regions}
+    ours_out = cm.run(feeds)
+    names = [o.name for o in plain.get_outputs()]
+    error = max(float(np.max(np.abs(ours_out[n].astype(np.float64) - ref)) / max(float(np.max(np.abs(ref))), 1e-30))
+                for n, ref in zip(names, plain.run(names, feeds), strict=True))
+    del ours_out
     for session, inputs in alone.values():
         session.run(None, inputs)
     ours, theirs = [], []
-    step_ms: dict[int, list[float]] = {s.index: [] for s in split}
-    op_ms: dict[int, list[float]] = {s.index: [] for s in split}
+    segment_ms: dict[int, list[float]] = {index: [] for index in alone}
+    op_ms: dict[int, list[float]] = {index: [] for index in alone}
     for _ in range(repeats):
         ours.append(_timed(lambda: cm.run(feeds)))
-        for step in split:
-            step_ms[step.index].append(cm.stats.segment_ms[step.segment])
+        for index in alone:
+            segment_ms[index].append(cm.stats.segment_ms[index])
         theirs.append(_timed(lambda: plain.run(None, feeds)))
-        for step in split:
-            session, inputs = alone[step.index]
-            op_ms[step.index].append(_timed(lambda: session.run(None, inputs)))  # noqa: B023
+        for index, (session, inputs) in alone.items():
+            op_ms[index].append(_timed(lambda: session.run(None, inputs)))  # noqa: B023
     steps = []
     for step in split:
         kind = (f"{len(step.tiles.bounds) - 1} tiles" if step.tiles is not None
                 else f"rows ({step.row_gather.read_bytes / MIB:.2f} MiB)")
         steps.append({"index": step.index, "node": step.node, "op": step.op_type, "split": kind,
-                      "hyperion_ms": _median(step_ms[step.index]), "onnxruntime_ms": _median(op_ms[step.index])})
+                      "hyperion_ms": _median(segment_ms[step.segment]), "onnxruntime_ms": _median(op_ms[step.segment])})
+    for segment in regions:
+        first = schedule.steps[segment.first_step]
+        ops = "-".join(schedule.steps[i].op_type for i in segment.steps)
+        kind = f"region: {len(segment.region.bounds) - 1} tiles of {segment.region.size}"
+        steps.append({"index": first.index, "node": first.node, "op": ops, "split": kind,
+                      "hyperion_ms": _median(segment_ms[segment.index]),
+                      "onnxruntime_ms": _median(op_ms[segment.index])})
     cm.close()
     return {"cap_bytes": cap, "mode": str(schedule.mode), "peak_bytes": schedule.peak_bytes,
             "segments": len(schedule.segments), "run_ms": _median(ours), "onnxruntime_run_ms": _median(theirs),
+            "max_relative_error": error,
             "split_steps": steps}
 
 
@@ -153,10 +195,12 @@ def measure(entry: dict[str, Any], repeats: int) -> dict[str, Any]:
     uncapped = hyperion.compile(path, memory_limit=None, mode="adaptive").schedule.peak_bytes
     with tile_pass_off():
         before, before_node = smallest_cap(path)
+    with regions_off():
+        weight_tiles, _ = smallest_cap(path)
     after, after_node = smallest_cap(path)
     result: dict[str, Any] = {"uncapped_peak_bytes": uncapped, "smallest_before_bytes": before,
-                              "smallest_before_node": before_node, "smallest_after_bytes": after,
-                              "smallest_after_node": after_node}
+                              "smallest_before_node": before_node, "smallest_weight_tiles_bytes": weight_tiles,
+                              "smallest_after_bytes": after, "smallest_after_node": after_node}
     if after < before:
         cap = (before + after) // 2
         try:
@@ -172,12 +216,14 @@ def _range(figure: dict[str, float]) -> str:
 
 
 def tables(results: dict[str, dict[str, Any]]) -> str:
+    def cap(r: dict[str, Any], key: str) -> str:
+        return f"{r[key] / MIB:.1f} MiB ({r[key] / r['uncapped_peak_bytes']:.0%})"
+
     caps = markdown_table(
-        ["model", "uncapped peak", "smallest cap before", "smallest cap after", "set after by"],
-        [[name, f"{r['uncapped_peak_bytes'] / MIB:.1f} MiB",
-          f"{r['smallest_before_bytes'] / MIB:.1f} MiB ({r['smallest_before_bytes'] / r['uncapped_peak_bytes']:.0%})",
-          f"{r['smallest_after_bytes'] / MIB:.1f} MiB ({r['smallest_after_bytes'] / r['uncapped_peak_bytes']:.0%})",
-          f"`{r['smallest_after_node']}`"] for name, r in results.items()])
+        ["model", "uncapped peak", "smallest cap before", "with weight tiles", "with regions too", "set after by"],
+        [[name, f"{r['uncapped_peak_bytes'] / MIB:.1f} MiB", cap(r, "smallest_before_bytes"),
+          cap(r, "smallest_weight_tiles_bytes"), cap(r, "smallest_after_bytes"), f"`{r['smallest_after_node']}`"]
+         for name, r in results.items()])
     rows = []
     for name, r in results.items():
         run = r.get("latency")
@@ -188,7 +234,8 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
             rows.append([name, f"{run['cap_bytes'] / MIB:.1f} MiB", f"`{step['node']}` {step['op']}", step["split"],
                          _range(step["hyperion_ms"]), _range(step["onnxruntime_ms"]), f"{ratio:.2f}x"])
         ratio = run["run_ms"]["median"] / run["onnxruntime_run_ms"]["median"]
-        rows.append([name, f"{run['cap_bytes'] / MIB:.1f} MiB", f"whole run ({run['segments']} segments)", "",
+        rows.append([name, f"{run['cap_bytes'] / MIB:.1f} MiB", f"whole run ({run['segments']} segments; outputs "
+                     f"within {run['max_relative_error']:.1e} of onnxruntime's, relative to their largest)", "",
                      _range(run["run_ms"]), _range(run["onnxruntime_run_ms"]), f"{ratio:.2f}x"])
     latencies = markdown_table(["model", "cap", "step", "split", "Hyperion ms", "onnxruntime ms", "ratio"], rows)
     return f"{caps}\n\n{latencies}"

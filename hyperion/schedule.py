@@ -112,6 +112,20 @@ class Tiles:
 
 
 @dataclass(frozen=True)
+class Region:
+    """A segment the runtime runs tile by tile along one free axis: one session over its
+    nodes, run once per tile on ``sliced`` inputs cut at ``bounds``, its outputs written
+    slice by slice into whole arrays; the tensors made and used up inside it only ever
+    exist one tile at a time."""
+
+    size: int                      # the free axis' length
+    bounds: tuple[int, ...]        # tile edges along it: 0, ..., size
+    sliced: Mapping[str, int]      # inputs read one slice per tile: the axis each carries it on
+    outputs: Mapping[str, int]     # every output of the segment: the axis it is written along
+    staging_bytes: int             # tile copies of slices that are not contiguous (accounted)
+
+
+@dataclass(frozen=True)
 class Step:
     index: int
     node: str
@@ -153,6 +167,7 @@ class Segment:
     # constants (convolutions re-laid for its NCHWc kernels, BatchNormalization folded in),
     # then fed the re-laid weights the optimizer wrote (hyperion.runtime.relayout).
     relaid: bool = False          # optional in the file
+    region: Region | None = None  # run tile by tile along a free axis; optional in the file
 
     @property
     def steps(self) -> range:
@@ -375,14 +390,16 @@ def _value_type(data: Mapping[str, Any]) -> ValueType:
 
 
 def _segment(data: Mapping[str, Any], label: str) -> Segment:
-    segment = Segment(**_tuples(data))
+    fields = _tuples(data)
+    region = fields.pop("region", None)
+    segment = Segment(**fields, region=None if region is None else Region(**_tuples(region)))
     inlined = set(segment.inlined_constants)
     if segment.model_inputs != tuple(n for n in segment.inputs if n not in inlined):
         raise ScheduleError(f"{label}: not a valid Hyperion schedule at segments/{segment.index}: model_inputs "
                             "must be inputs less inlined_constants, in order")
-    if segment.relaid and not segment.fed_weights:
+    if segment.relaid and (not segment.fed_weights or segment.region is not None):
         raise ScheduleError(f"{label}: not a valid Hyperion schedule at segments/{segment.index}: relaid "
-                            "needs fed_weights (only fed weights are re-laid)")
+                            "needs fed_weights (only fed weights are re-laid) and no region")
     return segment
 
 
@@ -557,6 +574,8 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
         for name in segment.inlined_constants:
             if tensors[name].producer not in node_ops:
                 fail(where, f"inlined constant {name!r} has no producing node in the model")
+        if segment.region is not None:
+            _check_region(segment, schedule, fail)
     if schedule.steps and next_step != len(schedule.steps):
         fail("segments", f"steps {next_step}.. belong to no segment")
     for position, edge in enumerate(schedule.edges):
@@ -584,6 +603,26 @@ def check_consistency(schedule: Schedule, source: ModelSource, label: str = "<sc
 
 
 _NON_TENSOR_KINDS = frozenset({"sequence", "optional", "map", "sparse_tensor"})
+
+
+def _check_region(segment: Segment, schedule: Schedule, fail: Any) -> None:
+    """A region's tiles cover its axis in order; it slices only its inputs and writes every
+    output along an axis of that length."""
+    from itertools import pairwise
+
+    where, region = f"segments/{segment.index}/region", segment.region
+    assert region is not None
+    bounds = region.bounds
+    if bounds[0] != 0 or bounds[-1] != region.size or any(a >= b for a, b in pairwise(bounds)):
+        fail(where, f"bounds {list(bounds)} do not cover the axis of {region.size} in order")
+    if set(region.outputs) != set(segment.outputs) or not set(region.sliced) <= set(segment.model_inputs):
+        fail(where, "sliced inputs or outputs are not the segment's")
+    for name, axis in (*region.sliced.items(), *region.outputs.items()):
+        shape = schedule.tensors[name].shape or ()
+        if not (0 <= axis < len(shape) and shape[axis] == region.size):
+            fail(where, f"{name!r} has no axis {axis} of {region.size}")
+    if any(schedule.steps[i].row_gather is not None or schedule.steps[i].tiles is not None for i in segment.steps):
+        fail(where, "a region holds a step run by Hyperion itself")
 
 
 def _check_row_gather(step: Step, schedule: Schedule, initializers: Mapping[str, Any], fail: Any) -> None:
@@ -659,5 +698,5 @@ def _check_dataflow(schedule: Schedule, fail: Any) -> None:
 
 
 __all__ = ["FORMAT", "VERSION", "EdgeRecord", "ModelRef", "Observe", "Replan", "ReplanPoint", "RowGather",
-           "Schedule", "ScheduleError", "Segment", "Step", "Streaming", "TensorRecord", "Tiles", "ValueType",
+           "Region", "Schedule", "ScheduleError", "Segment", "Step", "Streaming", "TensorRecord", "Tiles", "ValueType",
            "check_consistency", "schema", "validate", "write_atomic"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -95,17 +96,21 @@ class SegmentPass(Pass):
     11. a step the ``tile`` pass runs outside onnxruntime (a row gather, a tiled step)
        is a segment of its own, and loads what it reads when it runs: never prefetched,
        so no step before it accounts its loading;
-    12. ``relayout`` (fed plans): onnxruntime rewrites a convolution for its fastest
+    12. a region of the ``tile`` pass (steps run tile by tile along a free axis) is
+       exactly one segment, whatever else; its steps also account its staging (tile
+       copies of slices that are not contiguous);
+    13. ``relayout`` (fed plans): onnxruntime rewrites a convolution for its fastest
        kernels (weights re-laid in NCHWc blocks, a following BatchNormalization folded
        in) only when its weight is a constant of the session. A fed segment with
        convolutions is therefore built once through onnxruntime's optimizer with its
        weights as constants, and then fed the re-laid weights: its creation holds
        every weight as read plus the optimizer's copies of the convolutions'
        (``costs.relayout_bytes``), and its convolutions run on NCHWc copies of their
-       input and output (rule 8's constant-weight workspace). A segment is *relaid* when its first step fits
-       alone with that cost; it then grows only while its creation fits. One whose
-       first step does not fit is fed plainly, so relayout never raises the smallest
-       cap: single steps are checked without it.
+       input and output (rule 8's constant-weight workspace). A segment is *relaid*
+       when its first step fits alone with that cost; it then grows only while its
+       creation fits. One whose first step does not fit is fed plainly, so relayout
+       never raises the smallest cap: single steps are checked without it. A region's
+       segment is never relaid (its session runs tile by tile, fed as built).
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.
@@ -124,11 +129,15 @@ class SegmentPass(Pass):
 
     def call(self, program: Program) -> PassResult:
         assert program.liveness is not None
-        isolated = program.tiling.isolated_steps(program.liveness.order) if program.tiling else frozenset()
+        tiling = program.tiling
+        isolated = tiling.isolated_steps(program.liveness.order) if tiling else frozenset()
+        regions = tuple((r.start, r.stop) for r in tiling.regions) if tiling else ()
         segmentation = segment(program.graph, program.liveness, program.planning_mode, program.memory_limit,
                                self.max_segment_steps, prefetch=self.prefetch,
                                weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=self.pinned_bytes,
-                               prepack_weights=self.prepack_weights, isolated=isolated, relayout=self.relayout)
+                               prepack_weights=self.prepack_weights, isolated=isolated, regions=regions,
+                               staging=tiling.region_staging() if tiling else {},
+                               relayout=self.relayout)
         modified = segmentation != program.segmentation
         program.segmentation = segmentation
         return PassResult(program, modified)
@@ -151,9 +160,16 @@ class _Costs:
     """Per-step facts the segmentation needs: live activations, deaths, weights."""
 
     def __init__(self, graph: Graph, liveness: Liveness, normal: bool, prepack: bool = True,
-                 isolated: frozenset[int] = frozenset(), relayout: bool = False) -> None:
+                 isolated: frozenset[int] = frozenset(), regions: tuple[tuple[int, int], ...] = (),
+                 staging: Mapping[int, int] | None = None, relayout: bool = False) -> None:
         self.graph, self.liveness, self.normal, self.prepack = graph, liveness, normal, prepack
         self.isolated = isolated   # steps Hyperion runs itself: segments of their own, loaded when they run
+        # Regions are segments of their own: a step joins its region's segment, and a
+        # region's first step and the step after its last start new ones.
+        self.joins = frozenset(step for start, stop in regions for step in range(start + 1, stop))
+        self.region_starts = frozenset(start for start, _ in regions)
+        self.breaks = (isolated | {step + 1 for step in isolated}
+                       | {start for start, _ in regions} | {stop for _, stop in regions})
         self.n = liveness.num_steps
         # Kernel workspace counts as activation bytes of its step. A fed plan's sessions
         # are handed their large weights, except the weight cache's, which hold them
@@ -164,7 +180,9 @@ class _Costs:
         workspace = [workspace_bytes(graph, node, weights_fed=fed) for node in nodes]
         self.cached_workspace = ([workspace_bytes(graph, node, weights_fed=False) - w
                                   for node, w in zip(nodes, workspace, strict=True)] if fed else [0] * self.n)
-        self.activations = [a + w for a, w in zip(activation_live_bytes(graph, liveness), workspace, strict=True)]
+        staged = staging or {}
+        self.activations = [a + w + staged.get(step, 0) for step, (a, w) in
+                            enumerate(zip(activation_live_bytes(graph, liveness), workspace, strict=True))]
         self.deaths: list[list[str]] = [[] for _ in range(self.n)]
         for name, interval in liveness.intervals.items():
             if 0 <= interval.last < self.n:
@@ -276,7 +294,9 @@ class _Rules:
     max_segment_steps: int | None
 
     def fits(self, costs: _Costs, span: _GrowingSpan, step: int, previous: _GrowingSpan | None) -> bool:
-        if step in costs.isolated or step - 1 in costs.isolated:
+        if step in costs.joins:
+            return True
+        if step in costs.breaks:
             return False
         if self.max_segment_steps is not None and step - span.start >= self.max_segment_steps:
             return False
@@ -299,7 +319,7 @@ class _Rules:
     def relaid(self, costs: _Costs, start: int) -> bool:
         """Whether a segment starting at ``start`` is relaid (rule 12): when that step fits
         alone with the optimizer's copy of its weights and its constant-weight workspace."""
-        if not costs.relaid_weights:
+        if not costs.relaid_weights or start in costs.region_starts:
             return False
         return self.budget is None or (costs.activation(start, True)
                                        + costs.loading(costs.weights[start], True) <= self.budget)
@@ -309,12 +329,13 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
             max_segment_steps: int | None = None, *, prefetch: bool = True,
             weight_cache_bytes: int | None = None, pinned_bytes: int = 0,
             prepack_weights: bool = True, isolated: frozenset[int] = frozenset(),
+            regions: tuple[tuple[int, int], ...] = (), staging: Mapping[int, int] | None = None,
             relayout: bool = False) -> Segmentation:
     if liveness.num_steps == 0:
         return Segmentation((), ())
     normal = mode is ExecutionMode.NORMAL
     prefetch = prefetch and not normal
-    costs = _Costs(graph, liveness, normal, prepack_weights, isolated, relayout)
+    costs = _Costs(graph, liveness, normal, prepack_weights, isolated, regions, staging, relayout)
     _check_single_steps(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     layout = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     if memory_limit is not None and not layout.fits(memory_limit):
@@ -497,6 +518,20 @@ class _Layout:
             steps[0] = max(steps[0], creation)
             out.extend(steps)
         return out
+
+
+StepCosts = _Costs   # what the tile pass's regions are priced with, as segments will be
+
+
+def step_costs(graph: Graph, liveness: Liveness, mode: ExecutionMode, prepack_weights: bool = True) -> StepCosts:
+    """The per-step facts segmentation accounts (live activations with workspace, weights held
+    and loaded), for a pass that prices a segment of its own before there is one."""
+    return _Costs(graph, liveness, mode is ExecutionMode.NORMAL, prepack_weights)
+
+
+def single_steps_of(costs: StepCosts, prefetch: bool) -> list[int]:
+    """:func:`single_step_bytes` from costs already made."""
+    return _single_steps(costs, prefetch and not costs.normal, 0)
 
 
 def single_step_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode, *, prefetch: bool = True,

@@ -15,7 +15,9 @@ from hyperion.passes._infra import Pass, PassResult, ensure, require
 from hyperion.passes.liveness import activation_live_bytes, compute_liveness
 from hyperion.passes.memory.costs import resident_bytes, workspace_bytes
 from hyperion.passes.program import Program
+from hyperion.passes.segment import single_steps_of, step_costs
 from hyperion.passes.tile_ops import Geometry, geometry
+from hyperion.passes.tile_regions import Region, find_regions, region_accounted
 
 # A table smaller than this is read whole: a few pages, not worth a step of its own.
 ROW_GATHER_MIN_BYTES = 1 << 20
@@ -53,10 +55,15 @@ class Tiling:
 
     row_gathers: Mapping[str, RowGather]
     tiled: Mapping[str, TiledStep] = dataclasses.field(default_factory=dict)
+    regions: tuple[Region, ...] = ()     # runs of steps tiled along a free axis, in order
 
     def isolated_steps(self, order: tuple[str, ...]) -> frozenset[int]:
         """Steps run by Hyperion itself, not by a session: each is a segment of its own."""
         return frozenset(i for i, node in enumerate(order) if node in self.row_gathers or node in self.tiled)
+
+    def region_staging(self) -> dict[int, int]:
+        """Per step of a region: the tile copies of its slices that are not contiguous."""
+        return {step: region.staging_bytes for region in self.regions for step in region.steps()}
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,30 @@ class TilePass(Pass):
     6. only when the weight has no other reader and is not a graph output;
     7. row gathers and tiled steps run outside one session of their segment, so
        each is a segment of its own (the ``segment`` pass reads
-       :meth:`Tiling.isolated_steps`).
+       :meth:`Tiling.isolated_steps`);
+    8. under a cap (not while streaming chunks), a step that does not fit whole and
+       cannot be split by its weight gets a *region* (``tile_regions.py``): a run of at
+       most ``MAX_REGION_STEPS`` steps around it in the order, none of them a row gather
+       or split by its weight, along which one axis is free (``tile_axes.py``: every op
+       maps it to an axis of its outputs independently), started from an axis of an
+       activation the first step reads, and in which some tensor is made and used up
+       (its *interior*);
+    9. the region's boundary inputs that carry the axis are read one slice per tile,
+       the others whole; its outputs are written slice by slice into whole arrays; its
+       interior tensors exist one tile at a time and are accounted so (their ``bytes``
+       in ``program.graph`` the widest tile's); slices that are not contiguous (a dim
+       before the axis is not 1) cost a tile copy each, counted at every step of it;
+    10. the tile count is the fewest that fit the cap (equal widths but the last);
+       among windows, those covering the most steps over the cap, then the fewest
+       tiles, then the least staging (the outermost axis), then the shortest; under a
+       cap below what the steps need at their best (the smallest cap's search), no
+       regions unless, at one slice per tile, they lower the plan's largest step by
+       more than the bookkeeping of the sessions they add (two each: its own, and the
+       one it splits in two);
+       when even one slice per tile does not fit, no region: no cap
+       below what a step needs at its best is met, so regions are cut for that at least
+       and the ``segment`` pass names the smallest cap;
+    11. a region is one segment of its own, run by one session tile by tile.
 
     The weight's accounted size in ``program.graph`` becomes what the step holds of
     it: the most a row gather of it reads, or one tile (its shape the tile's, so the
@@ -118,14 +148,54 @@ class TilePass(Pass):
         else:
             gathers = row_gathers(graph)
             graph = graph.with_tensors(_accounted(graph, gathers.values())) if gathers else graph
-            tiled = {} if program.memory_limit is None else tiled_steps(
-                graph, program.order or (), program.memory_limit, self.prefetch, self.prepack_weights)
-            graph = graph.with_tensors(_tile_accounted(graph, tiled.values())) if tiled else graph
-            tiling = Tiling(gathers, tiled)
+            graph, regions, tiled = self._split(graph, program, frozenset(gathers))
+            tiling = Tiling(gathers, tiled, regions)
         modified = tiling != program.tiling
         program.tiling = tiling
         program.graph = graph
         return PassResult(program, modified)
+
+    def _split(self, graph: Graph, program: Program, gathered: frozenset[str]
+               ) -> tuple[Graph, tuple[Region, ...], dict[str, TiledStep]]:
+        """Rules 4-6 and 8-10: regions, then weight tiles on the graph they leave (their
+        floor falls with the regions' steps). When a weight-tiled step still needs more than
+        the regions were cut for, no cap below it is met: regions are cut again for it (rule
+        10), fewer and coarser. Sets ``program.order`` (steps moved out of regions)."""
+        limit, order = program.memory_limit, program.order or ()
+        if limit is None:
+            return graph, (), {}
+        regions, tiled, split, budget = (), {}, graph, limit
+        for _ in range(2):
+            regions, program.order = self._regions(graph, program, gathered, budget, order)
+            split = graph.with_tensors(region_accounted(graph, regions)) if regions else graph
+            tiled = tiled_steps(split, program.order, limit, self.prefetch, self.prepack_weights)
+            split = split.with_tensors(_tile_accounted(split, tiled.values())) if tiled else split
+            floor = self._tiled_floor(split, program, tiled)
+            if not regions or floor <= budget:
+                break
+            budget = floor
+        return split, regions, tiled
+
+    def _tiled_floor(self, graph: Graph, program: Program, tiled: Mapping[str, TiledStep]) -> int:
+        """The most a weight-tiled step needs as a segment of its own, its tiles accounted."""
+        if not tiled:
+            return 0
+        order = program.order or ()
+        singles = single_steps_of(step_costs(graph, compute_liveness(graph, order), program.planning_mode,
+                                             self.prepack_weights), self.prefetch)
+        return max(singles[i] for i, name in enumerate(order) if name in tiled)
+
+    def _regions(self, graph: Graph, program: Program, gathered: frozenset[str], budget: int,
+                 order: tuple[str, ...]) -> tuple[tuple[Region, ...], tuple[str, ...]]:
+        """Rules 8-10: the regions ``order`` needs under ``budget``, and the order with the
+        steps of each region's window that are no part of it moved before it."""
+        if program.batch_chunk is not None or not order:
+            return (), order
+        liveness = compute_liveness(graph, order)
+        costs = step_costs(graph, liveness, program.planning_mode, self.prepack_weights)
+        excluded = frozenset(i for i, name in enumerate(order)
+                             if name in gathered or _splittable(graph, name) is not None)
+        return find_regions(graph, liveness, costs, self.prefetch, budget, excluded)
 
     def ensures(self, program: Program) -> None:
         tiling = program.tiling
@@ -143,6 +213,14 @@ class TilePass(Pass):
             bounds = tiled.bounds
             ensure(bounds[0] == 0 and bounds[-1] == geometry.size and all(w > 0 for w in tiled.widths),
                    self.name, f"the tiles of {geometry.node!r} do not cover its axis in order")
+        isolated = tiling.isolated_steps(program.order or ())
+        ensure(program.graph.is_topological_order(program.order or ()), self.name,
+               "moving steps out of regions left an order that is not topological")
+        for region in tiling.regions:
+            ensure(region.bounds[0] == 0 and region.bounds[-1] == region.size and all(w > 0 for w in region.widths)
+                   and not isolated & set(region.steps()), self.name,
+                   f"the region at steps {region.start}-{region.stop - 1} does not cover its axis in order, "
+                   "or holds a step run by Hyperion itself")
 
 
 def row_gathers(graph: Graph) -> dict[str, RowGather]:

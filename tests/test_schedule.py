@@ -20,6 +20,7 @@ from hyperion.schedule import (
     VERSION,
     EdgeRecord,
     ModelRef,
+    Region,
     Replan,
     ReplanPoint,
     RowGather,
@@ -128,17 +129,18 @@ RECORDS: dict[type, tuple[tuple[str, ...], str]] = {
     ReplanPoint: (("$defs", "replan_point"), "Replan point"),
     RowGather: (("$defs", "row_gather"), "Row gather"),
     Tiles: (("$defs", "tiles"), "Tiles"),
+    Region: (("$defs", "region"), "Region"),
 }
 
 # Fields a file may leave out (absent means None); every other field is required.
 OPTIONAL: dict[type, set[str]] = {Schedule: {"optimal_peak_bytes", "replan"}, TensorRecord: {"upper_bound"},
-                                  Segment: {"fold_constants", "relaid"}, Step: {"row_gather", "tiles"}}
+                                  Segment: {"fold_constants", "relaid", "region"}, Step: {"row_gather", "tiles"}}
 
 
 def _nested_records(record: type) -> set[type]:
     """The record types ``record``'s fields hold (the dataclasses among their annotations)."""
     by_name = {cls.__name__: cls for cls in (ModelRef, TensorRecord, ExternalLocation, ValueType, Step, Segment,
-                                             EdgeRecord, Streaming, Replan, ReplanPoint, RowGather, Tiles)}
+                                             EdgeRecord, Streaming, Replan, ReplanPoint, RowGather, Tiles, Region)}
     return {cls for f in dataclasses.fields(record) for name, cls in by_name.items() if name in str(f.type)}
 
 

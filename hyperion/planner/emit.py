@@ -23,6 +23,7 @@ from hyperion.passes.segment import Segmentation
 from hyperion.schedule import (
     EdgeRecord,
     ModelRef,
+    Region,
     RowGather,
     Schedule,
     Segment,
@@ -121,7 +122,8 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
             # A session that holds no large weight costs its graph and kernels alone: kept.
             persistent=index in cached or len(fed) == len(large),
             relaid=bool(fed) and _at_flag(segmentation.relaid, index),
-            fold_constants=program.memory_limit is None or not generated_weights(graph, nodes)))
+            fold_constants=program.memory_limit is None or not generated_weights(graph, nodes),
+            region=_region(program, span.start, outputs)))
         if not normal:
             loads[span.start].extend(weights)
             if index not in cached:  # cached sessions keep their weights across runs
@@ -129,6 +131,16 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
     if normal and order:
         loads[0].extend(sorted(t.name for t in graph.tensors.values() if t.role is TensorRole.WEIGHT))
     return tuple(segments), loads, evicts
+
+
+def _region(program: Program, start: int, outputs: tuple[str, ...]) -> Region | None:
+    """The region of the tile pass that starts at step ``start``, as the schedule records it."""
+    found = [r for r in program.tiling.regions if r.start == start] if program.tiling else []
+    if not found:
+        return None
+    region = found[0]
+    return Region(size=region.size, bounds=region.bounds, sliced=dict(region.sliced),
+                  outputs={name: region.outputs[name] for name in outputs}, staging_bytes=region.staging_bytes)
 
 
 def _row_gather(program: Program, node: str) -> RowGather | None:
@@ -143,7 +155,8 @@ def _row_gather(program: Program, node: str) -> RowGather | None:
 def _optimal_peak(program: Program) -> int | None:
     """The order search's proven smallest peak -- of the steps whole: no bound once the
     tile pass split some."""
-    split = program.tiling is not None and (program.tiling.row_gathers or program.tiling.tiled)
+    split = program.tiling is not None and bool(program.tiling.row_gathers or program.tiling.tiled
+                                                    or program.tiling.regions)
     return program.order_result.optimal_peak_bytes if program.order_result and not split else None
 
 

@@ -16,7 +16,8 @@ segment is prefetched (its session built, or its fed weights read ahead). A sche
 into arrays for the whole batch. A ``whole_model`` schedule hands onnxruntime
 the user's model untouched. Steps the schedule marks ``row_gather`` or ``tiles``
 are segments of their own that the runtime runs itself (:mod:`hyperion.runtime.rows`,
-:mod:`hyperion.runtime.tiles`), reading only the part of the weight they need. A
+:mod:`hyperion.runtime.tiles`), reading only the part of the weight they need; a
+segment with a ``region`` runs its one session tile by tile (:mod:`hyperion.runtime.regions`). A
 ``relaid`` segment's session is built through onnxruntime's optimizer and fed the
 weights it re-laid (:mod:`hyperion.runtime.relayout`). The
 runtime reads these fields; it never looks at the mode to decide anything.
@@ -40,6 +41,7 @@ from onnx import NodeProto
 from hyperion.errors import FeedError, RuntimeExecutionError, UnsupportedModelError
 from hyperion.frontend import ModelSource
 from hyperion.ir import ExecutionMode, TensorRole
+from hyperion.runtime.regions import region_model, run_region
 from hyperion.runtime.relayout import RelaidWeight, relaid_model
 from hyperion.runtime.rows import gather_rows
 from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
@@ -176,8 +178,8 @@ class Runtime:
             return str(self.source.path) if self.source.path else self.source.proto.SerializeToString()
         model = self._segment_models.get(segment.index)
         if model is None:
-            model = build_segment_model(self.source, self.schedule, segment, self._nodes(),
-                                        self.weights.protos).SerializeToString()
+            proto = build_segment_model(self.source, self.schedule, segment, self._nodes(), self.weights.protos)
+            model = (proto if segment.region is None else region_model(proto, segment.region)).SerializeToString()
             if len(model) <= KEPT_SEGMENT_MODEL_BYTES:  # memory_opt creates it again every run
                 self._segment_models[segment.index] = model
         return model
@@ -341,6 +343,10 @@ class Runtime:
         elif segment.fed_weights:
             model_feeds = {**model_feeds, **{name: self.weights.view(name) for name in segment.fed_weights}}
         try:
+            if segment.region is not None:
+                with self.tracer.span(f"{len(segment.region.bounds) - 1} tiles of segment {segment.index}", "region",
+                                      segment=segment.index):
+                    return run_region(session, segment.region, model_feeds, self._region_outputs(segment))
             return session.run(list(segment.outputs), model_feeds)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RuntimeExecutionError(
@@ -349,6 +355,11 @@ class Runtime:
         finally:
             del model_feeds
             self.weights.advise(self._fed_spans(segment), mmap.MADV_DONTNEED)   # RSS falls back
+
+    def _region_outputs(self, segment: Segment) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """A region's outputs as the schedule records them: dtype and whole shape."""
+        return {name: (np.dtype(self.schedule.tensors[name].dtype),
+                       tuple(int(d) for d in self.schedule.tensors[name].shape or ())) for name in segment.outputs}
 
     def _gather_rows(self, segment: Segment, gather: RowGather, indices: np.ndarray) -> np.ndarray:
         """A row gather (``Step.row_gather``): the rows its indices name, read from the table's file."""

@@ -20,7 +20,7 @@ from typing import Any
 from hyperion.errors import OptionError
 from hyperion.files import write_atomic
 from hyperion.schedule import Schedule
-from hyperion.tools.report import ROLES, alive_at, peak_step, role_bytes, sub_steps
+from hyperion.tools.report import ROLES, alive_at, peak_step, region_tiles, role_bytes, sub_steps
 
 MIB = 1024 * 1024
 ROLE_COLORS = dict(zip(ROLES, ("#4C72B0", "#9DB4D6", "#55A868", "#DD8452", "#C44E52", "#8172B3"), strict=True))
@@ -169,6 +169,25 @@ def _mark_split_steps(ax: Any, schedule: Schedule) -> None:
         elif step.row_gather is not None:
             ax.annotate("rows", (step.index, step.live_bytes / MIB), xytext=(0, 4), textcoords="offset points",
                         ha="center", fontsize=7, color="tab:purple")
+    _mark_regions(ax, schedule)
+
+
+def _mark_regions(ax: Any, schedule: Schedule) -> None:
+    """Regions as their tiles: an edge per tile boundary across the region's steps, and the count."""
+    labelled = False
+    for segment in schedule.segments:
+        region = segment.region
+        if region is None:
+            continue
+        top = max(schedule.steps[i].live_bytes for i in segment.steps) / MIB
+        left, width = segment.first_step - 0.5, segment.last_step - segment.first_step + 1
+        stride = max(1, (len(region.bounds) - 1) // TILE_MARKS)
+        for bound in region.bounds[::stride]:
+            ax.plot([left + width * bound / region.size] * 2, [0, top], color="tab:olive", linewidth=0.6,
+                    label=None if labelled else "tile edges (regions)")
+            labelled = True
+        ax.annotate(f"{len(region.bounds) - 1} tiles", (left + width / 2, top), xytext=(0, 4),
+                    textcoords="offset points", ha="center", fontsize=7, color="tab:olive")
 
 
 # -- HTML --------------------------------------------------------------------------------
@@ -189,7 +208,7 @@ def _plot_html(schedule: Schedule, output: Path, rss: tuple[list[float], list[fl
     for step in schedule.steps:
         alive = alive_at(schedule, step.index)
         lines = [f"<b>step {step.index}: {step.node}</b> ({step.op_type}, segment {step.segment})",
-                 *sub_steps(step),
+                 *sub_steps(step), *region_tiles(schedule, step),
                  f"accounted {format_size(step.live_bytes)}; {len(alive)} tensor(s) resident:"]
         lines += [f"{format_size(a.bytes)} {a.name} <i>({a.role})</i>" for a in alive[:HOVER_TENSORS]]
         if len(alive) > HOVER_TENSORS:

@@ -60,6 +60,11 @@ def summary(schedule: Schedule) -> str:
     if tiled or gathers:
         lines.append(f"split steps  {len(tiled)} tiled ({sum(len(s.tiles.bounds) - 1 for s in tiled)} tiles), "  # type: ignore[union-attr]
                      f"{len(gathers)} row gather(s)")
+    regions = [segment for segment in schedule.segments if segment.region is not None]
+    if regions:
+        lines.append(f"regions      {len(regions)} run tile by tile along a free axis "
+                     f"({sum(len(s.region.bounds) - 1 for s in regions)} tiles, "  # type: ignore[union-attr]
+                     f"{sum(s.last_step - s.first_step + 1 for s in regions)} steps)")
     return "\n".join(lines)
 
 
@@ -85,6 +90,24 @@ def sub_steps(step: Step) -> list[str]:
     return lines
 
 
+def region_tiles(schedule: Schedule, step: Step) -> list[str]:
+    """At the first step of a region: its tiles, one line each (the rest summed up)."""
+    segment = schedule.segments[step.segment] if step.segment < len(schedule.segments) else None
+    if segment is None or segment.region is None or segment.first_step != step.index:
+        return []
+    region = segment.region
+    edges = list(zip(region.bounds, region.bounds[1:], strict=False))
+    sliced = ", ".join(f"{name}[axis {axis}]" for name, axis in region.sliced.items()) or "nothing"
+    written = ", ".join(f"{name}[axis {axis}]" for name, axis in region.outputs.items())
+    lines = [f"region: steps {segment.first_step}-{segment.last_step}, one session, {len(edges)} tiles along "
+             f"an axis of {region.size}; slices {sliced}; writes {written}"]
+    lines += [f"tile {i}/{len(edges)}: {a}:{b}" for i, (a, b) in enumerate(edges[:SUB_STEPS_SHOWN])]
+    if len(edges) > SUB_STEPS_SHOWN:
+        lines.append(f"... {len(edges) - SUB_STEPS_SHOWN} more tiles up to {region.size}; staging "
+                     f"{format_size(region.staging_bytes)}")
+    return lines
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A Markdown table: the benchmarks print theirs with it, for docs/."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -104,7 +127,7 @@ def step_table(schedule: Schedule) -> str:
         frees = ", ".join(step.frees)
         rows.append(f"{step.index:>5} {step.segment:>4}  {step.node[:28]:<28} {step.op_type[:18]:<18} "
                     f"{deps[:24]:<24} {format_size(step.live_bytes):>10}  {frees}")
-        rows += [f"{'':>11}  - {line}" for line in sub_steps(step)]
+        rows += [f"{'':>11}  - {line}" for line in (*sub_steps(step), *region_tiles(schedule, step))]
     return "\n".join(rows)
 
 
@@ -238,7 +261,10 @@ def inspect_data(schedule: Schedule) -> dict[str, Any]:
         "segments": [{"index": seg.index, "first_step": seg.first_step, "last_step": seg.last_step,
                       "peak_bytes": seg.peak_bytes, "held_bytes": seg.held_bytes,
                       "loading_bytes": seg.loading_bytes, "cached": seg.cached, "weights": len(seg.weights),
-                      "inputs": list(seg.inputs), "outputs": list(seg.outputs)} for seg in schedule.segments],
+                      "inputs": list(seg.inputs), "outputs": list(seg.outputs),
+                      "region": None if seg.region is None else {**asdict(seg.region),
+                                                                  "bounds": list(seg.region.bounds)}}
+                     for seg in schedule.segments],
         "steps": [{"index": step.index, "segment": step.segment, "node": step.node, "op": step.op_type,
                    "depends_on": dict(sorted(incoming.get(step.node, Counter()).items())),
                    "live_bytes": step.live_bytes, "bytes_by_role": {r: roles[r][step.index] for r in ROLES},

@@ -371,6 +371,8 @@ _PER_SAMPLE = ("Conv ConvTranspose ConvInteger MaxPool AveragePool GlobalAverage
                "Upsample SimplifiedLayerNormalization RMSNormalization").split()
 _PER_SAMPLE_MANY = ("Attention MultiHeadAttention GroupQueryAttention SkipLayerNormalization "
                     "SkipSimplifiedLayerNormalization").split()
+# Ops that compute each output element from the inputs' elements at the same (broadcast) index.
+ELEMENTWISE = frozenset(_ELEMENTWISE)
 # Ops that take a value computed from the batch's shape and stay right for every chunk.
 SHAPE_AWARE = {*_ELEMENTWISE, "Shape", "Size", "Reshape", "Expand", "ConstantOfShape", "Unsqueeze", "Squeeze",
                 "Concat", "Gather", "Slice", "Resize", "Upsample"}

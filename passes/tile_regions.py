@@ -1,0 +1,279 @@
+"""Regions: short chains of steps run tile by tile along a free axis (``tile`` pass, rules 8-11).
+
+A step whose working set is activations -- attention's ``[batch, heads, T, T]`` scores,
+made by one MatMul and read by a Softmax -- does not fit a cap however its weights are
+read. A *region* is a contiguous run of steps in the order along which one axis is free
+(``tile_axes.py``): its boundary inputs that carry the axis are read one slice at a
+time, the others whole; its outputs are written slice by slice into whole arrays; and
+its *interior* tensors -- made and used up inside it -- only ever exist one tile at a
+time. Query rows of attention are such an axis (flash-attention's chunking), so are
+heads, and the rows of an elementwise chain (MCUNetV2's patches, in one dimension).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from hyperion.ir import Graph, TensorInfo
+from hyperion.passes.liveness import Liveness
+from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES
+from hyperion.passes.segment import StepCosts, single_steps_of
+from hyperion.passes.tile_axes import RULES, Carrier, carry
+
+# The longest run of steps a region spans: attention's core is 3-5 steps; longer windows
+# cost planning time for nothing a cap needs.
+MAX_REGION_STEPS = 8
+
+
+@dataclass(frozen=True)
+class Region:
+    """Steps ``start`` to ``stop - 1`` of the order, run tile by tile along one free axis."""
+
+    start: int
+    stop: int
+    size: int                        # the free axis' length
+    bounds: tuple[int, ...]          # tile edges along it: 0, ..., size
+    sliced: Mapping[str, int]        # boundary inputs read one slice at a time: their axis
+    outputs: Mapping[str, int]       # tensors the region hands on, written slice by slice: their axis
+    interior: Mapping[str, int]      # made and used up inside: one tile at a time
+    staging_bytes: int               # tile copies of slices that are not contiguous
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.bounds, self.bounds[1:], strict=False))
+
+    def steps(self) -> range:
+        return range(self.start, self.stop)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A window of the order and the axis every tensor in it carries; ``cost(n)`` the most
+    its steps account with ``n`` tiles."""
+
+    start: int                # the window of the order: its nodes, then the others in it
+    stop: int
+    nodes: tuple[str, ...]    # the region's, in order
+    hoisted: tuple[str, ...]  # the window's other nodes: they move before the region
+    axes: Mapping[str, int]
+    size: int
+    interior: tuple[str, ...]
+    outputs: tuple[str, ...]
+    sliced: tuple[str, ...]
+    read: tuple[str, ...]     # activations it reads from before it (held until it returns)
+    moved: tuple[str, ...]    # what the hoisted nodes make: live from before the region on
+    steps: frozenset[int]     # the region's steps in the order as it was
+
+
+class RegionFinder:
+    """Finds the regions an order needs under a budget (see :func:`find_regions`)."""
+
+    def __init__(self, graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: bool,
+                 excluded: frozenset[int]) -> None:
+        self.graph, self.liveness, self.costs, self.prefetch = graph, liveness, costs, prefetch
+        self.singles = single_steps_of(costs, prefetch)
+        self.order = liveness.order
+        self.step_of = {node: i for i, node in enumerate(self.order)}
+        # Steps a window may span: any but the excluded (a step without a rule can still move out).
+        self.spannable = [i not in excluded for i in range(len(self.order))]
+
+    def _has_rule(self, name: str) -> bool:
+        node = self.graph.nodes[name]
+        return node.op_type in RULES and all(self.graph.tensors[o].shape is not None for o in node.outputs if o)
+
+    # -- candidates -----------------------------------------------------------------------
+    def candidates(self, step: int) -> Iterator[_Candidate]:
+        """Every window around ``step`` (within ``MAX_REGION_STEPS``) with a free axis, and
+        ``step`` in its region."""
+        if not self.spannable[step] or not self._has_rule(self.order[step]):
+            return
+        low = step
+        while low > 0 and self.spannable[low - 1] and step - low + 1 < MAX_REGION_STEPS:
+            low -= 1
+        for start in range(low, step + 1):
+            high = step + 1
+            while high < len(self.order) and self.spannable[high] and high - start < MAX_REGION_STEPS:
+                high += 1
+            for stop in range(step + 1, high + 1):
+                yield from (c for c in self._windows(start, stop) if step in c.steps)
+
+    def _windows(self, start: int, stop: int) -> Iterator[_Candidate]:
+        """The window's candidates, one per seed (an axis of an activation its first step
+        reads). A step of the window that reads nothing tiled is no part of the region: it
+        moves before it (rule 8: it reads nothing the region makes, all of which is tiled)."""
+        window = self.order[start:stop]
+        tensors = {t for n in window for t in (*self.graph.nodes[n].inputs, *self.graph.nodes[n].outputs) if t}
+        claimable = frozenset(t for t in tensors if self._sliceable(self.graph.tensors[t]))
+        first = self.graph.nodes[window[0]]
+        if not self._has_rule(first.name):
+            return
+        for seed in dict.fromkeys(i for i in first.inputs if i in claimable):
+            for axis, dim in enumerate(self.graph.tensors[seed].shape or ()):
+                if dim == 1:
+                    continue
+                carrier = Carrier(self.graph, claimable, {seed: axis})
+                nodes, hoisted = self._carried(carrier, window)
+                if nodes and nodes[-1] == window[-1]:
+                    candidate = self._candidate(start, stop, tuple(nodes), tuple(hoisted), carrier.axes)
+                    if candidate is not None:
+                        yield candidate
+
+    def _carried(self, carrier: Carrier, window: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(the region's nodes, the nodes moved before it); no nodes when the axis is not free."""
+        nodes: list[str] = []
+        hoisted: list[str] = []
+        for name in window:
+            node = self.graph.nodes[name]
+            if nodes and all(carrier.axis(i) is None for i in node.inputs):
+                hoisted.append(name)
+            elif carry(carrier, node):
+                nodes.append(name)
+            else:
+                return [], []
+        return nodes, hoisted
+
+    def _sliceable(self, tensor: TensorInfo) -> bool:
+        return (not self.graph.is_weight(tensor.name) and self.graph.constant(tensor.name) is None
+                and tensor.shape is not None and all(isinstance(d, int) for d in tensor.shape))
+
+    def _candidate(self, start: int, stop: int, nodes: tuple[str, ...], hoisted: tuple[str, ...],
+                   axes: Mapping[str, int]) -> _Candidate | None:
+        produced = {o for n in nodes for o in self.graph.nodes[n].outputs if o}
+        boundary = {i for n in nodes for i in self.graph.nodes[n].inputs if i and i not in produced}
+        sizes = {int(self.graph.tensors[n].shape[a]) for n, a in axes.items()}  # type: ignore[index]
+        if len(sizes) != 1:
+            return None
+        inside = set(nodes)
+        interior = tuple(sorted(n for n in produced if n not in self.graph.outputs
+                                and set(self.graph.tensors[n].consumers) <= inside))
+        if not interior:
+            return None      # nothing exists one tile at a time: tiles would save nothing
+        outputs = tuple(sorted(produced - set(interior)))
+        sliced = tuple(sorted(n for n in boundary if n in axes))
+        read = tuple(sorted(n for n in boundary if n in self.liveness.intervals))
+        moved = tuple(o for n in hoisted for o in self.graph.nodes[n].outputs if o in self.liveness.intervals)
+        steps = frozenset(self.step_of[n] for n in nodes)
+        return _Candidate(start, stop, nodes, hoisted, dict(axes), sizes.pop(), interior, outputs, sliced, read, moved,
+                          steps)
+
+    # -- costs ----------------------------------------------------------------------------
+    def tile_bytes(self, name: str, size: int, width: int) -> int:
+        return -(-(self.graph.tensors[name].nbytes or 0) * width // size)
+
+    def contiguous(self, name: str, axis: int) -> bool:
+        """Slices of ``name`` along ``axis`` are contiguous: every dim before it is 1."""
+        return math.prod(int(d) for d in (self.graph.tensors[name].shape or ())[:axis]) == 1
+
+    def staging(self, candidate: _Candidate, width: int) -> int:
+        return sum(self.tile_bytes(n, candidate.size, width) for n in (*candidate.sliced, *candidate.outputs)
+                   if not self.contiguous(n, candidate.axes[n]))
+
+    def cost(self, candidate: _Candidate, tiles: int) -> int:
+        """The most a step of the region accounts with ``tiles`` tiles, as the ``segment``
+        pass prices a segment of its own (rules 2, 5, 8, 12): its live activations less what
+        its interior tensors save and plus what the moved steps make earlier, the inputs it
+        holds until it returns, the staging, every weight of the region held, and the next
+        step's loading when prefetched -- or, at its first step, its own loading."""
+        width = -(-candidate.size // tiles)
+        intervals, costs = self.liveness.intervals, self.costs
+        staging = self.staging(candidate, width)
+        weights = set().union(*(costs.weights[step] for step in candidate.steps))
+        after = candidate.stop
+        ahead = costs.loading(costs.weights[after]) if self.prefetch and after < costs.n else 0
+        worst = 0
+        for step in sorted(candidate.steps):
+            moved = sum(self.graph.tensors[n].nbytes or 0 for n in candidate.moved if intervals[n].first > step)
+            saved = sum((self.graph.tensors[n].nbytes or 0) - self.tile_bytes(n, candidate.size, width)
+                        for n in candidate.interior if step in intervals[n])
+            held = sum(self.graph.tensors[n].nbytes or 0 for n in candidate.read if intervals[n].last < step)
+            activations = costs.activations[step] - saved + held + moved + staging
+            worst = max(worst, activations + costs.held(weights) + ahead)
+            if step == min(candidate.steps):
+                worst = max(worst, activations + costs.loading(weights))
+        return worst
+
+    def fewest_tiles(self, candidate: _Candidate, budget: int) -> int | None:
+        """The fewest tiles (2 or more) whose cost fits ``budget``; None when none does."""
+        if self.cost(candidate, candidate.size) > budget:
+            return None
+        low, high = 2, candidate.size
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if self.cost(candidate, middle) <= budget else (middle + 1, high)
+        return low
+
+    def region(self, candidate: _Candidate, tiles: int) -> Region:
+        width = -(-candidate.size // tiles)
+        count = -(-candidate.size // width)
+        width = -(-candidate.size // count)    # equal widths but the last
+        bounds = (*range(0, candidate.size, width), candidate.size)
+        axes = candidate.axes
+        return Region(candidate.start + len(candidate.hoisted), candidate.stop, candidate.size, bounds,
+                      {n: axes[n] for n in candidate.sliced}, {n: axes[n] for n in candidate.outputs},
+                      {n: axes[n] for n in candidate.interior}, self.staging(candidate, width))
+
+
+def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: bool, memory_limit: int,
+                 excluded: frozenset[int]) -> tuple[tuple[Region, ...], tuple[str, ...]]:
+    """Rules 8-10: the regions that bring steps over ``memory_limit`` under it.
+
+    ``costs``: the segmentation's per-step facts; ``excluded``: steps no
+    region may hold (run by Hyperion itself, or split by their weight). No cap below the
+    most a step needs at its best (its best region with one slice per tile, or whole when
+    it has none) is met anyway: regions are cut for that budget at the least. Returns the
+    regions and the order with each region's window rearranged: the nodes that are no part
+    of it first."""
+    finder = RegionFinder(graph, liveness, costs, prefetch, excluded)
+    singles = finder.singles   # every step's accounted bytes as a segment of its own
+    best: dict[int, list[tuple[_Candidate, int]]] = {}
+    floor = 0
+    for step in sorted(range(len(singles)), key=lambda i: -singles[i]):
+        if singles[step] <= max(floor, memory_limit):
+            break
+        if step in excluded:
+            continue
+        found = [(c, finder.cost(c, c.size)) for c in finder.candidates(step)]
+        best[step] = found
+        floor = max(floor, min((cost for _, cost in found if cost < singles[step]), default=singles[step]))
+    budget = max(memory_limit, floor)
+    regions: list[Region] = []
+    order = list(liveness.order)
+    taken: set[int] = set()
+    peaks: list[int] = []
+    over = {step for step in best if singles[step] > budget}
+    for step in sorted(over):
+        if step in taken:
+            continue
+        choices = [(-len(over & set(c.steps)), tiles, finder.staging(c, -(-c.size // tiles)), c.stop - c.start, c)
+                   for c, lowest in best[step] if lowest <= budget and not taken & set(range(c.start, c.stop))
+                   and (tiles := finder.fewest_tiles(c, budget)) is not None]
+        if not choices:
+            continue
+        _, tiles, _, _, chosen = min(choices, key=lambda choice: choice[:4])
+        regions.append(finder.region(chosen, tiles))
+        peaks.append(finder.cost(chosen, chosen.size))   # at its finest: what it can lower the peak to
+        order[chosen.start:chosen.stop] = (*chosen.hoisted, *chosen.nodes)
+        taken |= set(range(chosen.start, chosen.stop))
+    # Rule 10: below what the steps need at their best (the search for the smallest cap),
+    # regions must be worth their sessions: each is a segment, so a session, of its own --
+    # and splits another in two -- whose bookkeeping counts at every step.
+    kept = [cost for i, cost in enumerate(singles) if i not in excluded]  # weight-split steps lower themselves
+    lowered = max(kept, default=0) - max((*peaks, *(cost for i, cost in enumerate(singles)
+                                                    if i not in taken and i not in excluded)), default=0)
+    if memory_limit < floor and lowered <= 2 * SESSION_OVERHEAD_BYTES * len(regions):
+        return (), liveness.order
+    return tuple(sorted(regions, key=lambda r: r.start)), tuple(order)
+
+
+def region_accounted(graph: Graph, regions: Sequence[Region]) -> dict[str, TensorInfo]:
+    """The tensor table with every interior tensor sized as its widest tile."""
+    tensors = dict(graph.tensors)
+    for region in regions:
+        widest = max(region.widths)
+        for name in region.interior:
+            tensor = tensors[name]
+            tensors[name] = dataclasses.replace(tensor, nbytes=-(-(tensor.nbytes or 0) * widest // region.size))
+    return tensors
