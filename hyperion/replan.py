@@ -25,12 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from onnx import TypeProto
 
 from hyperion.errors import MemoryLimitError, ObservedSizeError
 from hyperion.frontend import ImportedModel, ModelSource
 from hyperion.frontend.suffix import import_suffix, observed_nbytes
 from hyperion.ir import TensorRole
 from hyperion.runtime import RunStats, Runtime, SessionConfig
+from hyperion.runtime.segment_model import type_proto
 from hyperion.schedule import Observe, Replan, Schedule
 from hyperion.units import format_size
 
@@ -142,7 +144,7 @@ class ReplanRunner:
         by_value = frozenset(p.tensor for p in self.replan.points if p.observe is Observe.VALUE) | frozenset(
             name for name in self._known_values if name in observed)
         rest = import_suffix(self.source, self.replan.suffix_nodes, self.replan.outputs, observed, by_value,
-                             isolate_symbolic=self._isolate_symbolic)
+                             isolate_symbolic=self._isolate_symbolic, declared=self._declared_types(observed))
         limit = self.schedule.memory_limit
         held = sum(observed_nbytes(carried[name]) for name in self.replan.outputs
                    if name in carried and name not in rest.graph.inputs)
@@ -168,6 +170,12 @@ class ReplanRunner:
         self.replans.signatures.append(signature)
         log.info("re-planned the rest of %s for %s in %.1f ms", self.source.label, self._describe(observed), elapsed)
         return runner
+
+    def _declared_types(self, observed: Mapping[str, Any]) -> dict[str, TypeProto]:
+        """The types this schedule declares for what the rest may read: its inputs and what
+        the prefix hands on."""
+        records = {name: self.schedule.tensors[name].value_type for name in observed if name in self.schedule.tensors}
+        return {name: type_proto(record) for name, record in records.items() if record is not None}
 
     def _describe(self, observed: Mapping[str, Any]) -> str:
         """The observed points, as a person reads them: ``n = 200``, ``idx: int64[1, 999]``."""

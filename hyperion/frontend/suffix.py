@@ -14,13 +14,14 @@ on the same nodes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import ModelProto, helper, numpy_helper
 
+from hyperion.errors import UnsupportedModelError
 from hyperion.frontend.bounds import unsized_tensors, upper_bounds
 from hyperion.frontend.build import ImportedModel, import_model, outer_scope_reads, unique_node_names
 from hyperion.frontend.source import ModelSource
@@ -40,10 +41,12 @@ def observed_nbytes(value: Any) -> int:
 
 def import_suffix(source: ModelSource, suffix_nodes: tuple[str, ...], outputs: tuple[str, ...],
                   observed: Mapping[str, Any], by_value: frozenset[str], *,
-                  isolate_symbolic: bool) -> ImportedModel:
+                  isolate_symbolic: bool, declared: Mapping[str, onnx.TypeProto] | None = None) -> ImportedModel:
     """The nodes ``suffix_nodes`` of ``source`` as a model whose inputs are the ``observed``
-    values they read (``by_value`` ones as constants); its outputs: those of ``outputs`` it makes."""
-    inferred = _suffix_model(source.proto, suffix_nodes, outputs, observed, by_value)
+    values they read (``by_value`` ones as constants); its outputs: those of ``outputs`` it makes.
+    ``declared``: the types the prefix's plan declares for what it hands on; they (or the
+    model's own declarations) type an observed value that cannot type itself (an empty sequence)."""
+    inferred = _suffix_model(source.proto, suffix_nodes, outputs, observed, by_value, declared or {})
     rest = dataclasses.replace(source, proto=inferred)
     # onnx's inference alone first (milliseconds); onnxruntime's estimate, in a child process
     # under a cap (a second or so), only where it leaves sizes that no bound covers.
@@ -94,7 +97,8 @@ def _with_observed_bytes(imported: ImportedModel, observed: Mapping[str, Any]) -
 
 
 def _suffix_model(proto: ModelProto, suffix_nodes: tuple[str, ...], outputs: tuple[str, ...],
-                  observed: Mapping[str, Any], by_value: frozenset[str]) -> ModelProto:
+                  observed: Mapping[str, Any], by_value: frozenset[str],
+                  declared: Mapping[str, onnx.TypeProto]) -> ModelProto:
     named = dict(zip(unique_node_names(proto.graph.node), proto.graph.node, strict=True))
     wanted = set(suffix_nodes)
     model = ModelProto()
@@ -115,6 +119,7 @@ def _suffix_model(proto: ModelProto, suffix_nodes: tuple[str, ...], outputs: tup
         reads.extend(t for t in [*node.input, *outer_scope_reads(node)] if t and t not in produced)
         produced.update(t for t in node.output if t)
     weights = {t.name: t for t in proto.graph.initializer}
+    model_types = {v.name: v.type for v in (*proto.graph.input, *proto.graph.value_info)}
     for name in dict.fromkeys(reads):
         if name in produced:
             continue
@@ -123,7 +128,7 @@ def _suffix_model(proto: ModelProto, suffix_nodes: tuple[str, ...], outputs: tup
         elif name in by_value:
             graph.initializer.append(numpy_helper.from_array(np.asarray(observed[name]), name))
         else:
-            graph.input.append(_value_info(name, observed[name]))
+            graph.input.append(_value_info(name, observed[name], declared.get(name, model_types.get(name))))
     known = {name: observed[name] for name in by_value if name in observed}
     _inline_decided_branches(graph, known)
     declared = {o.name: o for o in proto.graph.output}
@@ -137,8 +142,9 @@ def _inline_decided_branches(graph: onnx.GraphProto, values: Mapping[str, Any]) 
 
     onnx's shape inference merges both branches of an If, whatever its condition: with
     branches of different shapes its outputs stay unsized even once the condition is
-    known. The branch's nodes, in its place, are sized like any others; Identity nodes
-    give its outputs the If's names.
+    known. The branch's nodes, in its place, are sized like any others. Each branch result
+    its nodes make takes the If output's name; an Identity gives the name to the others (a
+    result the branch passes through from outside, or one it returns twice).
     """
     nodes = list(graph.node)
     del graph.node[:]
@@ -148,21 +154,72 @@ def _inline_decided_branches(graph: onnx.GraphProto, values: Mapping[str, Any]) 
             graph.node.append(node)
             continue
         taken = "then_branch" if bool(np.asarray(values[cond]).reshape(-1)[0]) else "else_branch"
-        branch = next(a.g for a in node.attribute if a.name == taken)
+        branch = onnx.GraphProto()
+        branch.CopyFrom(next(a.g for a in node.attribute if a.name == taken))
+        passed_through = _name_results(branch, node.output)
         graph.initializer.extend(branch.initializer)
         for index, inner in enumerate(branch.node):
             copy = graph.node.add()
             copy.CopyFrom(inner)
             copy.name = f"{node.name}/{taken}/{inner.name or f'{inner.op_type}_{index}'}"
-        for index, (result, output) in enumerate(zip(branch.output, node.output, strict=False)):
-            if output:
-                graph.node.append(helper.make_node("Identity", [result.name], [output],
-                                                   name=f"{node.name}/{taken}/output_{index}"))
+        for index, (result, output) in passed_through:
+            graph.node.append(helper.make_node("Identity", [result], [output],
+                                               name=f"{node.name}/{taken}/output_{index}"))
 
 
-def _value_info(name: str, value: Any) -> onnx.ValueInfoProto:
+def _name_results(branch: onnx.GraphProto, outputs: Sequence[str]) -> list[tuple[int, tuple[str, str]]]:
+    """Rename, in ``branch``, each result one of its nodes makes to the If output it becomes
+    (an Identity could not carry it: before opset 14 Identity takes tensors only, and
+    sequences and optionals would be refused). The results left: (index, (result, output))."""
+    made = {t for inner in branch.node for t in inner.output if t}
+    results = [result.name for result in branch.output]
+    renames: dict[str, str] = {}
+    left = []
+    for index, (result, output) in enumerate(zip(results, outputs, strict=False)):
+        if not output:
+            continue
+        if result in made and result not in renames:
+            renames[result] = output
+        else:
+            left.append((index, (renames.get(result, result), output)))
+    _rename_values(branch, renames)
+    return left
+
+
+def _rename_values(graph: onnx.GraphProto, renames: Mapping[str, str]) -> None:
+    """Rename values in ``graph`` and the subgraphs that read them (ONNX names are unique
+    across nested scopes, so nothing shadows them)."""
+    if not renames:
+        return
+    for inner in graph.node:
+        for slots in (inner.input, inner.output):
+            for position, name in enumerate(slots):
+                if name in renames:
+                    slots[position] = renames[name]
+        for attribute in inner.attribute:
+            for subgraph in (attribute.g, *attribute.graphs) if attribute.HasField("g") else attribute.graphs:
+                _rename_values(subgraph, renames)
+
+
+def _value_info(name: str, value: Any, declared: onnx.TypeProto | None) -> onnx.ValueInfoProto:
+    """An input of the rest, typed by what was observed; an empty sequence has no element to
+    type it, so it keeps the type the prefix's plan declares for it."""
     if isinstance(value, np.ndarray):
         return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
     if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
         return helper.make_tensor_sequence_value_info(name, helper.np_dtype_to_tensor_dtype(value[0].dtype), None)
-    raise TypeError(f"tensor {name!r}: cannot type an observed {type(value).__name__}")
+    if isinstance(value, list) and declared is not None and _element_type(declared) is not None:
+        return helper.make_tensor_sequence_value_info(name, _element_type(declared), None)  # type: ignore[arg-type]
+    raise UnsupportedModelError(
+        f"tensor {name!r}: the rest of the model reads it, but neither the observed "
+        f"{type(value).__name__} nor the model's declared type says its ONNX type")
+
+
+def _element_type(declared: onnx.TypeProto) -> int | None:
+    """The element type of a declared sequence of tensors, when it is known."""
+    if declared.WhichOneof("value") != "sequence_type":
+        return None
+    element = declared.sequence_type.elem_type
+    if element.WhichOneof("value") != "tensor_type" or not element.tensor_type.elem_type:
+        return None
+    return int(element.tensor_type.elem_type)
