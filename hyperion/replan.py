@@ -113,7 +113,7 @@ class ReplanRunner:
         signature = self._signature(observed)
         known = self._rests.get(signature)
         with tracer.span(self._named("re-plan"), "replan", RUN_TRACK, cache="miss" if known is None else "hit",
-                         observed=self._describe(observed)):
+                         observed=self._describe(observed) if tracer.enabled else None):
             prefix_peak = self._check_observed(observed)
             if known is None:
                 plan = self._named(f"rest {len(self._rests) + 1}")
