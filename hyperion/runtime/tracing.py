@@ -68,17 +68,18 @@ class Tracing:
 
     def close(self, *, write: bool = True) -> Path | None:
         """Release the traced sessions, hand their stats back, and write the trace."""
-        schedule = None
+        unnamed = prefix = None   # the last schedule run untagged; a re-planned model's (its prefix's)
         plans = {}
         for original, twin, plan in self._twins.values():
             twin.close()
             original.stats = twin.stats
             if plan is None:
-                schedule = twin.schedule
-            else:  # a re-planned run: the model's schedule is its prefix's
+                unnamed = twin.schedule
+            else:
                 plans[plan] = (twin.schedule.steps, twin.schedule.segments)
-                schedule = twin.schedule if plan == "prefix" else schedule
+                prefix = twin.schedule if plan == "prefix" else prefix
         self._twins.clear()
+        schedule = unnamed or prefix
         metadata: dict[str, Any] = {"model": self.label}
         if schedule is not None:
             metadata.update(mode=str(schedule.mode), memory_limit=schedule.memory_limit,
@@ -87,7 +88,6 @@ class Tracing:
         if plans:
             metadata["plans"] = list(plans)
         name = f"hyperion run: {Path(self.label).name}" + (f" ({schedule.mode})" if schedule is not None else "")
-        unnamed = None if schedule is None or plans else schedule   # a run of one plan, its spans untagged
         self.trace = self.recorder.finish(steps=None if unnamed is None else unnamed.steps,
                                           segments=None if unnamed is None else unnamed.segments,
                                           metadata=metadata, process_name=name, plans=plans)
