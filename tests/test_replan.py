@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx.parser
 import onnxruntime as ort
 import pytest
 
@@ -160,6 +161,7 @@ RSS_CAP = 96 * 2**20     # the bounds do not fit: the rest is re-planned from th
 RSS_RUN = _PEAK + """
 import json, sys
 import numpy as np
+import onnx.parser
 import hyperion
 from fixtures.dynamic_shapes import nonzero
 x = np.zeros(int(sys.argv[1]), np.float32)
@@ -248,3 +250,34 @@ def test_hyperion_run_traces_a_replanned_model(tmp_path: Path, capsys: pytest.Ca
     tracks = check_trace_events(json.loads((tmp_path / "run.json").read_text()))
     assert [e["name"] for e in _spans(tracks, "plan")] == ["prefix", "rest 1"]
     assert [e["args"]["cache"] for e in _spans(tracks, "replan") if e["name"] == "re-plan"] == ["miss"]
+
+
+NESTED = """<ir_version: 8, opset_import: ["" : 17]>
+g (int64[4] x) => (float[?] y) {
+    n = ReduceMax <keepdims = 0> (x)
+    zero = Constant <value = int64 {0}> ()
+    one = Constant <value = int64 {1}> ()
+    r = Range(zero, n, one)
+    s = ReduceSum <keepdims = 0> (r)
+    q = Range(zero, s, one)
+    f = Cast <to = 1> (q)
+    y = Sqrt(f)
+}"""
+
+
+def test_the_trace_of_a_rest_that_is_itself_replanned_nests_its_plans(tmp_path: Path) -> None:
+    model = onnx.parser.parse_model(NESTED)   # r's length is n's value; q's is the value of r's sum
+    cm = hyperion.compile(model, memory_limit="16MB")
+    feeds = {"x": np.array([3, 9, 20, 1])}
+    with cm.tracing(tmp_path / "nested.json") as tracing:
+        _assert_same(cm.run(feeds), _reference(model, feeds))
+    assert tracing.trace is not None
+    tracks = check_trace_events(tracing.trace)
+    spans = sorted(_spans(tracks, "plan") + _spans(tracks, "replan"), key=lambda e: (e["ts"], -e["dur"]))
+    assert [(e["name"], e["args"].get("cache")) for e in spans] == [
+        ("prefix", None), ("re-plan", "miss"), ("import the rest", None), ("plan the rest", None),
+        ("rest 1", None), ("rest 1/prefix", None), ("rest 1/re-plan", "miss"), ("rest 1/import the rest", None),
+        ("rest 1/plan the rest", None), ("rest 1/rest 1", None)]
+    outer, inner = {e["name"]: e for e in _spans(tracks, "plan")}["rest 1"], _spans(tracks, "plan")[-1]
+    assert inner["name"] == "rest 1/rest 1" and _inside(inner, outer)
+    assert tracing.trace["otherData"]["plans"] == ["prefix", "rest 1/prefix", "rest 1/rest 1"]
