@@ -190,7 +190,8 @@ class ReplanRunner:
             name for name in self._known_values if name in observed)
         with tracer.span(self._named("import the rest"), "replan", RUN_TRACK, nodes=len(self.replan.suffix_nodes)):
             rest = import_suffix(self.source, self.replan.suffix_nodes, self.replan.outputs, observed, by_value,
-                                 isolate_symbolic=self._isolate_symbolic, declared=self._declared_types(observed))
+                                 isolate_symbolic=self._isolate_symbolic, declared=self._declared_types(observed),
+                                 constants=self._constants())
         limit = self.schedule.memory_limit
         held = sum(observed_nbytes(carried[name]) for name in self.replan.outputs
                    if name in carried and name not in rest.graph.inputs)
@@ -218,6 +219,12 @@ class ReplanRunner:
         self.replans.signatures.append(signature)
         log.info("re-planned the rest of %s for %s in %.1f ms", self.source.label, self._describe(observed), elapsed)
         return runner
+
+    def _constants(self) -> frozenset[str]:
+        """The values observed that the model's own Constant nodes make (the data decides none of them)."""
+        op_of = {step.index: step.op_type for step in self.schedule.steps}
+        return frozenset(point.tensor for point in self.replan.points
+                         if point.observe is Observe.VALUE and op_of.get(point.step) == "Constant")
 
     def _declared_types(self, observed: Mapping[str, Any]) -> dict[str, TypeProto]:
         """The types this schedule declares for what the rest may read: its inputs and what

@@ -134,3 +134,30 @@ def test_range_fed_numpy_scalars() -> None:
 def test_an_empty_sequence_nothing_types_is_refused_naming_it() -> None:
     with pytest.raises(hyperion.UnsupportedModelError, match="'seq_in'"):
         _value_info("seq_in", [], None)
+
+
+# A Scan sized by the value of a scalar the data gives (the scale of onnx's
+# test_linear_attention_*_expanded), whose body reshapes by an outer Constant: onnxruntime
+# runs a Scan only when its inference shaped every body output, so in the rest the constant
+# stays a constant and the observed scalar keeps the shape the prefix declared for it.
+SCAN_OVER_OBSERVED_SCALAR = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[3, 8] x) => (float[?] y) {
+    s = ReduceMax <keepdims = 0> (x)
+    shape = Constant <value = int64[2] {2, 4}> ()
+    init = Constant <value = float[8] {0, 0, 0, 0, 0, 0, 0, 0}> ()
+    final, rows = Scan <num_scan_inputs = 1, body = body (float[8] state, float[8] row) => (float[] next, float[] out) {
+        scaled = Mul(row, s)
+        next = Add(state, scaled)
+        out = Reshape(scaled, shape)
+    }> (init, x)
+    flat = Constant <value = int64[1] {-1}> ()
+    y = Reshape(rows, flat)
+}"""
+
+
+def test_a_scan_whose_body_shapes_depend_on_outer_values() -> None:
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    model = onnx.parser.parse_model(SCAN_OVER_OBSERVED_SCALAR)
+    cm = _runs_like_onnxruntime(model, {"x": x})
+    assert cm.schedule.replan is not None and {p.tensor for p in cm.schedule.replan.points} >= {"s", "shape"}

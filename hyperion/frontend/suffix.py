@@ -41,11 +41,13 @@ def observed_nbytes(value: Any) -> int:
 
 def import_suffix(source: ModelSource, suffix_nodes: tuple[str, ...], outputs: tuple[str, ...],
                   observed: Mapping[str, Any], by_value: frozenset[str], *,
-                  isolate_symbolic: bool, declared: Mapping[str, onnx.TypeProto] | None = None) -> ImportedModel:
+                  isolate_symbolic: bool, declared: Mapping[str, onnx.TypeProto] | None = None,
+                  constants: frozenset[str] = frozenset()) -> ImportedModel:
     """The nodes ``suffix_nodes`` of ``source`` as a model whose inputs are the ``observed``
     values they read (``by_value`` ones as constants); its outputs: those of ``outputs`` it makes.
     ``declared``: the types the prefix's plan declares for what it hands on; they (or the
-    model's own declarations) type an observed value that cannot type itself (an empty sequence)."""
+    model's own declarations) type an observed value that cannot type itself (an empty sequence).
+    ``constants``: the ``by_value`` ones the model itself makes constant (its Constant nodes)."""
     inferred = _suffix_model(source.proto, suffix_nodes, outputs, observed, by_value, declared or {})
     rest = dataclasses.replace(source, proto=inferred)
     # onnx's inference alone first (milliseconds); onnxruntime's estimate, in a child process
@@ -54,17 +56,22 @@ def import_suffix(source: ModelSource, suffix_nodes: tuple[str, ...], outputs: t
     unsized = unsized_tensors(imported)
     if set(unsized) - set(upper_bounds(imported, unsized)):
         imported = _with_observed_bytes(import_model(rest, isolate_symbolic=isolate_symbolic), observed)
-    return _values_fed(imported, by_value, observed)
+    return _values_fed(imported, by_value - constants, observed, declared or {})
 
 
-def _values_fed(imported: ImportedModel, by_value: frozenset[str], observed: Mapping[str, Any]) -> ImportedModel:
+def _values_fed(imported: ImportedModel, by_value: frozenset[str], observed: Mapping[str, Any],
+                declared: Mapping[str, onnx.TypeProto]) -> ImportedModel:
     """The values shape inference read as constants, made inputs again for running.
 
     As constants they size what they decide; as initializers of a segment model they would
     also be checked by onnxruntime's own inference, which is stricter than its kernels (a
     Range fed a one-element vector runs, but refuses it as a constant). So the plan runs
-    them as inputs fed the observed values, declared with their element type alone, as
-    the user's model declared them; their values stay known to the passes as constants.
+    them as inputs fed the observed values, declared as the prefix's plan declared them (what
+    onnx inferred in the whole model: a Scan body's output shapes may depend on them), else
+    with their element type alone; their values stay known to the passes as constants.
+    The model's own constants stay initializers, as onnxruntime saw them in the whole model:
+    a Scan body's output shapes may depend on them (a Reshape to a constant shape), and
+    onnxruntime runs a Scan only when its inference gave every body output a shape.
     """
     graph, proto = imported.graph, imported.source.proto
     fed = [t for t in proto.graph.initializer if t.name in by_value and t.name in graph.tensors]
@@ -76,15 +83,24 @@ def _values_fed(imported: ImportedModel, by_value: frozenset[str], observed: Map
     kept = [t for t in running.graph.initializer if t.name not in names]
     del running.graph.initializer[:]
     running.graph.initializer.extend(kept)
-    running.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, None) for t in fed)
+    types = {t.name: _fed_type(t, declared.get(t.name)) for t in fed}
+    running.graph.input.extend(helper.make_value_info(t.name, types[t.name]) for t in fed)
     tensors = {name: dataclasses.replace(info, role=TensorRole.INPUT, external=None) if name in names else info
                for name, info in graph.tensors.items()}
     inputs = (*graph.inputs, *(t.name for t in fed))
     regraphed = Graph(list(graph.nodes.values()), tensors, inputs, graph.outputs, constants=graph.constants,
                       opset=graph.opset)
-    value_types = {**imported.value_types, **{t.name: helper.make_tensor_type_proto(t.data_type, None) for t in fed}}
+    value_types = {**imported.value_types, **types}
     shapes = {**imported.input_shapes, **{t.name: tuple(np.shape(observed[t.name])) for t in fed}}
     return ImportedModel(dataclasses.replace(imported.source, proto=running), regraphed, value_types, shapes)
+
+
+def _fed_type(value: onnx.TensorProto, declared: onnx.TypeProto | None) -> onnx.TypeProto:
+    """The type of an observed value fed to the rest (see :func:`_values_fed`)."""
+    if declared is not None and declared.WhichOneof("value") == "tensor_type" and \
+            declared.tensor_type.elem_type == value.data_type:
+        return declared
+    return helper.make_tensor_type_proto(value.data_type, None)
 
 
 def _with_observed_bytes(imported: ImportedModel, observed: Mapping[str, Any]) -> ImportedModel:
