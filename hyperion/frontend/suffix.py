@@ -66,12 +66,12 @@ def _values_fed(imported: ImportedModel, by_value: frozenset[str], observed: Map
     As constants they size what they decide; as initializers of a segment model they would
     also be checked by onnxruntime's own inference, which is stricter than its kernels (a
     Range fed a one-element vector runs, but refuses it as a constant). So the plan runs
-    them as inputs fed the observed values, declared as the prefix's plan declared them (what
-    onnx inferred in the whole model: a Scan body's output shapes may depend on them), else
-    with their element type alone; their values stay known to the passes as constants.
-    The model's own constants stay initializers, as onnxruntime saw them in the whole model:
-    a Scan body's output shapes may depend on them (a Reshape to a constant shape), and
-    onnxruntime runs a Scan only when its inference gave every body output a shape.
+    the observed values as inputs, declared as the prefix's plan declared them (what onnx
+    inferred in the whole model), else by their element type alone; their values stay known
+    to the passes as constants. The model's own constants stay initializers. Both keep what
+    onnxruntime's inference knew in the whole model: it runs a Scan only when that inference
+    shaped every body output, which may depend on outer values (a Reshape to a constant
+    shape, a Mul by an observed scalar).
     """
     graph, proto = imported.graph, imported.source.proto
     fed = [t for t in proto.graph.initializer if t.name in by_value and t.name in graph.tensors]
