@@ -53,7 +53,10 @@ def _worst(results: list[str]) -> str:
 def run_case(model: onnx.ModelProto, inputs: list[Any], cap: str) -> tuple[str, str]:
     initializers = {t.name for t in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in initializers]
-    feeds = dict(zip(names, inputs, strict=True))
+    # onnx stores some scalar inputs as numpy scalars (Range's start, limit, delta), which
+    # onnxruntime's run() refuses: they are fed as the 0-d arrays they stand for.
+    feeds = {name: np.asarray(value) if isinstance(value, np.generic) else value
+             for name, value in zip(names, inputs, strict=True)}
     reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
     cm = hyperion.compile(model, memory_limit=cap, input_shapes={
         name: list(np.shape(value)) for name, value in feeds.items() if isinstance(value, np.ndarray)})

@@ -25,7 +25,7 @@ from hyperion.frontend import (
 )
 from hyperion.ir import ExecutionMode, Graph
 from hyperion.planner import optimal_batch_size, parse_mode, plan
-from hyperion.replan import ReplanRunner, ReplanStats, Runner, runner_for
+from hyperion.replan import ReplanRunner, ReplanStats, Runner, TracedReplan, runner_for
 from hyperion.runtime import RunStats, Runtime, SessionConfig
 from hyperion.runtime.tracing import Tracing
 from hyperion.schedule import Schedule, check_consistency
@@ -269,10 +269,8 @@ class CompiledModel:
             runtime = self._plan_for(signature).runtime
             self._current, self._current_outputs = signature, None
         if self._tracing is not None:
-            if not isinstance(runtime, Runtime):
-                raise OptionError(f"trace: {self._source.label} is re-planned at run time (data-dependent sizes); "
-                                  "tracing such a run is not supported yet")
-            runtime = self._tracing.runtime_for(runtime)
+            runtime = (self._tracing.runtime_for(runtime) if isinstance(runtime, Runtime)
+                       else runtime.traced(self._tracing))
         if outputs:  # as asked: in this order
             return _select(self._run(runtime, feeds, progress), outputs)
         return self._run(runtime, feeds, progress)
@@ -291,7 +289,7 @@ class CompiledModel:
         return None if len(wanted) == len(self.output_names) else wanted
 
     @staticmethod
-    def _run(runtime: Runner, feeds: Mapping[str, np.ndarray],
+    def _run(runtime: Runner | TracedReplan, feeds: Mapping[str, np.ndarray],
              progress: Callable[[int, int], None] | None) -> dict[str, np.ndarray]:
         if progress is None:
             return runtime.run(feeds)

@@ -15,14 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx.parser
 import onnxruntime as ort
 import pytest
 
 import hyperion
 from fixtures.dynamic_shapes import BUILDERS, dynamic_feeds, nonzero
+from hyperion.runtime.trace import ACCOUNTED_COUNTER, NODES_TRACK, RUN_TRACK
 from hyperion.schedule import Observe, Schedule
+from hyperion.tools.cli import main
 from hyperion.units import parse_size
 from tests.conftest import REPO, run_python
+from tests.test_looking import check_trace_events
 from tests.test_rss import _PEAK, ALLOWANCE_BYTES, BASELINE
 
 # name -> (a cap at which the bounds fit: None when no rule bounds every size, a cap at
@@ -157,6 +161,7 @@ RSS_CAP = 96 * 2**20     # the bounds do not fit: the rest is re-planned from th
 RSS_RUN = _PEAK + """
 import json, sys
 import numpy as np
+import onnx.parser
 import hyperion
 from fixtures.dynamic_shapes import nonzero
 x = np.zeros(int(sys.argv[1]), np.float32)
@@ -184,3 +189,95 @@ def test_peak_rss_of_a_replanned_model_stays_under_the_cap(tmp_path: Path) -> No
     x = np.zeros(RSS_N, np.float32)
     x[::4] = 3.0
     np.testing.assert_array_equal(np.load(out), _reference(nonzero(RSS_N), {"x": x})[0])
+
+
+# -- traces of re-planned runs (docs/looking.md) ------------------------------------------
+def _spans(tracks: dict[str, list[dict]], cat: str) -> list[dict]:
+    return sorted((e for e in tracks[RUN_TRACK] if e["cat"] == cat), key=lambda e: e["ts"])
+
+
+def _inside(inner: dict, outer: dict) -> bool:
+    return outer["ts"] - 1e-3 <= inner["ts"] and inner["ts"] + inner["dur"] <= outer["ts"] + outer["dur"] + 1e-3
+
+
+def test_a_traced_replanned_run_shows_the_prefix_the_replan_and_the_rest(tmp_path: Path) -> None:
+    model = _model("nonzero")
+    cm = hyperion.compile(model, memory_limit="10MB")
+    small, other = dynamic_feeds("nonzero"), {"x": np.eye(1, 1 << 20, 7, dtype=np.float32)[0]}
+    with cm.tracing(tmp_path / "runs.json"):
+        outputs = [cm.run(feeds) for feeds in (small, small, other)]   # plans the rest, reuses it, plans another
+    for ours, feeds in zip(outputs, (small, small, other), strict=True):
+        _assert_same(ours, _reference(model, feeds))
+    trace = json.loads((tmp_path / "runs.json").read_text())
+    tracks = check_trace_events(trace)
+    runs, plans, replans = _spans(tracks, "run"), _spans(tracks, "plan"), _spans(tracks, "replan")
+    assert len(runs) == 3 and all(e["args"]["replanned"] for e in runs)
+    assert [e["name"] for e in plans] == ["prefix", "rest 1", "prefix", "rest 1", "prefix", "rest 2"]
+    decisions = [e for e in replans if e["name"] == "re-plan"]
+    assert [e["args"]["cache"] for e in decisions] == ["miss", "hit", "miss"]
+    for number, run in enumerate(runs):  # in each run: the prefix, then the re-plan, then the rest
+        prefix, rest = plans[2 * number], plans[2 * number + 1]
+        decision = decisions[number]
+        assert all(_inside(span, run) for span in (prefix, decision, rest))
+        assert prefix["ts"] + prefix["dur"] <= decision["ts"] + 1e-3
+        assert decision["ts"] + decision["dur"] <= rest["ts"] + 1e-3
+        # A miss imports and plans the rest inside the re-plan span; a hit does neither.
+        steps = [e["name"] for e in replans if e is not decision and _inside(e, decision)]
+        assert steps == ([] if decision["args"]["cache"] == "hit" else ["import the rest", "plan the rest"])
+    # Each plan's segments carry its name, and onnxruntime's nodes their plan: NonZero in the
+    # prefix, the rest's Mul in the rest.
+    segments = _spans(tracks, "segment")
+    assert [e["name"] for e in segments] == ["prefix: segment 0", "rest 1: segment 0"] * 2 + [
+        "prefix: segment 0", "rest 2: segment 0"]
+    nodes = {(e["args"]["op"], e["args"]["plan"]) for e in tracks[NODES_TRACK] if e["cat"] == "node"}
+    assert {("NonZero", "prefix"), ("Mul", "rest 1"), ("Mul", "rest 2")} <= nodes
+    assert trace["otherData"]["plans"] == ["prefix", "rest 1", "rest 2"]
+    accounted = [e["args"]["bytes"] for e in trace["traceEvents"] if e["name"] == ACCOUNTED_COUNTER]
+    assert len(accounted) >= 6 and max(accounted) <= parse_size("10MB")
+    # The model's stats are the last traced run's; it runs untraced as before.
+    assert runs[-1]["dur"] / 1e3 == pytest.approx(cm.stats.total_ms, rel=0.1)
+    _assert_same(cm.run(small), _reference(model, small))
+    assert cm.replans is not None and cm.replans.plans_made == 2
+
+
+def test_hyperion_run_traces_a_replanned_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "range.onnx"
+    path.write_bytes(_model("range_from_data").SerializeToString())
+    np.save(tmp_path / "x.npy", dynamic_feeds("range_from_data")["x"])
+    assert main(["run", str(path), "--memory-limit", "16MB", "--input", f"x={tmp_path / 'x.npy'}",
+                 "--trace", str(tmp_path / "run.json"), "--check"]) == 0
+    assert "trace written" in capsys.readouterr().out
+    tracks = check_trace_events(json.loads((tmp_path / "run.json").read_text()))
+    assert [e["name"] for e in _spans(tracks, "plan")] == ["prefix", "rest 1"]
+    assert [e["args"]["cache"] for e in _spans(tracks, "replan") if e["name"] == "re-plan"] == ["miss"]
+
+
+NESTED = """<ir_version: 8, opset_import: ["" : 17]>
+g (int64[4] x) => (float[?] y) {
+    n = ReduceMax <keepdims = 0> (x)
+    zero = Constant <value = int64 {0}> ()
+    one = Constant <value = int64 {1}> ()
+    r = Range(zero, n, one)
+    s = ReduceSum <keepdims = 0> (r)
+    q = Range(zero, s, one)
+    f = Cast <to = 1> (q)
+    y = Sqrt(f)
+}"""
+
+
+def test_the_trace_of_a_rest_that_is_itself_replanned_nests_its_plans(tmp_path: Path) -> None:
+    model = onnx.parser.parse_model(NESTED)   # r's length is n's value; q's is the value of r's sum
+    cm = hyperion.compile(model, memory_limit="16MB")
+    feeds = {"x": np.array([3, 9, 20, 1])}
+    with cm.tracing(tmp_path / "nested.json") as tracing:
+        _assert_same(cm.run(feeds), _reference(model, feeds))
+    assert tracing.trace is not None
+    tracks = check_trace_events(tracing.trace)
+    spans = sorted(_spans(tracks, "plan") + _spans(tracks, "replan"), key=lambda e: (e["ts"], -e["dur"]))
+    assert [(e["name"], e["args"].get("cache")) for e in spans] == [
+        ("prefix", None), ("re-plan", "miss"), ("import the rest", None), ("plan the rest", None),
+        ("rest 1", None), ("rest 1/prefix", None), ("rest 1/re-plan", "miss"), ("rest 1/import the rest", None),
+        ("rest 1/plan the rest", None), ("rest 1/rest 1", None)]
+    outer, inner = {e["name"]: e for e in _spans(tracks, "plan")}["rest 1"], _spans(tracks, "plan")[-1]
+    assert inner["name"] == "rest 1/rest 1" and _inside(inner, outer)
+    assert tracing.trace["otherData"]["plans"] == ["prefix", "rest 1/prefix", "rest 1/rest 1"]

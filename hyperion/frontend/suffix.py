@@ -14,13 +14,14 @@ on the same nodes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import ModelProto, helper, numpy_helper
 
+from hyperion.errors import UnsupportedModelError
 from hyperion.frontend.bounds import unsized_tensors, upper_bounds
 from hyperion.frontend.build import ImportedModel, import_model, outer_scope_reads, unique_node_names
 from hyperion.frontend.source import ModelSource
@@ -40,10 +41,14 @@ def observed_nbytes(value: Any) -> int:
 
 def import_suffix(source: ModelSource, suffix_nodes: tuple[str, ...], outputs: tuple[str, ...],
                   observed: Mapping[str, Any], by_value: frozenset[str], *,
-                  isolate_symbolic: bool) -> ImportedModel:
+                  isolate_symbolic: bool, declared: Mapping[str, onnx.TypeProto] | None = None,
+                  constants: frozenset[str] = frozenset()) -> ImportedModel:
     """The nodes ``suffix_nodes`` of ``source`` as a model whose inputs are the ``observed``
-    values they read (``by_value`` ones as constants); its outputs: those of ``outputs`` it makes."""
-    inferred = _suffix_model(source.proto, suffix_nodes, outputs, observed, by_value)
+    values they read (``by_value`` ones as constants); its outputs: those of ``outputs`` it makes.
+    ``declared``: the types the prefix's plan declares for what it hands on; they (or the
+    model's own declarations) type an observed value that cannot type itself (an empty sequence).
+    ``constants``: the ``by_value`` ones the model itself makes constant (its Constant nodes)."""
+    inferred = _suffix_model(source.proto, suffix_nodes, outputs, observed, by_value, declared or {})
     rest = dataclasses.replace(source, proto=inferred)
     # onnx's inference alone first (milliseconds); onnxruntime's estimate, in a child process
     # under a cap (a second or so), only where it leaves sizes that no bound covers.
@@ -51,17 +56,22 @@ def import_suffix(source: ModelSource, suffix_nodes: tuple[str, ...], outputs: t
     unsized = unsized_tensors(imported)
     if set(unsized) - set(upper_bounds(imported, unsized)):
         imported = _with_observed_bytes(import_model(rest, isolate_symbolic=isolate_symbolic), observed)
-    return _values_fed(imported, by_value, observed)
+    return _values_fed(imported, by_value - constants, observed, declared or {})
 
 
-def _values_fed(imported: ImportedModel, by_value: frozenset[str], observed: Mapping[str, Any]) -> ImportedModel:
+def _values_fed(imported: ImportedModel, by_value: frozenset[str], observed: Mapping[str, Any],
+                declared: Mapping[str, onnx.TypeProto]) -> ImportedModel:
     """The values shape inference read as constants, made inputs again for running.
 
     As constants they size what they decide; as initializers of a segment model they would
     also be checked by onnxruntime's own inference, which is stricter than its kernels (a
     Range fed a one-element vector runs, but refuses it as a constant). So the plan runs
-    them as inputs fed the observed values, declared with their element type alone, as
-    the user's model declared them; their values stay known to the passes as constants.
+    the observed values as inputs, declared as the prefix's plan declared them (what onnx
+    inferred in the whole model), else by their element type alone; their values stay known
+    to the passes as constants. The model's own constants stay initializers. Both keep what
+    onnxruntime's inference knew in the whole model: it runs a Scan only when that inference
+    shaped every body output, which may depend on outer values (a Reshape to a constant
+    shape, a Mul by an observed scalar).
     """
     graph, proto = imported.graph, imported.source.proto
     fed = [t for t in proto.graph.initializer if t.name in by_value and t.name in graph.tensors]
@@ -73,15 +83,24 @@ def _values_fed(imported: ImportedModel, by_value: frozenset[str], observed: Map
     kept = [t for t in running.graph.initializer if t.name not in names]
     del running.graph.initializer[:]
     running.graph.initializer.extend(kept)
-    running.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, None) for t in fed)
+    types = {t.name: _fed_type(t, declared.get(t.name)) for t in fed}
+    running.graph.input.extend(helper.make_value_info(t.name, types[t.name]) for t in fed)
     tensors = {name: dataclasses.replace(info, role=TensorRole.INPUT, external=None) if name in names else info
                for name, info in graph.tensors.items()}
     inputs = (*graph.inputs, *(t.name for t in fed))
     regraphed = Graph(list(graph.nodes.values()), tensors, inputs, graph.outputs, constants=graph.constants,
                       opset=graph.opset)
-    value_types = {**imported.value_types, **{t.name: helper.make_tensor_type_proto(t.data_type, None) for t in fed}}
+    value_types = {**imported.value_types, **types}
     shapes = {**imported.input_shapes, **{t.name: tuple(np.shape(observed[t.name])) for t in fed}}
     return ImportedModel(dataclasses.replace(imported.source, proto=running), regraphed, value_types, shapes)
+
+
+def _fed_type(value: onnx.TensorProto, declared: onnx.TypeProto | None) -> onnx.TypeProto:
+    """The type of an observed value fed to the rest (see :func:`_values_fed`)."""
+    if declared is not None and declared.WhichOneof("value") == "tensor_type" and \
+            declared.tensor_type.elem_type == value.data_type:
+        return declared
+    return helper.make_tensor_type_proto(value.data_type, None)
 
 
 def _with_observed_bytes(imported: ImportedModel, observed: Mapping[str, Any]) -> ImportedModel:
@@ -94,7 +113,8 @@ def _with_observed_bytes(imported: ImportedModel, observed: Mapping[str, Any]) -
 
 
 def _suffix_model(proto: ModelProto, suffix_nodes: tuple[str, ...], outputs: tuple[str, ...],
-                  observed: Mapping[str, Any], by_value: frozenset[str]) -> ModelProto:
+                  observed: Mapping[str, Any], by_value: frozenset[str],
+                  declared: Mapping[str, onnx.TypeProto]) -> ModelProto:
     named = dict(zip(unique_node_names(proto.graph.node), proto.graph.node, strict=True))
     wanted = set(suffix_nodes)
     model = ModelProto()
@@ -115,6 +135,7 @@ def _suffix_model(proto: ModelProto, suffix_nodes: tuple[str, ...], outputs: tup
         reads.extend(t for t in [*node.input, *outer_scope_reads(node)] if t and t not in produced)
         produced.update(t for t in node.output if t)
     weights = {t.name: t for t in proto.graph.initializer}
+    model_types = {v.name: v.type for v in (*proto.graph.input, *proto.graph.value_info)}
     for name in dict.fromkeys(reads):
         if name in produced:
             continue
@@ -123,7 +144,7 @@ def _suffix_model(proto: ModelProto, suffix_nodes: tuple[str, ...], outputs: tup
         elif name in by_value:
             graph.initializer.append(numpy_helper.from_array(np.asarray(observed[name]), name))
         else:
-            graph.input.append(_value_info(name, observed[name]))
+            graph.input.append(_value_info(name, observed[name], declared.get(name, model_types.get(name))))
     known = {name: observed[name] for name in by_value if name in observed}
     _inline_decided_branches(graph, known)
     declared = {o.name: o for o in proto.graph.output}
@@ -137,8 +158,9 @@ def _inline_decided_branches(graph: onnx.GraphProto, values: Mapping[str, Any]) 
 
     onnx's shape inference merges both branches of an If, whatever its condition: with
     branches of different shapes its outputs stay unsized even once the condition is
-    known. The branch's nodes, in its place, are sized like any others; Identity nodes
-    give its outputs the If's names.
+    known. The branch's nodes, in its place, are sized like any others. Each branch result
+    its nodes make takes the If output's name; an Identity gives the name to the others (a
+    result the branch passes through from outside, or one it returns twice).
     """
     nodes = list(graph.node)
     del graph.node[:]
@@ -148,21 +170,72 @@ def _inline_decided_branches(graph: onnx.GraphProto, values: Mapping[str, Any]) 
             graph.node.append(node)
             continue
         taken = "then_branch" if bool(np.asarray(values[cond]).reshape(-1)[0]) else "else_branch"
-        branch = next(a.g for a in node.attribute if a.name == taken)
+        branch = onnx.GraphProto()
+        branch.CopyFrom(next(a.g for a in node.attribute if a.name == taken))
+        passed_through = _name_results(branch, node.output)
         graph.initializer.extend(branch.initializer)
         for index, inner in enumerate(branch.node):
             copy = graph.node.add()
             copy.CopyFrom(inner)
             copy.name = f"{node.name}/{taken}/{inner.name or f'{inner.op_type}_{index}'}"
-        for index, (result, output) in enumerate(zip(branch.output, node.output, strict=False)):
-            if output:
-                graph.node.append(helper.make_node("Identity", [result.name], [output],
-                                                   name=f"{node.name}/{taken}/output_{index}"))
+        for index, (result, output) in passed_through:
+            graph.node.append(helper.make_node("Identity", [result], [output],
+                                               name=f"{node.name}/{taken}/output_{index}"))
 
 
-def _value_info(name: str, value: Any) -> onnx.ValueInfoProto:
+def _name_results(branch: onnx.GraphProto, outputs: Sequence[str]) -> list[tuple[int, tuple[str, str]]]:
+    """Rename, in ``branch``, each result one of its nodes makes to the If output it becomes
+    (an Identity could not carry it: before opset 14 Identity takes tensors only, and
+    sequences and optionals would be refused). The results left: (index, (result, output))."""
+    made = {t for inner in branch.node for t in inner.output if t}
+    results = [result.name for result in branch.output]
+    renames: dict[str, str] = {}
+    left = []
+    for index, (result, output) in enumerate(zip(results, outputs, strict=False)):
+        if not output:
+            continue
+        if result in made and result not in renames:
+            renames[result] = output
+        else:
+            left.append((index, (renames.get(result, result), output)))
+    _rename_values(branch, renames)
+    return left
+
+
+def _rename_values(graph: onnx.GraphProto, renames: Mapping[str, str]) -> None:
+    """Rename values in ``graph`` and the subgraphs that read them (ONNX names are unique
+    across nested scopes, so nothing shadows them)."""
+    if not renames:
+        return
+    for inner in graph.node:
+        for slots in (inner.input, inner.output):
+            for position, name in enumerate(slots):
+                if name in renames:
+                    slots[position] = renames[name]
+        for attribute in inner.attribute:
+            for subgraph in (attribute.g, *attribute.graphs) if attribute.HasField("g") else attribute.graphs:
+                _rename_values(subgraph, renames)
+
+
+def _value_info(name: str, value: Any, declared: onnx.TypeProto | None) -> onnx.ValueInfoProto:
+    """An input of the rest, typed by what was observed; an empty sequence has no element to
+    type it, so it keeps the type the prefix's plan declares for it."""
     if isinstance(value, np.ndarray):
         return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape))
     if isinstance(value, list) and value and isinstance(value[0], np.ndarray):
         return helper.make_tensor_sequence_value_info(name, helper.np_dtype_to_tensor_dtype(value[0].dtype), None)
-    raise TypeError(f"tensor {name!r}: cannot type an observed {type(value).__name__}")
+    if isinstance(value, list) and declared is not None and _element_type(declared) is not None:
+        return helper.make_tensor_sequence_value_info(name, _element_type(declared), None)  # type: ignore[arg-type]
+    raise UnsupportedModelError(
+        f"tensor {name!r}: the rest of the model reads it, but neither the observed "
+        f"{type(value).__name__} nor the model's declared type says its ONNX type")
+
+
+def _element_type(declared: onnx.TypeProto) -> int | None:
+    """The element type of a declared sequence of tensors, when it is known."""
+    if declared.WhichOneof("value") != "sequence_type":
+        return None
+    element = declared.sequence_type.elem_type
+    if element.WhichOneof("value") != "tensor_type" or not element.tensor_type.elem_type:
+        return None
+    return int(element.tensor_type.elem_type)

@@ -17,6 +17,12 @@ A :class:`TraceRecorder` keeps:
   between segments;
 * instants (``ph: i``): sessions released.
 
+A re-planned run (hyperion/replan.py) runs several plans -- its prefix, then the rest
+planned for what the data decided -- each with its own segments. Each writes through a
+:class:`PlanRecorder`, which names its spans after the plan (``rest 1: segment 0``) and
+tags them with it, so that :meth:`TraceRecorder.finish` reads every segment against the
+schedule it belongs to.
+
 onnxruntime's profiler is on only in sessions built while tracing (it costs a
 little on every node). Its events are in microseconds since the session's
 profiling start, which ``InferenceSession.get_profiling_start_time_ns()`` gives
@@ -101,6 +107,7 @@ class _Profile:
     prefix: str
     segment: int
     start_wall_ns: int
+    plan: str | None = None     # the plan of a re-planned run the segment belongs to
 
 
 class TraceRecorder(NullRecorder):
@@ -152,12 +159,12 @@ class TraceRecorder(NullRecorder):
             with self._lock:
                 self._spans.append(_Span(name, cat, track, start, end, args))
 
-    def session_span(self, index: int) -> contextlib.AbstractContextManager[None]:
+    def session_span(self, index: int, plan: str | None = None) -> contextlib.AbstractContextManager[None]:
         """Building segment ``index``'s session (onnxruntime reads its weights then): on the
         sessions track when the run builds it, on the prefetch track when the background does."""
         track = self.thread_track()
-        return self.span(f"build session {index}", "session", SESSIONS_TRACK if track == RUN_TRACK else track,
-                         segment=index)
+        return self.span(_in_plan(f"build session {index}", plan), "session",
+                         SESSIONS_TRACK if track == RUN_TRACK else track, segment=index, plan=plan)
 
     def counter(self, name: str, value: float, track: str | None = None) -> None:
         with self._lock:
@@ -178,19 +185,20 @@ class TraceRecorder(NullRecorder):
         options.profile_file_prefix = os.path.join(self._profile_dir, f"s{index}_{number}")
         return options
 
-    def session_built(self, index: int, session: Any, held_bytes: int = 0) -> None:
+    def session_built(self, index: int, session: Any, held_bytes: int = 0, plan: str | None = None) -> None:
         """Note the session's profile (its clock) and when it is released, with the bytes the plan
         counts for its weights."""
         options = session.get_session_options()
         prefix = options.profile_file_prefix if options.enable_profiling else None
         if prefix:
             with self._lock:
-                self._profiles.append(_Profile(prefix, index, session.get_profiling_start_time_ns()))
+                self._profiles.append(_Profile(prefix, index, session.get_profiling_start_time_ns(), plan))
         self._add_session_weights(held_bytes)
-        weakref.finalize(session, self._released, index, held_bytes)
+        weakref.finalize(session, self._released, index, held_bytes, plan)
 
-    def _released(self, index: int, held_bytes: int) -> None:
-        self.instant(f"release session {index}", "session", SESSIONS_TRACK, segment=index)
+    def _released(self, index: int, held_bytes: int, plan: str | None) -> None:
+        self.instant(_in_plan(f"release session {index}", plan), "session", SESSIONS_TRACK, segment=index,
+                     **({} if plan is None else {"plan": plan}))
         self._add_session_weights(-held_bytes)
 
     def _add_session_weights(self, delta: int) -> None:
@@ -204,16 +212,20 @@ class TraceRecorder(NullRecorder):
         self._sampler.stop()
 
     def finish(self, *, steps: Sequence[Any] | None = None, segments: Sequence[Any] | None = None,
-               metadata: Mapping[str, Any] | None = None, process_name: str = "hyperion") -> dict[str, Any]:
+               metadata: Mapping[str, Any] | None = None, process_name: str = "hyperion",
+               plans: Mapping[str, tuple[Sequence[Any], Sequence[Any]]] | None = None) -> dict[str, Any]:
         """The trace as a JSON-ready dict. Call after the traced sessions are released (their
         profiles are written then). ``steps``/``segments`` (a schedule's) add the plan's
-        accounted bytes at every step onnxruntime timed and at every segment start."""
+        accounted bytes at every step onnxruntime timed and at every segment start; ``plans``
+        gives the (steps, segments) of each named plan of a re-planned run."""
         self.stop()
         nodes = self._node_spans()
         spans = self._spans + nodes
         counters = list(self._counters)
+        by_plan: dict[str | None, tuple[Sequence[Any], Sequence[Any]]] = dict(plans or {})
         if segments is not None and steps is not None:
-            counters += _accounted_counters(self._spans, nodes, steps, segments)
+            by_plan[None] = (steps, segments)
+        counters += _accounted_counters(self._spans, nodes, by_plan)
         events = _trace_events(spans, counters, self._instants, self.start_ns, process_name)
         if self._profile_dir is not None:
             shutil.rmtree(self._profile_dir, ignore_errors=True)
@@ -235,7 +247,8 @@ class TraceRecorder(NullRecorder):
                 for event in events:
                     name, cat = event.get("name", ""), event.get("cat", "")
                     if cat == "Session" and name == "model_run":
-                        label, span_cat, args = f"segment {profile.segment}: onnxruntime run", "onnxruntime", {}
+                        label = _in_plan(f"segment {profile.segment}: onnxruntime run", profile.plan)
+                        span_cat, args = "onnxruntime", {}
                     elif cat == "Node" and name.endswith("_kernel_time"):
                         node_args = event.get("args", {})
                         label, span_cat = name.removesuffix("_kernel_time"), "node"
@@ -245,6 +258,7 @@ class TraceRecorder(NullRecorder):
                                 "weight_bytes": _int(node_args.get("parameter_size"))}
                     else:
                         continue
+                    args["plan"] = profile.plan
                     start = base + int(event["ts"]) * 1000
                     found.append(_Span(label, span_cat, NODES_TRACK, start, start + int(event["dur"]) * 1000, args))
         return _nested(found)
@@ -284,23 +298,36 @@ def _nested(spans: list[_Span]) -> list[_Span]:
     return spans
 
 
-def _accounted_counters(spans: list[_Span], nodes: list[_Span], steps: Sequence[Any],
-                        segments: Sequence[Any]) -> list[tuple[str, str, int, float]]:
+def _accounted_counters(spans: list[_Span], nodes: list[_Span],
+                        plans: Mapping[str | None, tuple[Sequence[Any], Sequence[Any]]]
+                        ) -> list[tuple[str, str, int, float]]:
     """The plan's accounted bytes: at each segment's start (its first step's), then at every
-    node onnxruntime timed under its own name."""
+    node onnxruntime timed under its own name; each span read against the plan it ran in
+    (``plans``: (steps, segments) by plan name; None: the run's only plan)."""
     out = []
     for span in spans:
-        if span.cat == "segment":
+        plan = plans.get(span.args.get("plan"))
+        if span.cat == "segment" and plan is not None:
+            steps, segments = plan
             segment = segments[span.args["segment"]]
             out.append((ACCOUNTED_COUNTER, "", span.start_ns, steps[segment.first_step].live_bytes))
-    by_name = {step.node: step for step in steps}
-    by_output = {output: step for step in steps for output in step.outputs}
+    by_name = {name: {step.node: step for step in steps} for name, (steps, _) in plans.items()}
+    by_output = {name: {output: step for step in steps for output in step.outputs}
+                 for name, (steps, _) in plans.items()}
     for span in nodes:
+        plan_name = span.args.get("plan")
+        if span.cat != "node" or plan_name not in plans:
+            continue
         # onnxruntime keeps a node's name, or names a fused node after its output ("relu_out_nchwc").
-        step = by_name.get(span.name) or by_output.get(span.name.removesuffix("_nchwc"))
-        if span.cat == "node" and step is not None:
+        step = by_name[plan_name].get(span.name) or by_output[plan_name].get(span.name.removesuffix("_nchwc"))
+        if step is not None:
             out.append((ACCOUNTED_COUNTER, "", span.start_ns, step.live_bytes))
     return out
+
+
+def _in_plan(name: str, plan: str | None) -> str:
+    """A span's name within one plan of a re-planned run ("rest 1: segment 0")."""
+    return name if plan is None else f"{plan}: {name}"
 
 
 def _trace_events(spans: list[_Span], counters: list[tuple[str, str, int, float]],
@@ -334,6 +361,38 @@ def _trace_events(spans: list[_Span], counters: list[tuple[str, str, int, float]
         timed.append({"name": name, "ph": "C", "ts": us(ns), "pid": pid, "tid": 0, "args": {"bytes": value}})
     timed.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
     return events + timed
+
+
+class PlanRecorder(NullRecorder):
+    """What one plan of a re-planned run records into the run's :class:`TraceRecorder`: the
+    same hooks, each span named after the plan and tagged with it. The runtime's own run span
+    becomes the plan's span (``prefix``, ``rest 1``: category ``plan``)."""
+
+    enabled = True
+
+    def __init__(self, recorder: TraceRecorder, plan: str) -> None:
+        self.recorder, self.plan = recorder, plan
+
+    def span(self, name: str, cat: str = "hyperion", track: str | None = None,
+             **args: Any) -> contextlib.AbstractContextManager[None]:
+        if cat == "run":
+            return self.recorder.span(self.plan, "plan", track, plan=self.plan, **args)
+        return self.recorder.span(_in_plan(name, self.plan), cat, track, plan=self.plan, **args)
+
+    def session_span(self, index: int) -> contextlib.AbstractContextManager[None]:
+        return self.recorder.session_span(index, plan=self.plan)
+
+    def counter(self, name: str, value: float, track: str | None = None) -> None:
+        self.recorder.counter(name, value, track)
+
+    def instant(self, name: str, cat: str = "hyperion", track: str | None = None, **args: Any) -> None:
+        self.recorder.instant(_in_plan(name, self.plan), cat, track, plan=self.plan, **args)
+
+    def session_options(self, options: Any, index: int) -> Any:
+        return self.recorder.session_options(options, index)
+
+    def session_built(self, index: int, session: Any, held_bytes: int = 0) -> None:
+        self.recorder.session_built(index, session, held_bytes, plan=self.plan)
 
 
 class _RssSampler:
@@ -381,4 +440,4 @@ class _RssSampler:
 
 
 __all__ = ["ACCOUNTED_COUNTER", "HELD_COUNTER", "NODES_TRACK", "NULL_RECORDER", "PREFETCH_TRACK", "RSS_COUNTER",
-           "RUN_TRACK", "SESSIONS_TRACK", "SESSION_WEIGHTS_COUNTER", "NullRecorder", "TraceRecorder"]
+           "RUN_TRACK", "SESSIONS_TRACK", "SESSION_WEIGHTS_COUNTER", "NullRecorder", "PlanRecorder", "TraceRecorder"]

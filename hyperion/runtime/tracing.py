@@ -10,6 +10,10 @@ released first, so the process holds one set of sessions, as the plan counts. Th
 first traced run therefore builds its sessions (reads its weights); later runs in
 the same ``tracing`` block reuse the kept ones, as untraced runs do.
 
+A re-planned run (hyperion/replan.py) asks for one twin per plan it runs -- its prefix,
+each rest -- named after the plan (``runtime_for(runtime, plan="rest 1")``): their spans
+go into the same trace, named and tagged with the plan (:class:`~hyperion.runtime.trace.PlanRecorder`).
+
 On :meth:`Tracing.close` the twins release their sessions (onnxruntime writes its
 profiles then), the last run's stats become the model's, and the trace is written
 atomically.
@@ -26,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from hyperion.runtime.executor import Runtime
-from hyperion.runtime.trace import RUN_TRACK, TraceRecorder
+from hyperion.runtime.trace import RUN_TRACK, PlanRecorder, TraceRecorder
 from hyperion.schedule import write_atomic
 
 
@@ -48,36 +52,45 @@ class Tracing:
         self.path = Path(path)
         self.label = label
         self.recorder = TraceRecorder(rss_interval_s=rss_interval_s, profile_nodes=profile_nodes)
-        self._twins: dict[int, tuple[Runtime, TracedRuntime]] = {}
+        self._twins: dict[int, tuple[Runtime, TracedRuntime, str | None]] = {}
         self.trace: dict[str, Any] | None = None
 
-    def runtime_for(self, runtime: Runtime) -> TracedRuntime:
-        """The traced twin of ``runtime`` (built on first use; ``runtime``'s sessions released)."""
+    def runtime_for(self, runtime: Runtime, plan: str | None = None) -> TracedRuntime:
+        """The traced twin of ``runtime`` (built on first use; ``runtime``'s sessions released);
+        ``plan``: which plan of a re-planned run it runs (``prefix``, ``rest 1``, ...)."""
         entry = self._twins.get(id(runtime))
         if entry is None:
             runtime.close()
             twin = TracedRuntime(runtime.source, runtime.schedule, runtime.config)
-            twin.tracer = twin.pool.tracer = self.recorder
-            entry = self._twins[id(runtime)] = (runtime, twin)
+            twin.tracer = twin.pool.tracer = self.recorder if plan is None else PlanRecorder(self.recorder, plan)
+            entry = self._twins[id(runtime)] = (runtime, twin, plan)
         return entry[1]
 
     def close(self, *, write: bool = True) -> Path | None:
         """Release the traced sessions, hand their stats back, and write the trace."""
-        schedule = None
-        for original, twin in self._twins.values():
+        unnamed = prefix = None   # the last schedule run untagged; a re-planned model's (its prefix's)
+        plans = {}
+        for original, twin, plan in self._twins.values():
             twin.close()
             original.stats = twin.stats
-            schedule = twin.schedule
+            if plan is None:
+                unnamed = twin.schedule
+            else:
+                plans[plan] = (twin.schedule.steps, twin.schedule.segments)
+                prefix = twin.schedule if plan == "prefix" else prefix
         self._twins.clear()
+        schedule = unnamed or prefix
         metadata: dict[str, Any] = {"model": self.label}
         if schedule is not None:
             metadata.update(mode=str(schedule.mode), memory_limit=schedule.memory_limit,
                             peak_bytes=schedule.peak_bytes, segments=len(schedule.segments),
                             steps=len(schedule.steps))
+        if plans:
+            metadata["plans"] = list(plans)
         name = f"hyperion run: {Path(self.label).name}" + (f" ({schedule.mode})" if schedule is not None else "")
-        self.trace = self.recorder.finish(steps=None if schedule is None else schedule.steps,
-                                          segments=None if schedule is None else schedule.segments,
-                                          metadata=metadata, process_name=name)
+        self.trace = self.recorder.finish(steps=None if unnamed is None else unnamed.steps,
+                                          segments=None if unnamed is None else unnamed.segments,
+                                          metadata=metadata, process_name=name, plans=plans)
         if not write:
             return None
         return write_atomic(self.path, json.dumps(self.trace, separators=(",", ":")) + "\n")
