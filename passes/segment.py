@@ -13,6 +13,8 @@ from hyperion.passes._infra import Pass, PassResult, ensure, require
 from hyperion.passes.liveness import Liveness, activation_live_bytes
 from hyperion.passes.memory.costs import (
     SESSION_BOOKKEEPING_ALLOWANCE_BYTES,
+    is_conv_weight,
+    reordered_bytes,
     resident_bytes,
     session_bookkeeping_bytes,
     workspace_bytes,
@@ -154,6 +156,7 @@ class _Costs:
         self.weights = [set(graph.weights_of(node)) for node in liveness.order]
         names = {w for ws in self.weights for w in ws}
         self.plain = {w: graph.tensors[w].nbytes or 0 for w in names}
+        self.conv_weights = frozenset(w for w in names if is_conv_weight(graph, w))
         # Unpacked, a session holds each weight where it is mapped, at its own size.
         self.resident = {w: resident_bytes(graph, w) for w in names} if prepack else self.plain
         self.all_held = sum(resident_bytes(graph, t.name) if prepack else t.nbytes or 0
@@ -171,8 +174,12 @@ class _Costs:
         return self.held(weights) + self.transient(weights)
 
     def transient(self, weights: set[str]) -> int:
-        """Held only while a session is created: the original of the weight being packed."""
-        return max((self.plain[w] for w in weights), default=0) if self.prepack else 0
+        """Held only while a session is created: the original of the weight being packed,
+        and the blocked copies of its Conv weights (costs.reordered_conv_bytes)."""
+        if not self.prepack:
+            return 0
+        return (max((self.plain[w] for w in weights), default=0)
+                + reordered_bytes(self.plain[w] for w in weights if w in self.conv_weights))
 
     def persistent(self, span: _GrowingSpan | Span) -> bool:
         """Whether the span's session outlives its run whatever the weight cache: every
@@ -390,9 +397,13 @@ class _Layout:
 
     def _cached_workspace(self, index: int) -> list[int]:
         """Per step of segment ``index``: the workspace its kernels add once its session
-        holds its weights as initializers (cached, in a fed plan)."""
+        holds its weights as initializers (cached, in a fed plan); at its first step, the
+        blocked copies of its Conv weights made while that session is created."""
         span = self.spans[index]
-        return self.costs.cached_workspace[span.start:span.stop]
+        workspace = list(self.costs.cached_workspace[span.start:span.stop])
+        if not self.costs.prepack:   # packed plans count them in every creation already
+            workspace[0] += reordered_bytes(self.costs.plain[w] for w in span.weights if w in self.costs.conv_weights)
+        return workspace
 
     def choose_cache(self, memory_limit: int | None, weight_cache_bytes: int | None) -> tuple[int, ...]:
         """Segments in order, each kept if it fits the cache budget and the cap."""

@@ -132,7 +132,7 @@ def fold_constants(source: ModelSource) -> ModelSource:
     log.info("%s: %d weights computed from constants (%d bytes) served from %s", source.label,
              len(plan.weights), plan.nbytes, folder / file)
     return ModelSource(_folded_model(source.proto, plan, file, offsets), source.path, folder, source.sha256,
-                       source.opset)
+                       source.opset, tuple(plan.weights))
 
 
 def plan_fold(proto: ModelProto) -> FoldPlan:

@@ -34,6 +34,9 @@ class ModelSource:
     base_dir: Path
     sha256: str
     opset: int
+    # Weights import computed from constants (hyperion.frontend.fold): in ``proto`` they are
+    # initializers, in the user's model the outputs of nodes onnxruntime would fold itself.
+    computed_weights: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:

@@ -13,8 +13,9 @@ external-data weights:
   16) if it is pre-packed -- plus the original if another node also reads it
   unpacked -- and its plain size otherwise: :func:`held_bytes`.
 * While a session is being created it holds, on top of that, the original of
-  the weight being packed, at most the largest one (``passes/segment.py``
-  accounts it).
+  the weight being packed, at most the largest one, and the copies onnxruntime's
+  NCHWc layout transformer makes of its Conv weights (:func:`reordered_conv_bytes`;
+  ``passes/segment.py`` accounts both).
 * A session's own bookkeeping (graph, kernels, thread pool) is about 120 KiB
   plus 3-17 KiB per node (100 sessions of one Relu: 124 KiB each; of 100 Relus:
   419 KiB; of 20 small Convs: 454 KiB; of 20 fed MatMuls: 226 KiB):
@@ -93,6 +94,34 @@ def resident_bytes(graph: Graph, weight: str) -> int:
     if packed is None:
         return plain
     return packed + (plain if _read_unpacked(graph, weight) else 0)
+
+
+def reordered_conv_bytes(graph: Graph, weights: Iterable[str]) -> int:
+    """Held only while a session that has ``weights`` as initializers is created, for its
+    Conv weights: onnxruntime's NCHWc layout transformer (optimization level "all", its
+    default) reads each float32 Conv weight into a buffer and writes a blocked copy into
+    the graph, and the session then copies every blocked weight into its own tensors. One
+    3x3 Conv of 1024 channels (36 MiB of weight) peaked at 144 MiB while its session was
+    created and held 36 MiB afterwards; light_inception_v2 (43 MiB of Conv weights) and
+    light_resnet50 (97 MiB) peaked 53 and 108 MiB above what they hold. So: every Conv
+    weight once more, plus the largest twice."""
+    sizes = [graph.tensors[w].nbytes or 0 for w in set(weights) if is_conv_weight(graph, w)]
+    return reordered_bytes(sizes)
+
+
+def reordered_bytes(conv_weight_sizes: Iterable[int]) -> int:
+    sizes = list(conv_weight_sizes)
+    return sum(sizes) + 2 * max(sizes, default=0)
+
+
+def is_conv_weight(graph: Graph, weight: str) -> bool:
+    """Whether ``weight`` is the float32 filter of a Conv (which NCHWc reorders)."""
+    info = graph.tensors[weight]
+    if info.dtype != "float32" or info.shape is None or len(info.shape) < 3:
+        return False
+    return any(graph.nodes[c].op_type == "Conv" and graph.nodes[c].is_default_domain
+               and len(graph.nodes[c].inputs) > 1 and graph.nodes[c].inputs[1] == weight
+               for c in info.consumers)
 
 
 def held_bytes(graph: Graph, weights: Iterable[str]) -> int:
