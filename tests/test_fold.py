@@ -190,3 +190,19 @@ def test_a_large_fill_is_written_without_holding_it(tmp_path: Path) -> None:
     above_baseline = int(run_python(COMPILE, str(path))) - int(run_python(BASELINE))
     print(f"\ncompile of a {fill_bytes / 2**20:.0f} MiB fill: {above_baseline / 2**20:.1f} MiB above baseline")
     assert above_baseline < fill_bytes // 4
+
+
+def test_an_in_memory_model_spills_its_embedded_weights_beside_the_computed_ones(cache: Path) -> None:
+    """A ModelProto with a large embedded weight and a fill: the spill joins the computed
+    weights in the model's cache folder, from which the streamed sessions read both."""
+    w1 = np.random.default_rng(2).standard_normal((256, 256)).astype(np.float32)
+    model = onnx.parser.parse_model(FILL.replace("VALUE", "0.5").replace("float[1, 256] x", "float[1, 256] x0")
+                                    .replace("{\n", "{\n    x = MatMul (x0, w1)\n", 1))
+    model.graph.initializer.append(numpy_helper.from_array(w1, "w1"))
+    compiled = hyperion.compile(model, memory_limit=300_000, mode="memory_opt", weight_cache=0)
+    assert compiled.ir.tensors["w"].role is TensorRole.WEIGHT
+    x0 = {"x0": _x(256)}
+    reference = reference_outputs(model.SerializeToString(), x0, prepack_weights=compiled.schedule.prepack_weights)
+    assert_outputs_equal(compiled.run(x0), reference)
+    folder = weights_folder(load_source(model, fold_constants=False).sha256)
+    assert {p.name.split("-")[0].split(".")[0] for p in folder.iterdir()} == {"folded", "weights"}
