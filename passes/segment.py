@@ -176,10 +176,12 @@ class _Costs:
     def transient(self, weights: set[str]) -> int:
         """Held only while a session is created: the original of the weight being packed,
         and the blocked copies of its Conv weights (costs.reordered_conv_bytes)."""
-        if not self.prepack:
-            return 0
-        return (max((self.plain[w] for w in weights), default=0)
-                + reordered_bytes(self.plain[w] for w in weights if w in self.conv_weights))
+        packing = max((self.plain[w] for w in weights), default=0) if self.prepack else 0
+        # Packing off or not, a session that holds its Conv weights as initializers (every
+        # session of a normal plan, every session of a packed one) has them reordered.
+        held_as_initializers = self.prepack or self.normal
+        return packing + (reordered_bytes(self.plain[w] for w in weights if w in self.conv_weights)
+                          if held_as_initializers else 0)
 
     def persistent(self, span: _GrowingSpan | Span) -> bool:
         """Whether the span's session outlives its run whatever the weight cache: every
@@ -401,7 +403,7 @@ class _Layout:
         blocked copies of its Conv weights made while that session is created."""
         span = self.spans[index]
         workspace = list(self.costs.cached_workspace[span.start:span.stop])
-        if not self.costs.prepack:   # packed plans count them in every creation already
+        if not (self.costs.prepack or self.costs.normal):   # counted in every creation of those already
             workspace[0] += reordered_bytes(self.costs.plain[w] for w in span.weights if w in self.costs.conv_weights)
         return workspace
 

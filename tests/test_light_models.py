@@ -143,7 +143,9 @@ def test_under_half_the_peak(name: str) -> None:
     compiled = _run_under(model, model.peak_bytes // 2)
     # The weights were computed at import: no segment computes one on every run.
     assert all(segment.fold_constants for segment in compiled.schedule.segments)
-    assert "ConstantOfShape" not in {step.op_type for step in compiled.schedule.steps}
+    tensors = compiled.schedule.tensors
+    assert all((tensors[output].bytes or 0) <= 4096 for step in compiled.schedule.steps
+               if step.op_type == "ConstantOfShape" for output in step.outputs)  # only small fills stay nodes
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
