@@ -14,7 +14,7 @@ external-data weights:
   unpacked -- and its plain size otherwise: :func:`held_bytes`.
 * While a session is being created it holds, on top of that, the original of
   the weight being packed, at most the largest one, and the copies onnxruntime's
-  NCHWc layout transformer makes of its Conv weights (:func:`reordered_conv_bytes`;
+  BatchNormalization fusion and NCHWc layout transformer make of its Conv weights (:func:`reordered_conv_bytes`;
   ``passes/segment.py`` accounts both).
 * A session's own bookkeeping (graph, kernels, thread pool) is about 120 KiB
   plus 3-17 KiB per node (100 sessions of one Relu: 124 KiB each; of 100 Relus:
@@ -98,20 +98,21 @@ def resident_bytes(graph: Graph, weight: str) -> int:
 
 def reordered_conv_bytes(graph: Graph, weights: Iterable[str]) -> int:
     """Held only while a session that has ``weights`` as initializers is created, for its
-    Conv weights: onnxruntime's NCHWc layout transformer (optimization level "all", its
-    default) reads each float32 Conv weight into a buffer and writes a blocked copy into
-    the graph, and the session then copies every blocked weight into its own tensors. One
-    3x3 Conv of 1024 channels (36 MiB of weight) peaked at 144 MiB while its session was
-    created and held 36 MiB afterwards; light_inception_v2 (43 MiB of Conv weights) and
-    light_resnet50 (97 MiB) peaked 53 and 108 MiB above what they hold. So: every Conv
-    weight once more, plus the largest twice."""
+    Conv weights: onnxruntime fuses BatchNormalization into Conv weights and its NCHWc
+    layout transformer (optimization level "all", its default) reads each float32 Conv
+    weight into a buffer and writes a blocked copy into the graph; the session then copies
+    every such weight into its own tensors. Measured peaks while a session was created,
+    above what it holds afterwards: one 3x3 Conv of 1024 channels (36 MiB) 108 MiB; the
+    whole of light_inception_v2 (43 MiB of weights, largest 3.9 MiB) 65 MiB; light_resnet50
+    (97 MiB, largest 9 MiB) 169 MiB. So: every Conv weight twice more, plus the largest
+    twice more (an upper bound of all three)."""
     sizes = [graph.tensors[w].nbytes or 0 for w in set(weights) if is_conv_weight(graph, w)]
     return reordered_bytes(sizes)
 
 
 def reordered_bytes(conv_weight_sizes: Iterable[int]) -> int:
     sizes = list(conv_weight_sizes)
-    return sum(sizes) + 2 * max(sizes, default=0)
+    return 2 * sum(sizes) + 2 * max(sizes, default=0)
 
 
 def is_conv_weight(graph: Graph, weight: str) -> bool:
