@@ -156,7 +156,10 @@ class _Costs:
         self.weights = [set(graph.weights_of(node)) for node in liveness.order]
         names = {w for ws in self.weights for w in ws}
         self.plain = {w: graph.tensors[w].nbytes or 0 for w in names}
-        self.conv_weights = frozenset(w for w in names if is_conv_weight(graph, w))
+        # Conv weights a session holds as initializers; a step Hyperion runs itself (tiles)
+        # hands its one-node sessions tiles as inputs: nothing of it is reordered.
+        tiled = {w for step in isolated for w in self.weights[step]}
+        self.conv_weights = frozenset(w for w in names if is_conv_weight(graph, w) and w not in tiled)
         # Unpacked, a session holds each weight where it is mapped, at its own size.
         self.resident = {w: resident_bytes(graph, w) for w in names} if prepack else self.plain
         self.all_held = sum(resident_bytes(graph, t.name) if prepack else t.nbytes or 0

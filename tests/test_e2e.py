@@ -66,7 +66,9 @@ def test_adaptive_records_its_choice() -> None:
     path = fixture_path("demo")
     uncapped = hyperion.compile(path, input_shapes={"image": [1, 3, 64, 64]})
     assert uncapped.schedule.mode == "normal" and "no memory limit" in uncapped.schedule.mode_reason
-    capped = hyperion.compile(path, memory_limit=uncapped.schedule.peak_bytes * 3 // 4,
+    # Half: the uncapped peak is one session's creation with every Conv weight reordered,
+    # which a segmented normal plan at three quarters of it no longer pays at once.
+    capped = hyperion.compile(path, memory_limit=uncapped.schedule.peak_bytes // 2,
                               input_shapes={"image": [1, 3, 64, 64]})
     assert capped.schedule.requested_mode == "adaptive"
     assert capped.schedule.mode == "memory_opt" and "normal mode needs" in capped.schedule.mode_reason
