@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hyperion.api import CompiledModel, compile, load
 from hyperion.errors import (
+                             CacheError,
                              FeedError,
                              HyperionError,
                              MemoryLimitError,
@@ -41,7 +42,7 @@ from hyperion.units import parse_size
 __version__ = "0.1.0"
 
 __all__ = [
-    "CompiledModel", "EdgeKind", "ExecutionMode", "FeedError", "HyperionError", "InferenceSession",
+    "CacheError", "CompiledModel", "EdgeKind", "ExecutionMode", "FeedError", "HyperionError", "InferenceSession",
     "MemoryLimitError", "ModelLoadError", "ObservedSizeError", "OptionError", "OutputError", "Partition",
     "PartitionError", "PassError", "RunStats", "StageFailedError",
     "RuntimeExecutionError", "Schedule", "ScheduleError", "ShapeError", "UnsafeModelError", "UnsupportedModelError",

@@ -17,13 +17,14 @@ from hyperion.frontend import (
     ModelLike,
     ModelSource,
     declared_input_shapes,
+    fold_constants,
     import_model,
     load_source,
     require_bound,
     restrict_to_outputs,
     unbound_dims,
 )
-from hyperion.ir import ExecutionMode, Graph
+from hyperion.ir import ExecutionMode, Graph, TensorRole
 from hyperion.planner import optimal_batch_size, parse_mode, plan
 from hyperion.replan import ReplanRunner, ReplanStats, Runner, TracedReplan, runner_for
 from hyperion.runtime import RunStats, Runtime, SessionConfig
@@ -489,6 +490,15 @@ def _cache_size(weight_cache: int | str) -> int:
     return parse_size(weight_cache, option="weight_cache") or 0
 
 
+def _plans_computed_weights(schedule: Schedule, source: ModelSource) -> bool:
+    """Whether ``schedule`` was planned with the weights import computes from constants
+    (hyperion.frontend.fold): it names weights the model file does not hold. A schedule
+    saved before import computed them runs the model's nodes as they are."""
+    initializers = {t.name for t in source.proto.graph.initializer}
+    return any(record.role is TensorRole.WEIGHT and name not in initializers
+               for name, record in schedule.tensors.items())
+
+
 def load(model: ModelLike, schedule: str | os.PathLike | Schedule, *, prepack_weights: bool = True,
          base_dir: str | os.PathLike | None = None) -> CompiledModel:
     """A compiled model that runs a saved schedule; refuses a schedule of another model.
@@ -504,11 +514,13 @@ def load(model: ModelLike, schedule: str | os.PathLike | Schedule, *, prepack_we
     if not isinstance(schedule, Schedule | str | os.PathLike):
         raise OptionError(f"schedule: expected a path or a hyperion.Schedule, got {type(schedule).__name__}")
     loaded = schedule if isinstance(schedule, Schedule) else Schedule.load(schedule)
-    source = load_source(model, base_dir)
+    source = load_source(model, base_dir, fold_constants=False)
     label = str(schedule) if not isinstance(schedule, Schedule) else "<schedule>"
     if loaded.model.sha256 != source.sha256:
         raise ScheduleError(f"{label}: schedule is for another model (sha256 {loaded.model.sha256[:12]}…, "
                             f"{source.label} has {source.sha256[:12]}…); recompile it with hyperion compile")
+    if _plans_computed_weights(loaded, source):
+        source = fold_constants(source)
     check_consistency(loaded, source, label)
     config = SessionConfig.for_schedule(loaded, prepack_weights=prepack_weights and loaded.prepack_weights)
     return CompiledModel.from_schedule(source, loaded, config)

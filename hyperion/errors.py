@@ -157,10 +157,18 @@ class OutputError(HyperionError):
     exit_code = 15
 
 
+class CacheError(OutputError):
+    """Hyperion's own cache folder (``HYPERION_CACHE_DIR``, default ``~/.cache/hyperion``)
+    cannot take a file it must write there -- read-only, or without room -- or holds an
+    entry that is not what Hyperion wrote. Names the folder or file."""
+
+    exit_code = 20
+
+
 #: Exit status of the command line for each error class (docs/errors.md); 1 is reserved
 #: for ``run --check`` finding outputs that differ, 70 for an internal error (a bug: please
 #: report it), 130 for Ctrl-C.
 EXIT_CODES = {cls.__name__: cls.exit_code for cls in (
     HyperionError, OptionError, ModelLoadError, UnsafeModelError, ShapeError, UnsupportedModelError, FeedError,
     MemoryLimitError, ObservedSizeError, ScheduleError, PassError, RuntimeExecutionError, SchedulerError,
-    SchedulerMemoryError, OutputError, PartitionError, StageFailedError, MissingExtraError)}
+    SchedulerMemoryError, OutputError, CacheError, PartitionError, StageFailedError, MissingExtraError)}

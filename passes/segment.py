@@ -43,7 +43,7 @@ class Segmentation:
     cyclic_prefetch: bool = False         # the last segment prefetches segment 0 for the next run
     pinned_bytes: int = 0
     prepack_weights: bool = True          # sessions pre-pack weights (False: held at their own size)
-    relaid: tuple[bool, ...] = ()         # per segment: its fed convolutions' weights re-laid (rule 12)
+    relaid: tuple[bool, ...] = ()         # per segment: its fed convolutions' weights re-laid (rule 13)
 
     @property
     def peak_bytes(self) -> int:
@@ -196,9 +196,12 @@ class _Costs:
                             for t in graph.tensors.values() if graph.is_weight(t.name))
         # What onnxruntime's optimizer adds while it rewrites a convolution's weight, per
         # weight (costs.relayout_bytes): whenever a packed or normal plan builds a session
-        # holding it, in a fed plan only for relaid segments (rule 12).
+        # holding it, in a fed plan only for relaid segments (rule 13). A step Hyperion runs
+        # itself (tiles) hands its one-node sessions tiles as inputs: nothing of it is rewritten.
+        tiled = {w for step in isolated for w in self.weights[step]}
         self.rewritten = {node.inputs[1]: copy for node in nodes
-                          if (copy := relayout_bytes(graph, node)) and self.plain[node.inputs[1]] > SMALL_TENSOR_BYTES}
+                          if (copy := relayout_bytes(graph, node)) and node.inputs[1] not in tiled
+                          and self.plain[node.inputs[1]] > SMALL_TENSOR_BYTES}
         self.relaid_weights = frozenset(self.rewritten) if fed and relayout else frozenset()
 
     def activation(self, step: int, relaid: bool) -> int:
@@ -207,10 +210,10 @@ class _Costs:
         return self.activations[step] + (self.cached_workspace[step] if relaid else 0)
 
     def relaid_copy(self, weights: set[str]) -> int:
-        """What onnxruntime's optimizer adds while it re-lays these weights (rule 12)."""
-        return self._rewriting(weights & self.relaid_weights)
+        """What onnxruntime's optimizer adds while it re-lays these weights (rule 13)."""
+        return self.rewriting(weights & self.relaid_weights)
 
-    def _rewriting(self, weights: set[str] | frozenset[str]) -> int:
+    def rewriting(self, weights: set[str] | frozenset[str]) -> int:
         return rewrite_bytes((self.plain[w], self.rewritten[w]) for w in weights if w in self.rewritten)
 
     def prefetched(self, step: int) -> bool:
@@ -226,11 +229,11 @@ class _Costs:
 
     def transient(self, weights: set[str]) -> int:
         """Held only while a session with these weights as constants is created: the
-        original of the weight being packed, or, before that, the optimizer's copies of
-        its convolutions' weights."""
-        if not self.prepack:
-            return 0
-        return max(max((self.plain[w] for w in weights), default=0), self._rewriting(weights))
+        original of the weight being packed, and the optimizer's copies of its convolutions'
+        weights (costs.rewrite_bytes) -- packing off or not, every session of a normal or
+        packed plan holds its weights as initializers and has its convolutions rewritten."""
+        packing = max((self.plain[w] for w in weights), default=0) if self.prepack else 0
+        return packing + (self.rewriting(weights) if self.prepack or self.normal else 0)
 
     def persistent(self, span: _GrowingSpan | Span) -> bool:
         """Whether the span's session outlives its run whatever the weight cache: every
@@ -260,7 +263,7 @@ class _GrowingSpan:
 
     def __init__(self, costs: _Costs, start: int, relaid: bool = False) -> None:
         self.costs, self.start, self.stop = costs, start, start + 1
-        self.relaid = relaid   # rule 12: built through onnxruntime's optimizer, then fed re-laid weights
+        self.relaid = relaid   # rule 13: built through onnxruntime's optimizer, then fed re-laid weights
         self.held_inputs = 0
         self.step_activation = [costs.activation(start, relaid)]
         self.activation_peak = self.step_activation[0]
@@ -317,7 +320,7 @@ class _Rules:
         return first_activation + loading <= self.budget
 
     def relaid(self, costs: _Costs, start: int) -> bool:
-        """Whether a segment starting at ``start`` is relaid (rule 12): when that step fits
+        """Whether a segment starting at ``start`` is relaid (rule 13): when that step fits
         alone with the optimizer's copy of its weights and its constant-weight workspace."""
         if not costs.relaid_weights or start in costs.region_starts:
             return False
@@ -469,11 +472,15 @@ class _Layout:
 
     def _cached_workspace(self, index: int) -> list[int]:
         """Per step of segment ``index``: the workspace its kernels add once its session
-        holds its weights as initializers (cached, in a fed plan)."""
+        holds its weights as initializers (cached, in a fed plan); at its first step, the
+        blocked copies of its Conv weights made while that session is created."""
         span = self.spans[index]
-        if span.relaid:   # its activations count it already
+        if span.relaid:   # its activations and its loading count it already
             return [0] * (span.stop - span.start)
-        return self.costs.cached_workspace[span.start:span.stop]
+        workspace = list(self.costs.cached_workspace[span.start:span.stop])
+        if not (self.costs.prepack or self.costs.normal):   # counted in every creation of those already
+            workspace[0] += self.costs.rewriting(span.weights)
+        return workspace
 
     def choose_cache(self, memory_limit: int | None, weight_cache_bytes: int | None) -> tuple[int, ...]:
         """Segments in order, each kept if it fits the cache budget and the cap."""
@@ -556,6 +563,10 @@ def _single_steps(costs: _Costs, prefetch: bool, pinned_bytes: int) -> list[int]
                 cost = max(cost, activation + costs.loading(weights))
         else:
             cost = activation + costs.loading(weights)
+            if costs.relaid_weights and step not in costs.region_starts:
+                # Relaid, a Conv runs on NCHWc copies instead of MLAS's im2col buffer, which
+                # can be the cheaper of the two (rule 13): the step runs whichever fits.
+                cost = min(cost, costs.activation(step, True) + costs.loading(weights, True))
         singles.append(cost + pinned_bytes)
     return singles
 

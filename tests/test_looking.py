@@ -67,7 +67,7 @@ def check_trace_events(trace: dict) -> dict[str, list[dict]]:
 
 
 def test_trace_of_a_capped_run(tmp_path: Path) -> None:
-    cm = _demo("4MB", prepack_weights=True)   # packed: sessions prefetched on a thread
+    cm = _demo("4.5MB", prepack_weights=True)   # packed (Conv weights reordered while built): prefetched on a thread
     assert cm.schedule.mode == "memory_opt" and cm.schedule.prefetch and len(cm.schedule.segments) > 1
     feeds = example_feeds("demo")
     expected = cm.run(feeds)
@@ -139,7 +139,7 @@ def test_trace_of_a_whole_model_run_and_a_streaming_run(tmp_path: Path) -> None:
 
 
 def test_no_trace_file_when_the_run_fails(tmp_path: Path) -> None:
-    cm = _demo("4MB", prepack_weights=True)   # packed: sessions prefetched on a thread
+    cm = _demo("4.5MB", prepack_weights=True)   # packed (Conv weights reordered while built): prefetched on a thread
     with pytest.raises(hyperion.FeedError):
         cm.run({"image": np.zeros((1, 3, 64, 64), np.float64)}, trace=tmp_path / "run.json")
     assert not (tmp_path / "run.json").exists()
@@ -182,7 +182,7 @@ def test_roles_sum_to_the_accounted_bytes(name: str) -> None:
 def test_plot_png_has_its_size_and_is_not_blank(tmp_path: Path) -> None:
     from matplotlib.image import imread
 
-    cm = _demo("4MB", prepack_weights=True)   # packed: sessions prefetched on a thread
+    cm = _demo("4.5MB", prepack_weights=True)   # packed (Conv weights reordered while built): prefetched on a thread
     cm.schedule.save(tmp_path / "s.json")
     cm.run(example_feeds("demo"), trace=tmp_path / "run.json")
     assert main(["plot", str(tmp_path / "s.json"), "-o", str(tmp_path / "m.png"), "--trace",

@@ -130,11 +130,11 @@ def _lean_tensor(buf: mmap.mmap, start: int, end: int, location: str) -> TensorP
     if raw is None or raw[1] - raw[0] <= SMALL_INITIALIZER_BYTES:
         return TensorProto.FromString(bytes(buf[start:end]))
     tensor = TensorProto.FromString(bytes(rest))
-    _refer(tensor, location, raw[0], raw[1] - raw[0])
+    refer(tensor, location, raw[0], raw[1] - raw[0])
     return tensor
 
 
-def _refer(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+def refer(tensor: TensorProto, location: str, offset: int, length: int) -> None:
     tensor.ClearField("raw_data")
     tensor.data_location = TensorProto.EXTERNAL
     del tensor.external_data[:]
@@ -151,6 +151,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hyperion"
 
 
+def weights_folder(sha256: str) -> Path:
+    """The cache folder of the model whose sha256 is ``sha256``: its spilled embedded
+    weights, and the weights import computes from its constants (:mod:`.fold`)."""
+    return cache_dir() / "weights" / sha256
+
+
 def embedded_weights(initializers: list[TensorProto]) -> list[TensorProto]:
     return [t for t in initializers if t.data_location != TensorProto.EXTERNAL and t.HasField("raw_data")
             and len(t.raw_data) > SMALL_INITIALIZER_BYTES]
@@ -160,7 +166,7 @@ def spill(initializers: list[TensorProto], sha256: str) -> tuple[Path, dict[str,
     """Write the large embedded weights once to a file keyed by the model's sha256;
     (its folder, a reference proto per weight)."""
     weights = embedded_weights(initializers)
-    folder = cache_dir() / "weights" / sha256
+    folder = weights_folder(sha256)
     target = folder / "weights.bin"
     offsets, total = [], 0
     for tensor in weights:
@@ -182,7 +188,7 @@ def spill(initializers: list[TensorProto], sha256: str) -> tuple[Path, dict[str,
     for tensor, offset in zip(weights, offsets, strict=True):
         reference = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
                                 doc_string=tensor.doc_string)
-        _refer(reference, target.name, offset, len(tensor.raw_data))
+        refer(reference, target.name, offset, len(tensor.raw_data))
         references[tensor.name] = reference
     return folder, references
 

@@ -34,6 +34,9 @@ class ModelSource:
     base_dir: Path
     sha256: str
     opset: int
+    # Weights import computed from constants (hyperion.frontend.fold): in ``proto`` they are
+    # initializers, in the user's model the outputs of nodes onnxruntime would fold itself.
+    computed_weights: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -41,10 +44,22 @@ class ModelSource:
 
 
 
-def load_source(model: ModelLike, base_dir: str | os.PathLike | None = None) -> ModelSource:
+def load_source(model: ModelLike, base_dir: str | os.PathLike | None = None, *,
+                fold_constants: bool = True) -> ModelSource:
     """The model as given. ``base_dir`` is where the external data of a model given as
     bytes or a ``ModelProto`` lives; required when it has any (a model file's folder is
-    its own, and ``base_dir`` must then be left out or name that folder)."""
+    its own, and ``base_dir`` must then be left out or name that folder).
+
+    ``fold_constants``: large tensors the model computes from constants alone are
+    computed now, once, and served as weights from Hyperion's cache (:mod:`.fold`)."""
+    source = _load_source(model, base_dir)
+    if not fold_constants:
+        return source
+    from hyperion.frontend.fold import fold_constants as fold  # fold builds on this module
+    return fold(source)
+
+
+def _load_source(model: ModelLike, base_dir: str | os.PathLike | None) -> ModelSource:
     folder = _base_dir(base_dir)
     if isinstance(model, ModelProto):
         data = model.SerializeToString()

@@ -258,14 +258,16 @@ def _whole_model(imported: ImportedModel, program: Program, segments: tuple[Segm
 
     Not under a cap when the model file itself holds the weights (served in place
     from a lean proto, :func:`hyperion.frontend.embedded.load_lean`): onnxruntime
-    given that file would copy every weight while loading it.
+    given that file would copy every weight while loading it. Nor under a cap when
+    import computed weights from constants (:mod:`hyperion.frontend.fold`): the user's
+    model would compute them again, and onnxruntime hold both them and their packed copies.
     """
     if program.mode is not ExecutionMode.NORMAL or len(segments) != 1 or not is_whole_graph(imported, program.graph):
         return False
-    path = imported.source.path
-    in_model_file = path is not None and any(
-        t.external is not None and t.external.path == str(path) for t in program.graph.tensors.values())
-    return not (program.memory_limit is not None and in_model_file)
+    source = imported.source
+    in_model_file = source.path is not None and any(
+        t.external is not None and t.external.path == str(source.path) for t in program.graph.tensors.values())
+    return not (program.memory_limit is not None and (in_model_file or source.computed_weights))
 
 
 def build_schedule(imported: ImportedModel, program: Program, *, requested: ExecutionMode,

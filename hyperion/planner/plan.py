@@ -162,7 +162,8 @@ def _adaptive(planner: Planner, memory_limit: int) -> tuple[Program, str]:
         # The smallest cap adaptive can meet: the smaller of normal's and memory_opt's, both
         # planned under a cap (memory_opt's can exceed normal's: it accounts a prefetched
         # segment). Streaming's figure is read off an uncapped plan, so it is no promise.
-        smallest = min(normal_smallest, memory_opt_error.smallest_limit_bytes)
+        smallest = min(_verified_smallest(planner, ExecutionMode.NORMAL, normal_smallest),
+                       _verified_smallest(planner, ExecutionMode.MEMORY_OPT, memory_opt_error.smallest_limit_bytes))
         raise MemoryLimitError(
             f"{memory_opt_error}; streaming cannot help: {streaming_error}; the smallest limit that works in "
             f"adaptive mode is {smallest} bytes ({format_size(smallest)})", node=memory_opt_error.node,
@@ -170,6 +171,25 @@ def _adaptive(planner: Planner, memory_limit: int) -> tuple[Program, str]:
     return program, (f"{normal_needs}; memory_opt needs at least "
                      f"{format_size(memory_opt_error.smallest_limit_bytes)} for the whole batch; "
                      f"{_chunk_phrase(program)}")
+
+
+SMALLEST_LIMIT_ROUNDS = 4
+
+
+def _verified_smallest(planner: Planner, mode: ExecutionMode, smallest: int) -> int:
+    """``smallest``, a mode's smallest limit read off its plan under a smaller cap, planned
+    at until a plan fits: a plan under the larger cap may pay what the smaller cap's did not
+    (sessions kept across runs, and their bookkeeping). A few rounds at most; only compiles
+    that are refused pay them."""
+    for _ in range(SMALLEST_LIMIT_ROUNDS):
+        try:
+            planner.run(mode, smallest)
+            return smallest
+        except MemoryLimitError as error:
+            if error.smallest_limit_bytes <= smallest:
+                return smallest
+            smallest = error.smallest_limit_bytes
+    return smallest
 
 
 def _peak_bytes(program: Program) -> int:

@@ -35,7 +35,7 @@ from onnx import TensorProto, numpy_helper
 
 from hyperion.errors import ModelLoadError
 from hyperion.frontend import ModelSource
-from hyperion.frontend.embedded import embedded_weights, spill
+from hyperion.frontend.embedded import embedded_weights, spill, weights_folder
 from hyperion.frontend.source import external_location
 from hyperion.schedule import TensorRecord
 
@@ -127,12 +127,15 @@ class WeightStore:
         """Serve large embedded weights of an in-memory model from a spilled file.
 
         Only for models without external data of their own (one folder must hold
-        every file a session reads). Returns whether anything was spilled.
+        every file a session reads; weights computed from constants at import are in
+        the spill's folder already). Returns whether anything was spilled.
         """
         initializers = list(self.source.proto.graph.initializer)
         if self.source.path is not None or not embedded_weights(initializers):
             return False
-        if any(t.data_location == TensorProto.EXTERNAL for t in initializers):
+        folder = weights_folder(self.source.sha256)
+        # Weights import computed from constants are in that same folder: the spill joins them.
+        if self.source.base_dir != folder and any(t.data_location == TensorProto.EXTERNAL for t in initializers):
             log.info("%s: embedded weights stay in the proto: the model also has external data",
                      self.source.label)
             return False

@@ -13,8 +13,9 @@ external-data weights:
   16) if it is pre-packed -- plus the original if another node also reads it
   unpacked -- and its plain size otherwise: :func:`held_bytes`.
 * While a session is being created it holds, on top of that, the original of
-  the weight being packed, at most the largest one (``passes/segment.py``
-  accounts it).
+  the weight being packed, at most the largest one, and the copies onnxruntime's
+  BatchNormalization fusion and NCHWc layout transformer make of its Conv weights
+  (:func:`rewrite_bytes`; ``passes/segment.py`` accounts both).
 * A session's own bookkeeping (graph, kernels, thread pool) is about 120 KiB
   plus 3-17 KiB per node (100 sessions of one Relu: 124 KiB each; of 100 Relus:
   419 KiB; of 20 small Convs: 454 KiB; of 20 fed MatMuls: 226 KiB):
@@ -26,10 +27,6 @@ external-data weights:
   allowance of the RSS promise, with onnxruntime's code and Hyperion's own data.
 * Some kernels allocate a workspace while they run, beyond their inputs and
   outputs: :func:`workspace_bytes`.
-* A session whose convolutions have constant weights rewrites them while it is
-  created -- BatchNormalization folded into a new weight, that weight re-laid in
-  NCHWc blocks -- and holds the originals and the rewritten copies until it is
-  done: :func:`relayout_bytes`.
 
 Weights embedded in the ONNX file are turned into external data first
 (:mod:`hyperion.frontend.embedded`), so the same rules hold for them. With pre-packing
@@ -111,6 +108,7 @@ def held_bytes(graph: Graph, weights: Iterable[str]) -> int:
 #   one 3x3 Conv of 1024 channels (36 MiB of weight)                                    +144 MiB
 #   ResNet-50's first 47.5 MiB of Conv weights (BatchNormalization folded on export)   +97.9 MiB
 #   Conv -> BatchNormalization -> Relu, 512 ch 3x3 (9 MiB a weight), 1 / 4 layers       +53.4 / +152.4 MiB
+#   onnx's light Inception-v2 / ResNet-50 (43 / 97 MiB of Conv weights)   +65 / +169 MiB over what they hold
 #
 # i.e. about 20 MiB once (onnxruntime's code and optimizer paged in) plus, per byte of
 # weight, the byte read and one more for the NCHWc re-layout -- 2.7 more when a
