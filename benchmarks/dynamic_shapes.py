@@ -16,7 +16,6 @@ Prints a Markdown table (docs/dynamic_shapes.md shows one).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hyperion  # noqa: E402
 from fixtures.dynamic_shapes import BUILDERS, dynamic_feeds  # noqa: E402
+from hyperion.tools.report import spread  # noqa: E402
 from hyperion.units import format_size, parse_size  # noqa: E402
 from tests.test_replan import BUILD_ARGS, CASES  # noqa: E402
 
@@ -58,9 +58,6 @@ def measure(name: str, cap: str, repeats: int) -> dict[str, Any]:
             "peak": cm.stats.peak_bytes}
 
 
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -74,7 +71,7 @@ def main() -> None:
         for cap in caps:
             row = measure(name, cap, args.repeats)
             print(f"| {name} | {cap} | {row['how']} | {row['plans']} | {row['replan_ms']:.1f} | "
-                  f"{row['first_ms']:.1f} | {_spread(row['ours'])} | {_spread(row['ort'])} | "
+                  f"{row['first_ms']:.1f} | {spread(row['ours'])} | {spread(row['ort'])} | "
                   f"{format_size(row['peak'])} of {format_size(parse_size(cap) or 0)} |")
 
 

@@ -13,7 +13,6 @@ and the recorder). Prints a Markdown table (docs/looking.md shows one).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hyperion  # noqa: E402
 from fixtures.dynamic_shapes import BUILDERS, dynamic_feeds  # noqa: E402
 from hyperion.runtime.trace import RUN_TRACK  # noqa: E402
+from hyperion.tools.report import spread  # noqa: E402
 from tests.test_replan import BUILD_ARGS, CASES  # noqa: E402
 
 
@@ -63,11 +63,6 @@ def measure(name: str, cap: str, repeats: int) -> dict[str, Any]:
     return {"name": name, "cap": cap, "first": runs[0], "later": runs[1:], "untraced": untraced}
 
 
-def _spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,8 +79,8 @@ def main() -> None:
         miss = (f"{first.get('re-plan', 0.0):.1f} ({first.get('import the rest', 0.0):.1f} + "
                 f"{first.get('plan the rest', 0.0):.1f})")
         column = {part: [run[part] for run in later if part in run] for part in ("prefix", "re-plan", "rest", "run")}
-        print(f"| {name} | {cap} | {miss} | {_spread(column['prefix'])} | {_spread(column['re-plan'])} | "
-              f"{_spread(column['rest'])} | {_spread(column['run'])} | {_spread(result['untraced'])} |", flush=True)
+        print(f"| {name} | {cap} | {miss} | {spread(column['prefix'])} | {spread(column['re-plan'])} | "
+              f"{spread(column['rest'])} | {spread(column['run'])} | {spread(result['untraced'])} |", flush=True)
 
 
 if __name__ == "__main__":

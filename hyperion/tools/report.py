@@ -4,6 +4,7 @@ the same figures as JSON (``inspect --json``), Graphviz and planned-trace export
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -113,6 +114,13 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def spread(values: Sequence[float]) -> str:
+    """Median and range of repeated measurements, as the benchmarks' tables print them."""
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def step_table(schedule: Schedule) -> str:
