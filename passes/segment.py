@@ -62,9 +62,8 @@ class SegmentPass(Pass):
        segment and last read inside it stays accounted until the segment's last step;
     3. a session holds its weights as :mod:`hyperion.passes.memory.costs` says: packed
        copies for pre-packed weights, the plain bytes for the others; while it is
-       being created it also holds the original of the weight being packed, or the
-       optimizer's copies of its convolutions' weights (``costs.relayout_bytes``),
-       whichever is more. With
+       being created it also holds the original of the weight being packed and the
+       optimizer's copies of its convolutions' weights (``costs.rewrite_bytes``). With
        ``prepack_weights=False`` sessions pack nothing: every weight is held at its
        own size, mapped, and creating a session holds nothing more;
     4. ``normal`` mode: every weight is resident all the time, and the first step
