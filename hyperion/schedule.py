@@ -109,6 +109,9 @@ class Tiles:
     in_place: bool             # output slices are contiguous: tiles are bound straight into the output
     staging_bytes: int         # the weight tile's buffer, plus an output tile's when not in place
     initializers_in_place: bool  # sessions use the weight tile's buffer in place; else onnxruntime copies it
+    # Tiles are inputs of one session per tile width, built once and kept (a fed plan's MatMul
+    # or Gemm: unpacked, as its other fed weights); else each tile builds a session of its own.
+    fed: bool = False            # optional in the file
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,14 @@ def _tiles(program: Program, node: str) -> Tiles | None:
     shape = tiled.geometry
     return Tiles(weight=shape.weight, bias=shape.bias, output=shape.output, output_axis=shape.output_axis,
                  weight_axis=shape.weight_axis, bounds=tiled.bounds, in_place=shape.in_place,
-                 staging_bytes=tiled.staging_bytes, initializers_in_place=shape.initializers_in_place)
+                 staging_bytes=tiled.staging_bytes, initializers_in_place=shape.initializers_in_place,
+                 fed=shape.initializers_in_place and not _packs(program))
+
+
+def _packs(program: Program) -> bool:
+    """Whether the plan's sessions pre-pack their weights (normal mode, or packed)."""
+    _, _, segmentation = planned(program)
+    return program.mode is ExecutionMode.NORMAL or segmentation.prepack_weights
 
 
 def generated_weights(graph: Graph, nodes: list[NodeInfo]) -> list[str]:

@@ -117,6 +117,7 @@ class Runtime:
         self._node_protos: dict[str, NodeProto] | None = None
         self._segment_models: dict[int, bytes] = {}
         self._tile_models: dict[tuple, bytes] = {}   # tiled steps' one-node models, weightless
+        self._tile_sessions: dict[tuple, ort.InferenceSession] = {}   # fed tiles' sessions, kept across runs
         self._relaid: dict[int, tuple[RelaidWeight, ...]] = {}   # relaid segments' fed weights, once built
         kept = frozenset(segment.index for segment in schedule.segments if segment.persistent)
         self.pool = SessionPool(_weak_builder(self), kept, schedule.prefetch)
@@ -204,6 +205,7 @@ class Runtime:
     def close(self) -> None:
         """Release every session (and the weights they hold) and every weight mapping."""
         self.pool.close()
+        self._tile_sessions.clear()
         self.weights.close()
 
     def settle(self) -> float:
@@ -406,10 +408,17 @@ class Runtime:
                                                     locations if in_place else {})
             return self._tile_models[key]
 
+        def kept(width: int, tile_inputs: Mapping[str, np.ndarray]) -> ort.InferenceSession:
+            key = (step.index, width, tuple(v.shape for v in tile_inputs.values()))
+            if key not in self._tile_sessions:
+                self._tile_sessions[key] = ort.InferenceSession(build(width, tile_inputs), self._options(),
+                                                                providers=["CPUExecutionProvider"])
+            return self._tile_sessions[key]
+
         with self.tracer.span(f"{len(tiles.bounds) - 1} tiles of {step.node}", "tiles", segment=segment.index):
             bias = self.weights.read(tiles.bias) if tiles.bias is not None and tiles.bias not in inputs else None
             return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile, bias, build, self._options,
-                             in_place)
+                             in_place, kept if tiles.fed else None)
 
     def _prefetch(self, index: int | None) -> None:
         """Get segment ``index`` ready: its session built in the background (when it is not

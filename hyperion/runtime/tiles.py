@@ -43,17 +43,22 @@ def tile_model(node: NodeProto, tiles: Tiles, width: int, weight_shape: tuple[in
                inputs: Mapping[str, np.ndarray], initializers: Mapping[str, TensorProto], opsets: list,
                locations: Mapping[str, Location]) -> bytes:
     """A one-node model of ``node`` for one tile ``width`` wide: activations as inputs, the
-    weight (and bias) tile as initializers the session is handed when it is created."""
+    weight (and bias) tile as initializers the session is handed when it is created -- or,
+    for ``tiles.fed``, as inputs too, so that one session serves every tile of that width."""
     tile_shape = list(weight_shape)
     tile_shape[tiles.weight_axis] = width
-    declared = [_reference(tiles.weight, tile_shape, locations.get(tiles.weight))]
+    sliced = {tiles.weight: tile_shape}
     if tiles.bias is not None and tiles.bias not in inputs:  # a weight: supplied like the weight tile
-        declared.append(_reference(tiles.bias, [width], locations.get(tiles.bias)))
+        sliced[tiles.bias] = [width]
+    declared = [] if tiles.fed else [_reference(name, shape, locations.get(name)) for name, shape in sliced.items()]
+    fed = [onnx.helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+           for name, shape in sliced.items()] if tiles.fed else []
     others = [initializers[name] for name in node.input if name and name in initializers
               and name not in (tiles.weight, tiles.bias)]
     graph = onnx.helper.make_graph(
-        [node], "tile", [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
-                                                            list(value.shape)) for name, value in inputs.items()],
+        [node], "tile", [*(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype),
+                                                              list(value.shape)) for name, value in inputs.items()),
+                         *fed],
         [onnx.ValueInfoProto(name=tiles.output)], [*declared, *others])
     model = onnx.helper.make_model(graph, opset_imports=opsets)
     return model.SerializeToString()
@@ -103,12 +108,15 @@ def read_weight_tile(path: Path, offset: int, name: str, shape: tuple[int, ...],
 def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], inputs: Mapping[str, np.ndarray],
               read_tile: Callable[[int, int, np.ndarray], np.ndarray], bias: np.ndarray | None,
               build: Callable[[int, Mapping[str, np.ndarray]], bytes],
-              options: Callable[[], ort.SessionOptions], in_place_initializers: bool) -> np.ndarray:
+              options: Callable[[], ort.SessionOptions], in_place_initializers: bool,
+              kept: Callable[[int, Mapping[str, np.ndarray]], ort.InferenceSession] | None = None) -> np.ndarray:
     """The step's output, tile by tile: ``read_tile(start, stop, buffer)`` gives a weight
     tile, ``build(width, inputs)`` the tile model, ``options()`` fresh session options.
     ``bias`` is a bias weight's values; a bias that is an activation is among ``inputs``.
     ``in_place_initializers``: the tile model declares the weights in their own files, so
-    sessions use the tiles in place (else they are handed over as copies)."""
+    sessions use the tiles in place (else they are handed over as copies). ``kept(width,
+    inputs)``, for ``tiles.fed``: the session built once for tiles of that width, handed each
+    tile as an input."""
     output = np.empty(output_shape, np.float32)
     staging = np.empty(max(1, tiles.staging_bytes // 4), np.float32)
     for start, stop in zip(tiles.bounds, tiles.bounds[1:], strict=False):
@@ -119,6 +127,9 @@ def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], inputs: Ma
             tile_inputs[tiles.bias] = np.ascontiguousarray(inputs[tiles.bias][start:stop])
         elif tiles.bias is not None and bias is not None:
             supplied[tiles.bias] = np.ascontiguousarray(bias[start:stop])
+        if kept is not None:
+            _run_tile(kept(stop - start, tile_inputs), tiles, node, start, stop, {**tile_inputs, **supplied}, output)
+            continue
         session_options = options()
         values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in supplied.items()}
         if in_place_initializers:   # the caller's memory, used in place: kept alive with the session
@@ -126,21 +137,30 @@ def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], inputs: Ma
                 session_options.add_initializer(name, value)
         else:
             session_options.add_external_initializers(list(values), list(values.values()))
-        where = (slice(None),) * tiles.output_axis + (slice(start, stop),)
         try:
             session = ort.InferenceSession(build(stop - start, tile_inputs), session_options,
                                            providers=["CPUExecutionProvider"])
-            target = output[where]
-            if tiles.in_place and target.flags.c_contiguous:
-                binding = session.io_binding()
-                for name, value in tile_inputs.items():
-                    binding.bind_cpu_input(name, value)
-                binding.bind_output(tiles.output, "cpu", 0, np.float32, list(target.shape), target.ctypes.data)
-                session.run_with_iobinding(binding)
-            else:
-                target[...] = session.run([tiles.output], tile_inputs)[0]
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise RuntimeExecutionError(f"node {node!r}: onnxruntime failed on tile {start}:{stop} of "
-                                        f"{tiles.output!r}: {str(exc).strip().splitlines()[0]}") from None
+            raise RuntimeExecutionError(f"node {node!r}: onnxruntime cannot build the session of tile {start}:{stop} "
+                                        f"of {tiles.output!r}: {str(exc).strip().splitlines()[0]}") from None
+        _run_tile(session, tiles, node, start, stop, tile_inputs, output)
         del session, session_options, values, supplied, weight, tile_inputs
     return output
+
+
+def _run_tile(session: ort.InferenceSession, tiles: Tiles, node: str, start: int, stop: int,
+              feeds: Mapping[str, np.ndarray], output: np.ndarray) -> None:
+    """One tile into its slice of ``output``: bound in place when the slice is contiguous."""
+    target = output[(slice(None),) * tiles.output_axis + (slice(start, stop),)]
+    try:
+        if tiles.in_place and target.flags.c_contiguous:
+            binding = session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            binding.bind_output(tiles.output, "cpu", 0, np.float32, list(target.shape), target.ctypes.data)
+            session.run_with_iobinding(binding)
+        else:
+            target[...] = session.run([tiles.output], dict(feeds))[0]
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        raise RuntimeExecutionError(f"node {node!r}: onnxruntime failed on tile {start}:{stop} of "
+                                    f"{tiles.output!r}: {str(exc).strip().splitlines()[0]}") from None
