@@ -10,6 +10,7 @@ without the graph (see :func:`hyperion.load`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 from onnx import TensorProto, TensorShapeProto, TypeProto
 
@@ -38,6 +39,8 @@ from hyperion.schedule import (
 # than the batch the types were inferred for (and the last one smaller still).
 FREE_BATCH_DIM = "hyperion_batch"
 
+
+T = TypeVar("T")
 
 def planned(program: Program) -> tuple[Liveness, MemoryPlan, Segmentation]:
     """The planning passes' results, which a schedule is made of."""
@@ -96,7 +99,7 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
     # what a session holds when the weight is fed from a mapping, so the session can
     # persist without holding it (no packing, no copy). Packed plans keep weights in
     # their sessions, packed as onnxruntime does for the whole model.
-    feeds_weights = not normal and not segmentation.prepack_weights
+    feeds_weights = _feeds_weights(program)
     segments: list[Segment] = []
     loads: list[list[str]] = [[] for _ in order]
     evicts: list[list[str]] = [[] for _ in order]
@@ -117,11 +120,11 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
             index=index, first_step=span.start, last_step=span.stop - 1, inputs=inputs, outputs=outputs,
             weights=weights, peak_bytes=max(segmentation.step_bytes[span.start:span.stop], default=0),
             model_inputs=tuple(t for t in inputs if t not in constants), inlined_constants=constants,
-            cached=index in cached, held_bytes=_at(segmentation.held_bytes, index),
-            loading_bytes=_at(segmentation.loading_bytes, index), fed_weights=fed,
+            cached=index in cached, held_bytes=_at(segmentation.held_bytes, index, 0),
+            loading_bytes=_at(segmentation.loading_bytes, index, 0), fed_weights=fed,
             # A session that holds no large weight costs its graph and kernels alone: kept.
             persistent=index in cached or len(fed) == len(large),
-            relaid=bool(fed) and _at_flag(segmentation.relaid, index),
+            relaid=bool(fed) and _at(segmentation.relaid, index, False),
             fold_constants=program.memory_limit is None or not generated_weights(graph, nodes),
             region=_region(program, span.start, outputs)))
         if not normal:
@@ -169,13 +172,13 @@ def _tiles(program: Program, node: str) -> Tiles | None:
     return Tiles(weight=shape.weight, bias=shape.bias, output=shape.output, output_axis=shape.output_axis,
                  weight_axis=shape.weight_axis, bounds=tiled.bounds, in_place=shape.in_place,
                  staging_bytes=tiled.staging_bytes, initializers_in_place=shape.initializers_in_place,
-                 fed=shape.initializers_in_place and not _packs(program))
+                 fed=shape.initializers_in_place and _feeds_weights(program))
 
 
-def _packs(program: Program) -> bool:
-    """Whether the plan's sessions pre-pack their weights (normal mode, or packed)."""
+def _feeds_weights(program: Program) -> bool:
+    """Whether the plan hands sessions their large weights (memory_opt or streaming, unpacked)."""
     _, _, segmentation = planned(program)
-    return program.mode is ExecutionMode.NORMAL or segmentation.prepack_weights
+    return program.mode is not ExecutionMode.NORMAL and not segmentation.prepack_weights
 
 
 def generated_weights(graph: Graph, nodes: list[NodeInfo]) -> list[str]:
@@ -193,12 +196,9 @@ def generated_weights(graph: Graph, nodes: list[NodeInfo]) -> list[str]:
     return generated
 
 
-def _at_flag(values: tuple[bool, ...], index: int) -> bool:
-    return values[index] if index < len(values) else False
-
-
-def _at(values: tuple[int, ...], index: int) -> int:
-    return values[index] if index < len(values) else 0
+def _at(values: tuple[T, ...], index: int, default: T) -> T:
+    """Segment ``index``'s entry of a per-segment field a segmentation may leave empty."""
+    return values[index] if index < len(values) else default
 
 
 # -- the types segment models declare --------------------------------------------------------

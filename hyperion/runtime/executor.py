@@ -400,8 +400,11 @@ class Runtime:
         if self.schedule.streaming is not None:  # chunks: the batch axis is the chunk's
             output_shape[0] = len(next(iter(inputs.values())))
 
+        def key_of(width: int, tile_inputs: Mapping[str, np.ndarray]) -> tuple:
+            return step.index, width, tuple(v.shape for v in tile_inputs.values())
+
         def build(width: int, tile_inputs: Mapping[str, np.ndarray]) -> bytes:
-            key = (step.index, width, tuple(v.shape for v in tile_inputs.values()))
+            key = key_of(width, tile_inputs)
             if key not in self._tile_models:
                 self._tile_models[key] = tile_model(node, tiles, width, shape, tile_inputs, self.weights.protos,
                                                     list(self.source.proto.opset_import),
@@ -409,7 +412,7 @@ class Runtime:
             return self._tile_models[key]
 
         def kept(width: int, tile_inputs: Mapping[str, np.ndarray]) -> ort.InferenceSession:
-            key = (step.index, width, tuple(v.shape for v in tile_inputs.values()))
+            key = key_of(width, tile_inputs)
             if key not in self._tile_sessions:
                 self._tile_sessions[key] = ort.InferenceSession(build(width, tile_inputs), self._options(),
                                                                 providers=["CPUExecutionProvider"])

@@ -76,14 +76,15 @@ def relaid_model(segment_model: ModelProto, options: ort.SessionOptions, externa
                  disabled_optimizers: Sequence[str]) -> RelaidModel:
     """``segment_model`` (fed weights as constants) optimized by onnxruntime, from the cache
     or made now with ``options`` (whose optimization level is raised to the full one)."""
-    folder = _cached_folder(segment_model, external_folder)
+    serialized = segment_model.SerializeToString()
+    folder = _cached_folder(serialized, segment_model, external_folder)
     if not (folder / MODEL_FILE).is_file():
-        _optimize(segment_model, options, disabled_optimizers, folder)
+        _optimize(serialized, options, disabled_optimizers, folder)
     return _fed_form(folder)
 
 
-def _cached_folder(model: ModelProto, external_folder: Path) -> Path:
-    digest = hashlib.sha256(model.SerializeToString())
+def _cached_folder(serialized: bytes, model: ModelProto, external_folder: Path) -> Path:
+    digest = hashlib.sha256(serialized)
     for location in sorted(_external_locations(model)):
         stat = (external_folder / location).stat()
         digest.update(f"\0{location}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
@@ -123,7 +124,7 @@ def _cpu() -> str:
     return f"{platform.machine()}\0{platform.processor()}\0{flags}"
 
 
-def _optimize(model: ModelProto, options: ort.SessionOptions, disabled_optimizers: Sequence[str],
+def _optimize(model: bytes, options: ort.SessionOptions, disabled_optimizers: Sequence[str],
               folder: Path) -> None:
     building = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
     try:
@@ -132,7 +133,7 @@ def _optimize(model: ModelProto, options: ort.SessionOptions, disabled_optimizer
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                          str(SMALL_INITIALIZER_BYTES))
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
                                        disabled_optimizers=list(disabled_optimizers))
         del session   # it held the weights and their re-laid copy: only the files are kept
         try:
