@@ -115,6 +115,49 @@ class Tiles:
 
 
 @dataclass(frozen=True)
+class PatchPad:
+    """Rows of padding a Conv or pool of a spatial region is handed above and below its
+    input, per patch: the padding the whole op adds where a patch touches the tensor's top
+    or bottom, none inside (its own padding along the rows is then 0)."""
+
+    node: str
+    input: str                       # the tensor it pads (the node's input 0)
+    shape: tuple[int, ...]           # that tensor's whole shape (the rows: axis 2)
+    dtype: str
+    fill: float                      # 0, or the lowest float for MaxPool (which ignores padding)
+    rows: tuple[tuple[int, int], ...]  # per patch: (rows above, rows below)
+
+
+@dataclass(frozen=True)
+class PatchCrop:
+    """The rows one reader takes of what a tensor of a spatial region holds, per patch,
+    when it needs fewer than the tensor holds (a shorter halo, or a region output)."""
+
+    tensor: str
+    reader: str                      # the node; "" the segment's output of that name
+    axis: int                        # the tensor's rows
+    rows: tuple[tuple[int, int], ...]  # per patch: [start, stop) within what the tensor holds
+
+
+@dataclass(frozen=True)
+class Patches:
+    """A region tiled along rows through Convs and pools: what each patch is fed and cut."""
+
+    rows: Mapping[str, tuple[tuple[int, int], ...]]  # every sliced input: its rows [start, stop) per patch
+    pads: tuple[PatchPad, ...]
+    crops: tuple[PatchCrop, ...]
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> Patches:
+        def pairs(rows: Any) -> tuple[tuple[int, int], ...]:
+            return tuple((int(a), int(b)) for a, b in rows)
+        return Patches(rows={k: pairs(v) for k, v in data["rows"].items()},
+                       pads=tuple(PatchPad(**{**p, "shape": tuple(p["shape"]), "rows": pairs(p["rows"])})
+                                  for p in data["pads"]),
+                       crops=tuple(PatchCrop(**{**c, "rows": pairs(c["rows"])}) for c in data["crops"]))
+
+
+@dataclass(frozen=True)
 class Region:
     """A segment the runtime runs tile by tile along one free axis: one session over its
     nodes, run once per tile on ``sliced`` inputs cut at ``bounds``, its outputs written
@@ -126,6 +169,9 @@ class Region:
     sliced: Mapping[str, int]      # inputs read one slice per tile: the axis each carries it on
     outputs: Mapping[str, int]     # every output of the segment: the axis it is written along
     staging_bytes: int             # tile copies of slices that are not contiguous (accounted)
+    # Spatial patches (rows through Convs and pools, with halos): ``bounds`` cut the
+    # outputs' rows; each sliced input is fed its own rows; optional in the file.
+    patches: Patches | None = None
 
 
 @dataclass(frozen=True)
@@ -392,10 +438,16 @@ def _value_type(data: Mapping[str, Any]) -> ValueType:
                      element=None if element is None else _value_type(element))
 
 
+def _region(data: Mapping[str, Any]) -> Region:
+    fields = _tuples(data)
+    patches = fields.pop("patches", None)
+    return Region(**fields, patches=None if patches is None else Patches.from_json(patches))
+
+
 def _segment(data: Mapping[str, Any], label: str) -> Segment:
     fields = _tuples(data)
     region = fields.pop("region", None)
-    segment = Segment(**fields, region=None if region is None else Region(**_tuples(region)))
+    segment = Segment(**fields, region=None if region is None else _region(region))
     inlined = set(segment.inlined_constants)
     if segment.model_inputs != tuple(n for n in segment.inputs if n not in inlined):
         raise ScheduleError(f"{label}: not a valid Hyperion schedule at segments/{segment.index}: model_inputs "
@@ -626,6 +678,29 @@ def _check_region(segment: Segment, schedule: Schedule, fail: Any) -> None:
             fail(where, f"{name!r} has no axis {axis} of {region.size}")
     if any(schedule.steps[i].row_gather is not None or schedule.steps[i].tiles is not None for i in segment.steps):
         fail(where, "a region holds a step run by Hyperion itself")
+    if region.patches is not None:
+        _check_patches(region, region.patches, schedule, f"{where}/patches", fail)
+
+
+def _check_patches(region: Region, patches: Patches, schedule: Schedule, where: str, fail: Any) -> None:
+    """Every patch is fed rows inside each sliced input, padded and cropped once per patch,
+    each crop inside what its tensor can hold; the outputs are cut at ``bounds``."""
+    count = len(region.bounds) - 1
+    if set(patches.rows) != set(region.sliced):
+        fail(where, "rows are not given for exactly the sliced inputs")
+    for name, rows in patches.rows.items():
+        size = (schedule.tensors[name].shape or ())[region.sliced[name]]
+        if len(rows) != count or any(not 0 <= a < b <= size for a, b in rows):  # type: ignore[operator]
+            fail(where, f"the rows of {name!r} are not {count} ranges inside its {size} rows")
+    for pad in patches.pads:
+        if len(pad.rows) != count or any(a < 0 or b < 0 for a, b in pad.rows) or len(pad.shape) != 4:
+            fail(where, f"the padding of node {pad.node!r} is not {count} pairs of rows of a 4-D tensor")
+    for crop in patches.crops:
+        limit = (schedule.tensors[crop.tensor].shape or ())[crop.axis] if crop.tensor in schedule.tensors else None
+        if len(crop.rows) != count or any(not 0 <= a < b for a, b in crop.rows) \
+                or (isinstance(limit, int) and any(b > limit for _, b in crop.rows)):
+            fail(where, f"the crop of {crop.tensor!r} for {crop.reader or 'the output'!r} is not {count} ranges "
+                        "inside the tensor")
 
 
 def _check_row_gather(step: Step, schedule: Schedule, initializers: Mapping[str, Any], fail: Any) -> None:
@@ -700,6 +775,7 @@ def _check_dataflow(schedule: Schedule, fail: Any) -> None:
             fail("graph_outputs", f"output {name!r} is produced by no segment")
 
 
-__all__ = ["FORMAT", "VERSION", "EdgeRecord", "ModelRef", "Observe", "Replan", "ReplanPoint", "RowGather",
-           "Region", "Schedule", "ScheduleError", "Segment", "Step", "Streaming", "TensorRecord", "Tiles", "ValueType",
+__all__ = ["FORMAT", "VERSION", "EdgeRecord", "ModelRef", "Observe", "PatchCrop", "PatchPad", "Patches", "Replan",
+           "ReplanPoint", "RowGather", "Region", "Schedule", "ScheduleError", "Segment", "Step", "Streaming",
+           "TensorRecord", "Tiles", "ValueType",
            "check_consistency", "schema", "validate", "write_atomic"]

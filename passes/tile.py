@@ -168,7 +168,8 @@ class TilePass(Pass):
         for _ in range(2):
             regions, program.order = self._regions(graph, program, gathered, budget, order)
             split = graph.with_tensors(region_accounted(graph, regions)) if regions else graph
-            tiled = tiled_steps(split, program.order, limit, self.prefetch, self.prepack_weights)
+            inside = frozenset(n for r in regions for n in program.order[r.start:r.stop])
+            tiled = tiled_steps(split, program.order, limit, self.prefetch, self.prepack_weights, inside)
             split = split.with_tensors(_tile_accounted(split, tiled.values())) if tiled else split
             floor = self._tiled_floor(split, program, tiled)
             if not regions or floor <= budget:
@@ -193,9 +194,11 @@ class TilePass(Pass):
             return (), order
         liveness = compute_liveness(graph, order)
         costs = step_costs(graph, liveness, program.planning_mode, self.prepack_weights)
-        excluded = frozenset(i for i, name in enumerate(order)
-                             if name in gathered or _splittable(graph, name) is not None)
-        return find_regions(graph, liveness, costs, self.prefetch, budget, excluded)
+        splittable = frozenset(i for i, name in enumerate(order) if _splittable(graph, name) is not None)
+        # A Conv split by its weight may instead run in a spatial region, patch by patch.
+        excluded = frozenset(i for i, name in enumerate(order) if name in gathered or (
+            i in splittable and graph.nodes[name].op_type != "Conv"))
+        return find_regions(graph, liveness, costs, self.prefetch, budget, excluded, splittable)
 
     def ensures(self, program: Program) -> None:
         tiling = program.tiling
@@ -318,8 +321,9 @@ class _StepCost:
 
 
 def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetch: bool,
-                prepack: bool) -> dict[str, TiledStep]:
-    """Rules 4-6: the steps that do not fit whole, and their tiles."""
+                prepack: bool, in_regions: frozenset[str] = frozenset()) -> dict[str, TiledStep]:
+    """Rules 4-6: the steps that do not fit whole, and their tiles; ``in_regions``: the
+    steps regions run (priced by their regions, never split by their weight)."""
     liveness = compute_liveness(graph, order)
     activations = activation_live_bytes(graph, liveness)   # kernel workspace is added per step below
     weights = [graph.weights_of(node) for node in order]
@@ -332,10 +336,11 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
     def ahead(step: int) -> int:
         return loading(weights[step + 1]) if prefetch and step + 1 < len(order) else 0
 
-    shapes = {name: _splittable(graph, name) for name in order}
+    shapes = {name: None if name in in_regions else _splittable(graph, name) for name in order}
     # No cap below the largest step that cannot be split is met: tiles need be no narrower.
     floor = max((activations[i] + workspace_bytes(graph, graph.nodes[name], weights_fed=not prepack)
-                 + loading(weights[i]) + ahead(i) for i, name in enumerate(order) if shapes[name] is None), default=0)
+                 + loading(weights[i]) + ahead(i) for i, name in enumerate(order)
+                 if shapes[name] is None and name not in in_regions), default=0)
     budget = max(memory_limit, floor)
     tiled: dict[str, TiledStep] = {}
     for step, name in enumerate(order):

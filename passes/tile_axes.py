@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from hyperion.ir import Graph, NodeInfo
 from hyperion.passes.batch.rules import ELEMENTWISE
+from hyperion.passes.tile_patches import ROWS, window_of
 
 Axes = dict[str, int]
 
@@ -39,6 +40,7 @@ class Carrier:
     graph: Graph
     claimable: frozenset[str]
     axes: Axes = field(default_factory=dict)
+    spatial: bool = False    # rows of NCHW (axis 2) may pass Convs and pools, with halos (tile_patches.py)
 
     def axis(self, name: str) -> int | None:
         return self.axes.get(name) if name else None
@@ -182,9 +184,36 @@ RULES: dict[str, Rule] = {
 }
 
 
+def _windowed(carrier: Carrier, node: NodeInfo) -> int | None:
+    """Conv, ConvTranspose, MaxPool, AveragePool: rows of input 0 become rows of the output
+    (with a halo); the weight and bias are read whole."""
+    inputs = _inputs(node)
+    if carrier.axis(inputs[0]) != ROWS or any(carrier.axis(n) is not None for n in inputs[1:] if n):
+        return None
+    return ROWS if window_of(carrier.graph, node) is not None else None
+
+
+def _concat(carrier: Carrier, node: NodeInfo) -> int | None:
+    """Concat along another axis than the rows: every input carries the rows."""
+    rank = len(carrier.shape(node.outputs[0]))
+    axis = node.int_attribute("axis", 1)
+    if axis % rank == ROWS:
+        return None
+    return ROWS if all(carrier.axis(n) == ROWS or carrier.claim(n, ROWS) for n in _inputs(node) if n) else None
+
+
+# Ops that keep rows only as patches with halos (or a channel-wise op, free but for no rule above).
+SPATIAL_RULES: dict[str, Rule] = {
+    **{op: _windowed for op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool")},
+    "Concat": _concat, "BatchNormalization": _first_input_only, "LRN": _first_input_only,
+}
+
+
 def carry(carrier: Carrier, node: NodeInfo) -> bool:
     """Extend ``carrier`` over ``node``: every output gets the axis; False when it is not free."""
     rule = RULES.get(node.op_type) if node.is_default_domain or node.op_type in ELEMENTWISE else None
+    if carrier.spatial and node.is_default_domain and node.op_type in SPATIAL_RULES:
+        rule = SPATIAL_RULES[node.op_type]
     if rule is None or any(carrier.graph.tensors[n].shape is None for n in (*_inputs(node), *node.outputs) if n):
         return False
     if all(carrier.axis(n) is None for n in _inputs(node)):

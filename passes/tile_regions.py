@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 from hyperion.ir import Graph, TensorInfo
 from hyperion.passes.liveness import Liveness
-from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES
+from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, workspace_bytes
 from hyperion.passes.segment import StepCosts, single_steps_of
-from hyperion.passes.tile_axes import RULES, Carrier, carry
+from hyperion.passes.tile_axes import RULES, SPATIAL_RULES, Carrier, carry
+from hyperion.passes.tile_patches import ROWS, PatchPlan, max_rows, patch_plan, window_of
 
 # The longest run of steps a region spans: attention's core is 3-5 steps; longer windows
 # cost planning time for nothing a cap needs.
@@ -40,6 +41,7 @@ class Region:
     outputs: Mapping[str, int]       # tensors the region hands on, written slice by slice: their axis
     interior: Mapping[str, int]      # made and used up inside: one tile at a time
     staging_bytes: int               # tile copies of slices that are not contiguous
+    patches: PatchPlan | None = None  # a spatial region: the rows of its tensors per patch (halos)
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -66,6 +68,7 @@ class _Candidate:
     read: tuple[str, ...]     # activations it reads from before it (held until it returns)
     moved: tuple[str, ...]    # what the hoisted nodes make: live from before the region on
     steps: frozenset[int]     # the region's steps in the order as it was
+    spatial: bool = False     # rows through Convs and pools: patches with halos (``size``: the outputs' rows)
 
 
 class RegionFinder:
@@ -79,10 +82,11 @@ class RegionFinder:
         self.step_of = {node: i for i, node in enumerate(self.order)}
         # Steps a window may span: any but the excluded (a step without a rule can still move out).
         self.spannable = [i not in excluded for i in range(len(self.order))]
+        self._plans: dict[tuple[object, ...], PatchPlan] = {}
 
     def _has_rule(self, name: str) -> bool:
         node = self.graph.nodes[name]
-        return node.op_type in RULES and all(self.graph.tensors[o].shape is not None for o in node.outputs if o)
+        return (node.op_type in RULES or node.op_type in SPATIAL_RULES) and all(self.graph.tensors[o].shape is not None for o in node.outputs if o)
 
     # -- candidates -----------------------------------------------------------------------
     def candidates(self, step: int) -> Iterator[_Candidate]:
@@ -114,7 +118,8 @@ class RegionFinder:
             for axis, dim in enumerate(self.graph.tensors[seed].shape or ()):
                 if dim == 1:
                     continue
-                carrier = Carrier(self.graph, claimable, {seed: axis})
+                spatial = axis == ROWS and len(self.graph.tensors[seed].shape or ()) == 4
+                carrier = Carrier(self.graph, claimable, {seed: axis}, spatial=spatial)
                 nodes, hoisted = self._carried(carrier, window)
                 if nodes and nodes[-1] == window[-1]:
                     candidate = self._candidate(start, stop, tuple(nodes), tuple(hoisted), carrier.axes)
@@ -143,21 +148,24 @@ class RegionFinder:
                    axes: Mapping[str, int]) -> _Candidate | None:
         produced = {o for n in nodes for o in self.graph.nodes[n].outputs if o}
         boundary = {i for n in nodes for i in self.graph.nodes[n].inputs if i and i not in produced}
-        sizes = {int(self.graph.tensors[n].shape[a]) for n, a in axes.items()}  # type: ignore[index]
-        if len(sizes) != 1:
-            return None
         inside = set(nodes)
         interior = tuple(sorted(n for n in produced if n not in self.graph.outputs
                                 and set(self.graph.tensors[n].consumers) <= inside))
         if not interior:
             return None      # nothing exists one tile at a time: tiles would save nothing
         outputs = tuple(sorted(produced - set(interior)))
+        spatial = any(self.graph.nodes[n].op_type in SPATIAL_RULES and self.graph.nodes[n].op_type not in RULES
+                      for n in nodes)
+        sizes = {int(self.graph.tensors[n].shape[axes[n]])  # type: ignore[index]
+                 for n in (outputs if spatial else axes)}
+        if len(sizes) != 1 or (spatial and any(axes.get(n) != ROWS for n in outputs)):
+            return None
         sliced = tuple(sorted(n for n in boundary if n in axes))
         read = tuple(sorted(n for n in boundary if n in self.liveness.intervals))
         moved = tuple(o for n in hoisted for o in self.graph.nodes[n].outputs if o in self.liveness.intervals)
         steps = frozenset(self.step_of[n] for n in nodes)
         return _Candidate(start, stop, nodes, hoisted, dict(axes), sizes.pop(), interior, outputs, sliced, read, moved,
-                          steps)
+                          steps, spatial)
 
     # -- costs ----------------------------------------------------------------------------
     def tile_bytes(self, name: str, size: int, width: int) -> int:
@@ -168,8 +176,52 @@ class RegionFinder:
         return math.prod(int(d) for d in (self.graph.tensors[name].shape or ())[:axis]) == 1
 
     def staging(self, candidate: _Candidate, width: int) -> int:
+        if candidate.spatial:
+            return self._patch_staging(candidate, self.plan(candidate, width))
         return sum(self.tile_bytes(n, candidate.size, width) for n in (*candidate.sliced, *candidate.outputs)
                    if not self.contiguous(n, candidate.axes[n]))
+
+    # -- spatial patches ---------------------------------------------------------------
+    def bounds(self, size: int, tiles: int) -> tuple[int, ...]:
+        width = -(-size // tiles)
+        count = -(-size // width)
+        width = -(-size // count)    # equal widths but the last
+        return (*range(0, size, width), size)
+
+    def plan(self, candidate: _Candidate, width: int) -> PatchPlan:
+        key = (candidate.start, candidate.stop, candidate.nodes, tuple(sorted(candidate.axes.items())), width)
+        if key not in self._plans:
+            self._plans[key] = patch_plan(self.graph, candidate.nodes, candidate.axes, candidate.outputs,
+                                          self.bounds(candidate.size, -(-candidate.size // width)))
+        return self._plans[key]
+
+    def patch_bytes(self, plan: PatchPlan, name: str) -> int:
+        """``name``'s bytes at its widest patch, halo included."""
+        return -(-(self.graph.tensors[name].nbytes or 0) * max_rows(plan, name)
+                 // int(self.graph.tensors[name].shape[ROWS]))  # type: ignore[index]
+
+    def _patch_staging(self, candidate: _Candidate, plan: PatchPlan) -> int:
+        """What a patch copies besides its interior tensors (all at once, to be safe): its
+        sliced inputs' rows and its outputs' (not contiguous in NCHW), the padded input of
+        the widest padded Conv or pool, and every cropped edge's rows."""
+        copies = sum(self.patch_bytes(plan, n) for n in (*candidate.sliced, *candidate.outputs))
+        padded = max((self.patch_bytes(plan, self.graph.nodes[n].inputs[0]) * (1 + max(sum(p) for p in pads)
+                      / max_rows(plan, self.graph.nodes[n].inputs[0])) for n, pads in plan.pads.items()), default=0)
+        cropped = sum(self.patch_bytes(plan, tensor) for tensor, _ in plan.crops)
+        return copies + int(padded) + cropped
+
+    def _patch_saved(self, candidate: _Candidate, plan: PatchPlan, step: int) -> int:
+        """What a step of a spatial region accounts less than whole: its interior tensors
+        and its kernel's workspace (im2col, NCHWc copies) are one patch's."""
+        intervals = self.liveness.intervals
+        saved = sum((self.graph.tensors[n].nbytes or 0) - self.patch_bytes(plan, n)
+                    for n in candidate.interior if step in intervals[n])
+        node = self.graph.nodes[self.order[step]]
+        if window_of(self.graph, node) is not None:
+            whole = workspace_bytes(self.graph, node, weights_fed=not self.costs.normal and not self.costs.prepack)
+            out = node.outputs[0]
+            saved += whole - -(-whole * max_rows(plan, out) // int(self.graph.tensors[out].shape[ROWS]))  # type: ignore[index]
+        return saved
 
     def cost(self, candidate: _Candidate, tiles: int) -> int:
         """The most a step of the region accounts with ``tiles`` tiles, as the ``segment``
@@ -180,14 +232,16 @@ class RegionFinder:
         width = -(-candidate.size // tiles)
         intervals, costs = self.liveness.intervals, self.costs
         staging = self.staging(candidate, width)
+        plan = self.plan(candidate, width) if candidate.spatial else None
         weights = set().union(*(costs.weights[step] for step in candidate.steps))
         after = candidate.stop
         ahead = costs.loading(costs.weights[after]) if self.prefetch and after < costs.n else 0
         worst = 0
         for step in sorted(candidate.steps):
             moved = sum(self.graph.tensors[n].nbytes or 0 for n in candidate.moved if intervals[n].first > step)
-            saved = sum((self.graph.tensors[n].nbytes or 0) - self.tile_bytes(n, candidate.size, width)
-                        for n in candidate.interior if step in intervals[n])
+            saved = (self._patch_saved(candidate, plan, step) if plan is not None else
+                     sum((self.graph.tensors[n].nbytes or 0) - self.tile_bytes(n, candidate.size, width)
+                         for n in candidate.interior if step in intervals[n]))
             held = sum(self.graph.tensors[n].nbytes or 0 for n in candidate.read if intervals[n].last < step)
             activations = costs.activations[step] - saved + held + moved + staging
             worst = max(worst, activations + costs.held(weights) + ahead)
@@ -206,22 +260,23 @@ class RegionFinder:
         return low
 
     def region(self, candidate: _Candidate, tiles: int) -> Region:
-        width = -(-candidate.size // tiles)
-        count = -(-candidate.size // width)
-        width = -(-candidate.size // count)    # equal widths but the last
-        bounds = (*range(0, candidate.size, width), candidate.size)
+        bounds = self.bounds(candidate.size, tiles)
+        width = bounds[1] - bounds[0]
         axes = candidate.axes
         return Region(candidate.start + len(candidate.hoisted), candidate.stop, candidate.size, bounds,
                       {n: axes[n] for n in candidate.sliced}, {n: axes[n] for n in candidate.outputs},
-                      {n: axes[n] for n in candidate.interior}, self.staging(candidate, width))
+                      {n: axes[n] for n in candidate.interior}, self.staging(candidate, width),
+                      self.plan(candidate, width) if candidate.spatial else None)
 
 
 def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: bool, memory_limit: int,
-                 excluded: frozenset[int]) -> tuple[tuple[Region, ...], tuple[str, ...]]:
+                 excluded: frozenset[int], splittable: frozenset[int] = frozenset()
+                 ) -> tuple[tuple[Region, ...], tuple[str, ...]]:
     """Rules 8-10: the regions that bring steps over ``memory_limit`` under it.
 
     ``costs``: the segmentation's per-step facts; ``excluded``: steps no
-    region may hold (run by Hyperion itself, or split by their weight). No cap below the
+    region may hold (run by Hyperion itself, or split by their weight); ``splittable``:
+    steps weight tiles can lower instead (Convs: a spatial region may hold them). No cap below the
     most a step needs at its best (its best region with one slice per tile, or whole when
     it has none) is met anyway: regions are cut for that budget at the least. Returns the
     regions and the order with each region's window rearranged: the nodes that are no part
@@ -237,7 +292,10 @@ def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: b
             continue
         found = [(c, finder.cost(c, c.size)) for c in finder.candidates(step)]
         best[step] = found
-        floor = max(floor, min((cost for _, cost in found if cost < singles[step]), default=singles[step]))
+        lowest = min((cost for _, cost in found if cost < singles[step]), default=singles[step])
+        if step in splittable and lowest == singles[step]:
+            continue            # its weight tiles lower it
+        floor = max(floor, lowest)
     budget = max(memory_limit, floor)
     regions: list[Region] = []
     order = list(liveness.order)
@@ -260,9 +318,10 @@ def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: b
     # Rule 10: below what the steps need at their best (the search for the smallest cap),
     # regions must be worth their sessions: each is a segment, so a session, of its own --
     # and splits another in two -- whose bookkeeping counts at every step.
-    kept = [cost for i, cost in enumerate(singles) if i not in excluded]  # weight-split steps lower themselves
+    apart = excluded | splittable   # weight-split steps lower themselves
+    kept = [cost for i, cost in enumerate(singles) if i not in apart]
     lowered = max(kept, default=0) - max((*peaks, *(cost for i, cost in enumerate(singles)
-                                                    if i not in taken and i not in excluded)), default=0)
+                                                    if i not in taken and i not in apart)), default=0)
     if memory_limit < floor and lowered <= 2 * SESSION_OVERHEAD_BYTES * len(regions):
         return (), liveness.order
     return tuple(sorted(regions, key=lambda r: r.start)), tuple(order)
@@ -275,5 +334,9 @@ def region_accounted(graph: Graph, regions: Sequence[Region]) -> dict[str, Tenso
         widest = max(region.widths)
         for name in region.interior:
             tensor = tensors[name]
-            tensors[name] = dataclasses.replace(tensor, nbytes=-(-(tensor.nbytes or 0) * widest // region.size))
+            if region.patches is not None:   # its widest patch, halo included
+                share, size = max_rows(region.patches, name), int(tensor.shape[region.interior[name]])  # type: ignore[index]
+            else:
+                share, size = widest, region.size
+            tensors[name] = dataclasses.replace(tensor, nbytes=-(-(tensor.nbytes or 0) * share // size))
     return tensors

@@ -21,9 +21,14 @@ from hyperion.passes import Program
 from hyperion.passes.liveness import Liveness
 from hyperion.passes.memory.plan_memory import MemoryPlan
 from hyperion.passes.segment import Segmentation
+from hyperion.passes.tile_patches import pad_fill
+from hyperion.passes.tile_regions import Region as TileRegion
 from hyperion.schedule import (
     EdgeRecord,
     ModelRef,
+    PatchCrop,
+    Patches,
+    PatchPad,
     Region,
     RowGather,
     Schedule,
@@ -143,7 +148,25 @@ def _region(program: Program, start: int, outputs: tuple[str, ...]) -> Region | 
         return None
     region = found[0]
     return Region(size=region.size, bounds=region.bounds, sliced=dict(region.sliced),
-                  outputs={name: region.outputs[name] for name in outputs}, staging_bytes=region.staging_bytes)
+                  outputs={name: region.outputs[name] for name in outputs}, staging_bytes=region.staging_bytes,
+                  patches=None if region.patches is None else _patches(program, region))
+
+
+def _patches(program: Program, region: TileRegion) -> Patches:
+    """A spatial region's patch plan as the schedule records it: the rows each sliced input
+    is fed, the padding each Conv or pool is handed, the rows each cropped edge reads."""
+    plan, graph = region.patches, program.graph
+    assert plan is not None
+    axes = {**region.sliced, **region.outputs, **region.interior}
+    pads = []
+    for name, rows in sorted(plan.pads.items()):
+        node = graph.nodes[name]
+        tensor = graph.tensors[node.inputs[0]]
+        pads.append(PatchPad(node=name, input=tensor.name, shape=tuple(int(d) for d in tensor.shape or ()),
+                             dtype=tensor.dtype or "float32", fill=pad_fill(node), rows=rows))
+    crops = tuple(PatchCrop(tensor=tensor, reader=reader, axis=axes[tensor], rows=rows)
+                  for (tensor, reader), rows in sorted(plan.crops.items()))
+    return Patches(rows={name: plan.rows[name] for name in region.sliced}, pads=tuple(pads), crops=crops)
 
 
 def _row_gather(program: Program, node: str) -> RowGather | None:

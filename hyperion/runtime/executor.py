@@ -180,7 +180,8 @@ class Runtime:
         model = self._segment_models.get(segment.index)
         if model is None:
             proto = build_segment_model(self.source, self.schedule, segment, self._nodes(), self.weights.protos)
-            model = (proto if segment.region is None else region_model(proto, segment.region)).SerializeToString()
+            model = (proto if segment.region is None else region_model(
+                proto, segment.region, [self.schedule.steps[i].node for i in segment.steps])).SerializeToString()
             if len(model) <= KEPT_SEGMENT_MODEL_BYTES:  # memory_opt creates it again every run
                 self._segment_models[segment.index] = model
         return model

@@ -13,22 +13,26 @@ ever exist one tile at a time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 
 import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto
 
+from hyperion.runtime.patches import patch_model, run_patches
 from hyperion.schedule import Region
 
 # The symbolic length of the tiled axis in a region's model.
 TILE_DIM = "hyperion_tile"
 
 
-def region_model(model: ModelProto, region: Region) -> ModelProto:
+def region_model(model: ModelProto, region: Region, node_names: Sequence[str] = ()) -> ModelProto:
     """``model`` (the segment's) with the tiled axis of every sliced input and every output
-    symbolic; no declared types inside (they name the whole axis)."""
+    symbolic; no declared types inside (they name the whole axis). Spatial patches
+    (``region.patches``) rewrite it further: ``node_names`` name its steps' nodes."""
+    if region.patches is not None:
+        return patch_model(model, region, node_names)
     for value in (*model.graph.input, *model.graph.output):
         axis = region.sliced.get(value.name, region.outputs.get(value.name))
         tensor_type = value.type.tensor_type
@@ -47,6 +51,8 @@ def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:
 def run_region(session: ort.InferenceSession, region: Region, feeds: Mapping[str, np.ndarray],
                outputs: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> list[np.ndarray]:
     """The segment's outputs (``outputs``: name -> dtype and whole shape, in order), tile by tile."""
+    if region.patches is not None:
+        return run_patches(session, region, feeds, outputs)
     results = {name: np.empty(shape, dtype) for name, (dtype, shape) in outputs.items()}
     binding = session.io_binding()
     for start, stop in pairwise(region.bounds):

@@ -1,0 +1,166 @@
+"""Spatial patches: regions of convolutions and pools run patch by patch along rows, with halos.
+
+A free axis (``tile_axes.py``) maps every output index to the same input index, so a
+Conv or a pool can never hold one: output row ``r`` of a Conv reads input rows
+``r*s - p_top`` to ``r*s - p_top + (k-1)*d`` (stride, padding, kernel, dilation). A
+*spatial* region (MCUNetV2's patch-based inference) still runs such a chain patch by
+patch along the rows (axis 2 of NCHW): each patch's output rows are propagated back
+through the region, every tensor in it holding, per patch, the union of the rows its
+readers need (the *halo* around the patch), and each Conv or pool is handed exactly the
+rows its outputs need -- cut from what its producer made (a *crop*) and, where the patch
+touches the top or bottom of the tensor, the rows of padding the whole Conv would add
+there (a *pad*). Each output pixel is then computed from the same operands as whole.
+
+This module is the geometry: which ops keep rows (the carrier's spatial rules) and, for
+a region cut into patches, the rows every tensor holds and every edge reads, per patch
+(:func:`patch_plan`). The cost and the choice of regions stay in ``tile_regions.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from hyperion.ir import Graph, NodeInfo
+
+ROWS = 2           # NCHW: the spatial axis patches cut
+Rows = tuple[int, int]
+OUTPUT = ""        # a crop's reader when the rows go out of the region (its output)
+# What a pool's padding holds: MaxPool ignores it, so the lowest float never wins a
+# window that holds a real value; Conv and AveragePool (count_include_pad) add zeros.
+LOWEST_FLOAT32 = -3.4028234663852886e38
+
+
+@dataclass(frozen=True)
+class Window:
+    """How output rows of a sliding-window op map to input rows (the H dims of its attributes)."""
+
+    kernel: int
+    stride: int
+    dilation: int
+    pad_top: int
+    transposed: bool = False       # a ConvTranspose whose kernel equals its stride: no overlap
+
+    def input_rows(self, rows: Rows, size: int) -> tuple[Rows, Rows]:
+        """(the input rows ``rows`` of the output read, clipped to the input; the padding
+        rows the op adds above and below them)."""
+        start, stop = rows
+        if self.transposed:
+            return (start // self.stride, -(-stop // self.stride)), (0, 0)
+        first = start * self.stride - self.pad_top
+        last = (stop - 1) * self.stride + (self.kernel - 1) * self.dilation + 1 - self.pad_top
+        return (max(first, 0), min(last, size)), (max(0, -first), max(0, last - size))
+
+    def computed(self, rows: Rows, size: int) -> Rows:
+        """The output rows the op makes to give ``rows``: a transposed Conv makes whole
+        kernels of rows."""
+        if not self.transposed:
+            return rows
+        start, stop = rows
+        return start - start % self.stride, min(size, -(-stop // self.stride) * self.stride)
+
+
+def _h(values: list[int] | None, default: int) -> int:
+    return default if not values else int(values[0])
+
+
+def window_of(graph: Graph, node: NodeInfo) -> Window | None:
+    """The row window of a 2-D Conv, ConvTranspose, MaxPool or AveragePool over NCHW, or
+    None when the op slides no window this module can patch exactly."""
+    if not node.is_default_domain or node.op_type not in ("Conv", "ConvTranspose", "MaxPool", "AveragePool"):
+        return None
+    shape = graph.tensors[node.inputs[0]].shape
+    if shape is None or len(shape) != 4 or node.attributes.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET",
+                                                                                          "VALID", b"VALID"):
+        return None
+    if node.op_type == "MaxPool" and len([o for o in node.output_slots or () if o]) > 1:
+        return None              # Indices count positions in the whole input
+    kernel_shape = node.ints_attribute("kernel_shape")
+    if kernel_shape is None and node.op_type.startswith("Conv"):
+        weight = graph.tensors[node.inputs[1]].shape
+        kernel_shape = None if weight is None else [int(d) for d in weight[2:]]
+    if not kernel_shape or len(kernel_shape) != 2:
+        return None
+    pads = node.ints_attribute("pads") or [0, 0, 0, 0]
+    stride, dilation = _h(node.ints_attribute("strides"), 1), _h(node.ints_attribute("dilations"), 1)
+    if node.op_type == "ConvTranspose":
+        exact = (kernel_shape[0] == stride and dilation == 1 and pads[0] == pads[2] == 0
+                 and not node.attributes.get("output_shape") and not any(node.ints_attribute("output_padding") or ()))
+        return Window(kernel_shape[0], stride, 1, 0, transposed=True) if exact else None
+    if node.op_type == "AveragePool" and (node.int_attribute("ceil_mode", 0)
+                                          or (not node.int_attribute("count_include_pad", 0) and (pads[0] or pads[2]))):
+        return None              # its divisor would count the padding a patch adds itself
+    return Window(kernel_shape[0], stride, dilation, pads[0])
+
+
+def pad_fill(node: NodeInfo) -> float:
+    return LOWEST_FLOAT32 if node.op_type == "MaxPool" else 0.0
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """Per patch, in order: the rows every tensor of a spatial region holds, the padding
+    rows each padded node adds (top, bottom), and the rows each cropped edge reads
+    (relative to what its tensor holds; reader ``OUTPUT``: the rows handed out)."""
+
+    rows: Mapping[str, tuple[Rows, ...]]
+    pads: Mapping[str, tuple[Rows, ...]]
+    crops: Mapping[tuple[str, str], tuple[Rows, ...]]
+
+
+def _union(a: Rows | None, b: Rows) -> Rows:
+    return b if a is None else (min(a[0], b[0]), max(a[1], b[1]))
+
+
+def _size(graph: Graph, name: str, axes: Mapping[str, int]) -> int:
+    return int(graph.tensors[name].shape[axes[name]])  # type: ignore[index]
+
+
+def patch_plan(graph: Graph, nodes: Sequence[str], axes: Mapping[str, int], outputs: Sequence[str],
+               bounds: Sequence[int]) -> PatchPlan:
+    """The rows of every tensor of the region ``nodes`` (in order; ``axes``: the axis each
+    tensor carries its rows on) when its ``outputs`` are made ``bounds`` patches at a time."""
+    produced = {o for name in nodes for o in graph.nodes[name].outputs}
+    held: dict[str, list[Rows]] = {}
+    pads: dict[str, list[Rows]] = {}
+    reads: dict[tuple[str, str], list[Rows]] = {}
+    for start, stop in zip(bounds, bounds[1:], strict=False):
+        need: dict[str, Rows] = {o: (start, stop) for o in outputs}
+        for name in reversed(nodes):
+            node = graph.nodes[name]
+            window = window_of(graph, node)
+            made = [o for o in node.outputs if o in need]
+            if not made:
+                raise ValueError(f"node {name!r} makes nothing its patch needs")
+            rows: Rows | None = None
+            for out in made:
+                rows = _union(rows, need[out])
+            assert rows is not None
+            if window is not None:
+                rows = window.computed(rows, _size(graph, node.outputs[0], axes))
+            for out in node.outputs:
+                if out in axes:
+                    held.setdefault(out, []).append(rows)
+            for tensor in dict.fromkeys(i for i in node.inputs if i in axes):
+                size = _size(graph, tensor, axes)
+                read, padding = (rows, (0, 0)) if window is None else window.input_rows(rows, size)
+                reads.setdefault((tensor, name), []).append(read)
+                need[tensor] = _union(need.get(tensor), read)
+                if window is not None:
+                    pads.setdefault(name, []).append(padding)
+        for tensor, rows in need.items():
+            if tensor not in produced:        # a sliced input: the rows it is fed
+                held.setdefault(tensor, []).append(rows)
+        for out in outputs:
+            reads.setdefault((out, OUTPUT), []).append((start, stop))
+    crops = {}
+    for (tensor, reader), rows in reads.items():
+        relative = tuple((a - h[0], b - h[0]) for (a, b), h in zip(rows, held[tensor], strict=True))
+        if any(r != (0, h[1] - h[0]) for r, h in zip(relative, held[tensor], strict=True)):
+            crops[(tensor, reader)] = relative
+    return PatchPlan({t: tuple(r) for t, r in held.items()},
+                     {n: tuple(p) for n, p in pads.items() if any(p != (0, 0) for p in p)}, crops)
+
+
+def max_rows(plan: PatchPlan, tensor: str) -> int:
+    return max(b - a for a, b in plan.rows[tensor])
