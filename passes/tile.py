@@ -10,12 +10,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from hyperion.errors import MemoryLimitError
 from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, NodeInfo, TensorInfo
 from hyperion.passes._infra import Pass, PassResult, ensure, require
 from hyperion.passes.liveness import activation_live_bytes, compute_liveness
 from hyperion.passes.memory.costs import resident_bytes, workspace_bytes
 from hyperion.passes.program import Program
-from hyperion.passes.segment import single_steps_of, step_costs
+from hyperion.passes.segment import SegmentPass, segment, single_steps_of, step_costs
 from hyperion.passes.tile_ops import Geometry, geometry
 from hyperion.passes.tile_regions import Region, find_regions, region_accounted
 
@@ -62,8 +63,10 @@ class Tiling:
         return frozenset(i for i, node in enumerate(order) if node in self.row_gathers or node in self.tiled)
 
     def region_staging(self) -> dict[int, int]:
-        """Per step of a region: the tile copies of its slices that are not contiguous."""
-        return {step: region.staging_bytes for region in self.regions for step in region.steps()}
+        """Per step of a region: the tile copies of its slices that are not contiguous, less
+        the kernel workspace a patch does not need (a spatial region's Convs and pools)."""
+        return {step: region.staging_bytes - (region.workspace_saved[i] if region.workspace_saved else 0)
+                for region in self.regions for i, step in enumerate(region.steps())}
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,12 @@ class TilePass(Pass):
        when even one slice per tile does not fit, no region: no cap
        below what a step needs at its best is met, so regions are cut for that at least
        and the ``segment`` pass names the smallest cap;
-    11. a region is one segment of its own, run by one session tile by tile.
+    11. a region is one segment of its own, run by one session tile by tile;
+    12. a *spatial* region (``tile_patches.py``) carries the rows of NCHW through Convs,
+       ConvTransposes (kernel = stride), MaxPools and AveragePools, patch by patch with
+       halos; a Conv split by its weight may run in one instead. Patches are tried in
+       the smallest cap's search only when, segmented (``judge``), they lower the cap
+       the ``segment`` pass names: each adds a session and breaks a segment in two.
 
     The weight's accounted size in ``program.graph`` becomes what the step holds of
     it: the most a row gather of it reads, or one tile (its shape the tile's, so the
@@ -137,6 +145,7 @@ class TilePass(Pass):
     name: ClassVar[str] = "tile"
     prefetch: bool = True
     prepack_weights: bool = True
+    judge: SegmentPass | None = None    # the pipeline's segment pass: weighs spatial regions (rule 12)
 
     def requires(self, program: Program) -> None:
         require(program.order is not None, self.name, "an order (the 'order' pass)")
@@ -164,9 +173,42 @@ class TilePass(Pass):
         limit, order = program.memory_limit, program.order or ()
         if limit is None:
             return graph, (), {}
+        found = self._split_with(graph, program, gathered, order, limit, spatial=True)
+        if self.judge is None or not any(r.patches is not None for r in found[1]):
+            return found
+        with_patches = self._refused_at(found, program, gathered, limit)
+        if not with_patches:
+            return found
+        with_patches_order = program.order
+        without = self._split_with(graph, program, gathered, order, limit, spatial=False)
+        if self._refused_at(without, program, gathered, limit) < with_patches:
+            return without
+        program.order = with_patches_order
+        return found
+
+    def _refused_at(self, split: tuple[Graph, tuple[Region, ...], dict[str, TiledStep]], program: Program,
+                    gathered: frozenset[str], limit: int) -> int:
+        """The smallest cap the ``segment`` pass names for this tiling at ``limit``; 0 when it fits."""
+        assert self.judge is not None
+        graph, regions, tiled = split
+        order = program.order or ()
+        isolated = frozenset(i for i, name in enumerate(order) if name in gathered or name in tiled)
+        judge = self.judge
+        try:
+            segment(graph, compute_liveness(graph, order), program.planning_mode, limit, judge.max_segment_steps,
+                    prefetch=judge.prefetch, weight_cache_bytes=judge.weight_cache_bytes,
+                    pinned_bytes=judge.pinned_bytes, prepack_weights=judge.prepack_weights,
+                    isolated=isolated, regions=tuple((r.start, r.stop) for r in regions),
+                    staging=Tiling({}, tiled, regions).region_staging(), relayout=judge.relayout)
+        except MemoryLimitError as refusal:
+            return refusal.smallest_limit_bytes or limit + 1
+        return 0
+
+    def _split_with(self, graph: Graph, program: Program, gathered: frozenset[str], order: tuple[str, ...],
+                    limit: int, spatial: bool) -> tuple[Graph, tuple[Region, ...], dict[str, TiledStep]]:
         regions, tiled, split, budget = (), {}, graph, limit
         for _ in range(2):
-            regions, program.order = self._regions(graph, program, gathered, budget, order)
+            regions, program.order = self._regions(graph, program, gathered, budget, order, spatial)
             split = graph.with_tensors(region_accounted(graph, regions)) if regions else graph
             inside = frozenset(n for r in regions for n in program.order[r.start:r.stop])
             tiled = tiled_steps(split, program.order, limit, self.prefetch, self.prepack_weights, inside)
@@ -187,7 +229,7 @@ class TilePass(Pass):
         return max(singles[i] for i, name in enumerate(order) if name in tiled)
 
     def _regions(self, graph: Graph, program: Program, gathered: frozenset[str], budget: int,
-                 order: tuple[str, ...]) -> tuple[tuple[Region, ...], tuple[str, ...]]:
+                 order: tuple[str, ...], spatial: bool) -> tuple[tuple[Region, ...], tuple[str, ...]]:
         """Rules 8-10: the regions ``order`` needs under ``budget``, and the order with the
         steps of each region's window that are no part of it moved before it."""
         if program.batch_chunk is not None or not order:
@@ -197,8 +239,8 @@ class TilePass(Pass):
         splittable = frozenset(i for i, name in enumerate(order) if _splittable(graph, name) is not None)
         # A Conv split by its weight may instead run in a spatial region, patch by patch.
         excluded = frozenset(i for i, name in enumerate(order) if name in gathered or (
-            i in splittable and graph.nodes[name].op_type != "Conv"))
-        return find_regions(graph, liveness, costs, self.prefetch, budget, excluded, splittable)
+            i in splittable and (not spatial or graph.nodes[name].op_type != "Conv")))
+        return find_regions(graph, liveness, costs, self.prefetch, budget, excluded, splittable, spatial)
 
     def ensures(self, program: Program) -> None:
         tiling = program.tiling

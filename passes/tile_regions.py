@@ -42,6 +42,7 @@ class Region:
     interior: Mapping[str, int]      # made and used up inside: one tile at a time
     staging_bytes: int               # tile copies of slices that are not contiguous
     patches: PatchPlan | None = None  # a spatial region: the rows of its tensors per patch (halos)
+    workspace_saved: tuple[int, ...] = ()  # per step: the kernel workspace a patch does not need
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -75,7 +76,8 @@ class RegionFinder:
     """Finds the regions an order needs under a budget (see :func:`find_regions`)."""
 
     def __init__(self, graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: bool,
-                 excluded: frozenset[int]) -> None:
+                 excluded: frozenset[int], spatial: bool = True) -> None:
+        self.spatial = spatial
         self.graph, self.liveness, self.costs, self.prefetch = graph, liveness, costs, prefetch
         self.singles = single_steps_of(costs, prefetch)
         self.order = liveness.order
@@ -86,7 +88,8 @@ class RegionFinder:
 
     def _has_rule(self, name: str) -> bool:
         node = self.graph.nodes[name]
-        return (node.op_type in RULES or node.op_type in SPATIAL_RULES) and all(self.graph.tensors[o].shape is not None for o in node.outputs if o)
+        has_rule = node.op_type in RULES or node.op_type in SPATIAL_RULES
+        return has_rule and all(self.graph.tensors[o].shape is not None for o in node.outputs if o)
 
     # -- candidates -----------------------------------------------------------------------
     def candidates(self, step: int) -> Iterator[_Candidate]:
@@ -118,7 +121,7 @@ class RegionFinder:
             for axis, dim in enumerate(self.graph.tensors[seed].shape or ()):
                 if dim == 1:
                     continue
-                spatial = axis == ROWS and len(self.graph.tensors[seed].shape or ()) == 4
+                spatial = self.spatial and axis == ROWS and len(self.graph.tensors[seed].shape or ()) == 4
                 carrier = Carrier(self.graph, claimable, {seed: axis}, spatial=spatial)
                 nodes, hoisted = self._carried(carrier, window)
                 if nodes and nodes[-1] == window[-1]:
@@ -216,12 +219,15 @@ class RegionFinder:
         intervals = self.liveness.intervals
         saved = sum((self.graph.tensors[n].nbytes or 0) - self.patch_bytes(plan, n)
                     for n in candidate.interior if step in intervals[n])
-        node = self.graph.nodes[self.order[step]]
-        if window_of(self.graph, node) is not None:
-            whole = workspace_bytes(self.graph, node, weights_fed=not self.costs.normal and not self.costs.prepack)
-            out = node.outputs[0]
-            saved += whole - -(-whole * max_rows(plan, out) // int(self.graph.tensors[out].shape[ROWS]))  # type: ignore[index]
-        return saved
+        return saved + self._workspace_saved(plan, self.order[step])
+
+    def _workspace_saved(self, plan: PatchPlan, name: str) -> int:
+        node = self.graph.nodes[name]
+        if window_of(self.graph, node) is None:
+            return 0
+        whole = workspace_bytes(self.graph, node, weights_fed=not self.costs.normal and not self.costs.prepack)
+        out = node.outputs[0]
+        return whole - -(-whole * max_rows(plan, out) // int(self.graph.tensors[out].shape[ROWS]))  # type: ignore[index]
 
     def cost(self, candidate: _Candidate, tiles: int) -> int:
         """The most a step of the region accounts with ``tiles`` tiles, as the ``segment``
@@ -266,22 +272,25 @@ class RegionFinder:
         return Region(candidate.start + len(candidate.hoisted), candidate.stop, candidate.size, bounds,
                       {n: axes[n] for n in candidate.sliced}, {n: axes[n] for n in candidate.outputs},
                       {n: axes[n] for n in candidate.interior}, self.staging(candidate, width),
-                      self.plan(candidate, width) if candidate.spatial else None)
+                      self.plan(candidate, width) if candidate.spatial else None,
+                      tuple(self._workspace_saved(self.plan(candidate, width), name) for name in candidate.nodes)
+                      if candidate.spatial else ())
 
 
 def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: bool, memory_limit: int,
-                 excluded: frozenset[int], splittable: frozenset[int] = frozenset()
+                 excluded: frozenset[int], splittable: frozenset[int] = frozenset(), spatial: bool = True
                  ) -> tuple[tuple[Region, ...], tuple[str, ...]]:
     """Rules 8-10: the regions that bring steps over ``memory_limit`` under it.
 
     ``costs``: the segmentation's per-step facts; ``excluded``: steps no
     region may hold (run by Hyperion itself, or split by their weight); ``splittable``:
-    steps weight tiles can lower instead (Convs: a spatial region may hold them). No cap below the
+    steps weight tiles can lower instead (Convs: a spatial region may hold them);
+    ``spatial``: spatial patches may be cut (``tile_patches.py``). No cap below the
     most a step needs at its best (its best region with one slice per tile, or whole when
     it has none) is met anyway: regions are cut for that budget at the least. Returns the
     regions and the order with each region's window rearranged: the nodes that are no part
     of it first."""
-    finder = RegionFinder(graph, liveness, costs, prefetch, excluded)
+    finder = RegionFinder(graph, liveness, costs, prefetch, excluded, spatial)
     singles = finder.singles   # every step's accounted bytes as a segment of its own
     best: dict[int, list[tuple[_Candidate, int]]] = {}
     floor = 0
@@ -293,8 +302,8 @@ def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: b
         found = [(c, finder.cost(c, c.size)) for c in finder.candidates(step)]
         best[step] = found
         lowest = min((cost for _, cost in found if cost < singles[step]), default=singles[step])
-        if step in splittable and lowest == singles[step]:
-            continue            # its weight tiles lower it
+        if step in splittable:
+            continue            # its weight tiles may lower it further: no floor of its own
         floor = max(floor, lowest)
     budget = max(memory_limit, floor)
     regions: list[Region] = []
