@@ -672,7 +672,9 @@ def _check_region(segment: Segment, schedule: Schedule, fail: Any) -> None:
         fail(where, f"bounds {list(bounds)} do not cover the axis of {region.size} in order")
     if set(region.outputs) != set(segment.outputs) or not set(region.sliced) <= set(segment.model_inputs):
         fail(where, "sliced inputs or outputs are not the segment's")
-    for name, axis in (*region.sliced.items(), *region.outputs.items()):
+    # A spatial region's inputs have rows of their own (checked with its patches).
+    sized = region.outputs.items() if region.patches is not None else (*region.sliced.items(), *region.outputs.items())
+    for name, axis in sized:
         shape = schedule.tensors[name].shape or ()
         if not (0 <= axis < len(shape) and shape[axis] == region.size):
             fail(where, f"{name!r} has no axis {axis} of {region.size}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from hyperion.ir import Graph, TensorInfo
 from hyperion.passes.liveness import Liveness
-from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, workspace_bytes
+from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, session_bookkeeping_bytes, workspace_bytes
 from hyperion.passes.segment import StepCosts, single_steps_of
 from hyperion.passes.tile_axes import RULES, SPATIAL_RULES, Carrier, carry
 from hyperion.passes.tile_patches import ROWS, PatchPlan, max_rows, patch_plan, window_of
@@ -314,9 +314,11 @@ def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: b
     for step in sorted(over):
         if step in taken:
             continue
+        # Cut with room for the bookkeeping of the sessions kept beside it, where tiles allow.
         choices = [(-len(over & set(c.steps)), tiles, finder.staging(c, -(-c.size // tiles)), c.stop - c.start, c)
                    for c, lowest in best[step] if lowest <= budget and not taken & set(range(c.start, c.stop))
-                   and (tiles := finder.fewest_tiles(c, budget)) is not None]
+                   and (tiles := finder.fewest_tiles(c, budget - session_bookkeeping_bytes(len(c.nodes)))
+                        or finder.fewest_tiles(c, budget)) is not None]
         if not choices:
             continue
         _, tiles, _, _, chosen = min(choices, key=lambda choice: choice[:4])
