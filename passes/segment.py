@@ -135,7 +135,8 @@ class SegmentPass(Pass):
                                self.max_segment_steps, prefetch=self.prefetch,
                                weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=self.pinned_bytes,
                                prepack_weights=self.prepack_weights, isolated=isolated, regions=regions,
-                               staging=tiling.region_staging() if tiling else {},
+                               staging=tiling.region_staging(program.graph, program.liveness.order,
+                                                             not self.prepack_weights) if tiling else {},
                                relayout=self.relayout)
         modified = segmentation != program.segmentation
         program.segmentation = segmentation

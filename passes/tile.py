@@ -62,11 +62,19 @@ class Tiling:
         """Steps run by Hyperion itself, not by a session: each is a segment of its own."""
         return frozenset(i for i, node in enumerate(order) if node in self.row_gathers or node in self.tiled)
 
-    def region_staging(self) -> dict[int, int]:
-        """Per step of a region: the tile copies of its slices that are not contiguous, less
-        the kernel workspace a patch does not need (a spatial region's Convs and pools)."""
-        return {step: region.staging_bytes - (region.workspace_saved[i] if region.workspace_saved else 0)
-                for region in self.regions for i, step in enumerate(region.steps())}
+    def region_staging(self, graph: Graph | None = None, order: tuple[str, ...] = (),
+                       weights_fed: bool = False) -> dict[int, int]:
+        """Per step of a region: the tile copies of its slices that are not contiguous; for a
+        spatial region's steps also their kernel's workspace for one patch in place of what
+        ``graph`` (the tiled one: interior tensors a patch each, inputs whole) prices."""
+        staging = {}
+        for region in self.regions:
+            for i, step in enumerate(region.steps()):
+                staging[step] = region.staging_bytes
+                if region.workspace and graph is not None:
+                    priced = workspace_bytes(graph, graph.nodes[order[step]], weights_fed=weights_fed)
+                    staging[step] += region.workspace[i] - priced
+        return staging
 
 
 @dataclass(frozen=True)
@@ -199,7 +207,8 @@ class TilePass(Pass):
                     prefetch=judge.prefetch, weight_cache_bytes=judge.weight_cache_bytes,
                     pinned_bytes=judge.pinned_bytes, prepack_weights=judge.prepack_weights,
                     isolated=isolated, regions=tuple((r.start, r.stop) for r in regions),
-                    staging=Tiling({}, tiled, regions).region_staging(), relayout=judge.relayout)
+                    staging=Tiling({}, tiled, regions).region_staging(graph, order, not self.prepack_weights),
+                    relayout=judge.relayout)
         except MemoryLimitError as refusal:
             return refusal.smallest_limit_bytes or limit + 1
         return 0

@@ -42,7 +42,7 @@ class Region:
     interior: Mapping[str, int]      # made and used up inside: one tile at a time
     staging_bytes: int               # tile copies of slices that are not contiguous
     patches: PatchPlan | None = None  # a spatial region: the rows of its tensors per patch (halos)
-    workspace_saved: tuple[int, ...] = ()  # per step: the kernel workspace a patch does not need
+    workspace: tuple[int, ...] = ()  # a spatial region's steps: the kernel workspace of one patch
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -219,15 +219,21 @@ class RegionFinder:
         intervals = self.liveness.intervals
         saved = sum((self.graph.tensors[n].nbytes or 0) - self.patch_bytes(plan, n)
                     for n in candidate.interior if step in intervals[n])
-        return saved + self._workspace_saved(plan, self.order[step])
+        name = self.order[step]
+        return saved + self._whole_workspace(name) - self._patch_workspace(plan, name)
 
-    def _workspace_saved(self, plan: PatchPlan, name: str) -> int:
-        node = self.graph.nodes[name]
+    def _whole_workspace(self, name: str) -> int:
+        return workspace_bytes(self.graph, self.graph.nodes[name], weights_fed=not self.costs.normal
+                               and not self.costs.prepack)
+
+    def _patch_workspace(self, plan: PatchPlan, name: str) -> int:
+        """A Conv's or pool's workspace for its widest patch: im2col and NCHWc copies scale
+        with the rows (a pessimistic share for the input, which carries the halo too)."""
+        whole, node = self._whole_workspace(name), self.graph.nodes[name]
         if window_of(self.graph, node) is None:
-            return 0
-        whole = workspace_bytes(self.graph, node, weights_fed=not self.costs.normal and not self.costs.prepack)
+            return whole
         out = node.outputs[0]
-        return whole - -(-whole * max_rows(plan, out) // int(self.graph.tensors[out].shape[ROWS]))  # type: ignore[index]
+        return -(-whole * max_rows(plan, out) // int(self.graph.tensors[out].shape[ROWS]))  # type: ignore[index]
 
     def cost(self, candidate: _Candidate, tiles: int) -> int:
         """The most a step of the region accounts with ``tiles`` tiles, as the ``segment``
@@ -273,7 +279,7 @@ class RegionFinder:
                       {n: axes[n] for n in candidate.sliced}, {n: axes[n] for n in candidate.outputs},
                       {n: axes[n] for n in candidate.interior}, self.staging(candidate, width),
                       self.plan(candidate, width) if candidate.spatial else None,
-                      tuple(self._workspace_saved(self.plan(candidate, width), name) for name in candidate.nodes)
+                      tuple(self._patch_workspace(self.plan(candidate, width), name) for name in candidate.nodes)
                       if candidate.spatial else ())
 
 

@@ -97,6 +97,11 @@ def _to_double(graph: onnx.GraphProto) -> None:
 def float64_reference(name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     model = onnx.ModelProto()
     model.CopyFrom(fixture_model(name))
+    return float64_outputs(model, feeds)
+
+
+def float64_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``model``'s outputs computed in float64 by onnx's reference evaluator (``model`` is made float64 in place)."""
     _to_double(model.graph)
     evaluator = ReferenceEvaluator(model)
     doubled = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in feeds.items()}
@@ -143,5 +148,5 @@ def fixture_name(request: pytest.FixtureRequest) -> str:
 
 
 __all__ = ["FIXTURE_NAMES", "REPO", "all_default_domain", "assert_matches_onnxruntime", "assert_outputs_equal",
-           "example_feeds", "fixture_model", "fixture_path", "float64_reference", "float_error", "reference_outputs",
-           "run_python"]
+           "example_feeds", "fixture_model", "fixture_path", "float64_outputs", "float64_reference", "float_error",
+           "reference_outputs", "run_python"]

@@ -149,10 +149,10 @@ def _region(program: Program, start: int, outputs: tuple[str, ...]) -> Region | 
     region = found[0]
     return Region(size=region.size, bounds=region.bounds, sliced=dict(region.sliced),
                   outputs={name: region.outputs[name] for name in outputs}, staging_bytes=region.staging_bytes,
-                  patches=None if region.patches is None else _patches(program, region))
+                  patches=None if region.patches is None else patches_record(program, region))
 
 
-def _patches(program: Program, region: TileRegion) -> Patches:
+def patches_record(program: Program, region: TileRegion) -> Patches:
     """A spatial region's patch plan as the schedule records it: the rows each sliced input
     is fed, the padding each Conv or pool is handed, the rows each cropped edge reads."""
     plan, graph = region.patches, program.graph
