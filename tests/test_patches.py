@@ -4,7 +4,10 @@ against onnxruntime's whole run when the Convs' weights are constants (onnxrunti
 NCHWc kernels, as ``prepack_weights=True`` plans run them). Fed weights run as MLAS's
 im2col and GEMM, whose sums for a patch can differ from the whole tensor's in the last
 bits (measured: a 3x3 stride-2 Conv over 31 columns, 7.6e-06 of outputs of magnitude
-~10): those plans are held to the suite's float32 tolerance."""
+~10): those plans are held to the promise of every fed Conv (docs/memory.md). One
+chain is not patched bit for bit: a ConvTranspose followed by BatchNormalization, which
+onnxruntime's basic optimizer folds into the ConvTranspose when the rows are known (the
+whole model) and not when they are symbolic (a patch), 9.5e-07 apart."""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from hyperion.runtime.sessions import session_options
 from hyperion.schedule import Region
 from tests.conftest import float64_outputs, float_error, reference_outputs
 
-EXAMPLES = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+EXAMPLES = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 F = TensorProto.FLOAT
 
 
@@ -43,6 +46,11 @@ class _Chain:
         self.shape = [1, channels, rows, columns]
         self.input_shape = list(self.shape)
         self.last = "x"
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{n.op_type}({n.name}: {', '.join(f'{a.name}={list(a.ints) or a.i}' for a in n.attribute)})"
+                           for n in self.nodes)
+        return f"<chain {self.input_shape}: {layers}>"
 
     def _name(self, kind: str) -> str:
         return f"{kind}{len(self.nodes)}"
@@ -106,7 +114,7 @@ def _build(draw: st.DrawFn) -> _Chain:
             chain._add("Relu", [chain.last], chain.shape)
         elif layer in ("maxpool", "avgpool") and 1 < kernel <= chain.shape[3]:
             chain.pool("MaxPool" if layer == "maxpool" else "AveragePool", kernel, stride, *pads)
-        elif layer == "batchnorm":
+        elif layer == "batchnorm" and not (chain.nodes and chain.nodes[-1].op_type == "ConvTranspose"):
             c = chain.shape[1]
             stats = [chain._weight([c]) for _ in range(3)]
             chain.weights[stats[2]] = np.abs(chain.weights[stats[2]]) + 0.5
