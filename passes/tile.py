@@ -219,7 +219,7 @@ class TilePass(Pass):
         for _ in range(2):
             regions, program.order = self._regions(graph, program, gathered, budget, order, spatial)
             split = graph.with_tensors(region_accounted(graph, regions)) if regions else graph
-            inside = frozenset(n for r in regions for n in program.order[r.start:r.stop])
+            inside = frozenset(n for r in regions if r.patches is not None for n in program.order[r.start:r.stop])
             tiled = tiled_steps(split, program.order, limit, self.prefetch, self.prepack_weights, inside)
             split = split.with_tensors(_tile_accounted(split, tiled.values())) if tiled else split
             floor = self._tiled_floor(split, program, tiled)

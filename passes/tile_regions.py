@@ -271,6 +271,13 @@ class RegionFinder:
             low, high = (low, middle) if self.cost(candidate, middle) <= budget else (middle + 1, high)
         return low
 
+    def tiles_for(self, candidate: _Candidate, budget: int) -> int | None:
+        """The fewest tiles that fit ``budget``: for patches with room for the bookkeeping of
+        the sessions kept beside the region, where patches allow."""
+        room = session_bookkeeping_bytes(len(candidate.nodes))
+        roomy = candidate.spatial and self.fewest_tiles(candidate, budget - room)
+        return roomy or self.fewest_tiles(candidate, budget)
+
     def region(self, candidate: _Candidate, tiles: int) -> Region:
         bounds = self.bounds(candidate.size, tiles)
         width = bounds[1] - bounds[0]
@@ -320,11 +327,9 @@ def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: b
     for step in sorted(over):
         if step in taken:
             continue
-        # Cut with room for the bookkeeping of the sessions kept beside it, where tiles allow.
         choices = [(-len(over & set(c.steps)), tiles, finder.staging(c, -(-c.size // tiles)), c.stop - c.start, c)
                    for c, lowest in best[step] if lowest <= budget and not taken & set(range(c.start, c.stop))
-                   and (tiles := finder.fewest_tiles(c, budget - session_bookkeeping_bytes(len(c.nodes)))
-                        or finder.fewest_tiles(c, budget)) is not None]
+                   and (tiles := finder.tiles_for(c, budget)) is not None]
         if not choices:
             continue
         _, tiles, _, _, chosen = min(choices, key=lambda choice: choice[:4])
