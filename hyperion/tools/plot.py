@@ -173,8 +173,9 @@ def _mark_split_steps(ax: Any, schedule: Schedule) -> None:
 
 
 def _mark_regions(ax: Any, schedule: Schedule) -> None:
-    """Regions as their tiles: an edge per tile boundary across the region's steps, and the count."""
-    labelled = False
+    """Regions as their tiles: an edge per tile boundary across the region's steps, and the
+    count; spatial patches (rows through Convs and pools, with halos) in a colour of their own."""
+    labelled: set[str] = set()
     for segment in schedule.segments:
         region = segment.region
         if region is None:
@@ -182,12 +183,14 @@ def _mark_regions(ax: Any, schedule: Schedule) -> None:
         top = max(schedule.steps[i].live_bytes for i in segment.steps) / MIB
         left, width = segment.first_step - 0.5, segment.last_step - segment.first_step + 1
         stride = max(1, (len(region.bounds) - 1) // TILE_MARKS)
+        kind, colour = ("patches", "tab:cyan") if region.patches is not None else ("tiles", "tab:olive")
+        label = "patch edges (rows, with halos)" if region.patches is not None else "tile edges (regions)"
         for bound in region.bounds[::stride]:
-            ax.plot([left + width * bound / region.size] * 2, [0, top], color="tab:olive", linewidth=0.6,
-                    label=None if labelled else "tile edges (regions)")
-            labelled = True
-        ax.annotate(f"{len(region.bounds) - 1} tiles", (left + width / 2, top), xytext=(0, 4),
-                    textcoords="offset points", ha="center", fontsize=7, color="tab:olive")
+            ax.plot([left + width * bound / region.size] * 2, [0, top], color=colour, linewidth=0.6,
+                    label=None if label in labelled else label)
+            labelled.add(label)
+        ax.annotate(f"{len(region.bounds) - 1} {kind}", (left + width / 2, top), xytext=(0, 4),
+                    textcoords="offset points", ha="center", fontsize=7, color=colour)
 
 
 # -- HTML --------------------------------------------------------------------------------

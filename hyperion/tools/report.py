@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from hyperion.ir import TensorRole
-from hyperion.schedule import Schedule, Step
+from hyperion.schedule import Region, Schedule, Step
 from hyperion.units import format_size
 
 KIND_COLORS = {"sequential": "black", "residual": "blue", "attention": "red", "none": "gray"}
@@ -66,6 +66,10 @@ def summary(schedule: Schedule) -> str:
         lines.append(f"regions      {len(regions)} run tile by tile along a free axis "
                      f"({sum(len(s.region.bounds) - 1 for s in regions)} tiles, "  # type: ignore[union-attr]
                      f"{sum(s.last_step - s.first_step + 1 for s in regions)} steps)")
+        spatial = [s for s in regions if s.region.patches is not None]  # type: ignore[union-attr]
+        if spatial:
+            lines.append(f"             {len(spatial)} of them in spatial patches along rows, with halos "
+                         f"({sum(len(s.region.bounds) - 1 for s in spatial)} patches)")  # type: ignore[union-attr]
     return "\n".join(lines)
 
 
@@ -97,6 +101,8 @@ def region_tiles(schedule: Schedule, step: Step) -> list[str]:
     if segment is None or segment.region is None or segment.first_step != step.index:
         return []
     region = segment.region
+    if region.patches is not None:
+        return _patch_lines(segment.first_step, segment.last_step, region)
     edges = list(zip(region.bounds, region.bounds[1:], strict=False))
     sliced = ", ".join(f"{name}[axis {axis}]" for name, axis in region.sliced.items()) or "nothing"
     written = ", ".join(f"{name}[axis {axis}]" for name, axis in region.outputs.items())
@@ -105,6 +111,26 @@ def region_tiles(schedule: Schedule, step: Step) -> list[str]:
     lines += [f"tile {i}/{len(edges)}: {a}:{b}" for i, (a, b) in enumerate(edges[:SUB_STEPS_SHOWN])]
     if len(edges) > SUB_STEPS_SHOWN:
         lines.append(f"... {len(edges) - SUB_STEPS_SHOWN} more tiles up to {region.size}; staging "
+                     f"{format_size(region.staging_bytes)}")
+    return lines
+
+
+def _patch_lines(first: int, last: int, region: Region) -> list[str]:
+    """A spatial region: its patches, each with the input rows it reads (halo included) and
+    the padding rows its Convs and pools are handed where it touches a border."""
+    patches = region.patches
+    assert patches is not None
+    edges = list(zip(region.bounds, region.bounds[1:], strict=False))
+    written = ", ".join(region.outputs)
+    lines = [f"region: steps {first}-{last}, one session, {len(edges)} patches of {region.size} rows with halos; "
+             f"writes {written}; {len(patches.pads)} padded node(s), {len(patches.crops)} cropped edge(s)"]
+    for i, (a, b) in enumerate(edges[:SUB_STEPS_SHOWN]):
+        reads = ", ".join(f"{name} rows {rows[i][0]}:{rows[i][1]}" for name, rows in patches.rows.items())
+        padded = sum(1 for pad in patches.pads if pad.rows[i] != (0, 0))
+        lines.append(f"patch {i}/{len(edges)}: rows {a}:{b}; reads {reads or 'nothing sliced'}"
+                     + (f"; padding at {padded} node(s)" if padded else ""))
+    if len(edges) > SUB_STEPS_SHOWN:
+        lines.append(f"... {len(edges) - SUB_STEPS_SHOWN} more patches up to {region.size}; staging "
                      f"{format_size(region.staging_bytes)}")
     return lines
 
