@@ -121,7 +121,10 @@ class RegionFinder:
             for axis, dim in enumerate(self.graph.tensors[seed].shape or ()):
                 if dim == 1:
                     continue
-                spatial = self.spatial and axis == ROWS and len(self.graph.tensors[seed].shape or ()) == 4
+                # Patches at batch 1: a batch streams in chunks first (and the optimal batch
+                # the streaming planner computes knows nothing of patches).
+                shape = self.graph.tensors[seed].shape or ()
+                spatial = self.spatial and axis == ROWS and len(shape) == 4 and shape[0] == 1
                 carrier = Carrier(self.graph, claimable, {seed: axis}, spatial=spatial)
                 nodes, hoisted = self._carried(carrier, window)
                 if nodes and nodes[-1] == window[-1]:

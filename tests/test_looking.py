@@ -32,10 +32,9 @@ from hyperion.tools.report import ROLES, alive_at, inspect_data, role_bytes, to_
 from tests.conftest import REPO
 
 
-def _demo(limit: str | None, batch: int = 1, prepack_weights: bool | None = None,
-          mode: str = "adaptive") -> hyperion.CompiledModel:
+def _demo(limit: str | None, batch: int = 1, prepack_weights: bool | None = None) -> hyperion.CompiledModel:
     return hyperion.compile(fixture_path("demo"), memory_limit=limit, input_shapes={"image": [batch, 3, 64, 64]},
-                            prepack_weights=prepack_weights, mode=mode)
+                            prepack_weights=prepack_weights)
 
 
 # -- the trace ---------------------------------------------------------------------------
@@ -129,7 +128,7 @@ def test_trace_of_a_whole_model_run_and_a_streaming_run(tmp_path: Path) -> None:
     assert [e["name"] for e in tracks[RUN_TRACK]] == ["run", "segment 0 (whole model)"]
     assert any(e["cat"] == "node" for e in tracks[NODES_TRACK])
 
-    streaming = _demo("3MB", batch=8, mode="streaming")   # adaptive meets the cap with spatial patches
+    streaming = _demo("3MB", batch=8)
     assert streaming.schedule.mode == "streaming"
     streaming.run(example_feeds("demo", batch=8), trace=tmp_path / "streaming.json")
     tracks = check_trace_events(json.loads((tmp_path / "streaming.json").read_text()))

@@ -20,6 +20,9 @@ from hyperion.schedule import (
     VERSION,
     EdgeRecord,
     ModelRef,
+    PatchCrop,
+    Patches,
+    PatchPad,
     Region,
     Replan,
     ReplanPoint,
@@ -130,18 +133,22 @@ RECORDS: dict[type, tuple[tuple[str, ...], str]] = {
     RowGather: (("$defs", "row_gather"), "Row gather"),
     Tiles: (("$defs", "tiles"), "Tiles"),
     Region: (("$defs", "region"), "Region"),
+    Patches: (("$defs", "patches"), "Patches"),
+    PatchPad: (("$defs", "patches", "properties", "pads", "items"), "Patch pad"),
+    PatchCrop: (("$defs", "patches", "properties", "crops", "items"), "Patch crop"),
 }
 
 # Fields a file may leave out (absent means None); every other field is required.
 OPTIONAL: dict[type, set[str]] = {Schedule: {"optimal_peak_bytes", "replan"}, TensorRecord: {"upper_bound"},
                                   Segment: {"fold_constants", "relaid", "region"}, Step: {"row_gather", "tiles"},
-                                  Tiles: {"fed"}}
+                                  Tiles: {"fed"}, Region: {"patches"}}
 
 
 def _nested_records(record: type) -> set[type]:
     """The record types ``record``'s fields hold (the dataclasses among their annotations)."""
     by_name = {cls.__name__: cls for cls in (ModelRef, TensorRecord, ExternalLocation, ValueType, Step, Segment,
-                                             EdgeRecord, Streaming, Replan, ReplanPoint, RowGather, Tiles, Region)}
+                                             EdgeRecord, Streaming, Replan, ReplanPoint, RowGather, Tiles, Region,
+                                             Patches, PatchPad, PatchCrop)}
     return {cls for f in dataclasses.fields(record) for name, cls in by_name.items() if name in str(f.type)}
 
 
