@@ -164,3 +164,38 @@ def patch_plan(graph: Graph, nodes: Sequence[str], axes: Mapping[str, int], outp
 
 def max_rows(plan: PatchPlan, tensor: str) -> int:
     return max(b - a for a, b in plan.rows[tensor])
+
+
+def _share(nbytes: int, rows: int, size: int) -> int:
+    return -(-nbytes * rows // size)
+
+
+def patch_bytes(graph: Graph, plan: PatchPlan, name: str) -> int:
+    """``name``'s bytes at its widest patch, halo included."""
+    tensor = graph.tensors[name]
+    return _share(tensor.nbytes or 0, max_rows(plan, name), int(tensor.shape[ROWS]))  # type: ignore[index]
+
+
+def staging_bytes(graph: Graph, plan: PatchPlan, copied: Sequence[str]) -> int:
+    """What a patch copies besides its interior tensors, counted all at once to be safe:
+    the rows of ``copied`` (its sliced inputs and outputs: an NCHW row slice at batch 1 is
+    not contiguous), the padded input of its widest padded Conv or pool, and the rows of
+    every cropped edge."""
+    padded = 0
+    for name, pads in plan.pads.items():
+        tensor = graph.tensors[graph.nodes[name].inputs[0]]
+        rows = max(b - a + top + bottom for (a, b), (top, bottom) in zip(plan.rows[tensor.name], pads, strict=True))
+        padded = max(padded, _share(tensor.nbytes or 0, rows, int(tensor.shape[ROWS])))  # type: ignore[index]
+    return (sum(patch_bytes(graph, plan, name) for name in copied) + padded
+            + sum(patch_bytes(graph, plan, tensor) for tensor, _ in plan.crops))
+
+
+def patch_workspace(graph: Graph, plan: PatchPlan, name: str, whole: int) -> int:
+    """A Conv's or pool's kernel workspace (``whole``: for the whole tensor) for its widest
+    patch, as a share of the output rows: exact for MLAS's im2col (output pixels x K); an
+    NCHWc copy of the input carries the patch's halo too, a few rows more than this counts."""
+    node = graph.nodes[name]
+    if window_of(graph, node) is None:
+        return whole
+    out = graph.tensors[node.outputs[0]]
+    return _share(whole, max_rows(plan, out.name), int(out.shape[ROWS]))  # type: ignore[index]

@@ -22,7 +22,15 @@ from hyperion.passes.liveness import Liveness
 from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, session_bookkeeping_bytes, workspace_bytes
 from hyperion.passes.segment import StepCosts, single_steps_of
 from hyperion.passes.tile_axes import RULES, SPATIAL_RULES, Carrier, carry
-from hyperion.passes.tile_patches import ROWS, PatchPlan, max_rows, patch_plan, window_of
+from hyperion.passes.tile_patches import (
+    ROWS,
+    PatchPlan,
+    max_rows,
+    patch_bytes,
+    patch_plan,
+    patch_workspace,
+    staging_bytes,
+)
 
 # The longest run of steps a region spans: attention's core is 3-5 steps; longer windows
 # cost planning time for nothing a cap needs.
@@ -201,42 +209,24 @@ class RegionFinder:
                                           self.bounds(candidate.size, -(-candidate.size // width)))
         return self._plans[key]
 
-    def patch_bytes(self, plan: PatchPlan, name: str) -> int:
-        """``name``'s bytes at its widest patch, halo included."""
-        return -(-(self.graph.tensors[name].nbytes or 0) * max_rows(plan, name)
-                 // int(self.graph.tensors[name].shape[ROWS]))  # type: ignore[index]
-
     def _patch_staging(self, candidate: _Candidate, plan: PatchPlan) -> int:
-        """What a patch copies besides its interior tensors (all at once, to be safe): its
-        sliced inputs' rows and its outputs' (not contiguous in NCHW), the padded input of
-        the widest padded Conv or pool, and every cropped edge's rows."""
-        copies = sum(self.patch_bytes(plan, n) for n in (*candidate.sliced, *candidate.outputs))
-        padded = max((self.patch_bytes(plan, self.graph.nodes[n].inputs[0]) * (1 + max(sum(p) for p in pads)
-                      / max_rows(plan, self.graph.nodes[n].inputs[0])) for n, pads in plan.pads.items()), default=0)
-        cropped = sum(self.patch_bytes(plan, tensor) for tensor, _ in plan.crops)
-        return copies + int(padded) + cropped
+        return staging_bytes(self.graph, plan, (*candidate.sliced, *candidate.outputs))
 
     def _patch_saved(self, candidate: _Candidate, plan: PatchPlan, step: int) -> int:
         """What a step of a spatial region accounts less than whole: its interior tensors
         and its kernel's workspace (im2col, NCHWc copies) are one patch's."""
         intervals = self.liveness.intervals
-        saved = sum((self.graph.tensors[n].nbytes or 0) - self.patch_bytes(plan, n)
+        saved = sum((self.graph.tensors[n].nbytes or 0) - patch_bytes(self.graph, plan, n)
                     for n in candidate.interior if step in intervals[n])
         name = self.order[step]
-        return saved + self._whole_workspace(name) - self._patch_workspace(plan, name)
+        return saved + self._workspace(name) - self._patch_workspace(plan, name)
 
-    def _whole_workspace(self, name: str) -> int:
+    def _workspace(self, name: str) -> int:
         return workspace_bytes(self.graph, self.graph.nodes[name], weights_fed=not self.costs.normal
                                and not self.costs.prepack)
 
     def _patch_workspace(self, plan: PatchPlan, name: str) -> int:
-        """A Conv's or pool's workspace for its widest patch: im2col and NCHWc copies scale
-        with the rows (a pessimistic share for the input, which carries the halo too)."""
-        whole, node = self._whole_workspace(name), self.graph.nodes[name]
-        if window_of(self.graph, node) is None:
-            return whole
-        out = node.outputs[0]
-        return -(-whole * max_rows(plan, out) // int(self.graph.tensors[out].shape[ROWS]))  # type: ignore[index]
+        return patch_workspace(self.graph, plan, name, self._workspace(name))
 
     def cost(self, candidate: _Candidate, tiles: int) -> int:
         """The most a step of the region accounts with ``tiles`` tiles, as the ``segment``
