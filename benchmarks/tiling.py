@@ -217,10 +217,10 @@ def measure(entry: dict[str, Any], repeats: int) -> dict[str, Any]:
                               "smallest_before_node": before_node, "smallest_weight_tiles_bytes": weight_tiles,
                               "smallest_free_axes_bytes": free_axes, "smallest_free_axes_node": free_axes_node,
                               "smallest_after_bytes": after, "smallest_after_node": after_node}
-    if after < free_axes:   # at a cap only patches meet: their latency
-        cap = (free_axes + after) // 2
-    elif after < before:
-        cap = (before + after) // 2
+    if after < max(before, free_axes):
+        # Midway to the smallest cap without patches when they lower it (only they meet it),
+        # else without the tile pass.
+        cap = (free_axes + after) // 2 if after < free_axes else (before + after) // 2
         try:
             hyperion.compile(path, memory_limit=cap, mode="adaptive")
         except hyperion.MemoryLimitError as refusal:   # sessions' bookkeeping can need more than one step
