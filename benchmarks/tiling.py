@@ -192,7 +192,8 @@ def latency(entry: dict[str, Any], cap: int, repeats: int) -> dict[str, Any]:
     for segment in regions:
         first = schedule.steps[segment.first_step]
         ops = "-".join(schedule.steps[i].op_type for i in segment.steps)
-        kind = f"region: {len(segment.region.bounds) - 1} tiles of {segment.region.size}"
+        unit = "patches of rows" if segment.region.patches is not None else "tiles"
+        kind = f"region: {len(segment.region.bounds) - 1} {unit} of {segment.region.size}"
         steps.append({"index": first.index, "node": first.node, "op": ops, "split": kind,
                       "hyperion_ms": _median(segment_ms[segment.index]),
                       "onnxruntime_ms": _median(op_ms[segment.index])})
