@@ -35,6 +35,7 @@ Prints Markdown tables and writes every figure to ``--json``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -141,6 +142,9 @@ def _op_alone(model_path: str, source: Any, step: Any, schedule: Any) -> tuple[o
 def _chain_alone(source: Any, segment: Any, schedule: Any) -> tuple[ort.InferenceSession, dict]:
     """A region's steps whole in plain onnxruntime: its segment's model, untiled, on inputs of its shapes."""
     initializers = {t.name: t for t in source.proto.graph.initializer}
+    # Every weight fed (random, of its shape): weights import computed (folded into
+    # Hyperion's weight cache, outside the model's folder) cannot be initializers here.
+    segment = dataclasses.replace(segment, fed_weights=tuple(segment.weights))
     model = build_segment_model(source, schedule, segment, nodes_by_name(source), initializers)
     rng = np.random.default_rng(0)
     inputs = {name: rng.standard_normal(tuple(int(d) for d in schedule.tensors[name].shape)).astype(
