@@ -11,6 +11,8 @@ whole model) and not when they are symbolic (a patch), 9.5e-07 apart."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -246,3 +248,20 @@ def test_a_unet_block_runs_in_patches_under_a_cap_it_could_not_meet_whole(tmp_pa
     cm.schedule.save(saved)
     again = hyperion.load(path, saved).run(feeds)
     assert all(np.array_equal(again[n], actual[n]) for n in expected)
+
+
+def test_an_edited_schedule_whose_patches_read_outside_their_input_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "block.onnx"
+    onnx.save(_unet_block(), str(path))
+    with pytest.raises(hyperion.MemoryLimitError) as refused:
+        hyperion.compile(path, memory_limit=1, mode="memory_opt")
+    cm = hyperion.compile(path, memory_limit=refused.value.smallest_limit_bytes + (64 << 10), mode="memory_opt")
+    data = json.loads(cm.schedule.to_json())
+    segment = next(s for s in data["segments"] if s["region"] is not None and s["region"]["patches"] is not None)
+    rows = segment["region"]["patches"]["rows"]
+    name = next(iter(rows))
+    rows[name][-1][1] += 1                      # one row past the end of the input
+    edited = tmp_path / "edited.schedule.json"
+    edited.write_text(json.dumps(data))
+    with pytest.raises(hyperion.ScheduleError, match=rf"patches: the rows of '{re.escape(name)}' are not"):
+        hyperion.load(path, edited)
