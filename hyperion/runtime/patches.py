@@ -20,11 +20,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
-from onnx import ModelProto, NodeProto, TensorProto, helper
+from onnx import ModelProto, NodeProto, TensorProto, ValueInfoProto, helper
 
 from hyperion.schedule import PatchCrop, Patches, PatchPad, Region
 
-ROWS = 2
+ROWS = 2   # NCHW: the axis padded nodes are padded along (crops carry their own)
 
 
 def _pad_inputs(pad: PatchPad) -> tuple[str, str]:
@@ -35,9 +35,10 @@ def _crop_input(crop: PatchCrop) -> str:
     return f"hyperion_rows/{crop.tensor}/{crop.reader}"
 
 
-def _symbolic(value: object, axis: int, name: str) -> None:
-    tensor_type = value.type.tensor_type  # type: ignore[attr-defined]
-    if value.type.HasField("tensor_type") and tensor_type.HasField("shape"):  # type: ignore[attr-defined]
+def _symbolic(value: ValueInfoProto, axis: int, name: str) -> None:
+    """The rows of ``value`` (a model input or output) symbolic: every patch has its own."""
+    tensor_type = value.type.tensor_type
+    if value.type.HasField("tensor_type") and tensor_type.HasField("shape"):
         dim = tensor_type.shape.dim[axis]
         dim.Clear()
         dim.dim_param = name
@@ -82,8 +83,9 @@ def patch_model(model: ModelProto, region: Region, node_names: Sequence[str]) ->
             source = whole.get(tensor, tensor)
             if crop is not None:
                 cut = f"{tensor}/hyperion_rows/{name}"
-                rewritten.append(helper.make_node("Gather", [source, _crop_input(crop)], [cut], axis=crop.axis,
-                                                  name=f"hyperion_crop/{tensor}/{name}"))
+                if cut not in node.input:   # a node reading the tensor twice reads one crop
+                    rewritten.append(helper.make_node("Gather", [source, _crop_input(crop)], [cut], axis=crop.axis,
+                                                      name=f"hyperion_crop/{tensor}/{name}"))
                 source = cut
             node.input[slot] = source
         pad = pads.get(name)
