@@ -22,6 +22,8 @@ from hyperion.passes.tile_regions import Region, find_regions, region_accounted
 
 # A table smaller than this is read whole: a few pages, not worth a step of its own.
 ROW_GATHER_MIN_BYTES = 1 << 20
+# Times patches are cut finer when the segments they leave need more than the cap (rule 12).
+TIGHTER_CUTS = 2
 
 
 @dataclass(frozen=True)
@@ -182,16 +184,27 @@ class TilePass(Pass):
         if limit is None:
             return graph, (), {}
         found = self._split_with(graph, program, gathered, order, limit, spatial=True)
-        if self.judge is None or not any(r.patches is not None for r in found[1]):
+        if self.judge is None or not found[1]:
             return found
         with_patches = self._refused_at(found, program, gathered, limit)
-        if not with_patches:
+        budget, found_order = limit, program.order
+        for _ in range(TIGHTER_CUTS):
+            if not with_patches or with_patches > 2 * limit:   # met, or the smallest cap's search
+                break
+            # The segments need more than the regions were cut for (the bookkeeping of the
+            # sessions kept beside them): cut the patches finer by what was missing.
+            budget -= with_patches - limit
+            tighter = self._split_with(graph, program, gathered, order, limit, spatial=True, budget=budget)
+            refused = self._refused_at(tighter, program, gathered, limit)
+            if refused < with_patches:
+                found, with_patches, found_order = tighter, refused, program.order
+        program.order = found_order
+        if not with_patches or not any(r.patches is not None for r in found[1]):
             return found
-        with_patches_order = program.order
         without = self._split_with(graph, program, gathered, order, limit, spatial=False)
         if self._refused_at(without, program, gathered, limit) < with_patches:
             return without
-        program.order = with_patches_order
+        program.order = found_order
         return found
 
     def _refused_at(self, split: tuple[Graph, tuple[Region, ...], dict[str, TiledStep]], program: Program,
@@ -214,8 +227,10 @@ class TilePass(Pass):
         return 0
 
     def _split_with(self, graph: Graph, program: Program, gathered: frozenset[str], order: tuple[str, ...],
-                    limit: int, spatial: bool) -> tuple[Graph, tuple[Region, ...], dict[str, TiledStep]]:
-        regions, tiled, split, budget = (), {}, graph, limit
+                    limit: int, spatial: bool, budget: int | None = None
+                    ) -> tuple[Graph, tuple[Region, ...], dict[str, TiledStep]]:
+        """Regions cut for ``budget`` (the cap, unless given), then weight tiles for the cap."""
+        regions, tiled, split, budget = (), {}, graph, limit if budget is None else budget
         for _ in range(2):
             regions, program.order = self._regions(graph, program, gathered, budget, order, spatial)
             split = graph.with_tensors(region_accounted(graph, regions)) if regions else graph
