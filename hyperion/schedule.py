@@ -167,8 +167,9 @@ class Segment:
     # activations (a capped plan whose segment makes large tensors from constants alone).
     fold_constants: bool = True   # optional in the file: version 2 schedules written before it load
     # Its session is built once through onnxruntime's optimizer with the fed weights as
-    # constants (convolutions re-laid for its NCHWc kernels, BatchNormalization folded in),
-    # then fed the re-laid weights the optimizer wrote (hyperion.runtime.relayout).
+    # constants (MatMul/Gemm weights packed, convolutions re-laid for its NCHWc kernels,
+    # BatchNormalization folded in), written to a file the session maps; the mapped pages
+    # are dropped after every run (hyperion.runtime.relayout).
     relaid: bool = False          # optional in the file
     region: Region | None = None  # run tile by tile along a free axis; optional in the file
 

@@ -49,7 +49,7 @@ class SegmentOptions:
     prefetch: bool | None = None          # None: when weights are pre-packed
     weight_cache_bytes: int | None = None
     prepack_weights: bool | None = None   # None: in normal mode only
-    relayout: bool = True                 # fed convolutions built through onnxruntime's optimizer
+    relayout: bool = True                 # fed segments packed once by onnxruntime's optimizer, mapped
 
     def for_mode(self, mode: ExecutionMode) -> SegmentOptions:
         """The options with ``None`` resolved for ``mode``. Weights are pre-packed where
