@@ -260,6 +260,14 @@ class Schedule:
     format: str = FORMAT
     version: int = VERSION
 
+    @property
+    def packed_kernels(self) -> bool:
+        """Whether every GEMM runs on packed weights, as plain onnxruntime's do: sessions
+        pre-pack, or every segment fed weights is relaid (packed once, mapped). False when
+        some are fed plainly (unpacked)."""
+        fed = [segment.relaid for segment in self.segments if segment.fed_weights]
+        return self.prepack_weights or (bool(fed) and all(fed))
+
     # -- display --------------------------------------------------------------------
     def __repr__(self) -> str:
         """One line: ``<Schedule demo.onnx memory_opt: 42 steps, 5 segments, peak 1.3 MiB, cap 1.5 MiB>``."""

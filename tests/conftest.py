@@ -126,7 +126,7 @@ def assert_matches_onnxruntime(compiled, name: str, feeds: Mapping[str, np.ndarr
         plain = float_error(reference_outputs(fixture_path(name), feeds), exact)
         assert float_error(dict(got), exact) <= 2 * plain
         return
-    assert_outputs_equal(got, reference_outputs(fixture_path(name), feeds, prepack_weights=schedule.prepack_weights))
+    assert_outputs_equal(got, reference_outputs(fixture_path(name), feeds, prepack_weights=schedule.packed_kernels))
 
 
 def run_python(code: str, *args: str) -> str:

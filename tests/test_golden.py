@@ -90,10 +90,7 @@ def check_scenario(scenario: str, title: str, model: onnx.ModelProto, *, seed: i
         actual = compiled.run(feeds)
     finally:
         compiled.close()
-    # Relaid segments run onnxruntime's packed kernels (their weights packed once, mapped).
-    fed = [segment.relaid for segment in schedule.segments if segment.fed_weights]
-    packed = schedule.prepack_weights or (bool(fed) and all(fed))
-    expected = onnxruntime_outputs(model, feeds, prepack_weights=packed)
+    expected = onnxruntime_outputs(model, feeds, prepack_weights=schedule.packed_kernels)
     assert set(actual) == set(expected)
     exact = str(getattr(schedule.mode, "value", schedule.mode)) == "normal"
     for name, want in expected.items():
