@@ -86,6 +86,6 @@ def build_pipeline(mode: ExecutionMode, options: SegmentOptions | None = None, *
     if Stage.BATCH in wanted and mode is ExecutionMode.STREAMING:
         passes.append(BatchSeparablePass())
     if Stage.PLAN in wanted:
-        passes += [TilePass(options.prefetch, options.prepack_weights), LivenessPass(), PlanMemoryPass(),
-                   options.segment_pass(pinned_bytes)]
+        passes += [TilePass(options.prefetch, options.prepack_weights, options.relayout), LivenessPass(),
+                   PlanMemoryPass(), options.segment_pass(pinned_bytes)]
     return PassManager(passes)

@@ -143,14 +143,15 @@ import json, sys
 import numpy as np
 import hyperion, onnxruntime
 from hyperion.tools.rss import peak_rss_bytes
-path, limit = sys.argv[1], int(sys.argv[2])
+path, limit, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 baseline = peak_rss_bytes()
-compiled = hyperion.compile(path, memory_limit=limit, mode="memory_opt", input_shapes={"x": [8, 1024]})
-x = {"x": np.ones((8, 1024), np.float32)}
+compiled = hyperion.compile(path, memory_limit=limit, mode="memory_opt", input_shapes={"x": [8, hidden]})
+x = {"x": np.ones((8, hidden), np.float32)}
 compiled.run(x)
 compiled.run(x)
 print(json.dumps({"over": peak_rss_bytes() - baseline,
                   "relaid": sum(s.relaid for s in compiled.schedule.segments),
+                  "relaid_tiles": sum(s.tiles is not None and s.tiles.relaid for s in compiled.schedule.steps),
                   "segments": len(compiled.schedule.segments), "built": compiled.stats.sessions.built}))
 """
 
@@ -177,8 +178,34 @@ def test_a_relaid_mlp_keeps_the_rss_promise_in_a_fresh_process(tmp_path: Path, c
     while it runs and dropped after it."""
     path = build_streaming_mlp(tmp_path / "mlp.onnx", layers=12, hidden=1024)
     limit = 16 << 20
-    result = json.loads(run_python(MLP_RSS, str(path), str(limit)))
+    result = json.loads(run_python(MLP_RSS, str(path), str(limit), "1024"))
     assert result["relaid"] >= 3 and result["built"] == 0
+    assert result["over"] <= limit + (32 << 20), f"{result['over'] / 2**20:.1f} MiB over the import baseline"
+
+
+def test_relaid_tiles_run_packed_kernels_bit_for_bit_and_read_nothing_once_built(tmp_path: Path, cache: Path) -> None:
+    """Weights of 16 MiB under a 40 MB cap fit fed whole, unpacked, but not relaid whole (three
+    times over while built): each MatMul runs as relaid tiles -- packed once, each tile's
+    file mapped by a session of its own -- the same kernels as plain onnxruntime's."""
+    path = build_streaming_mlp(tmp_path / "mlp.onnx", layers=3, hidden=2048)
+    x = {"x": np.random.default_rng(4).standard_normal((8, 2048)).astype(np.float32)}
+    compiled = hyperion.compile(path, memory_limit="40MB", mode="memory_opt", input_shapes={"x": [8, 2048]})
+    tiles = [step.tiles for step in compiled.schedule.steps if step.tiles is not None]
+    assert len(tiles) == 3 and all(t.relaid and not t.fed and len(t.bounds) > 2 for t in tiles)
+    assert compiled.schedule.packed_kernels
+    expected = reference_outputs(str(path), x)["y"]
+    np.testing.assert_array_equal(compiled.run(x)["y"], expected)
+    np.testing.assert_array_equal(compiled.run(x)["y"], expected)
+    assert compiled.stats.sessions.built == 0 and compiled.stats.fed_bytes == 0
+    assert len(list(cache.glob("relaid/*/segment.data"))) == sum(len(t.bounds) - 1 for t in tiles)
+
+
+def test_relaid_tiles_of_a_weight_twice_the_cap_keep_the_rss_promise(tmp_path: Path, cache: Path) -> None:
+    """One 64 MiB weight under a 32 MiB cap: tiles narrow enough to be built relaid."""
+    path = build_streaming_mlp(tmp_path / "mlp.onnx", layers=1, hidden=4096)
+    limit = 32 << 20
+    result = json.loads(run_python(MLP_RSS, str(path), str(limit), "4096"))
+    assert result["relaid_tiles"] == 1 and result["built"] == 0
     assert result["over"] <= limit + (32 << 20), f"{result['over'] / 2**20:.1f} MiB over the import baseline"
 
 

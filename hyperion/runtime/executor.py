@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import NodeProto
 
@@ -45,11 +46,11 @@ from hyperion.frontend import ModelSource
 from hyperion.ir import ExecutionMode, TensorRole
 from hyperion.runtime import pages
 from hyperion.runtime.regions import region_model, run_region
-from hyperion.runtime.relayout import relaid_model
+from hyperion.runtime.relayout import cached_relaid, relaid_model, scratch_folder
 from hyperion.runtime.rows import gather_rows
 from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
 from hyperion.runtime.sessions import SessionPool, SessionTimes, release_free_heap, return_freed_memory, session_options
-from hyperion.runtime.tiles import read_weight_tile, run_tiles, tile_model
+from hyperion.runtime.tiles import read_weight_tile, run_tiles, tile_in_file, tile_model
 from hyperion.runtime.trace import HELD_COUNTER, NULL_RECORDER, NullRecorder
 from hyperion.runtime.weights import FileSpan, WeightStore
 from hyperion.schedule import RowGather, Schedule, Segment, Tiles
@@ -123,6 +124,8 @@ class Runtime:
         self._tile_sessions: dict[tuple, ort.InferenceSession] = {}   # fed tiles' sessions, kept across runs
         self._relaid: dict[int, Path] = {}   # relaid segments' data files, once built
         self._relaid_pages: dict[int, tuple[pages.PageRange, ...]] = {}   # where their sessions map them
+        self._relaid_tiles: dict[tuple, Path] = {}   # relaid tiles' data files (their sessions: _tile_sessions)
+        self._relaid_tile_pages: dict[tuple, tuple[pages.PageRange, ...]] = {}
         kept = frozenset(segment.index for segment in schedule.segments if segment.persistent)
         self.pool = SessionPool(_weak_builder(self), kept, schedule.prefetch)
         self._whole_model_ms: float | None = None
@@ -218,13 +221,18 @@ class Runtime:
         found = self._relaid_pages.get(segment.index)
         if found is None:
             data = self._relaid.get(segment.index)
-            found = pages.mapped_ranges(data) if data is not None else ()
-            if pages.written_bytes(found):
-                raise RuntimeExecutionError(
-                    f"{self.source.label}: segment {segment.index}'s session wrote into its mapped weights "
-                    f"({data}); they cannot be released after the run, so the cap cannot be kept")
+            found = self._checked_pages(data, f"segment {segment.index}") if data is not None else ()
             if found:
                 self._relaid_pages[segment.index] = found
+        return found
+
+    def _checked_pages(self, data: Path, what: str) -> tuple[pages.PageRange, ...]:
+        """The ranges mapping ``data``, checked to hold no page a session wrote (dropping it would lose it)."""
+        found = pages.mapped_ranges(data)
+        if pages.written_bytes(found):
+            raise RuntimeExecutionError(
+                f"{self.source.label}: {what}'s session wrote into its mapped weights ({data}); they cannot "
+                "be released after the run, so the cap cannot be kept")
         return found
 
     def close(self) -> None:
@@ -445,10 +453,50 @@ class Runtime:
                                                                 providers=["CPUExecutionProvider"])
             return self._tile_sessions[key]
 
+        def relaid(start: int, stop: int, tile_inputs: Mapping[str, np.ndarray],
+                   supplied: Callable[[], dict[str, np.ndarray]]) -> tuple[ort.InferenceSession, Callable[[], None]]:
+            key = (step.index, start, stop)
+            if key not in self._tile_sessions:
+                self._tile_sessions[key], self._relaid_tiles[key] = self._relaid_tile(
+                    onnx.load_model_from_string(build(stop - start, tile_inputs)), supplied, f"{start}:{stop}")
+            return self._tile_sessions[key], lambda: pages.drop(self._mapped_tile_pages(key))
+
         with self.tracer.span(f"{len(tiles.bounds) - 1} tiles of {step.node}", "tiles", segment=segment.index):
             bias = self.weights.read(tiles.bias) if tiles.bias is not None and tiles.bias not in inputs else None
-            return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile, bias, build, self._options,
-                             in_place, kept if tiles.fed else None)
+            try:
+                return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile, bias, build, self._options,
+                                 in_place, kept if tiles.fed else None, relaid if tiles.relaid else None)
+            finally:
+                if tiles.relaid:
+                    release_free_heap()   # as after a relaid segment
+
+    def _relaid_tile(self, model: onnx.ModelProto, supplied: Callable[[], dict[str, np.ndarray]],
+                     salt: str) -> tuple[ort.InferenceSession, Path]:
+        """A relaid tile's session: ``model`` (its weight tiles declared in their weights'
+        files) packed once by onnxruntime's optimizer (cached; the tiles are read, by
+        ``supplied()``, only to make it), then loaded mapped."""
+        relaid = cached_relaid(model, self.weights.folder, salt)
+        if relaid is None:
+            # onnxruntime writes a model's initializers as the model declares them, not as
+            # handed over: the tile (a column block is not contiguous in the weight's file)
+            # goes to a file of its own, which the model built from declares.
+            with scratch_folder() as scratch:
+                built_from = tile_in_file(model, supplied(), Path(scratch))
+                options = self._options(prepack=True, external_folder=Path(scratch))
+                relaid = relaid_model(model, options, self.weights.folder, [], salt, built_from)
+        mapped = self._options(prepack=True, external_folder=relaid.model.parent)
+        mapped.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # done already
+        session = ort.InferenceSession(str(relaid.model), mapped, providers=["CPUExecutionProvider"])
+        return session, relaid.data
+
+    def _mapped_tile_pages(self, key: tuple) -> tuple[pages.PageRange, ...]:
+        """Where a relaid tile's session maps its file: found once the tile has run."""
+        found = self._relaid_tile_pages.get(key)
+        if found is None:
+            found = self._checked_pages(self._relaid_tiles[key], f"tile {key}")
+            if found:
+                self._relaid_tile_pages[key] = found
+        return found
 
     def _prefetch(self, index: int | None) -> None:
         """Get segment ``index`` ready: its session built in the background (when it is not

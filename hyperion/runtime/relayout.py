@@ -70,20 +70,36 @@ class RelaidModel:
 
 
 def relaid_model(segment_model: ModelProto, options: ort.SessionOptions, external_folder: Path,
-                 disabled_optimizers: Sequence[str]) -> RelaidModel:
+                 disabled_optimizers: Sequence[str], salt: str = "",
+                 built_from: ModelProto | None = None) -> RelaidModel:
     """``segment_model`` (fed weights as constants) optimized by onnxruntime, from the cache
     or made now with ``options`` (pre-packing on; the optimization level is raised to the
-    full one)."""
-    serialized = segment_model.SerializeToString()
-    folder = _cached_folder(serialized, segment_model, external_folder)
+    full one). ``salt`` tells apart what the model alone does not (which tile of a weight
+    it declares); ``built_from``, the model to optimize when it is not the one the cache
+    is keyed by (a tile's, its weight tile written to a file of its own)."""
+    folder = _cached_folder(segment_model, external_folder, salt)
     if not (folder / MODEL_FILE).is_file():
-        _optimize(serialized, options, disabled_optimizers, folder)
+        _optimize((built_from or segment_model).SerializeToString(), options, disabled_optimizers, folder)
     _check_references(folder)
     return RelaidModel(folder / MODEL_FILE, folder / DATA_FILE)
 
 
-def _cached_folder(serialized: bytes, model: ModelProto, external_folder: Path) -> Path:
-    digest = hashlib.sha256(serialized)
+def cached_relaid(segment_model: ModelProto, external_folder: Path, salt: str = "") -> RelaidModel | None:
+    """What :func:`relaid_model` would return without optimizing anything, if it is cached."""
+    folder = _cached_folder(segment_model, external_folder, salt)
+    if not (folder / MODEL_FILE).is_file():
+        return None
+    _check_references(folder)
+    return RelaidModel(folder / MODEL_FILE, folder / DATA_FILE)
+
+
+def scratch_folder() -> tempfile.TemporaryDirectory[str]:
+    """A folder of its own, on the cache's disk, for files a build reads once (a weight tile)."""
+    return tempfile.TemporaryDirectory(prefix=".scratch-", dir=_root())
+
+
+def _cached_folder(model: ModelProto, external_folder: Path, salt: str) -> Path:
+    digest = hashlib.sha256(model.SerializeToString() + salt.encode())
     for location in sorted(_external_locations(model)):
         stat = (external_folder / location).stat()
         digest.update(f"\0{location}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
