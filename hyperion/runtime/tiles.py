@@ -148,9 +148,15 @@ def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], inputs: Ma
     staging: list[np.ndarray] = []   # allocated when a tile is first read: relaid tiles read none later
 
     def supplied_of(start: int, stop: int) -> dict[str, np.ndarray]:
-        if not staging:
-            staging.append(np.empty(max(1, tiles.staging_bytes // 4), np.float32))
-        supplied = {tiles.weight: read_tile(start, stop, staging[0])}
+        # A relaid tile reads its weight once, to be written out: a buffer of its own, let go
+        # before its session loads the packed file (the plan counts the two one after the other).
+        if tiles.relaid:
+            buffer = np.empty(max(1, tiles.staging_bytes // 4), np.float32)
+        else:
+            if not staging:
+                staging.append(np.empty(max(1, tiles.staging_bytes // 4), np.float32))
+            buffer = staging[0]
+        supplied = {tiles.weight: read_tile(start, stop, buffer)}
         if tiles.bias is not None and tiles.bias not in inputs and bias is not None:
             supplied[tiles.bias] = np.ascontiguousarray(bias[start:stop])
         return supplied
