@@ -112,6 +112,10 @@ class Tiles:
     # Tiles are inputs of one session per tile width, built once and kept (a fed plan's MatMul
     # or Gemm: unpacked, as its other fed weights); else each tile builds a session of its own.
     fed: bool = False            # optional in the file
+    # Each tile is packed once by onnxruntime's optimizer into a file its own session maps,
+    # built once and kept; the mapped pages are dropped after the tile runs (a fed plan's
+    # MatMul or Gemm, as a relaid segment's weights).
+    relaid: bool = False         # optional in the file
 
 
 @dataclass(frozen=True)
@@ -213,8 +217,9 @@ class Segment:
     # activations (a capped plan whose segment makes large tensors from constants alone).
     fold_constants: bool = True   # optional in the file: version 2 schedules written before it load
     # Its session is built once through onnxruntime's optimizer with the fed weights as
-    # constants (convolutions re-laid for its NCHWc kernels, BatchNormalization folded in),
-    # then fed the re-laid weights the optimizer wrote (hyperion.runtime.relayout).
+    # constants (MatMul/Gemm weights packed, convolutions re-laid for its NCHWc kernels,
+    # BatchNormalization folded in), written to a file the session maps; the mapped pages
+    # are dropped after every run (hyperion.runtime.relayout).
     relaid: bool = False          # optional in the file
     region: Region | None = None  # run tile by tile along a free axis; optional in the file
 
@@ -304,6 +309,23 @@ class Schedule:
     replan: Replan | None = None
     format: str = FORMAT
     version: int = VERSION
+
+    @property
+    def packed_kernels(self) -> bool:
+        """Whether every GEMM runs on packed weights, as plain onnxruntime's do: sessions
+        pre-pack, or -- a fed plan -- every segment holding weights is relaid (packed once,
+        mapped) and so is every tiled step. False when some weights reach a session
+        unpacked (fed plainly, or held by a session of a fed plan, which packs nothing)."""
+        if self.prepack_weights:
+            return True
+        for segment in self.segments:
+            first = self.steps[segment.first_step]
+            if first.tiles is not None:
+                if not first.tiles.relaid:
+                    return False
+            elif first.row_gather is None and segment.weights and not segment.relaid:
+                return False
+        return True
 
     # -- display --------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -753,6 +775,8 @@ def _check_tiles(step: Step, schedule: Schedule, initializers: Mapping[str, Any]
     widest = max(b - a for a, b in pairwise(bounds))
     if 4 * math.prod(dims) // dims[tiles.weight_axis] * widest > tiles.staging_bytes:
         fail(where, f"a tile {widest} wide does not fit staging_bytes {tiles.staging_bytes}")
+    if tiles.relaid and (tiles.fed or not tiles.initializers_in_place):
+        fail(where, "relaid tiles are neither fed nor copied: each is packed into a file its session maps")
     segment = schedule.segments[step.segment] if step.segment < len(schedule.segments) else None
     if segment is None or segment.first_step != segment.last_step:
         fail(where, "a tiled step is a segment of its own")

@@ -49,7 +49,7 @@ class SegmentOptions:
     prefetch: bool | None = None          # None: when weights are pre-packed
     weight_cache_bytes: int | None = None
     prepack_weights: bool | None = None   # None: in normal mode only
-    relayout: bool = True                 # fed convolutions built through onnxruntime's optimizer
+    relayout: bool = True                 # fed segments packed once by onnxruntime's optimizer, mapped
 
     def for_mode(self, mode: ExecutionMode) -> SegmentOptions:
         """The options with ``None`` resolved for ``mode``. Weights are pre-packed where
@@ -86,6 +86,7 @@ def build_pipeline(mode: ExecutionMode, options: SegmentOptions | None = None, *
     if Stage.BATCH in wanted and mode is ExecutionMode.STREAMING:
         passes.append(BatchSeparablePass())
     if Stage.PLAN in wanted:
-        passes += [TilePass(options.prefetch, options.prepack_weights, options.segment_pass(pinned_bytes)),
+        passes += [TilePass(options.prefetch, options.prepack_weights, options.relayout,
+                            options.segment_pass(pinned_bytes)),
                    LivenessPass(), PlanMemoryPass(), options.segment_pass(pinned_bytes)]
     return PassManager(passes)

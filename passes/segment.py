@@ -43,7 +43,7 @@ class Segmentation:
     cyclic_prefetch: bool = False         # the last segment prefetches segment 0 for the next run
     pinned_bytes: int = 0
     prepack_weights: bool = True          # sessions pre-pack weights (False: held at their own size)
-    relaid: tuple[bool, ...] = ()         # per segment: its fed convolutions' weights re-laid (rule 13)
+    relaid: tuple[bool, ...] = ()         # per segment: its fed weights packed and re-laid, mapped (rule 13)
 
     @property
     def peak_bytes(self) -> int:
@@ -98,18 +98,21 @@ class SegmentPass(Pass):
     12. a region of the ``tile`` pass (steps run tile by tile along a free axis) is
        exactly one segment, whatever else; its steps also account its staging (tile
        copies of slices that are not contiguous);
-    13. ``relayout`` (fed plans): onnxruntime rewrites a convolution for its fastest
-       kernels (weights re-laid in NCHWc blocks, a following BatchNormalization folded
-       in) only when its weight is a constant of the session. A fed segment with
-       convolutions is therefore built once through onnxruntime's optimizer with its
-       weights as constants, and then fed the re-laid weights: its creation holds
-       every weight as read plus the optimizer's copies of the convolutions'
-       (``costs.relayout_bytes``), and its convolutions run on NCHWc copies of their
-       input and output (rule 8's constant-weight workspace). A segment is *relaid*
-       when its first step fits alone with that cost; it then grows only while its
-       creation fits. One whose first step does not fit is fed plainly, so relayout
-       never raises the smallest cap: single steps are checked without it. A region's
-       segment is never relaid (its session runs tile by tile, fed as built).
+    13. ``relayout`` (fed plans): onnxruntime runs a segment fastest when its weights are
+       constants of its session -- MatMul and Gemm weights packed once into MLAS's panels,
+       convolution weights re-laid in NCHWc blocks with a following BatchNormalization
+       folded in. A fed segment is therefore built once through onnxruntime's optimizer
+       with its weights as constants, the packed and re-laid copies written to a file
+       its persistent session maps; after every run the runtime drops the mapped pages.
+       Such a *relaid* segment holds each weight as onnxruntime holds a constant one
+       (``costs.resident_bytes``: its packed size), its creation holds that, the
+       optimizer's copies of its convolutions' weights (``costs.relayout_bytes``) and
+       the largest weight twice (``costs.rewrite_bytes``), and its convolutions run on
+       NCHWc copies of their input and output (rule 8's constant-weight workspace). A
+       segment is relaid when its first step fits alone with that cost; it then grows
+       only while its creation fits. One whose first step does not fit is fed plainly,
+       so relayout never raises the smallest cap: single steps are checked without it.
+       A region's segment is never relaid (its session runs tile by tile, fed as built).
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.
@@ -202,7 +205,11 @@ class _Costs:
         self.rewritten = {node.inputs[1]: copy for node in nodes
                           if (copy := relayout_bytes(graph, node)) and node.inputs[1] not in tiled
                           and self.plain[node.inputs[1]] > SMALL_TENSOR_BYTES}
-        self.relaid_weights = frozenset(self.rewritten) if fed and relayout else frozenset()
+        # Rule 13: in a fed plan every weight a session of onnxruntime reads can be relaid,
+        # and is then held as a constant one is (packed).
+        self.relaid_weights = (frozenset(w for w in names - tiled if self.plain[w] > SMALL_TENSOR_BYTES)
+                               if fed and relayout else frozenset())
+        self.relaid_resident = {w: resident_bytes(graph, w) for w in self.relaid_weights}
 
     def activation(self, step: int, relaid: bool) -> int:
         """Live activation bytes at ``step``, with its kernels' workspace; a relaid
@@ -210,8 +217,10 @@ class _Costs:
         return self.activations[step] + (self.cached_workspace[step] if relaid else 0)
 
     def relaid_copy(self, weights: set[str]) -> int:
-        """What onnxruntime's optimizer adds while it re-lays these weights (rule 13)."""
-        return self.rewriting(weights & self.relaid_weights)
+        """What onnxruntime's optimizer adds while it packs and re-lays these weights (rule 13):
+        the convolutions' copies and the largest weight twice."""
+        relaid = weights & self.relaid_weights
+        return rewrite_bytes((self.plain[w], self.rewritten.get(w, 0)) for w in relaid)
 
     def rewriting(self, weights: set[str] | frozenset[str]) -> int:
         return rewrite_bytes((self.plain[w], self.rewritten[w]) for w in weights if w in self.rewritten)
@@ -221,11 +230,16 @@ class _Costs:
         Hyperion itself (an isolated step loads what it reads when it runs)."""
         return step < self.n and step not in self.isolated
 
-    def held(self, weights: set[str]) -> int:
+    def held(self, weights: set[str], relaid: bool = False) -> int:
+        """What a live session holds for ``weights``; relaid, as constants (rule 13)."""
+        if relaid:
+            return sum(self.relaid_resident.get(w, self.resident[w]) for w in weights)
         return sum(self.resident[w] for w in weights)
 
     def loading(self, weights: set[str], relaid: bool = False) -> int:
-        return self.held(weights) + self.transient(weights) + (self.relaid_copy(weights) if relaid else 0)
+        if relaid:
+            return self.held(weights, True) + self.relaid_copy(weights)
+        return self.held(weights) + self.transient(weights)
 
     def transient(self, weights: set[str]) -> int:
         """Held only while a session with these weights as constants is created: the
@@ -313,10 +327,11 @@ class _Rules:
         loading = costs.loading(weights, span.relaid)
         next_loading = (costs.loading(costs.weights[step + 1], self.relaid(costs, step + 1))
                         if self.prefetch and costs.prefetched(step + 1) else 0)
-        if peak + costs.held(weights) + next_loading > self.budget:
+        if peak + costs.held(weights, span.relaid) + next_loading > self.budget:
             return False
         if self.prefetch and previous is not None:   # this segment is created while the previous runs
-            return previous.activation_peak + costs.held(previous.weights) + loading <= self.budget
+            return (previous.activation_peak + costs.held(previous.weights, previous.relaid) + loading
+                    <= self.budget)
         return first_activation + loading <= self.budget
 
     def relaid(self, costs: _Costs, start: int) -> bool:
@@ -357,7 +372,7 @@ def _grown_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max_s
                   pinned_bytes: int) -> _Layout:
     budget = None if memory_limit is None else memory_limit - pinned_bytes
     spans, bookkeeping = _grow_with_bookkeeping(costs, budget, prefetch, max_segment_steps)
-    held = tuple(costs.held(s.weights) for s in spans)
+    held = tuple(costs.held(s.weights, s.relaid) for s in spans)
     loading = tuple(s.loading for s in spans)
     return _Layout(costs, spans, held, loading, prefetch, pinned_bytes, bookkeeping)
 

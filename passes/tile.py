@@ -22,7 +22,10 @@ from hyperion.passes.tile_regions import Region, find_regions, region_accounted
 
 # A table smaller than this is read whole: a few pages, not worth a step of its own.
 ROW_GATHER_MIN_BYTES = 1 << 20
-# Times patches are cut finer when the segments they leave need more than the cap (rule 12).
+# Rule 12: a weight this large that can only be fed unpacked whole runs faster as relaid tiles
+# (GPT-2 small's 147 MiB lm_head: 185 ms unpacked against onnxruntime's whole model in 290).
+RELAID_TILES_MIN_BYTES = 16 << 20
+# Times patches are cut finer when the segments they leave need more than the cap (rule 13).
 TIGHTER_CUTS = 2
 
 
@@ -46,6 +49,13 @@ class TiledStep:
     geometry: Geometry
     bounds: tuple[int, ...]      # tile edges along the tiled axis: 0, ..., size
     staging_bytes: int           # the widest tile's buffers, reused by every tile
+    relaid: bool = False         # rule 12: each tile packed once into a file its own session maps
+
+    @property
+    def accounted_bytes(self) -> int:
+        """What the tiled weight accounts: the widest tile's buffers, and relaid, while
+        its session is first built."""
+        return self.geometry.relaid_bytes(max(self.widths)) if self.relaid else self.staging_bytes
 
     @property
     def widths(self) -> tuple[int, ...]:
@@ -138,7 +148,16 @@ class TilePass(Pass):
        below what a step needs at its best is met, so regions are cut for that at least
        and the ``segment`` pass names the smallest cap;
     11. a region is one segment of its own, run by one session tile by tile;
-    12. a *spatial* region (``tile_patches.py``) carries the rows of NCHW through Convs,
+    12. in a fed plan with ``relayout`` (``segment.py`` rule 13), a MatMul or Gemm's tiles
+       are *relaid* when they fit so: each tile packed once by onnxruntime's optimizer
+       into a file its own session maps, dropped after the tile runs -- onnxruntime's
+       packed kernels instead of unpacked ones. A tile then accounts, while its session
+       is first built, its buffer and three times its packed copy, so relaid tiles are
+       narrower; they are used only when that fits the budget (never raising the
+       smallest cap). A MatMul or Gemm whose weight (``RELAID_TILES_MIN_BYTES`` or more)
+       fits fed whole but not relaid whole is split into relaid tiles too, when they
+       fit: for speed, not memory;
+    13. a *spatial* region (``tile_patches.py``) carries the rows of NCHW through Convs,
        ConvTransposes (kernel = stride), MaxPools and AveragePools, patch by patch with
        halos; a Conv split by its weight may run in one instead. Patches are tried in
        the smallest cap's search only when, segmented (``judge``), they lower the cap
@@ -155,7 +174,8 @@ class TilePass(Pass):
     name: ClassVar[str] = "tile"
     prefetch: bool = True
     prepack_weights: bool = True
-    judge: SegmentPass | None = None    # the pipeline's segment pass: weighs spatial regions (rule 12)
+    relayout: bool = True
+    judge: SegmentPass | None = None    # the pipeline's segment pass: weighs spatial regions (rule 13)
 
     def requires(self, program: Program) -> None:
         require(program.order is not None, self.name, "an order (the 'order' pass)")
@@ -235,7 +255,8 @@ class TilePass(Pass):
             regions, program.order = self._regions(graph, program, gathered, budget, order, spatial)
             split = graph.with_tensors(region_accounted(graph, regions)) if regions else graph
             inside = frozenset(n for r in regions if r.patches is not None for n in program.order[r.start:r.stop])
-            tiled = tiled_steps(split, program.order, limit, self.prefetch, self.prepack_weights, inside)
+            tiled = tiled_steps(split, program.order, limit, self.prefetch, self.prepack_weights,
+                                relayout=self.relayout and not self.prepack_weights, in_regions=inside)
             split = split.with_tensors(_tile_accounted(split, tiled.values())) if tiled else split
             floor = self._tiled_floor(split, program, tiled)
             if not regions or floor <= budget:
@@ -358,10 +379,20 @@ class _StepCost:
     prepack: bool
     workspace: int           # the kernel's workspace, the step whole (``costs.workspace_bytes``)
     tiled_workspace: int     # ... and tiled: weight tiles are constant initializers of their sessions
+    relaid: bool = False     # rule 12: tiles packed once, each mapped by a session of its own
 
     def __call__(self, width: int) -> int:
+        if self.relaid:
+            return self._with(self.shape.relaid_bytes(width), 0, self.tiled_workspace)
         return self._with(self.shape.held_bytes(width, self.prepack), self.shape.accounted_bytes(width),
                           self.tiled_workspace)
+
+    def relaid_whole(self) -> int:
+        """The step whole in a relaid segment (``segment.py`` rule 13): its weight packed,
+        and the largest weight twice more while the session is built."""
+        packed = self.shape.held_bytes(self.shape.size, True)
+        plain = math.prod(self.shape.weight_shape) * 4
+        return self.activations + self.tiled_workspace + packed + self.others_held + 2 * max(plain, self.others_plain)
 
     def untiled(self, held: int, plain: int) -> int:
         """The step whole, its weight as onnxruntime holds it."""
@@ -387,9 +418,11 @@ class _StepCost:
 
 
 def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetch: bool,
-                prepack: bool, in_regions: frozenset[str] = frozenset()) -> dict[str, TiledStep]:
-    """Rules 4-6: the steps that do not fit whole, and their tiles; ``in_regions``: the
-    steps regions run (priced by their regions, never split by their weight)."""
+                prepack: bool, relayout: bool = False, in_regions: frozenset[str] = frozenset()
+                ) -> dict[str, TiledStep]:
+    """Rules 4-6 and 12: the steps that do not fit whole, and their tiles; with ``relayout``
+    (a fed plan), relaid tiles where they fit; ``in_regions``: the steps spatial regions
+    run (priced by their regions, never split by their weight)."""
     liveness = compute_liveness(graph, order)
     activations = activation_live_bytes(graph, liveness)   # kernel workspace is added per step below
     weights = [graph.weights_of(node) for node in order]
@@ -420,7 +453,15 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
             ahead(step), prepack,
             workspace_bytes(graph, node, weights_fed=not prepack), _tiled_workspace(graph, node, shape, prepack))
         whole = cost.untiled(held[shape.weight], plain[shape.weight])
+        relaid = dataclasses.replace(cost, relaid=True) if relayout and shape.packed else None
         if whole <= budget:
+            # Rule 12: fed whole it runs unpacked; relaid tiles run packed where relaid whole cannot.
+            if relaid is not None and plain[shape.weight] >= RELAID_TILES_MIN_BYTES \
+                    and relaid.relaid_whole() > budget and relaid(width := relaid.widest(budget)) <= budget:
+                tiled[name] = _balanced(shape, width, relaid=True)
+            continue
+        if relaid is not None and relaid(width := relaid.widest(budget)) <= budget:
+            tiled[name] = _balanced(shape, width, relaid=True)
             continue
         width = cost.widest(budget)
         if width < shape.size and cost(width) < whole:  # tiles must help: not when the output dominates
@@ -447,12 +488,12 @@ def _tiled_workspace(graph: Graph, node: NodeInfo, shape: Geometry, prepack: boo
     return max(workspace_bytes(alone, node, weights_fed=not prepack), workspace_bytes(graph, node, weights_fed=False))
 
 
-def _balanced(shape: Geometry, widest: int) -> TiledStep:
+def _balanced(shape: Geometry, widest: int, relaid: bool = False) -> TiledStep:
     """As few tiles as ``widest`` allows, of equal width (whole units) but the last."""
     count = _ceil_div(shape.size, widest)
     width = min(widest, _ceil_div(_ceil_div(shape.size, count), shape.unit) * shape.unit)
     bounds = (*range(0, shape.size, width), shape.size)
-    return TiledStep(shape, bounds, shape.staging_bytes(width))
+    return TiledStep(shape, bounds, shape.staging_bytes(width), relaid)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -465,5 +506,5 @@ def _tile_accounted(graph: Graph, tiled: Iterable[TiledStep]) -> dict[str, Tenso
     for step in tiled:
         shape = step.geometry
         tensors[shape.weight] = dataclasses.replace(tensors[shape.weight], shape=shape.tile_shape(max(step.widths)),
-                                                    nbytes=step.staging_bytes)
+                                                    nbytes=step.accounted_bytes)
     return tensors

@@ -72,6 +72,12 @@ class Geometry:
         copy = 0 if self.initializers_in_place else math.prod(self.tile_shape(width)) * _ITEM
         return self.staging_bytes(width) + copy
 
+    def relaid_bytes(self, width: int) -> int:
+        """While a relaid tile's session is first built: the tile read into its buffer, and
+        three times the packed tile (``segment.py`` rule 13: the packed copy, and the
+        tile twice more while onnxruntime writes and maps it); later, one packed tile."""
+        return self.staging_bytes(width) + 3 * self.held_bytes(width, True)
+
     def held_bytes(self, width: int, prepack: bool) -> int:
         """What the tile's session holds for it: the packed copy, as ``memory/costs.py`` prices it."""
         if not (prepack and self.packed):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -21,6 +22,15 @@ if str(REPO) not in sys.path:
 
 from fixtures import FIXTURE_NAMES, example_feeds, fixture_path  # noqa: E402
 from hyperion.runtime import session_options  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_of_the_session(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Hyperion's cache (relaid segments, folded weights) in the session's temporary folder:
+    tests write gigabytes of optimizer files for models that exist only in their run, which
+    the user's ``~/.cache/hyperion`` must not keep. Subprocesses inherit it."""
+    os.environ["HYPERION_CACHE_DIR"] = str(tmp_path_factory.mktemp("hyperion-cache"))
+
 
 # float32 outputs must match plain onnxruntime to these tolerances; integers exactly.
 RTOL, ATOL = 1e-5, 1e-6
@@ -131,7 +141,7 @@ def assert_matches_onnxruntime(compiled, name: str, feeds: Mapping[str, np.ndarr
         plain = float_error(reference_outputs(fixture_path(name), feeds), exact)
         assert float_error(dict(got), exact) <= 2 * plain
         return
-    assert_outputs_equal(got, reference_outputs(fixture_path(name), feeds, prepack_weights=schedule.prepack_weights))
+    assert_outputs_equal(got, reference_outputs(fixture_path(name), feeds, prepack_weights=schedule.packed_kernels))
 
 
 def run_python(code: str, *args: str) -> str:

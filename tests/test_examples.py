@@ -112,7 +112,7 @@ def test_seed_from_onnx_example(name: str) -> None:
     assert "Peak memory usage" in text and "kept: a model output" in text
     assert scheduler.schedule is not None
     feeds = load_example("seed_from_onnx").random_feeds(scheduler)
-    expected = reference_outputs(fixture_path(name), feeds, prepack_weights=scheduler.schedule.prepack_weights)
+    expected = reference_outputs(fixture_path(name), feeds, prepack_weights=scheduler.schedule.packed_kernels)
     assert_outputs_equal(scheduler.outputs(), expected)
     assert example_feeds(name)["x"].shape == feeds["x"].shape
 

@@ -75,7 +75,7 @@ def test_under_a_cap_the_fill_is_fed_like_any_weight(tmp_path: Path) -> None:
     compiled = hyperion.compile(path, memory_limit=150_000, mode="memory_opt", weight_cache=0)  # streamed
     segment = next(s for s in compiled.schedule.segments if "w" in s.weights)
     assert segment.fold_constants and segment.fed_weights == ("w",)
-    reference = reference_outputs(path, {"x": _x(256)}, prepack_weights=compiled.schedule.prepack_weights)
+    reference = reference_outputs(path, {"x": _x(256)}, prepack_weights=compiled.schedule.packed_kernels)
     assert_outputs_equal(compiled.run({"x": _x(256)}), reference)
 
 
@@ -94,7 +94,7 @@ def test_a_node_whose_output_exceeds_the_bound_stays_a_node(tmp_path: Path, monk
     assert compiled.ir.tensors["wt"].role is not TensorRole.WEIGHT
     # Left as a node, a capped session computes it on every run instead of folding it.
     assert not compiled.schedule.segments[0].fold_constants
-    reference = reference_outputs(path, {"x": _x(128)}, prepack_weights=compiled.schedule.prepack_weights)
+    reference = reference_outputs(path, {"x": _x(128)}, prepack_weights=compiled.schedule.packed_kernels)
     assert_outputs_equal(compiled.run({"x": _x(128)}), reference)
 
 
@@ -202,7 +202,7 @@ def test_an_in_memory_model_spills_its_embedded_weights_beside_the_computed_ones
     compiled = hyperion.compile(model, memory_limit=300_000, mode="memory_opt", weight_cache=0)
     assert compiled.ir.tensors["w"].role is TensorRole.WEIGHT
     x0 = {"x0": _x(256)}
-    reference = reference_outputs(model.SerializeToString(), x0, prepack_weights=compiled.schedule.prepack_weights)
+    reference = reference_outputs(model.SerializeToString(), x0, prepack_weights=compiled.schedule.packed_kernels)
     assert_outputs_equal(compiled.run(x0), reference)
     folder = weights_folder(load_source(model, fold_constants=False).sha256)
     assert {p.name.split("-")[0].split(".")[0] for p in folder.iterdir()} == {"folded", "weights"}

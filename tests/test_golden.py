@@ -90,7 +90,7 @@ def check_scenario(scenario: str, title: str, model: onnx.ModelProto, *, seed: i
         actual = compiled.run(feeds)
     finally:
         compiled.close()
-    expected = onnxruntime_outputs(model, feeds, prepack_weights=schedule.prepack_weights)
+    expected = onnxruntime_outputs(model, feeds, prepack_weights=schedule.packed_kernels)
     assert set(actual) == set(expected)
     exact = str(getattr(schedule.mode, "value", schedule.mode)) == "normal"
     for name, want in expected.items():

@@ -214,20 +214,36 @@ def test_unpacked_weights_are_planned_at_their_size_and_run_unpacked(mlp: Path, 
     np.testing.assert_array_equal(again.run(x)["y"], cm.run(x)["y"])
 
 
-def test_unpacked_sessions_are_built_once_and_fed_mapped_weights_on_every_run(mlp: Path) -> None:
-    cm = compiled(mlp, 2 * WEIGHT_BYTES + (1 << 20), prepack_weights=False, max_segment_steps=None)
+def _same_kernels_reference(cm: hyperion.CompiledModel, model: Path, x: dict[str, np.ndarray]) -> np.ndarray:
+    """What plain onnxruntime gives with the kernels the plan's fed segments run: packed
+    when every one is relaid (its weights packed once into the file its session maps),
+    unpacked when none is."""
+    relaid = {s.relaid for s in cm.schedule.segments if s.fed_weights}
+    assert len(relaid) == 1, "a plan mixing relaid and plainly fed segments matches neither reference"
+    return reference_outputs(model, x, prepack_weights=cm.schedule.packed_kernels)["y"]
+
+
+@pytest.mark.parametrize("plainly", [False, True], ids=["relaid", "fed plainly"])
+def test_unpacked_sessions_are_built_once_and_fed_mapped_weights_on_every_run(mlp: Path, plainly: bool) -> None:
+    # Relaid, a segment's creation holds its weights packed and the largest twice more:
+    # under 3 weights' worth, every segment is fed its weights plainly.
+    cap = 2 * WEIGHT_BYTES + (128 << 10 if plainly else 1 << 20)
+    cm = compiled(mlp, cap, prepack_weights=False, max_segment_steps=None)
     segments = cm.schedule.segments
     assert len(segments) > 1 and all(s.persistent for s in segments)
     fed = [w for s in segments for w in s.fed_weights]
     assert fed and sorted(fed) == sorted(w for s in segments for w in s.weights if not s.cached)
+    assert all(s.relaid != plainly for s in segments if s.fed_weights)
     x = feeds()
-    expected = reference_outputs(mlp, x, prepack_weights=False)["y"]
+    expected = _same_kernels_reference(cm, mlp, x)
     first = cm.run(x)["y"]
     assert cm.stats.sessions.built == len(segments)
     second = cm.run(x)["y"]
-    # Steady state: no session built, every fed weight handed over from its mapping.
+    # Steady state: no session built; every plainly fed weight handed over from its mapping
+    # (a relaid segment's session maps its own file).
     assert cm.stats.sessions.built == 0 and cm.stats.sessions.reused == len(segments)
-    assert cm.stats.fed_bytes == len(fed) * WEIGHT_BYTES
+    plainly_fed = [w for s in segments if not s.relaid for w in s.fed_weights]
+    assert cm.stats.fed_bytes == len(plainly_fed) * WEIGHT_BYTES
     np.testing.assert_array_equal(first, expected)
     np.testing.assert_array_equal(second, expected)
     # What a session is fed is a view of the mapped file, not a copy of it.
@@ -243,7 +259,7 @@ def test_by_default_streamed_weights_are_fed_and_resident_ones_packed(mlp: Path)
     assert schedule.mode == "memory_opt" and not schedule.prepack_weights and not schedule.prefetch
     assert all(s.persistent for s in schedule.segments) and any(s.fed_weights for s in schedule.segments)
     capped.run(x)
-    np.testing.assert_array_equal(capped.run(x)["y"], reference_outputs(mlp, x, prepack_weights=False)["y"])
+    np.testing.assert_array_equal(capped.run(x)["y"], _same_kernels_reference(capped, mlp, x))
     assert capped.stats.sessions.built == 0          # a capped run in steady state builds nothing
     uncapped = hyperion.compile(mlp, input_shapes={"x": [2, HIDDEN]})
     assert uncapped.schedule.mode == "normal" and uncapped.schedule.prepack_weights

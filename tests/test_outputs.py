@@ -31,7 +31,7 @@ def test_requested_outputs_match_onnxruntime(fixture_name: str, options: dict) -
     cm = hyperion.compile(fixture_path(fixture_name), **options)
     feeds, _ = _case(fixture_name)
     cm.run(feeds)                                              # planned for these shapes
-    _, expected = _case(fixture_name, cm.schedule.prepack_weights)   # with the same GEMM kernels
+    _, expected = _case(fixture_name, cm.schedule.packed_kernels)   # with the same GEMM kernels
     everything = list(expected)
     for asked in _requests(everything):
         got = cm.run(feeds, outputs=asked)

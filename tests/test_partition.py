@@ -127,7 +127,7 @@ def test_a_stage_whose_share_cannot_fit_streams_its_weights_under_the_cap(mlp: P
     assert all(s.schedule.peak_bytes <= cap for s in plan.stages)
     feeds = mlp_feeds()
     # Streamed weights are fed unpacked: onnxruntime's kernels with pre-packing off, bit for bit.
-    expected = reference_outputs(mlp, feeds, prepack_weights=all(s.schedule.prepack_weights for s in plan.stages))
+    expected = reference_outputs(mlp, feeds, prepack_weights=all(s.schedule.packed_kernels for s in plan.stages))
     np.testing.assert_array_equal(run_stages(plan, feeds)["y"], expected["y"])
 
 

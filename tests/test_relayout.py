@@ -1,8 +1,10 @@
-"""Relaid segments: fed convolutions built once through onnxruntime's optimizer.
+"""Relaid segments: fed weights built once through onnxruntime's optimizer, then mapped.
 
-A fed segment with convolutions is built with its weights as constants, so that
-onnxruntime re-lays them for its NCHWc kernels and folds BatchNormalization in,
-and is then fed the re-laid weights on every run (hyperion/runtime/relayout.py).
+A fed segment is built with its weights as constants, so that onnxruntime packs its
+MatMul/Gemm weights, re-lays convolution weights for its NCHWc kernels and folds
+BatchNormalization in, writing all of it to a file; the segment's persistent session
+maps that file, and every run drops the mapped pages again (hyperion/runtime/relayout.py,
+hyperion/runtime/pages.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import hyperion
+from fixtures.streaming_mlp import build_streaming_mlp
+from hyperion.runtime import pages
 from tests.conftest import float_error, reference_outputs, run_python
 
 
@@ -132,6 +136,97 @@ print(json.dumps({"over": peak_rss_bytes() - baseline,
                   "relaid": sum(s.relaid for s in compiled.schedule.segments),
                   "built": compiled.stats.sessions.built}))
 """
+
+
+MLP_RSS = """
+import json, sys
+import numpy as np
+import hyperion, onnxruntime
+from hyperion.tools.rss import peak_rss_bytes
+path, limit, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+baseline = peak_rss_bytes()
+compiled = hyperion.compile(path, memory_limit=limit, mode="memory_opt", input_shapes={"x": [8, hidden]})
+x = {"x": np.ones((8, hidden), np.float32)}
+compiled.run(x)
+compiled.run(x)
+print(json.dumps({"over": peak_rss_bytes() - baseline,
+                  "relaid": sum(s.relaid for s in compiled.schedule.segments),
+                  "relaid_tiles": sum(s.tiles is not None and s.tiles.relaid for s in compiled.schedule.steps),
+                  "segments": len(compiled.schedule.segments), "built": compiled.stats.sessions.built}))
+"""
+
+
+def test_relaid_matmuls_run_onnxruntimes_packed_kernels_bit_for_bit(tmp_path: Path, cache: Path) -> None:
+    """A MatMul chain fed under a cap runs each segment as plain onnxruntime runs the model:
+    weights packed once, mapped from the optimizer's file -- the same arithmetic, so the
+    same bits (no fusion crosses a MatMul -> Relu boundary)."""
+    path = build_streaming_mlp(tmp_path / "mlp.onnx", layers=6, hidden=512)
+    x = {"x": np.random.default_rng(3).standard_normal((4, 512)).astype(np.float32)}
+    compiled = hyperion.compile(path, memory_limit="5MB", mode="memory_opt", input_shapes={"x": [4, 512]})
+    segments = compiled.schedule.segments
+    assert len(segments) > 1 and all(s.relaid for s in segments if s.fed_weights)
+    got = compiled.run(x)
+    np.testing.assert_array_equal(got["y"], reference_outputs(str(path), x)["y"])
+    written = sum(p.stat().st_size for p in cache.glob("relaid/*/segment.data"))
+    assert written >= 2 * 6 * 512 * 512 * 4   # every weight as read, and packed
+    compiled.run(x)
+    assert compiled.stats.sessions.built == 0
+
+
+def test_a_relaid_mlp_keeps_the_rss_promise_in_a_fresh_process(tmp_path: Path, cache: Path) -> None:
+    """48 MB of MatMul weights under a 16 MiB cap: each segment's packed weights are mapped
+    while it runs and dropped after it."""
+    path = build_streaming_mlp(tmp_path / "mlp.onnx", layers=12, hidden=1024)
+    limit = 16 << 20
+    result = json.loads(run_python(MLP_RSS, str(path), str(limit), "1024"))
+    assert result["relaid"] >= 3 and result["built"] == 0
+    assert result["over"] <= limit + (32 << 20), f"{result['over'] / 2**20:.1f} MiB over the import baseline"
+
+
+def test_relaid_tiles_run_packed_kernels_bit_for_bit_and_read_nothing_once_built(tmp_path: Path, cache: Path) -> None:
+    """Weights of 16 MiB under a 40 MB cap fit fed whole, unpacked, but not relaid whole (three
+    times over while built): each MatMul runs as relaid tiles -- packed once, each tile's
+    file mapped by a session of its own -- the same kernels as plain onnxruntime's."""
+    path = build_streaming_mlp(tmp_path / "mlp.onnx", layers=3, hidden=2048)
+    x = {"x": np.random.default_rng(4).standard_normal((8, 2048)).astype(np.float32)}
+    compiled = hyperion.compile(path, memory_limit="40MB", mode="memory_opt", input_shapes={"x": [8, 2048]})
+    tiles = [step.tiles for step in compiled.schedule.steps if step.tiles is not None]
+    assert len(tiles) == 3 and all(t.relaid and not t.fed and len(t.bounds) > 2 for t in tiles)
+    assert compiled.schedule.packed_kernels
+    expected = reference_outputs(str(path), x)["y"]
+    np.testing.assert_array_equal(compiled.run(x)["y"], expected)
+    np.testing.assert_array_equal(compiled.run(x)["y"], expected)
+    assert compiled.stats.sessions.built == 0 and compiled.stats.fed_bytes == 0
+    assert len(list(cache.glob("relaid/*/segment.data"))) == sum(len(t.bounds) - 1 for t in tiles)
+
+
+def test_relaid_tiles_of_a_weight_twice_the_cap_keep_the_rss_promise(tmp_path: Path, cache: Path) -> None:
+    """One 64 MiB weight under a 32 MiB cap: tiles narrow enough to be built relaid."""
+    path = build_streaming_mlp(tmp_path / "mlp.onnx", layers=1, hidden=4096)
+    limit = 32 << 20
+    result = json.loads(run_python(MLP_RSS, str(path), str(limit), "4096"))
+    assert result["relaid_tiles"] == 1 and result["built"] == 0
+    assert result["over"] <= limit + (32 << 20), f"{result['over'] / 2**20:.1f} MiB over the import baseline"
+
+
+def test_pages_finds_a_files_mappings_and_what_was_written_into_them(tmp_path: Path) -> None:
+    import mmap
+
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(range(256)) * 4096)        # 1 MiB
+    with path.open("rb") as handle:
+        clean = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        copied = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    ranges = pages.mapped_ranges(path)
+    assert len(ranges) == 2 and sum(r.length for r in ranges) == 2 * (1 << 20)
+    assert pages.written_bytes(ranges) == 0
+    copied[0] = 7                                      # a private copy of one page
+    assert pages.written_bytes(ranges) >= mmap.PAGESIZE
+    assert sum(clean[:4096]) == sum(range(256)) * 16
+    pages.drop([r for r in ranges if pages.written_bytes([r]) == 0])   # the clean mapping: read again from the file
+    assert clean[1] == 1 and copied[0] == 7
+    clean.close()
+    copied.close()
 
 
 def test_a_relaid_plan_keeps_the_rss_promise_in_a_fresh_process(tmp_path: Path, cache: Path) -> None:

@@ -182,7 +182,7 @@ def test_from_onnx_runs_every_layer_and_matches_onnxruntime(name: str, mode: str
     assert len(scheduler.layers) == open_mapped_model(fixture_path(name)).layer_count
     scheduler.prepare(feeds)
     assert run_all(scheduler) == list(range(len(scheduler.layers)))
-    expected = reference_outputs(fixture_path(name), feeds, prepack_weights=scheduler.schedule.prepack_weights)
+    expected = reference_outputs(fixture_path(name), feeds, prepack_weights=scheduler.schedule.packed_kernels)
     assert_outputs_equal(scheduler.outputs(), expected)
 
 

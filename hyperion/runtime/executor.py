@@ -18,8 +18,9 @@ the user's model untouched. Steps the schedule marks ``row_gather`` or ``tiles``
 are segments of their own that the runtime runs itself (:mod:`hyperion.runtime.rows`,
 :mod:`hyperion.runtime.tiles`), reading only the part of the weight they need; a
 segment with a ``region`` runs its one session tile by tile (:mod:`hyperion.runtime.regions`). A
-``relaid`` segment's session is built through onnxruntime's optimizer and fed the
-weights it re-laid (:mod:`hyperion.runtime.relayout`). The
+``relaid`` segment's session is built once through onnxruntime's optimizer and maps
+the weights it re-laid and packed from the optimizer's file; their pages are dropped
+after every run (:mod:`hyperion.runtime.relayout`, :mod:`hyperion.runtime.pages`). The
 runtime reads these fields; it never looks at the mode to decide anything.
 """
 
@@ -33,20 +34,23 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import NodeProto
 
 from hyperion.errors import FeedError, RuntimeExecutionError, UnsupportedModelError
 from hyperion.frontend import ModelSource
 from hyperion.ir import ExecutionMode, TensorRole
+from hyperion.runtime import pages
 from hyperion.runtime.regions import region_model, run_region
-from hyperion.runtime.relayout import RelaidWeight, relaid_model
+from hyperion.runtime.relayout import cached_relaid, relaid_model, scratch_folder
 from hyperion.runtime.rows import gather_rows
 from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
-from hyperion.runtime.sessions import SessionPool, SessionTimes, return_freed_memory, session_options
-from hyperion.runtime.tiles import read_weight_tile, run_tiles, tile_model
+from hyperion.runtime.sessions import SessionPool, SessionTimes, release_free_heap, return_freed_memory, session_options
+from hyperion.runtime.tiles import read_weight_tile, run_tiles, tile_in_file, tile_model
 from hyperion.runtime.trace import HELD_COUNTER, NULL_RECORDER, NullRecorder
 from hyperion.runtime.weights import FileSpan, WeightStore
 from hyperion.schedule import RowGather, Schedule, Segment, Tiles
@@ -118,7 +122,10 @@ class Runtime:
         self._segment_models: dict[int, bytes] = {}
         self._tile_models: dict[tuple, bytes] = {}   # tiled steps' one-node models, weightless
         self._tile_sessions: dict[tuple, ort.InferenceSession] = {}   # fed tiles' sessions, kept across runs
-        self._relaid: dict[int, tuple[RelaidWeight, ...]] = {}   # relaid segments' fed weights, once built
+        self._relaid: dict[int, Path] = {}   # relaid segments' data files, once built
+        self._relaid_pages: dict[int, tuple[pages.PageRange, ...]] = {}   # where their sessions map them
+        self._relaid_tiles: dict[tuple, Path] = {}   # relaid tiles' data files (their sessions: _tile_sessions)
+        self._relaid_tile_pages: dict[tuple, tuple[pages.PageRange, ...]] = {}
         kept = frozenset(segment.index for segment in schedule.segments if segment.persistent)
         self.pool = SessionPool(_weak_builder(self), kept, schedule.prefetch)
         self._whole_model_ms: float | None = None
@@ -138,11 +145,13 @@ class Runtime:
         return self.config.prepack_weights and self.schedule.prepack_weights
 
     # -- sessions -----------------------------------------------------------------------
-    def _options(self) -> ort.SessionOptions:
-        # Relative external-data locations resolve against the model's folder (or the spill folder).
+    def _options(self, prepack: bool | None = None, external_folder: Path | None = None) -> ort.SessionOptions:
+        # Relative external-data locations resolve against the model's folder (or the spill
+        # folder); a relaid segment's, against the folder of the optimizer's files.
         return session_options(threads=self.config.intra_op_num_threads, arena=self.config.enable_cpu_mem_arena,
-                               prepack=self.prepack_weights, spinning=self.schedule.intra_op_spinning,
-                               external_folder=self.weights.folder)
+                               prepack=self.prepack_weights if prepack is None else prepack,
+                               spinning=self.schedule.intra_op_spinning,
+                               external_folder=external_folder or self.weights.folder)
 
     def session(self, segment: Segment) -> ort.InferenceSession:
         """The session of ``segment``: kept, prefetched, or built now."""
@@ -156,13 +165,18 @@ class Runtime:
     def _build_session(self, index: int) -> ort.InferenceSession:
         segment = self.schedule.segments[index]
         disabled = [] if segment.fold_constants else ["ConstantFolding"]
-        options = self.tracer.session_options(self._options(), index)
+        model: bytes | str
         try:
             if segment.relaid:
-                model = self._relaid_model(segment, disabled)
+                relaid = self._relaid_model(segment, disabled)
+                model = str(relaid)
+                # Its kernels take their packed weights from its file: packing stays on.
+                options = self._options(prepack=True, external_folder=relaid.parent)
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done already
             else:
                 model = self._segment_model(segment)
+                options = self._options()
+            options = self.tracer.session_options(options, index)
             session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
                                            disabled_optimizers=disabled)
         except Exception as exc:  # onnxruntime raises its own untyped errors
@@ -186,22 +200,41 @@ class Runtime:
                 self._segment_models[segment.index] = model
         return model
 
-    def _relaid_model(self, segment: Segment, disabled: list[str]) -> bytes:
-        """The segment optimized with its fed weights as constants (made once, cached on
-        disk); records which of the optimizer's weights each run feeds it."""
+    def _relaid_model(self, segment: Segment, disabled: list[str]) -> Path:
+        """The segment optimized with its fed weights as constants, packed (made once,
+        cached on disk); records the data file its session maps."""
         constants = dataclasses.replace(segment, fed_weights=())
         relaid = relaid_model(build_segment_model(self.source, self.schedule, constants, self._nodes(),
                                                   self.weights.protos),
-                              self._options(), self.weights.folder, disabled)
-        self._relaid[segment.index] = relaid.weights
+                              self._options(prepack=True), self.weights.folder, disabled)
+        self._relaid[segment.index] = relaid.data
+        self._relaid_pages.pop(segment.index, None)   # a new session maps it anew
         return relaid.model
 
     def _fed_spans(self, segment: Segment) -> list[FileSpan]:
-        """Where the weights fed to ``segment`` are: the optimizer's file for a relaid
-        segment (known once its session is built), else the weights' own."""
+        """Where the weights fed to ``segment`` are (none for a relaid segment: its session maps its own)."""
         if segment.relaid:
-            return [w.span for w in self._relaid.get(segment.index, ())]
+            return []
         return [span for span in map(self.weights.span, segment.fed_weights) if span is not None]
+
+    def _mapped_pages(self, segment: Segment) -> tuple[pages.PageRange, ...]:
+        """Where a relaid segment's session maps its data file: found once its session has run."""
+        found = self._relaid_pages.get(segment.index)
+        if found is None:
+            data = self._relaid.get(segment.index)
+            found = self._checked_pages(data, f"segment {segment.index}") if data is not None else ()
+            if found:
+                self._relaid_pages[segment.index] = found
+        return found
+
+    def _checked_pages(self, data: Path, what: str) -> tuple[pages.PageRange, ...]:
+        """The ranges mapping ``data``, checked to hold no page a session wrote (dropping it would lose it)."""
+        found = pages.mapped_ranges(data)
+        if pages.written_bytes(found):
+            raise RuntimeExecutionError(
+                f"{self.source.label}: {what}'s session wrote into its mapped weights ({data}); they cannot "
+                "be released after the run, so the cap cannot be kept")
+        return found
 
     def close(self) -> None:
         """Release every session (and the weights they hold) and every weight mapping."""
@@ -340,10 +373,7 @@ class Runtime:
         session = self.session(segment)
         self._prefetch(self._next_segment(segment.index))  # while this one computes
         model_feeds = self._model_feeds(segment, feeds)
-        if segment.relaid:
-            model_feeds = {**model_feeds, **{w.name: self.weights.view_span(w.span, w.dtype, w.shape)
-                                             for w in self._relaid[segment.index]}}
-        elif segment.fed_weights:
+        if segment.fed_weights and not segment.relaid:
             model_feeds = {**model_feeds, **{name: self.weights.view(name) for name in segment.fed_weights}}
         try:
             if segment.region is not None:
@@ -358,6 +388,11 @@ class Runtime:
         finally:
             del model_feeds
             self.weights.advise(self._fed_spans(segment), mmap.MADV_DONTNEED)   # RSS falls back
+            if segment.relaid:
+                pages.drop(self._mapped_pages(segment))
+                # Its packed kernels leave free pages between live heap blocks (10-19 MiB
+                # after whisper-tiny's decoder), resident until trimmed (0.1 ms).
+                release_free_heap()
 
     def _region_outputs(self, segment: Segment) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         """A region's outputs as the schedule records them: dtype and whole shape."""
@@ -419,10 +454,50 @@ class Runtime:
                                                                 providers=["CPUExecutionProvider"])
             return self._tile_sessions[key]
 
+        def relaid(start: int, stop: int, tile_inputs: Mapping[str, np.ndarray],
+                   supplied: Callable[[], dict[str, np.ndarray]]) -> tuple[ort.InferenceSession, Callable[[], None]]:
+            key = (step.index, start, stop)
+            if key not in self._tile_sessions:
+                self._tile_sessions[key], self._relaid_tiles[key] = self._relaid_tile(
+                    onnx.load_model_from_string(build(stop - start, tile_inputs)), supplied, f"{start}:{stop}")
+            return self._tile_sessions[key], lambda: pages.drop(self._mapped_tile_pages(key))
+
         with self.tracer.span(f"{len(tiles.bounds) - 1} tiles of {step.node}", "tiles", segment=segment.index):
             bias = self.weights.read(tiles.bias) if tiles.bias is not None and tiles.bias not in inputs else None
-            return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile, bias, build, self._options,
-                             in_place, kept if tiles.fed else None)
+            try:
+                return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile, bias, build, self._options,
+                                 in_place, kept if tiles.fed else None, relaid if tiles.relaid else None)
+            finally:
+                if tiles.relaid:
+                    release_free_heap()   # as after a relaid segment
+
+    def _relaid_tile(self, model: onnx.ModelProto, supplied: Callable[[], dict[str, np.ndarray]],
+                     salt: str) -> tuple[ort.InferenceSession, Path]:
+        """A relaid tile's session: ``model`` (its weight tiles declared in their weights'
+        files) packed once by onnxruntime's optimizer (cached; the tiles are read, by
+        ``supplied()``, only to make it), then loaded mapped."""
+        relaid = cached_relaid(model, self.weights.folder, salt)
+        if relaid is None:
+            # onnxruntime writes a model's initializers as the model declares them, not as
+            # handed over: the tile (a column block is not contiguous in the weight's file)
+            # goes to a file of its own, which the model built from declares.
+            with scratch_folder() as scratch:
+                built_from = tile_in_file(model, supplied(), Path(scratch))
+                options = self._options(prepack=True, external_folder=Path(scratch))
+                relaid = relaid_model(model, options, self.weights.folder, [], salt, built_from)
+        mapped = self._options(prepack=True, external_folder=relaid.model.parent)
+        mapped.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # done already
+        session = ort.InferenceSession(str(relaid.model), mapped, providers=["CPUExecutionProvider"])
+        return session, relaid.data
+
+    def _mapped_tile_pages(self, key: tuple) -> tuple[pages.PageRange, ...]:
+        """Where a relaid tile's session maps its file: found once the tile has run."""
+        found = self._relaid_tile_pages.get(key)
+        if found is None:
+            found = self._checked_pages(self._relaid_tiles[key], f"tile {key}")
+            if found:
+                self._relaid_tile_pages[key] = found
+        return found
 
     def _prefetch(self, index: int | None) -> None:
         """Get segment ``index`` ready: its session built in the background (when it is not
@@ -432,7 +507,10 @@ class Runtime:
         if first is None or not self.schedule.prefetch or first.row_gather is not None or first.tiles is not None:
             return
         self.pool.prefetch(index)
-        self.weights.advise(self._fed_spans(self.schedule.segments[index]), mmap.MADV_WILLNEED)
+        segment = self.schedule.segments[index]
+        self.weights.advise(self._fed_spans(segment), mmap.MADV_WILLNEED)
+        if segment.relaid and segment.index in self._relaid_pages:
+            pages.advise(self._relaid_pages[segment.index], mmap.MADV_WILLNEED)
 
     @staticmethod
     def _model_feeds(segment: Segment, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,32 +1,39 @@
-"""Relaid segments: fed convolutions prepared once by onnxruntime's optimizer.
+"""Relaid segments: fed weights prepared once by onnxruntime, then mapped back pre-packed.
 
-onnxruntime runs a convolution fastest when its weight is a constant of the
-session: its NCHWc transformer re-lays the weight in the channel blocks of the
-MLAS kernels, and a following BatchNormalization (or Add, Mul) is folded into it.
-A fed segment hands its weights over as inputs, so none of that happens and its
-convolutions fall back to im2col and a GEMM -- about twice the time on the
-corpus's CNNs.
+onnxruntime runs a segment fastest when its weights are constants of the session:
+MLAS packs the B operand of every MatMul and Gemm into panels once instead of in
+every call (BERT-base fed unpacked: 1.1-1.2x slower), its NCHWc transformer re-lays
+convolution weights in the channel blocks of its kernels and folds a following
+BatchNormalization in (a fed CNN: about twice slower). A segment whose weights do not
+stay resident cannot simply hold them as constants -- the packed copies would stay on
+the heap for the session's life.
 
 A segment the schedule marks ``relaid`` is therefore built in two sessions, once:
 
 1. its model with the fed weights as constants (references into their file) is
    given to onnxruntime at its full optimization level with
-   ``optimized_model_filepath``: onnxruntime writes the optimized graph, and every
-   initializer of 4 KiB or more -- the re-laid weights among them -- to a data file
-   of its own (``session.optimized_model_external_initializers_file_name``). That
-   session is dropped at once: building it held the weights as read plus their
-   re-laid copy, which the plan counts as the segment's ``loading_bytes``;
-2. the optimized model, its external initializers turned into graph inputs, is
-   the segment's persistent session, built with optimizations off (they are done).
+   ``optimized_model_filepath``, pre-packing on and
+   ``session.save_external_prepacked_constant_initializers``: onnxruntime writes the
+   optimized graph and every initializer of 4 KiB or more -- re-laid, and the packed
+   panels too -- to a data file of its own
+   (``session.optimized_model_external_initializers_file_name``). That session is
+   dropped at once: building it held the packed copies, which the plan counts as
+   the segment's ``loading_bytes``;
+2. the optimized model, loaded from its file with optimizations off (they are done),
+   is the segment's persistent session: onnxruntime *maps* the data file and its
+   kernels use the packed panels where they lie, with no copy.
 
-Every run then feeds the optimizer's weights exactly as plain fed weights are
-fed: read-only views of the mapped data file, released after the segment.
+After every run the runtime drops the pages of that mapping from the process
+(:mod:`hyperion.runtime.pages`), so RSS falls back exactly as for plainly fed
+weights, while every kernel runs as in plain onnxruntime -- bit for bit the same
+arithmetic as a session holding the weights.
 
-onnxruntime marks such a file hardware-specific (the NCHWc block size follows the
-CPU's vector width), so the files are cached per model bytes, data files,
-onnxruntime version and CPU, under ``<cache>/relaid/<key>/``
-(``HYPERION_CACHE_DIR``, default ``~/.cache/hyperion``): later processes on the
-same machine skip step 1.
+onnxruntime marks such a file hardware-specific (the NCHWc block size and the packed
+panels follow the CPU's vector width), so the files are cached per model bytes, data
+files, onnxruntime version and CPU, under ``<cache>/relaid/<key>/``
+(``HYPERION_CACHE_DIR``, default ``~/.cache/hyperion``): later processes on the same
+machine skip step 1. The data file holds both the weights as read and their packed
+copies: about twice the segment's weights on disk.
 """
 
 from __future__ import annotations
@@ -42,53 +49,61 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import ModelProto, TensorProto
 
 from hyperion.frontend.embedded import SMALL_INITIALIZER_BYTES, cache_dir
-from hyperion.runtime.weights import FileSpan
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "segment.onnx"
 DATA_FILE = "segment.data"   # the optimizer's initializers: the only file a relaid model refers to
-
-
-@dataclass(frozen=True)
-class RelaidWeight:
-    """One weight of a relaid segment, fed from the optimizer's data file on every run."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    span: FileSpan
+# Part of the cache key: files written by an earlier layout of the folder are never read.
+LAYOUT = "prepacked-1"
 
 
 @dataclass(frozen=True)
 class RelaidModel:
-    model: bytes                          # the optimized segment; its large weights are graph inputs
-    weights: tuple[RelaidWeight, ...]
+    model: Path      # the optimized segment; its initializers (packed ones too) are in ``data``
+    data: Path
 
 
 def relaid_model(segment_model: ModelProto, options: ort.SessionOptions, external_folder: Path,
-                 disabled_optimizers: Sequence[str]) -> RelaidModel:
+                 disabled_optimizers: Sequence[str], salt: str = "",
+                 built_from: ModelProto | None = None) -> RelaidModel:
     """``segment_model`` (fed weights as constants) optimized by onnxruntime, from the cache
-    or made now with ``options`` (whose optimization level is raised to the full one)."""
-    serialized = segment_model.SerializeToString()
-    folder = _cached_folder(serialized, segment_model, external_folder)
+    or made now with ``options`` (pre-packing on; the optimization level is raised to the
+    full one). ``salt`` tells apart what the model alone does not (which tile of a weight
+    it declares); ``built_from``, the model to optimize when it is not the one the cache
+    is keyed by (a tile's, its weight tile written to a file of its own)."""
+    folder = _cached_folder(segment_model, external_folder, salt)
     if not (folder / MODEL_FILE).is_file():
-        _optimize(serialized, options, disabled_optimizers, folder)
-    return _fed_form(folder)
+        _optimize((built_from or segment_model).SerializeToString(), options, disabled_optimizers, folder)
+    _check_references(folder)
+    return RelaidModel(folder / MODEL_FILE, folder / DATA_FILE)
 
 
-def _cached_folder(serialized: bytes, model: ModelProto, external_folder: Path) -> Path:
-    digest = hashlib.sha256(serialized)
+def cached_relaid(segment_model: ModelProto, external_folder: Path, salt: str = "") -> RelaidModel | None:
+    """What :func:`relaid_model` would return without optimizing anything, if it is cached."""
+    folder = _cached_folder(segment_model, external_folder, salt)
+    if not (folder / MODEL_FILE).is_file():
+        return None
+    _check_references(folder)
+    return RelaidModel(folder / MODEL_FILE, folder / DATA_FILE)
+
+
+def scratch_folder() -> tempfile.TemporaryDirectory[str]:
+    """A folder of its own, on the cache's disk, for files a build reads once (a weight tile)."""
+    return tempfile.TemporaryDirectory(prefix=".scratch-", dir=_root())
+
+
+def _cached_folder(model: ModelProto, external_folder: Path, salt: str) -> Path:
+    digest = hashlib.sha256(model.SerializeToString() + salt.encode())
     for location in sorted(_external_locations(model)):
         stat = (external_folder / location).stat()
         digest.update(f"\0{location}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    digest.update(f"\0{ort.__version__}\0{_cpu()}".encode())
+    digest.update(f"\0{ort.__version__}\0{_cpu()}\0{LAYOUT}".encode())
     return _root() / digest.hexdigest()
 
 
@@ -133,6 +148,8 @@ def _optimize(model: bytes, options: ort.SessionOptions, disabled_optimizers: Se
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", DATA_FILE)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                          str(SMALL_INITIALIZER_BYTES))
+        # The packed panels go into the data file too, and are mapped from it when loaded.
+        options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
         session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
                                        disabled_optimizers=list(disabled_optimizers))
         del session   # it held the weights and their re-laid copy: only the files are kept
@@ -147,22 +164,13 @@ def _optimize(model: bytes, options: ort.SessionOptions, disabled_optimizers: Se
         shutil.rmtree(building, ignore_errors=True)
 
 
-def _fed_form(folder: Path) -> RelaidModel:
-    """The cached optimized model with every external initializer turned into a graph input."""
+def _check_references(folder: Path) -> None:
+    """The cached model refers to its own data file only: a file put there by anything
+    else is not loaded."""
     model = onnx.load_model_from_string((folder / MODEL_FILE).read_bytes())
-    kept, weights = [], []
     for tensor in model.graph.initializer:
         if tensor.data_location != TensorProto.EXTERNAL:
-            kept.append(tensor)
             continue
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        if info.get("location") != DATA_FILE:   # written by onnxruntime here: anything else is not ours
-            raise OSError(f"{folder / MODEL_FILE}: initializer {tensor.name!r} refers to {info.get('location')!r}")
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        span = FileSpan(folder / DATA_FILE, int(info.get("offset", 0)), int(info["length"]))
-        weights.append(RelaidWeight(tensor.name, dtype, tuple(int(d) for d in tensor.dims), span))
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    model.graph.input.extend(onnx.helper.make_tensor_value_info(
-        w.name, onnx.helper.np_dtype_to_tensor_dtype(w.dtype), list(w.shape)) for w in weights)
-    return RelaidModel(model.SerializeToString(), tuple(weights))
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
+        if location != DATA_FILE:   # written by onnxruntime here: anything else is not ours
+            raise OSError(f"{folder / MODEL_FILE}: initializer {tensor.name!r} refers to {location!r}")

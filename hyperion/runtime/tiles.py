@@ -64,6 +64,25 @@ def tile_model(node: NodeProto, tiles: Tiles, width: int, weight_shape: tuple[in
     return model.SerializeToString()
 
 
+TILE_FILE = "tile.bin"
+
+
+def tile_in_file(model: onnx.ModelProto, tiles: Mapping[str, np.ndarray], folder: Path) -> onnx.ModelProto:
+    """``model`` with the initializers ``tiles`` names declared in one file of ``folder``
+    holding exactly those arrays (written there now)."""
+    offsets = {}
+    with (folder / TILE_FILE).open("wb") as handle:
+        for name, value in tiles.items():
+            offsets[name] = handle.tell()
+            handle.write(np.ascontiguousarray(value, np.float32).data)
+    built = onnx.ModelProto()
+    built.CopyFrom(model)
+    for tensor in built.graph.initializer:
+        if tensor.name in offsets:
+            tensor.CopyFrom(_reference(tensor.name, list(tensor.dims), (TILE_FILE, offsets[tensor.name])))
+    return built
+
+
 def _reference(name: str, shape: list[int], location: Location | None) -> TensorProto:
     """An external-data initializer declaration: into the weight's own file (within its
     bytes), or, for a weight without one, a location never read."""
@@ -105,28 +124,56 @@ def read_weight_tile(path: Path, offset: int, name: str, shape: tuple[int, ...],
     return tile
 
 
+# A relaid tile's session, built once from the tile (its weight and bias tiles, read when
+# asked for) and kept; and what to do once the tile has run (drop its mapped pages).
+RelaidTile = Callable[[int, int, Mapping[str, np.ndarray], Callable[[], dict[str, np.ndarray]]],
+                      tuple[ort.InferenceSession, Callable[[], None]]]
+
+
 def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], inputs: Mapping[str, np.ndarray],
               read_tile: Callable[[int, int, np.ndarray], np.ndarray], bias: np.ndarray | None,
               build: Callable[[int, Mapping[str, np.ndarray]], bytes],
               options: Callable[[], ort.SessionOptions], in_place_initializers: bool,
-              kept: Callable[[int, Mapping[str, np.ndarray]], ort.InferenceSession] | None = None) -> np.ndarray:
+              kept: Callable[[int, Mapping[str, np.ndarray]], ort.InferenceSession] | None = None,
+              relaid: RelaidTile | None = None) -> np.ndarray:
     """The step's output, tile by tile: ``read_tile(start, stop, buffer)`` gives a weight
     tile, ``build(width, inputs)`` the tile model, ``options()`` fresh session options.
     ``bias`` is a bias weight's values; a bias that is an activation is among ``inputs``.
     ``in_place_initializers``: the tile model declares the weights in their own files, so
     sessions use the tiles in place (else they are handed over as copies). ``kept(width,
     inputs)``, for ``tiles.fed``: the session built once for tiles of that width, handed each
-    tile as an input."""
+    tile as an input. ``relaid(start, stop, inputs, supplied)``, for ``tiles.relaid``: the
+    tile's own session, which reads its weight tile (``supplied()``) only when first built."""
     output = np.empty(output_shape, np.float32)
-    staging = np.empty(max(1, tiles.staging_bytes // 4), np.float32)
+    staging: list[np.ndarray] = []   # allocated when a tile is first read: relaid tiles read none later
+
+    def supplied_of(start: int, stop: int) -> dict[str, np.ndarray]:
+        # A relaid tile reads its weight once, to be written out: a buffer of its own, let go
+        # before its session loads the packed file (the plan counts the two one after the other).
+        if tiles.relaid:
+            buffer = np.empty(max(1, tiles.staging_bytes // 4), np.float32)
+        else:
+            if not staging:
+                staging.append(np.empty(max(1, tiles.staging_bytes // 4), np.float32))
+            buffer = staging[0]
+        supplied = {tiles.weight: read_tile(start, stop, buffer)}
+        if tiles.bias is not None and tiles.bias not in inputs and bias is not None:
+            supplied[tiles.bias] = np.ascontiguousarray(bias[start:stop])
+        return supplied
+
     for start, stop in zip(tiles.bounds, tiles.bounds[1:], strict=False):
-        weight = read_tile(start, stop, staging)
-        supplied = {tiles.weight: weight}
         tile_inputs = dict(inputs)
         if tiles.bias is not None and tiles.bias in inputs:
             tile_inputs[tiles.bias] = np.ascontiguousarray(inputs[tiles.bias][start:stop])
-        elif tiles.bias is not None and bias is not None:
-            supplied[tiles.bias] = np.ascontiguousarray(bias[start:stop])
+        if relaid is not None:
+            session, ran = relaid(start, stop, tile_inputs, lambda start=start, stop=stop: supplied_of(start, stop))
+            try:
+                _run_tile(session, tiles, node, start, stop, tile_inputs, output)
+            finally:
+                ran()
+            continue
+        supplied = supplied_of(start, stop)
+        weight = supplied[tiles.weight]
         if kept is not None:
             _run_tile(kept(stop - start, tile_inputs), tiles, node, start, stop, {**tile_inputs, **supplied}, output)
             continue

@@ -275,7 +275,7 @@ def _run_on_ray(args: argparse.Namespace) -> int:
         with RayPipeline(args.model, args.stages, args.memory_limit_per_stage, args.micro_batches) as pipeline:
             outputs = pipeline.run(feeds)
             assert pipeline.plan is not None
-            packed = all(stage.schedule.prepack_weights for stage in pipeline.plan.stages)
+            packed = all(stage.schedule.packed_kernels for stage in pipeline.plan.stages)
             for stage, mode, rss in zip(pipeline.plan.stages, pipeline.stage_modes(),
                                         pipeline.stage_peak_rss_bytes(), strict=True):
                 print(f"stage {stage.index}: steps {stage.first_step}-{stage.last_step}, weights "
@@ -322,7 +322,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"trace written to {args.trace} (open it in ui.perfetto.dev or chrome://tracing)")
     if args.check:
         # Against onnxruntime with the same GEMM kernels: packed or not, as the schedule ran.
-        return _check_against_onnxruntime(args.model, feeds, outputs, prepack_weights=cm.schedule.prepack_weights)
+        return _check_against_onnxruntime(args.model, feeds, outputs, prepack_weights=cm.schedule.packed_kernels)
     return 0
 
 
