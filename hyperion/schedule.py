@@ -775,8 +775,8 @@ def _check_tiles(step: Step, schedule: Schedule, initializers: Mapping[str, Any]
     widest = max(b - a for a, b in pairwise(bounds))
     if 4 * math.prod(dims) // dims[tiles.weight_axis] * widest > tiles.staging_bytes:
         fail(where, f"a tile {widest} wide does not fit staging_bytes {tiles.staging_bytes}")
-    if tiles.relaid and (tiles.fed or not tiles.initializers_in_place):
-        fail(where, "relaid tiles are neither fed nor copied: each is packed into a file its session maps")
+    if tiles.relaid and tiles.fed:
+        fail(where, "relaid tiles are not fed: each is packed into a file its own session maps")
     segment = schedule.segments[step.segment] if step.segment < len(schedule.segments) else None
     if segment is None or segment.first_step != segment.last_step:
         fail(where, "a tiled step is a segment of its own")

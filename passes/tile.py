@@ -148,10 +148,11 @@ class TilePass(Pass):
        below what a step needs at its best is met, so regions are cut for that at least
        and the ``segment`` pass names the smallest cap;
     11. a region is one segment of its own, run by one session tile by tile;
-    12. in a fed plan with ``relayout`` (``segment.py`` rule 13), a MatMul or Gemm's tiles
-       are *relaid* when they fit so: each tile packed once by onnxruntime's optimizer
-       into a file its own session maps, dropped after the tile runs -- onnxruntime's
-       packed kernels instead of unpacked ones. A tile then accounts, while its session
+    12. in a fed plan with ``relayout`` (``segment.py`` rule 13), tiles are *relaid* when
+       they fit so: each tile packed (a Conv's re-laid in NCHWc blocks) once by
+       onnxruntime's optimizer into a file its own session maps, dropped after the tile
+       runs -- onnxruntime's packed kernels instead of unpacked ones, and no session
+       built per tile and run. A tile then accounts, while its session
        is first built, its buffer and three times its packed copy, so relaid tiles are
        narrower; they are used only when that fits the budget (never raising the
        smallest cap). A MatMul or Gemm whose weight (``RELAID_TILES_MIN_BYTES`` or more)
@@ -453,10 +454,10 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
             ahead(step), prepack,
             workspace_bytes(graph, node, weights_fed=not prepack), _tiled_workspace(graph, node, shape, prepack))
         whole = cost.untiled(held[shape.weight], plain[shape.weight])
-        relaid = dataclasses.replace(cost, relaid=True) if relayout and shape.packed else None
+        relaid = dataclasses.replace(cost, relaid=True) if relayout else None
         if whole <= budget:
             # Rule 12: fed whole it runs unpacked; relaid tiles run packed where relaid whole cannot.
-            if relaid is not None and plain[shape.weight] >= RELAID_TILES_MIN_BYTES \
+            if relaid is not None and shape.packed and plain[shape.weight] >= RELAID_TILES_MIN_BYTES \
                     and relaid.relaid_whole() > budget and relaid(width := relaid.widest(budget)) <= budget:
                 tiled[name] = _balanced(shape, width, relaid=True)
             continue

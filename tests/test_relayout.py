@@ -200,6 +200,24 @@ def test_relaid_tiles_run_packed_kernels_bit_for_bit_and_read_nothing_once_built
     assert len(list(cache.glob("relaid/*/segment.data"))) == sum(len(t.bounds) - 1 for t in tiles)
 
 
+def test_relaid_convolution_tiles_are_built_once_and_stay_within_onnxruntimes_error(tmp_path: Path,
+                                                                                    cache: Path) -> None:
+    """9 MiB convolution weights under an 8 MB cap: each Conv in relaid tiles (OIHW blocks of
+    output channels, re-laid for NCHWc once), no session built per tile and run."""
+    path = conv_net(tmp_path, channels=512, layers=2, size=7)
+    x = {"x": np.random.default_rng(5).standard_normal((1, 512, 7, 7)).astype(np.float32)}
+    compiled = hyperion.compile(path, memory_limit="8MB", mode="memory_opt")
+    tiles = [step.tiles for step in compiled.schedule.steps if step.tiles is not None]
+    assert len(tiles) == 2 and all(t.relaid and len(t.bounds) > 2 for t in tiles)
+    got = compiled.run(x)
+    again = compiled.run(x)
+    assert compiled.stats.sessions.built == 0
+    name = next(iter(got))
+    np.testing.assert_array_equal(again[name], got[name])
+    exact = _float64_outputs(path, x["x"])
+    assert float_error(got, exact) <= 2 * float_error(reference_outputs(str(path), x), exact)
+
+
 def test_relaid_tiles_of_a_weight_twice_the_cap_keep_the_rss_promise(tmp_path: Path, cache: Path) -> None:
     """One 64 MiB weight under a 32 MiB cap: tiles narrow enough to be built relaid."""
     path = build_streaming_mlp(tmp_path / "mlp.onnx", layers=1, hidden=4096)

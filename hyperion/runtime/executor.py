@@ -444,7 +444,7 @@ class Runtime:
             if key not in self._tile_models:
                 self._tile_models[key] = tile_model(node, tiles, width, shape, tile_inputs, self.weights.protos,
                                                     list(self.source.proto.opset_import),
-                                                    locations if in_place else {})
+                                                    locations if in_place or tiles.relaid else {})
             return self._tile_models[key]
 
         def kept(width: int, tile_inputs: Mapping[str, np.ndarray]) -> ort.InferenceSession:
