@@ -200,8 +200,9 @@ def test_a_patch_inside_the_tensor_is_fed_its_halo_and_no_padding() -> None:
 
 
 def _unet_block() -> onnx.ModelProto:
-    """An encoder-decoder step of a UNet at 1x3x96x96: Conv, MaxPool, Conv, ConvTranspose
-    up, Concat with the skip, two Convs: the skip is 0.6 MiB, the concatenation 1.1 MiB."""
+    """An encoder-decoder step of a UNet at 1x3x192x192: Conv, MaxPool, Conv, ConvTranspose
+    up, Concat with the skip, two Convs: the skip is 2.3 MiB, the concatenation 4.5 MiB
+    (large enough that the bookkeeping of the sessions patches keep does not dominate)."""
     rng = np.random.default_rng(1)
     weights = {name: rng.standard_normal(shape).astype(np.float32) * 0.2 for name, shape in
                {"w0": [16, 3, 3, 3], "w1": [32, 16, 3, 3], "up": [32, 16, 2, 2], "w2": [16, 32, 3, 3],
@@ -217,7 +218,7 @@ def _unet_block() -> onnx.ModelProto:
              helper.make_node("Conv", ["cat", "w2"], ["c2"], name="conv2", **same),
              helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
              helper.make_node("Conv", ["r2", "w3"], ["y"], name="conv3", kernel_shape=[1, 1])]
-    graph = helper.make_graph(nodes, "unet_block", [helper.make_tensor_value_info("x", F, [1, 3, 96, 96])],
+    graph = helper.make_graph(nodes, "unet_block", [helper.make_tensor_value_info("x", F, [1, 3, 192, 192])],
                               [helper.make_tensor_value_info("y", F, None)],
                               [numpy_helper.from_array(v, n) for n, v in weights.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
@@ -235,7 +236,7 @@ def test_a_unet_block_runs_in_patches_under_a_cap_it_could_not_meet_whole(tmp_pa
     cm = hyperion.compile(path, memory_limit=smallest + (64 << 10), mode="memory_opt", prepack_weights=prepack)
     spatial = [s.region for s in cm.schedule.segments if s.region is not None and s.region.patches is not None]
     assert spatial and cm.schedule.peak_bytes <= smallest + (64 << 10)
-    feeds = {"x": np.random.default_rng(3).standard_normal([1, 3, 96, 96]).astype(np.float32)}
+    feeds = {"x": np.random.default_rng(3).standard_normal([1, 3, 192, 192]).astype(np.float32)}
     expected = reference_outputs(path, feeds, prepack_weights=prepack)
     exact = float64_outputs(_unet_block(), feeds)
     for _ in range(2):    # the region's one session is kept: the second run reuses it

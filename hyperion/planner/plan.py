@@ -131,7 +131,16 @@ def _plan_sized(imported: ImportedModel, mode: ExecutionMode, memory_limit: int 
         return build_schedule(imported, program, requested=mode, reason=f"streaming mode was requested; "
                               f"{_chunk_phrase(program)}")
     if mode is not ExecutionMode.ADAPTIVE:
-        program = planner.run(mode, memory_limit)
+        try:
+            program = planner.run(mode, memory_limit)
+        except MemoryLimitError as error:
+            smallest = _verified_smallest(planner, mode, error.smallest_limit_bytes)
+            if smallest == error.smallest_limit_bytes:
+                raise
+            raise MemoryLimitError(
+                f"{error}; planned at that limit, a plan keeps more sessions: the smallest limit that works in "
+                f"{mode.value} mode is {smallest} bytes ({format_size(smallest)})", node=error.node,
+                needed_bytes=error.needed_bytes, smallest_limit_bytes=smallest) from None
         return build_schedule(imported, program, requested=mode, reason=f"{mode.value} mode was requested")
     if memory_limit is None:
         program = planner.run(ExecutionMode.NORMAL, None)
@@ -173,7 +182,7 @@ def _adaptive(planner: Planner, memory_limit: int) -> tuple[Program, str]:
                      f"{_chunk_phrase(program)}")
 
 
-SMALLEST_LIMIT_ROUNDS = 4
+SMALLEST_LIMIT_ROUNDS = 12
 
 
 def _verified_smallest(planner: Planner, mode: ExecutionMode, smallest: int) -> int:
