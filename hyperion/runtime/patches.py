@@ -117,6 +117,28 @@ def patch_model(model: ModelProto, region: Region, node_names: Sequence[str]) ->
     return model
 
 
+def run_into(session: ort.InferenceSession, binding: ort.IOBinding, results: Mapping[str, np.ndarray],
+             axes: Mapping[str, int], start: int, stop: int) -> None:
+    """Run one tile of a region (its inputs bound already) into ``results[name][start:stop]``
+    along ``axes[name]``: an output slice is bound in place with IOBinding when contiguous,
+    else copied in. The binding is cleared for the next tile."""
+    copied = []
+    for name, whole in results.items():
+        target = whole[_along(axes[name], start, stop)]
+        if target.flags.c_contiguous:
+            binding.bind_output(name, "cpu", 0, target.dtype, list(target.shape), target.ctypes.data)
+        else:
+            binding.bind_output(name, "cpu")
+            copied.append((name, target))
+    session.run_with_iobinding(binding)
+    if copied:
+        by_name = dict(zip(results, binding.get_outputs(), strict=True))
+        for name, target in copied:
+            target[...] = by_name[name].numpy()
+    binding.clear_binding_inputs()
+    binding.clear_binding_outputs()
+
+
 def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:
     return (slice(None),) * axis + (slice(start, stop),)
 
@@ -150,19 +172,5 @@ def run_patches(session: ort.InferenceSession, region: Region, feeds: Mapping[st
             binding.bind_cpu_input(name, value)
         for name, value in _patch_feeds(patches, patch).items():
             binding.bind_cpu_input(name, value)
-        copied = []
-        for name in outputs:
-            target = results[name][_along(region.outputs[name], start, stop)]
-            if target.flags.c_contiguous:
-                binding.bind_output(name, "cpu", 0, target.dtype, list(target.shape), target.ctypes.data)
-            else:
-                binding.bind_output(name, "cpu")
-                copied.append((name, target))
-        session.run_with_iobinding(binding)
-        if copied:
-            by_name = dict(zip(outputs, binding.get_outputs(), strict=True))
-            for name, target in copied:
-                target[...] = by_name[name].numpy()
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        run_into(session, binding, results, region.outputs, start, stop)
     return [results[name] for name in outputs]

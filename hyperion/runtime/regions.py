@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto
 
-from hyperion.runtime.patches import patch_model, run_patches
+from hyperion.runtime.patches import patch_model, run_into, run_patches
 from hyperion.schedule import Region
 
 # The symbolic length of the tiled axis in a region's model.
@@ -61,19 +61,5 @@ def run_region(session: ort.InferenceSession, region: Region, feeds: Mapping[str
             # A contiguous slice is a view: ascontiguousarray hands it over uncopied.
             part = value if axis is None else np.ascontiguousarray(value[_along(axis, start, stop)])
             binding.bind_cpu_input(name, part)
-        copied = []
-        for name in outputs:
-            target = results[name][_along(region.outputs[name], start, stop)]
-            if target.flags.c_contiguous:
-                binding.bind_output(name, "cpu", 0, target.dtype, list(target.shape), target.ctypes.data)
-            else:
-                binding.bind_output(name, "cpu")
-                copied.append((name, target))
-        session.run_with_iobinding(binding)
-        if copied:
-            by_name = dict(zip(outputs, binding.get_outputs(), strict=True))
-            for name, target in copied:
-                target[...] = by_name[name].numpy()
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        run_into(session, binding, results, region.outputs, start, stop)
     return [results[name] for name in outputs]
