@@ -32,7 +32,7 @@ import mmap
 import os
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,10 +122,10 @@ class Runtime:
         self._segment_models: dict[int, bytes] = {}
         self._tile_models: dict[tuple, bytes] = {}   # tiled steps' one-node models, weightless
         self._tile_sessions: dict[tuple, ort.InferenceSession] = {}   # fed tiles' sessions, kept across runs
-        self._relaid: dict[int, Path] = {}   # relaid segments' data files, once built
-        self._relaid_pages: dict[int, tuple[pages.PageRange, ...]] = {}   # where their sessions map them
-        self._relaid_tiles: dict[tuple, Path] = {}   # relaid tiles' data files (their sessions: _tile_sessions)
-        self._relaid_tile_pages: dict[tuple, tuple[pages.PageRange, ...]] = {}
+        # Relaid segments' (by index) and tiles' (by step, start, stop) data files, once built,
+        # and where their sessions map them, once found.
+        self._relaid: dict[Hashable, Path] = {}
+        self._relaid_pages: dict[Hashable, tuple[pages.PageRange, ...]] = {}
         kept = frozenset(segment.index for segment in schedule.segments if segment.persistent)
         self.pool = SessionPool(_weak_builder(self), kept, schedule.prefetch)
         self._whole_model_ms: float | None = None
@@ -217,24 +217,21 @@ class Runtime:
             return []
         return [span for span in map(self.weights.span, segment.fed_weights) if span is not None]
 
-    def _mapped_pages(self, segment: Segment) -> tuple[pages.PageRange, ...]:
-        """Where a relaid segment's session maps its data file: found once its session has run."""
-        found = self._relaid_pages.get(segment.index)
-        if found is None:
-            data = self._relaid.get(segment.index)
-            found = self._checked_pages(data, f"segment {segment.index}") if data is not None else ()
+    def _mapped_pages(self, key: Hashable) -> tuple[pages.PageRange, ...]:
+        """Where the session of a relaid segment (its index) or tile (step, start, stop) maps its
+        data file: found once it has run, and checked to hold no page a session wrote
+        (dropping it would lose it)."""
+        found = self._relaid_pages.get(key)
+        data = self._relaid.get(key)
+        if found is None and data is not None:
+            found = pages.mapped_ranges(data)
+            if pages.written_bytes(found):
+                raise RuntimeExecutionError(
+                    f"{self.source.label}: the session of relaid {key!r} wrote into its mapped weights ({data}); "
+                    "they cannot be released after the run, so the cap cannot be kept")
             if found:
-                self._relaid_pages[segment.index] = found
-        return found
-
-    def _checked_pages(self, data: Path, what: str) -> tuple[pages.PageRange, ...]:
-        """The ranges mapping ``data``, checked to hold no page a session wrote (dropping it would lose it)."""
-        found = pages.mapped_ranges(data)
-        if pages.written_bytes(found):
-            raise RuntimeExecutionError(
-                f"{self.source.label}: {what}'s session wrote into its mapped weights ({data}); they cannot "
-                "be released after the run, so the cap cannot be kept")
-        return found
+                self._relaid_pages[key] = found
+        return found or ()
 
     def close(self) -> None:
         """Release every session (and the weights they hold) and every weight mapping."""
@@ -389,7 +386,7 @@ class Runtime:
             del model_feeds
             self.weights.advise(self._fed_spans(segment), mmap.MADV_DONTNEED)   # RSS falls back
             if segment.relaid:
-                pages.drop(self._mapped_pages(segment))
+                pages.drop(self._mapped_pages(segment.index))
                 # Its packed kernels leave free pages between live heap blocks (10-19 MiB
                 # after whisper-tiny's decoder), resident until trimmed (0.1 ms).
                 release_free_heap()
@@ -458,9 +455,9 @@ class Runtime:
                    supplied: Callable[[], dict[str, np.ndarray]]) -> tuple[ort.InferenceSession, Callable[[], None]]:
             key = (step.index, start, stop)
             if key not in self._tile_sessions:
-                self._tile_sessions[key], self._relaid_tiles[key] = self._relaid_tile(
+                self._tile_sessions[key], self._relaid[key] = self._relaid_tile(
                     onnx.load_model_from_string(build(stop - start, tile_inputs)), supplied, f"{start}:{stop}")
-            return self._tile_sessions[key], lambda: pages.drop(self._mapped_tile_pages(key))
+            return self._tile_sessions[key], lambda: pages.drop(self._mapped_pages(key))
 
         with self.tracer.span(f"{len(tiles.bounds) - 1} tiles of {step.node}", "tiles", segment=segment.index):
             bias = self.weights.read(tiles.bias) if tiles.bias is not None and tiles.bias not in inputs else None
@@ -489,15 +486,6 @@ class Runtime:
         mapped.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # done already
         session = ort.InferenceSession(str(relaid.model), mapped, providers=["CPUExecutionProvider"])
         return session, relaid.data
-
-    def _mapped_tile_pages(self, key: tuple) -> tuple[pages.PageRange, ...]:
-        """Where a relaid tile's session maps its file: found once the tile has run."""
-        found = self._relaid_tile_pages.get(key)
-        if found is None:
-            found = self._checked_pages(self._relaid_tiles[key], f"tile {key}")
-            if found:
-                self._relaid_tile_pages[key] = found
-        return found
 
     def _prefetch(self, index: int | None) -> None:
         """Get segment ``index`` ready: its session built in the background (when it is not

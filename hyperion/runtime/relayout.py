@@ -80,15 +80,16 @@ def relaid_model(segment_model: ModelProto, options: ort.SessionOptions, externa
     folder = _cached_folder(segment_model, external_folder, salt)
     if not (folder / MODEL_FILE).is_file():
         _optimize((built_from or segment_model).SerializeToString(), options, disabled_optimizers, folder)
-    _check_references(folder)
-    return RelaidModel(folder / MODEL_FILE, folder / DATA_FILE)
+    return _cached_model(folder)
 
 
 def cached_relaid(segment_model: ModelProto, external_folder: Path, salt: str = "") -> RelaidModel | None:
     """What :func:`relaid_model` would return without optimizing anything, if it is cached."""
     folder = _cached_folder(segment_model, external_folder, salt)
-    if not (folder / MODEL_FILE).is_file():
-        return None
+    return _cached_model(folder) if (folder / MODEL_FILE).is_file() else None
+
+
+def _cached_model(folder: Path) -> RelaidModel:
     _check_references(folder)
     return RelaidModel(folder / MODEL_FILE, folder / DATA_FILE)
 

@@ -197,11 +197,8 @@ def return_freed_memory(mmap_threshold_bytes: int) -> bool:
     global _heap_tuned
     if _heap_tuned:
         return True
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _heap_tuned = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes)) and bool(
@@ -225,12 +222,13 @@ def release_free_heap() -> None:
     dropped a whole optimized graph, or a run of packed kernels, leaves small blocks' pages
     free *between* live ones (19 MiB after whisper-tiny's decoder was optimized), in RSS
     until trimmed. A no-op off glibc."""
-    libc = _glibc()
-    if libc is None:
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallinfo2"):   # not glibc, or older than 2.33
         return
+    libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
     if info.fordblks - info.keepcost > TRIM_FREE_HEAP_BYTES:
-        libc.malloc_trim(0)
+        libc.malloc_trim(ctypes.c_size_t(0))
 
 
 class _MallInfo2(ctypes.Structure):
@@ -240,12 +238,9 @@ class _MallInfo2(ctypes.Structure):
 
 
 @functools.cache
-def _glibc() -> Any:
+def _libc() -> Any:
     # find_library runs ldconfig in a subprocess (2.5 ms): looked up once.
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    except (OSError, AttributeError):   # not glibc, or older than 2.33
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
         return None
-    return libc
