@@ -139,7 +139,8 @@ class CompiledModel:
     def _plan_rest(self, imported: ImportedModel, memory_limit: int | None) -> Schedule:
         """The plan of the rest of a re-planned model (hyperion.replan), as this model plans."""
         schedule = plan(imported, self.mode, memory_limit, self.max_segment_steps, prefetch=self.prefetch,
-                        weight_cache_bytes=self.weight_cache_bytes, prepack_weights=self.prepack_weights)
+                        weight_cache_bytes=self.weight_cache_bytes, prepack_weights=self.prepack_weights,
+                        keep_heap=False)   # it shares the heap with the prefix's plan
         # The rest's model is built from the user's nodes, never the user's model file as a whole.
         return dataclasses.replace(schedule, whole_model=False)
 

@@ -307,6 +307,10 @@ class Schedule:
     # Data-dependent sizes: this schedule plans the prefix up to the steps that decide them;
     # None: the whole model is planned. A file may leave it out (absent means None).
     replan: Replan | None = None
+    # Free heap a run that builds no session keeps for the next run (the plan counts it at
+    # every step; the runtime trims beyond it); 0: freed large blocks go back to the OS. A
+    # file may leave it out (absent means 0).
+    kept_heap_bytes: int = 0
     format: str = FORMAT
     version: int = VERSION
 
@@ -385,6 +389,7 @@ class Schedule:
             pinned_bytes=data["pinned_bytes"],
             streaming=None if streaming is None else Streaming(**_tuples(streaming)),
             replan=_replan(data.get("replan")),
+            kept_heap_bytes=data.get("kept_heap_bytes", 0),
         )
 
     @classmethod

@@ -50,6 +50,7 @@ class SegmentOptions:
     weight_cache_bytes: int | None = None
     prepack_weights: bool | None = None   # None: in normal mode only
     relayout: bool = True                 # fed segments packed once by onnxruntime's optimizer, mapped
+    keep_heap: bool = True                # runs may keep freed heap for the next (segment rule 14)
 
     def for_mode(self, mode: ExecutionMode) -> SegmentOptions:
         """The options with ``None`` resolved for ``mode``. Weights are pre-packed where
@@ -66,7 +67,8 @@ class SegmentOptions:
         assert self.prefetch is not None and self.prepack_weights is not None, "resolve with for_mode first"
         return SegmentPass(max_segment_steps=self.max_segment_steps, prefetch=self.prefetch,
                            weight_cache_bytes=self.weight_cache_bytes, pinned_bytes=pinned_bytes,
-                           prepack_weights=self.prepack_weights, relayout=self.relayout)
+                           prepack_weights=self.prepack_weights, relayout=self.relayout,
+                           keep_heap=self.keep_heap)
 
 
 def build_pipeline(mode: ExecutionMode, options: SegmentOptions | None = None, *,

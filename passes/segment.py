@@ -44,6 +44,7 @@ class Segmentation:
     pinned_bytes: int = 0
     prepack_weights: bool = True          # sessions pre-pack weights (False: held at their own size)
     relaid: tuple[bool, ...] = ()         # per segment: its fed weights packed and re-laid, mapped (rule 13)
+    kept_heap_bytes: int = 0              # free heap a run that builds no session keeps (rule 14)
 
     @property
     def peak_bytes(self) -> int:
@@ -113,6 +114,18 @@ class SegmentPass(Pass):
        only while its creation fits. One whose first step does not fit is fed plainly,
        so relayout never raises the smallest cap: single steps are checked without it.
        A region's segment is never relaid (its session runs tile by tile, fed as built).
+    14. the heap: under a cap, glibc gives every freed block of 1 MiB or more back to the
+       OS, so each run faults its large activations in again (on MobileNetV3 at half of
+       onnxruntime's RSS that was 10 of its 27 ms). When every session persists and no step
+       is run by Hyperion itself (tiles, row gathers, regions), a run that builds no session
+       may instead keep freed blocks in the heap, up to ``kept_heap_bytes`` of free heap
+       (the runtime trims it back after any segment that leaves more): the plan counts
+       that at every step, and sets it to the most activations (with workspace) any step
+       holds, the heap a run reuses. It keeps the heap when that fits the cap as segmented,
+       or with segments grown again under the cap less that much (as long as they relay
+       every weight the first ones did); the first run, which builds the sessions, gives
+       freed blocks back as before. A model re-planned at run time keeps none
+       (``keep_heap=False``): its prefix and its rest are two plans over one heap.
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.
@@ -125,6 +138,7 @@ class SegmentPass(Pass):
     pinned_bytes: int = 0
     prepack_weights: bool = True
     relayout: bool = True
+    keep_heap: bool = True
 
     def requires(self, program: Program) -> None:
         require(program.liveness is not None, self.name, "liveness (the 'liveness' pass)")
@@ -140,7 +154,7 @@ class SegmentPass(Pass):
                                prepack_weights=self.prepack_weights, isolated=isolated, regions=regions,
                                staging=tiling.region_staging(program.graph, program.liveness.order,
                                                              not self.prepack_weights) if tiling else {},
-                               relayout=self.relayout)
+                               relayout=self.relayout, keep_heap=self.keep_heap)
         modified = segmentation != program.segmentation
         program.segmentation = segmentation
         return PassResult(program, modified)
@@ -348,7 +362,7 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
             weight_cache_bytes: int | None = None, pinned_bytes: int = 0,
             prepack_weights: bool = True, isolated: frozenset[int] = frozenset(),
             regions: tuple[tuple[int, int], ...] = (), staging: Mapping[int, int] | None = None,
-            relayout: bool = False) -> Segmentation:
+            relayout: bool = False, keep_heap: bool = False) -> Segmentation:
     if liveness.num_steps == 0:
         return Segmentation((), ())
     normal = mode is ExecutionMode.NORMAL
@@ -358,14 +372,52 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
     layout = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     if memory_limit is not None and not layout.fits(memory_limit):
         _refuse_for_bookkeeping(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
+    _settle(layout, memory_limit, prefetch)
+    cached = _cached(layout, normal, memory_limit, weight_cache_bytes)
+    kept_heap = 0
+    if keep_heap and memory_limit is not None and layout.may_keep_heap():
+        kept_heap, layout, cached = _keeping_heap(costs, layout, cached, memory_limit, normal, prefetch,
+                                                  max_segment_steps, pinned_bytes, weight_cache_bytes)
     spans = layout.spans
-    cyclic = prefetch and len(spans) > 1 and (memory_limit is None or layout.fits_cyclic(memory_limit))
-    layout.cyclic = cyclic
-    cached = tuple(range(len(spans))) if normal else layout.choose_cache(memory_limit, weight_cache_bytes)
-    return Segmentation(tuple(Span(s.start, s.stop) for s in spans), tuple(layout.step_bytes(cached)),
-                        layout.held, layout.loading, cached, prefetch, cyclic, pinned_bytes, prepack_weights,
+    return Segmentation(tuple(Span(s.start, s.stop) for s in spans), tuple(layout.step_bytes(cached, kept_heap)),
+                        layout.held, layout.loading, cached, prefetch, layout.cyclic, pinned_bytes, prepack_weights,
                         tuple(s.relaid and bool(s.weights & costs.relaid_weights) and i not in cached
-                              for i, s in enumerate(spans)))
+                              for i, s in enumerate(spans)), kept_heap)
+
+
+def _settle(layout: _Layout, memory_limit: int | None, prefetch: bool) -> None:
+    """Whether the last segment prefetches segment 0 for the next run: when that fits."""
+    layout.cyclic = prefetch and len(layout.spans) > 1 and (memory_limit is None or layout.fits_cyclic(memory_limit))
+
+
+def _cached(layout: _Layout, normal: bool, memory_limit: int | None, weight_cache_bytes: int | None
+            ) -> tuple[int, ...]:
+    """Every segment in normal mode; else the weight cache's choice."""
+    return tuple(range(len(layout.spans))) if normal else layout.choose_cache(memory_limit, weight_cache_bytes)
+
+
+def _keeping_heap(costs: _Costs, layout: _Layout, cached: tuple[int, ...], memory_limit: int, normal: bool,
+                  prefetch: bool, max_segment_steps: int | None, pinned_bytes: int, weight_cache_bytes: int | None
+                  ) -> tuple[int, _Layout, tuple[int, ...]]:
+    """Rule 14: (free heap kept, layout, cached segments). The layout as grown keeps the heap
+    when that fits; else segments are grown once more under the cap less the heap to keep
+    (smaller segments hold fewer weights beside it), if they still relay every weight;
+    else the heap goes back (0) and the layout stays as grown."""
+    heap = layout.activation_high_water()
+    if max(layout.step_bytes(cached, heap), default=0) <= memory_limit:
+        return heap, layout, cached
+    lowered = memory_limit - heap
+    if lowered <= 0:
+        return 0, layout, cached
+    regrown = _grown_layout(costs, lowered, prefetch, max_segment_steps, pinned_bytes)
+    # Smaller segments must not cost relayout: a plainly fed segment's GEMMs run unpacked.
+    if regrown.fits(lowered) and regrown.relaid_weights() >= layout.relaid_weights():
+        _settle(regrown, lowered, prefetch)
+        regrown_cached = _cached(regrown, normal, lowered, weight_cache_bytes)
+        heap = regrown.activation_high_water()
+        if max(regrown.step_bytes(regrown_cached, heap), default=0) <= memory_limit:
+            return heap, regrown, regrown_cached
+    return 0, layout, cached
 
 
 def _grown_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max_segment_steps: int | None,
@@ -526,7 +578,22 @@ class _Layout:
             used += cost
         return tuple(cached)
 
-    def step_bytes(self, cached: tuple[int, ...]) -> list[int]:
+    def may_keep_heap(self) -> bool:
+        """Rule 14: whether runs after the first build nothing and Hyperion runs no step itself."""
+        costs = self.costs
+        return not costs.isolated and not costs.region_starts and all(costs.persistent(s) for s in self.spans)
+
+    def relaid_weights(self) -> set[str]:
+        """The weights of relaid segments (rule 13)."""
+        return {w for s in self.spans if s.relaid for w in s.weights & self.costs.relaid_weights}
+
+    def activation_high_water(self) -> int:
+        """The most activations, with workspace, that any step holds: the heap a run reuses."""
+        return max((max(span.step_activation) for span in self.spans), default=0)
+
+    def step_bytes(self, cached: tuple[int, ...], kept_heap: int = 0) -> list[int]:
+        """Accounted bytes per step; ``kept_heap``: free heap kept across runs (rule 14),
+        counted at every step -- creation too, to be safe: only the first run creates."""
         out: list[int] = []
         for index in range(len(self.spans)):
             steps, creation = self._base(index)
@@ -538,7 +605,7 @@ class _Layout:
                     steps = [b + w for b, w in zip(steps, self._cached_workspace(index), strict=True)]
                 creation += sum(self._cache_cost(c) for c in cached if c != index) if creation else 0
             steps[0] = max(steps[0], creation)
-            out.extend(steps)
+            out.extend(b + kept_heap for b in steps)
         return out
 
 

@@ -341,4 +341,4 @@ def build_schedule(imported: ImportedModel, program: Program, *, requested: Exec
         # next segment, and a session with spinning workers took 28 ms to destroy
         # against 0.1 ms without (2 cores, per-session thread pools).
         intra_op_spinning=normal and len(segments) <= 1,
-        pinned_bytes=segmentation.pinned_bytes, streaming=streaming)
+        pinned_bytes=segmentation.pinned_bytes, streaming=streaming, kept_heap_bytes=segmentation.kept_heap_bytes)

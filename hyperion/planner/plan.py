@@ -98,7 +98,8 @@ def run_passes(imported: ImportedModel, mode: ExecutionMode, memory_limit: int |
 
 def plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
          max_segment_steps: int | None = None, *, prefetch: bool | None = None,
-         weight_cache_bytes: int | None = None, prepack_weights: bool | None = None) -> Schedule:
+         weight_cache_bytes: int | None = None, prepack_weights: bool | None = None,
+         keep_heap: bool = True) -> Schedule:
     """The schedule of ``imported`` in ``mode`` under ``memory_limit`` bytes.
 
     ``prefetch``: in memory_opt, create the next segment's session while the
@@ -110,8 +111,10 @@ def plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None,
     its weights at their own size (recorded in the schedule: the runtime must
     then run unpacked); ``None``: packed in normal mode, fed in the others
     (:meth:`SegmentOptions.for_mode`).
+    ``keep_heap=False``: runs give every large freed block back to the OS, whatever the cap
+    leaves (segment rule 14).
     """
-    options = SegmentOptions(max_segment_steps, prefetch, weight_cache_bytes, prepack_weights)
+    options = SegmentOptions(max_segment_steps, prefetch, weight_cache_bytes, prepack_weights, keep_heap=keep_heap)
     return _plan(imported, mode, memory_limit, options)
 
 
@@ -119,7 +122,9 @@ def _plan(imported: ImportedModel, mode: ExecutionMode, memory_limit: int | None
           options: SegmentOptions) -> Schedule:
     if memory_limit is not None and unsized_tensors(imported):
         # Sizes only the data decides: bounded, or re-planned at run time (planner/dynamic.py).
-        return plan_dynamic(imported, lambda sized: _plan_sized(sized, mode, memory_limit, options))
+        # Its prefix and the rest planned at run time share one heap: neither keeps any.
+        unkept = dataclasses.replace(options, keep_heap=False)
+        return plan_dynamic(imported, lambda sized: _plan_sized(sized, mode, memory_limit, unkept))
     return _plan_sized(imported, mode, memory_limit, options)
 
 

@@ -49,7 +49,14 @@ from hyperion.runtime.regions import region_model, run_region
 from hyperion.runtime.relayout import cached_relaid, relaid_model, scratch_folder
 from hyperion.runtime.rows import gather_rows
 from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
-from hyperion.runtime.sessions import SessionPool, SessionTimes, release_free_heap, return_freed_memory, session_options
+from hyperion.runtime.sessions import (
+    SessionPool,
+    SessionTimes,
+    keep_freed_heap,
+    release_free_heap,
+    return_freed_memory,
+    session_options,
+)
 from hyperion.runtime.tiles import read_weight_tile, run_tiles, tile_in_file, tile_model
 from hyperion.runtime.trace import HELD_COUNTER, NULL_RECORDER, NullRecorder
 from hyperion.runtime.weights import FileSpan, WeightStore
@@ -126,6 +133,7 @@ class Runtime:
         # and where their sessions map them, once found.
         self._relaid: dict[Hashable, Path] = {}
         self._relaid_pages: dict[Hashable, tuple[pages.PageRange, ...]] = {}
+        self._heap_kept = False   # this run keeps glibc's freed heap (kept_heap_bytes, and it builds nothing)
         kept = frozenset(segment.index for segment in schedule.segments if segment.persistent)
         self.pool = SessionPool(_weak_builder(self), kept, schedule.prefetch)
         self._whole_model_ms: float | None = None
@@ -275,6 +283,7 @@ class Runtime:
             return dict(zip(self._output_names, outputs, strict=True))
         checked = self.check_feeds(feeds)
         started = time.perf_counter()
+        self._tune_heap()
         self.pool.reset_times()
         self.weights.fed_bytes = 0
         segment_ms = [0.0] * len(self.schedule.segments)
@@ -296,6 +305,18 @@ class Runtime:
                               segment_ms, 1e3 * (time.perf_counter() - started), chunks, self.pool.reset_times(),
                               self.weights.fed_bytes)
         return outputs
+
+    def _tune_heap(self) -> None:
+        """Under a cap, glibc gives freed large blocks back to the OS, unless the schedule
+        keeps some (``kept_heap_bytes``) and this run builds no session: the first run, which
+        builds them, returns what their creation frees."""
+        if not self.config.return_freed_memory:
+            return
+        self._heap_kept = self.schedule.kept_heap_bytes > 0 and self.pool.all_kept()
+        if self._heap_kept:
+            keep_freed_heap()
+        else:
+            return_freed_memory(MMAP_THRESHOLD_BYTES)
 
     def _chunk_starts(self) -> Sequence[int | None]:
         """The first sample of every chunk of a streaming schedule; [None]: the batch is whole."""
@@ -387,6 +408,9 @@ class Runtime:
             self.weights.advise(self._fed_spans(segment), mmap.MADV_DONTNEED)   # RSS falls back
             if segment.relaid:
                 pages.drop(self._mapped_pages(segment.index))
+            if self._heap_kept:   # no more free heap than the plan counts
+                release_free_heap(self.schedule.kept_heap_bytes)
+            elif segment.relaid:
                 # Its packed kernels leave free pages between live heap blocks (10-19 MiB
                 # after whisper-tiny's decoder), resident until trimmed (0.1 ms).
                 release_free_heap()

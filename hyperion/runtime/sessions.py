@@ -161,6 +161,10 @@ class SessionPool:
     def is_kept(self, index: int) -> bool:
         return index in self._kept
 
+    def all_kept(self) -> bool:
+        """Whether every session to keep is built: a run then builds none."""
+        return self._keep <= self._kept.keys()
+
     def settle(self) -> float:
         """Wait for a pending prefetch to finish (it stays pending); milliseconds waited."""
         if self._pending is None:
@@ -182,7 +186,7 @@ class SessionPool:
 
 # -- the C heap --------------------------------------------------------------------------
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_heap_tuned = False
+_heap_thresholds: int | None = None   # glibc's mmap threshold as last set here
 
 
 def return_freed_memory(mmap_threshold_bytes: int) -> bool:
@@ -192,19 +196,36 @@ def return_freed_memory(mmap_threshold_bytes: int) -> bool:
     block freed (up to 32 MiB): after a 20 MB weight is released, later
     blocks of that size come from the heap and stay in RSS when freed. A fixed
     threshold keeps large blocks in their own mappings, returned on free.
-    Process-wide and idempotent; a no-op off glibc. Returns whether it applied.
+    Process-wide; a no-op off glibc. Returns whether it applied.
     """
-    global _heap_tuned
-    if _heap_tuned:
+    return _set_heap_thresholds(mmap_threshold_bytes)
+
+
+# glibc refuses an mmap threshold above half its largest heap (64 MiB on 64-bit systems).
+KEPT_HEAP_MMAP_THRESHOLD_BYTES = 32 << 20
+
+
+def keep_freed_heap() -> bool:
+    """Let glibc keep freed blocks of up to 32 MiB in its heap, reused by the next run
+    instead of unmapped and faulted in again (a schedule's ``kept_heap_bytes``; the runtime
+    trims what is free beyond that). Process-wide until :func:`return_freed_memory`; a no-op
+    off glibc."""
+    return _set_heap_thresholds(KEPT_HEAP_MMAP_THRESHOLD_BYTES)
+
+
+def _set_heap_thresholds(mmap_threshold_bytes: int) -> bool:
+    global _heap_thresholds
+    if _heap_thresholds == mmap_threshold_bytes:
         return True
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    _heap_tuned = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes)) and bool(
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold_bytes)) and bool(
         mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold_bytes))
-    log.debug("glibc mmap threshold fixed at %d bytes: %s", mmap_threshold_bytes, _heap_tuned)
-    return _heap_tuned
+    _heap_thresholds = mmap_threshold_bytes if applied else None
+    log.debug("glibc mmap threshold fixed at %d bytes: %s", mmap_threshold_bytes, applied)
+    return applied
 
 
 # Free heap pages below this stay. Trimming costs the next run their page faults again (up to
@@ -214,9 +235,9 @@ def return_freed_memory(mmap_threshold_bytes: int) -> bool:
 TRIM_FREE_HEAP_BYTES = 1 << 20
 
 
-def release_free_heap() -> None:
+def release_free_heap(keep_bytes: int = TRIM_FREE_HEAP_BYTES) -> None:
     """Give glibc's free heap pages back to the OS (``malloc_trim``), wherever they lie,
-    when more than ``TRIM_FREE_HEAP_BYTES`` lie free between live blocks.
+    when more than ``keep_bytes`` lie free between live blocks.
 
     The trim threshold returns only the free top of the heap; a session that built and
     dropped a whole optimized graph, or a run of packed kernels, leaves small blocks' pages
@@ -227,7 +248,7 @@ def release_free_heap() -> None:
         return
     libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
-    if info.fordblks - info.keepcost > TRIM_FREE_HEAP_BYTES:
+    if info.fordblks - info.keepcost > keep_bytes:
         libc.malloc_trim(ctypes.c_size_t(0))
 
 

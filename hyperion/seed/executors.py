@@ -67,7 +67,8 @@ def per_step_plan(compiled: CompiledModel) -> tuple[ImportedModel, Schedule, Run
     imported = compiled._active_imported()    # the layer plan reads the graph
     if all(segment.first_step == segment.last_step for segment in schedule.segments):
         return imported, schedule, runtime
-    schedule = plan(imported, compiled.mode, compiled.memory_limit, max_segment_steps=1)
+    # keep_heap=False: batch sizes scale this plan's activations, and a kept heap would count as fixed bytes.
+    schedule = plan(imported, compiled.mode, compiled.memory_limit, max_segment_steps=1, keep_heap=False)
     runtime = Runtime(imported.source, schedule, compiled.session_config)
     return imported, schedule, runtime
 

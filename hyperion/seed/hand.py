@@ -125,7 +125,10 @@ def plan_hand_layers(table: LayerTable, mode: ExecutionMode, max_memory: int | N
     graph = layer_graph(table)
     program = Program(graph, mode=mode, memory_limit=max_memory)
     # The user's dependency types are the classification: every stage but CLASSIFY.
-    pipeline = build_pipeline(mode, SegmentOptions(max_segment_steps=1), stages=(Stage.ORDER, Stage.PLAN))
+    # Batch sizes scale the plan's activations: a kept heap (segment rule 14) would count as
+    # fixed bytes, and hand layers run in Python, not on a runtime that keeps one.
+    pipeline = build_pipeline(mode, SegmentOptions(max_segment_steps=1, keep_heap=False),
+                              stages=(Stage.ORDER, Stage.PLAN))
     index_of = {node_name(i): i for i in table.layers}
     try:
         pipeline(program)

@@ -159,3 +159,42 @@ def test_no_steps_no_segments() -> None:
     graph = program_from_model(matmul_chain()).graph
     empty = segment(graph, Liveness((), {}, {}, ()), ExecutionMode.MEMORY_OPT, 1)
     assert empty.spans == () and empty.peak_bytes == 0
+
+
+def wide_then_narrow() -> onnx.ModelProto:
+    """x[1,65536] -> Relu -> Slice [1,64] -> MatMul w[64,64]: the widest activations come
+    first, the only weight after them."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
+    bounds = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
+              (("starts", [0]), ("ends", [64]), ("axes", [1]))]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Slice", ["r", "starts", "ends", "axes"], ["s"], name="slice"),
+             helper.make_node("MatMul", ["s", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 65536])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [w, *bounds])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_a_kept_heap_counts_the_activations_high_water_at_every_step() -> None:
+    options = {"max_segment_steps": 1, "prefetch": False, "prepack_weights": False, "weight_cache_bytes": 0}
+    returned = segmented(wide_then_narrow(), ExecutionMode.MEMORY_OPT, None, **options).segmentation
+    assert returned.kept_heap_bytes == 0                   # without a cap glibc is left alone
+    wide = 2 * 65536 * 4                                   # x and its Relu, at step 0: the high-water
+    assert returned.step_bytes[0] == wide
+    kept = segmented(wide_then_narrow(), ExecutionMode.MEMORY_OPT, 10 * wide, **options).segmentation
+    assert kept.kept_heap_bytes == wide and kept.spans == returned.spans
+    # The free heap the Relu's blocks leave counts at every step, beside what it holds.
+    assert kept.step_bytes == tuple(b + wide for b in returned.step_bytes)
+    # One step a segment already: no smaller segments to make room for it, so the heap goes back.
+    tight = segmented(wide_then_narrow(), ExecutionMode.MEMORY_OPT, kept.peak_bytes - 1, **options).segmentation
+    assert tight.kept_heap_bytes == 0 and tight.step_bytes == returned.step_bytes
+
+
+def test_segments_are_grown_smaller_to_make_room_for_the_kept_heap() -> None:
+    options = {"prefetch": False, "prepack_weights": False, "weight_cache_bytes": 0}
+    whole = segmented(matmul_chain(layers=6), ExecutionMode.MEMORY_OPT, None, **options).segmentation
+    # A cap the whole chain meets with nothing to spare: its segments get smaller for the heap.
+    cap = whole.peak_bytes + 2 * ROW_BYTES
+    kept = segmented(matmul_chain(layers=6), ExecutionMode.MEMORY_OPT, cap, **options).segmentation
+    assert kept.kept_heap_bytes > 0 and len(kept.spans) > len(whole.spans)
+    assert kept.peak_bytes <= cap
