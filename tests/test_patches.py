@@ -98,7 +98,11 @@ class _Chain:
 
 
 _LAYER = st.sampled_from(["conv", "relu", "maxpool", "avgpool", "batchnorm", "residual", "fire", "upsample",
-                          "sigmoid_mul"])
+                          "sigmoid_mul", "resize"])
+# Resize modes whose rows patch exactly: (mode, coordinate_transformation_mode, nearest_mode).
+RESIZES = [("nearest", "asymmetric", "floor"), ("nearest", "half_pixel", "round_prefer_floor"),
+           ("nearest", "pytorch_half_pixel", "round_prefer_ceil"), ("linear", "asymmetric", "floor"),
+           ("linear", "half_pixel", "floor"), ("linear", "pytorch_half_pixel", "floor")]
 
 
 def _build(draw: st.DrawFn) -> _Chain:
@@ -138,6 +142,16 @@ def _build(draw: st.DrawFn) -> _Chain:
             weight = chain._weight([c, 3, 2, 2])
             chain._add("ConvTranspose", [chain.last, weight], [n, 3, 2 * h, 2 * w], kernel_shape=[2, 2],
                        strides=[2, 2])
+        elif layer == "resize" and chain.shape[2] * 3 <= 60:   # rows times an integer, columns any scale
+            mode, coordinates, rounding = draw(st.sampled_from(RESIZES))
+            # Linear rows by 3 are not bit for bit (test_linear_rows_by_a_scale_of_three_...).
+            row_scale = draw(st.sampled_from([1, 2, 3] if mode == "nearest" else [1, 2]))
+            scales = [1.0, 1.0, float(row_scale), draw(st.sampled_from([1.0, 2.0, 1.5]))]
+            n, c, h, w = chain.shape
+            name = f"scales{len(chain.nodes)}"
+            chain.weights[name] = np.array(scales, np.float32)
+            chain._add("Resize", [chain.last, "", name], [n, c, int(h * scales[2]), int(w * scales[3])], mode=mode,
+                       coordinate_transformation_mode=coordinates, nearest_mode=rounding)
         elif layer == "sigmoid_mul":  # SiLU
             source = chain.last
             chain._add("Mul", [source, chain._add("Sigmoid", [source], chain.shape)], chain.shape)
@@ -183,6 +197,50 @@ def test_patches_equal_the_whole_run_bit_for_bit(case: tuple[_Chain, int]) -> No
     actual = run_patches(session, region, feeds, {chain.last: (expected.dtype, expected.shape)})[0]
     assert len(region.bounds) - 1 == patches
     assert np.array_equal(actual, expected), np.abs(actual - expected).max()
+
+
+def _resized_chain(mode: str, coordinates: str, rows: int, row_scale: int, seed: int) -> _Chain:
+    chain = _Chain(2, rows, 7, seed)
+    n, c, h, w = chain.shape
+    chain.weights["scales"] = np.array([1, 1, row_scale, 2], np.float32)
+    chain._add("Resize", ["x", "", "scales"], [n, c, h * row_scale, w * 2], mode=mode,
+               coordinate_transformation_mode=coordinates)
+    return chain
+
+
+def _run_patched(chain: _Chain, patches: int, feeds: dict[str, np.ndarray], like: np.ndarray) -> np.ndarray:
+    region, nodes = _patched_region(chain.model(), patches)
+    patched = patch_model(chain.model(), region, nodes)
+    session = ort.InferenceSession(patched.SerializeToString(), session_options(prepack=True),
+                                   providers=["CPUExecutionProvider"])
+    return run_patches(session, region, feeds, {chain.last: (like.dtype, like.shape)})[0]
+
+
+def test_a_linear_resize_reads_a_row_either_side_and_keeps_only_rows_it_interpolated_whole() -> None:
+    chain = _resized_chain("linear", "half_pixel", 12, 2, 0)
+    region, _ = _patched_region(chain.model(), 3)
+    # Output rows 0-7, 8-15, 16-23 (half-pixel: x = r/2 - 1/4) read input rows 0-4, 3-8, 7-11:
+    # each patch makes 2 rows per input row read and hands out the 8 it interpolated as whole.
+    assert region.patches is not None
+    assert region.patches.rows["x"] == ((0, 5), (3, 9), (7, 12))
+    (crop,) = region.patches.crops
+    assert crop.reader == "" and crop.rows == ((0, 8), (2, 10), (2, 10))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(6, 60), patches=st.integers(2, 5), seed=st.integers(0, 2**16),
+       coordinates=st.sampled_from(["asymmetric", "half_pixel", "pytorch_half_pixel"]))
+def test_linear_rows_by_a_scale_of_three_are_within_the_rounding_of_their_coordinate(
+        rows: int, patches: int, seed: int, coordinates: str) -> None:
+    """x = r/3 - offset is rounded in float32 for the whole tensor's row r and for the
+    patch's row r - 3*first: the interpolation weights can differ by one ulp of the
+    largest coordinate, so a pixel by that much of the rows it interpolates between."""
+    chain = _resized_chain("linear", coordinates, rows, 3, seed)
+    feeds = {"x": chain.rng.standard_normal(chain.input_shape).astype(np.float32)}
+    expected = reference_outputs(chain.model().SerializeToString(), feeds)[chain.last]
+    actual = _run_patched(chain, patches, feeds, expected)
+    bound = 2 * float(np.spacing(np.float32(rows))) * float(np.abs(feeds["x"]).max())
+    assert float(np.abs(actual - expected).max()) <= bound
 
 
 def test_a_patch_inside_the_tensor_is_fed_its_halo_and_no_padding() -> None:
