@@ -109,8 +109,9 @@ def _text(value: object, default: str) -> str:
 # Coordinate transformations and nearest modes under which output row ``r`` of an integer
 # row scale reads input row ``r // scale``: asymmetric ``x = r / s`` floored; half-pixel
 # ``x = (r + 0.5) / s - 0.5`` lies within 0.5 - 0.5/s of ``r // s``, so rounding gives it.
-_NEAREST_BLOCKS = frozenset({("asymmetric", "floor")} | {(mode, rounding) for mode in ("half_pixel", "pytorch_half_pixel")
-                                                          for rounding in ("round_prefer_floor", "round_prefer_ceil")})
+_NEAREST_BLOCKS = frozenset({("asymmetric", "floor")} | {
+    (mode, rounding) for mode in ("half_pixel", "pytorch_half_pixel") for rounding in ("round_prefer_floor",
+                                                                                        "round_prefer_ceil")})
 _LINEAR_OFFSETS = {"asymmetric": Fraction(0), "half_pixel": Fraction(1, 2), "pytorch_half_pixel": Fraction(1, 2)}
 
 

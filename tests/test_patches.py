@@ -28,6 +28,7 @@ import hyperion
 from hyperion.frontend import import_model, load_source
 from hyperion.passes.tile_patches import ROWS, patch_plan
 from hyperion.passes.tile_regions import Region as TileRegion
+from hyperion.passes.tile_regions import _strands
 from hyperion.planner.emit import patches_record
 from hyperion.runtime.patches import patch_model, run_patches
 from hyperion.runtime.sessions import session_options
@@ -324,3 +325,20 @@ def test_an_edited_schedule_whose_patches_read_outside_their_input_is_refused(tm
     edited.write_text(json.dumps(data))
     with pytest.raises(hyperion.ScheduleError, match=rf"patches: the rows of '{re.escape(name)}' are not"):
         hyperion.load(path, edited)
+
+
+def test_a_region_is_not_chosen_where_it_strands_a_later_step_over_the_budget() -> None:
+    """Steps 0-9 over the budget; step 9 only fits in windows from step 7 on. The window
+    0-8 covers the most steps but leaves step 9 none: the region choice takes one that stops
+    before step 7, leaving steps 7-9 to a window of their own (``tile_regions._strands``)."""
+    def window(start: int, stop: int) -> SimpleNamespace:
+        return SimpleNamespace(start=start, stop=stop, steps=frozenset(range(start, stop)))
+
+    best = {step: [(window(0, 9), 1), (window(0, 7), 1)] for step in range(7)}
+    best |= {step: [(window(0, 9), 1), (window(7, 10), 1)] for step in (7, 8)}
+    best[9] = [(window(7, 10), 1), (window(8, 12), 1)]
+    over = set(range(10))
+    assert _strands(window(0, 9), best, over, set(), budget=1)  # type: ignore[arg-type]
+    assert not _strands(window(0, 7), best, over, set(), budget=1)  # type: ignore[arg-type]
+    # A window over the budget itself is no way out.
+    assert _strands(window(0, 7), {**best, 9: [(window(7, 10), 2), (window(8, 12), 2)]}, over, set(), budget=1)  # type: ignore[arg-type]
