@@ -258,35 +258,46 @@ def test_a_patch_inside_the_tensor_is_fed_its_halo_and_no_padding() -> None:
     assert region.patches.crops == ()
 
 
-def _unet_block() -> onnx.ModelProto:
-    """An encoder-decoder step of a UNet at 1x3x192x192: Conv, MaxPool, Conv, ConvTranspose
-    up, Concat with the skip, two Convs: the skip is 2.3 MiB, the concatenation 4.5 MiB
-    (large enough that the bookkeeping of the sessions patches keep does not dominate)."""
+def _unet_block(up: str = "ConvTranspose") -> onnx.ModelProto:
+    """An encoder-decoder step of a UNet at 1x3x192x192: Conv, MaxPool, Conv, up by 2 (a
+    ConvTranspose, or a Resize: ``nearest`` or ``linear``), Concat with the skip, two Convs:
+    the skip is 2.3 MiB, the concatenation 4.5 MiB (large enough that the bookkeeping of the
+    sessions patches keep does not dominate)."""
     rng = np.random.default_rng(1)
+    upsampled = 16 if up == "ConvTranspose" else 32
     weights = {name: rng.standard_normal(shape).astype(np.float32) * 0.2 for name, shape in
-               {"w0": [16, 3, 3, 3], "w1": [32, 16, 3, 3], "up": [32, 16, 2, 2], "w2": [16, 32, 3, 3],
+               {"w0": [16, 3, 3, 3], "w1": [32, 16, 3, 3], "up": [32, 16, 2, 2], "w2": [16, 16 + upsampled, 3, 3],
                 "w3": [2, 16, 1, 1]}.items()}
+    weights["scales"] = np.array([1, 1, 2, 2], np.float32)
     same = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    upsampling = (helper.make_node("ConvTranspose", ["r1", "up"], ["u"], name="up0", kernel_shape=[2, 2],
+                                   strides=[2, 2]) if up == "ConvTranspose" else
+                  helper.make_node("Resize", ["r1", "", "scales"], ["u"], name="up0", mode=up,
+                                   coordinate_transformation_mode="asymmetric" if up == "nearest" else "half_pixel",
+                                   nearest_mode="floor"))
     nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", **same),
              helper.make_node("Relu", ["c0"], ["skip"], name="relu0"),
              helper.make_node("MaxPool", ["skip"], ["p0"], name="pool0", kernel_shape=[2, 2], strides=[2, 2]),
              helper.make_node("Conv", ["p0", "w1"], ["c1"], name="conv1", **same),
              helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-             helper.make_node("ConvTranspose", ["r1", "up"], ["u"], name="up0", kernel_shape=[2, 2], strides=[2, 2]),
+             upsampling,
              helper.make_node("Concat", ["skip", "u"], ["cat"], name="concat0", axis=1),
              helper.make_node("Conv", ["cat", "w2"], ["c2"], name="conv2", **same),
              helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
              helper.make_node("Conv", ["r2", "w3"], ["y"], name="conv3", kernel_shape=[1, 1])]
     graph = helper.make_graph(nodes, "unet_block", [helper.make_tensor_value_info("x", F, [1, 3, 192, 192])],
                               [helper.make_tensor_value_info("y", F, None)],
-                              [numpy_helper.from_array(v, n) for n, v in weights.items()])
+                              [numpy_helper.from_array(v, n) for n, v in weights.items()
+                               if n != ("up" if up != "ConvTranspose" else "scales")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
-@pytest.mark.parametrize("prepack", [True, False])
-def test_a_unet_block_runs_in_patches_under_a_cap_it_could_not_meet_whole(tmp_path: Path, prepack: bool) -> None:
+@pytest.mark.parametrize(("prepack", "up"), [(True, "ConvTranspose"), (False, "ConvTranspose"), (True, "nearest"),
+                                             (True, "linear"), (False, "linear")])
+def test_a_unet_block_runs_in_patches_under_a_cap_it_could_not_meet_whole(tmp_path: Path, prepack: bool,
+                                                                          up: str) -> None:
     path = tmp_path / "block.onnx"
-    onnx.save(_unet_block(), str(path))
+    onnx.save(_unet_block(up), str(path))
     whole = hyperion.compile(path, mode="memory_opt", prepack_weights=prepack).schedule.peak_bytes
     with pytest.raises(hyperion.MemoryLimitError) as refused:
         hyperion.compile(path, memory_limit=1, mode="memory_opt", prepack_weights=prepack)
@@ -295,9 +306,12 @@ def test_a_unet_block_runs_in_patches_under_a_cap_it_could_not_meet_whole(tmp_pa
     cm = hyperion.compile(path, memory_limit=smallest + (64 << 10), mode="memory_opt", prepack_weights=prepack)
     spatial = [s.region for s in cm.schedule.segments if s.region is not None and s.region.patches is not None]
     assert spatial and cm.schedule.peak_bytes <= smallest + (64 << 10)
+    patched = {cm.schedule.steps[i].node for s in cm.schedule.segments if s.region is not None
+               and s.region.patches is not None for i in s.steps}
+    assert "up0" in patched    # the decoder's upsampling runs patch by patch
     feeds = {"x": np.random.default_rng(3).standard_normal([1, 3, 192, 192]).astype(np.float32)}
     expected = reference_outputs(path, feeds, prepack_weights=prepack)
-    exact = float64_outputs(_unet_block(), feeds)
+    exact = float64_outputs(_unet_block(up), feeds)
     for _ in range(2):    # the region's one session is kept: the second run reuses it
         actual = cm.run(feeds)
         if prepack:
