@@ -30,7 +30,8 @@ from hyperion.passes.tile_patches import ROWS, patch_plan
 from hyperion.passes.tile_regions import Region as TileRegion
 from hyperion.passes.tile_regions import _strands
 from hyperion.planner.emit import patches_record
-from hyperion.runtime.patches import patch_model, run_patches
+from hyperion.runtime.patches import patch_model
+from hyperion.runtime.regions import run_region
 from hyperion.runtime.sessions import session_options
 from hyperion.schedule import Region
 from tests.conftest import float64_outputs, float_error, reference_outputs
@@ -195,7 +196,7 @@ def test_patches_equal_the_whole_run_bit_for_bit(case: tuple[_Chain, int]) -> No
     patched = patch_model(onnx.ModelProto.FromString(model.SerializeToString()), region, nodes)
     session = ort.InferenceSession(patched.SerializeToString(), session_options(prepack=True),
                                    providers=["CPUExecutionProvider"])
-    actual = run_patches(session, region, feeds, {chain.last: (expected.dtype, expected.shape)})[0]
+    actual = run_region(session, region, feeds, {chain.last: (expected.dtype, expected.shape)})[0]
     assert len(region.bounds) - 1 == patches
     assert np.array_equal(actual, expected), np.abs(actual - expected).max()
 
@@ -214,7 +215,7 @@ def _run_patched(chain: _Chain, patches: int, feeds: dict[str, np.ndarray], like
     patched = patch_model(chain.model(), region, nodes)
     session = ort.InferenceSession(patched.SerializeToString(), session_options(prepack=True),
                                    providers=["CPUExecutionProvider"])
-    return run_patches(session, region, feeds, {chain.last: (like.dtype, like.shape)})[0]
+    return run_region(session, region, feeds, {chain.last: (like.dtype, like.shape)})[0]
 
 
 def test_a_linear_resize_reads_a_row_either_side_and_keeps_only_rows_it_interpolated_whole() -> None:

@@ -181,11 +181,10 @@ def _patch_feeds(patches: Patches, patch: int) -> dict[str, np.ndarray]:
 
 
 def run_patches(session: ort.InferenceSession, region: Region, feeds: Mapping[str, np.ndarray],
-                outputs: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> list[np.ndarray]:
-    """The segment's outputs (``outputs``: name -> dtype and whole shape, in order), patch by patch."""
+                results: Mapping[str, np.ndarray]) -> None:
+    """The segment's outputs, patch by patch, into ``results`` (name -> whole array)."""
     patches = region.patches
     assert patches is not None
-    results = {name: np.empty(shape, dtype) for name, (dtype, shape) in outputs.items()}
     binding = session.io_binding()
     staging = Staging()
     for patch, (start, stop) in enumerate(zip(region.bounds, region.bounds[1:], strict=False)):
@@ -198,4 +197,3 @@ def run_patches(session: ort.InferenceSession, region: Region, feeds: Mapping[st
         for name, value in _patch_feeds(patches, patch).items():
             binding.bind_cpu_input(name, value)
         run_into(session, binding, results, region.outputs, start, stop, staging)
-    return [results[name] for name in outputs]
