@@ -7,7 +7,12 @@ bits (measured: a 3x3 stride-2 Conv over 31 columns, 7.6e-06 of outputs of magni
 ~10): those plans are held to the promise of every fed Conv (docs/memory.md). One
 chain is not patched bit for bit: a ConvTranspose followed by BatchNormalization, which
 onnxruntime's basic optimizer folds into the ConvTranspose when the rows are known (the
-whole model) and not when they are symbolic (a patch), 9.5e-07 apart."""
+whole model) and not when they are symbolic (a patch), 9.5e-07 apart. And chains with a
+residual Add: onnxruntime's NCHWc layout transformer (the full optimization level; at the
+basic and extended ones these patch bit for bit) fuses around the Add otherwise when the
+rows are known -- seen with a BatchNormalization after it (up to 9.5e-07 on outputs of
+magnitude ~2, in 22 of 30 chains Conv-Relu-Add-BatchNormalization), rarely with a Resize and a
+MaxPool after it (3e-08): those are held to RESIDUAL_ULPS float32 spacings of the output."""
 
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from hyperion.runtime.sessions import session_options
 from hyperion.schedule import Region
 from tests.conftest import float64_outputs, float_error, reference_outputs
 
+RESIDUAL_ULPS = 16
 EXAMPLES = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 F = TensorProto.FLOAT
 
@@ -198,7 +204,13 @@ def test_patches_equal_the_whole_run_bit_for_bit(case: tuple[_Chain, int]) -> No
                                    providers=["CPUExecutionProvider"])
     actual = run_region(session, region, feeds, {chain.last: (expected.dtype, expected.shape)})[0]
     assert len(region.bounds) - 1 == patches
-    assert np.array_equal(actual, expected), np.abs(actual - expected).max()
+    if any(node.op_type == "Add" for node in chain.nodes):
+        # A residual Add: onnxruntime's NCHWc layout transformer may fuse it otherwise with
+        # the rows known (see the module's docstring): within a few float32 roundings.
+        bound = RESIDUAL_ULPS * float(np.spacing(np.abs(expected).max()))
+        assert float(np.abs(actual - expected).max()) <= bound, np.abs(actual - expected).max()
+    else:
+        assert np.array_equal(actual, expected), np.abs(actual - expected).max()
 
 
 def _resized_chain(mode: str, coordinates: str, rows: int, row_scale: int, seed: int) -> _Chain:
