@@ -10,6 +10,8 @@ readers need (the *halo* around the patch), and each Conv or pool is handed exac
 rows its outputs need -- cut from what its producer made (a *crop*) and, where the patch
 touches the top or bottom of the tensor, the rows of padding the whole Conv would add
 there (a *pad*). Each output pixel is then computed from the same operands as whole.
+A Resize or Upsample by an integer row scale makes whole runs of rows from the input rows
+it reads (:class:`Upsampling`): a patch keeps, by a crop, the rows it made as whole.
 
 This module is the geometry: which ops keep rows (the carrier's spatial rules) and, for
 a region cut into patches, the rows every tensor holds and every edge reads, per patch
