@@ -369,3 +369,24 @@ def test_a_region_is_not_chosen_where_it_strands_a_later_step_over_the_budget() 
     assert not _strands(window(0, 7), best, over, set(), budget=1)  # type: ignore[arg-type]
     # A window over the budget itself is no way out.
     assert _strands(window(0, 7), {**best, 9: [(window(7, 10), 2), (window(8, 12), 2)]}, over, set(), budget=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("mode", "scale"), [("nearest", 2), ("nearest", 3), ("linear", 2)])
+def test_an_opset_9_upsample_patches_bit_for_bit(mode: str, scale: int) -> None:
+    """Upsample (onnx's light models are opset 9): asymmetric coordinates, truncated for nearest."""
+    chain = _Chain(2, 17, 6, scale)
+    chain.conv("x", 3, 3, 1, 1, 1, 1)
+    n, c, h, w = chain.shape
+    chain.weights["scales"] = np.array([1, 1, scale, 2], np.float32)
+    chain._add("Upsample", [chain.last, "scales"], [n, c, h * scale, w * 2], mode=mode)
+    chain.conv(chain.last, 2, 3, 1, 1, 1, 1)
+    model = chain.model()
+    model.opset_import[0].version = 9
+    feeds = {"x": chain.rng.standard_normal(chain.input_shape).astype(np.float32)}
+    expected = reference_outputs(model.SerializeToString(), feeds)[chain.last]
+    region, nodes = _patched_region(model, 3)
+    assert region.patches is not None and region.patches.crops   # the Upsample makes more rows than a patch keeps
+    session = ort.InferenceSession(patch_model(model, region, nodes).SerializeToString(), session_options(prepack=True),
+                                   providers=["CPUExecutionProvider"])
+    actual = run_region(session, region, feeds, {chain.last: (expected.dtype, expected.shape)})[0]
+    assert np.array_equal(actual, expected), np.abs(actual - expected).max()
