@@ -24,6 +24,7 @@ from hyperion.frontend import (
     restrict_to_outputs,
     unbound_dims,
 )
+from hyperion.frontend.embedded import SMALL_INITIALIZER_BYTES
 from hyperion.ir import ExecutionMode, Graph, TensorRole
 from hyperion.planner import optimal_batch_size, parse_mode, plan
 from hyperion.replan import ReplanRunner, ReplanStats, Runner, TracedReplan, runner_for
@@ -491,13 +492,15 @@ def _cache_size(weight_cache: int | str) -> int:
     return parse_size(weight_cache, option="weight_cache") or 0
 
 
-def _plans_computed_weights(schedule: Schedule, source: ModelSource) -> bool:
-    """Whether ``schedule`` was planned with the weights import computes from constants
-    (hyperion.frontend.fold): it names weights the model file does not hold. A schedule
-    saved before import computed them runs the model's nodes as they are."""
+def _computed_weights_planned(schedule: Schedule, source: ModelSource) -> tuple[bool, bool]:
+    """Whether ``schedule`` was planned with weights import computes from constants
+    (hyperion.frontend.fold), and with small ones among them: it names weights the model
+    file does not hold. A schedule saved before import computed them (or the small ones)
+    runs those nodes as they are."""
     initializers = {t.name for t in source.proto.graph.initializer}
-    return any(record.role is TensorRole.WEIGHT and name not in initializers
-               for name, record in schedule.tensors.items())
+    computed = [record for name, record in schedule.tensors.items()
+                if record.role is TensorRole.WEIGHT and name not in initializers]
+    return bool(computed), any((record.bytes or 0) <= SMALL_INITIALIZER_BYTES for record in computed)
 
 
 def load(model: ModelLike, schedule: str | os.PathLike | Schedule, *, prepack_weights: bool = True,
@@ -520,8 +523,9 @@ def load(model: ModelLike, schedule: str | os.PathLike | Schedule, *, prepack_we
     if loaded.model.sha256 != source.sha256:
         raise ScheduleError(f"{label}: schedule is for another model (sha256 {loaded.model.sha256[:12]}…, "
                             f"{source.label} has {source.sha256[:12]}…); recompile it with hyperion compile")
-    if _plans_computed_weights(loaded, source):
-        source = fold_constants(source)
+    computed, small = _computed_weights_planned(loaded, source)
+    if computed:
+        source = fold_constants(source, small)
     check_consistency(loaded, source, label)
     config = SessionConfig.for_schedule(loaded, prepack_weights=prepack_weights and loaded.prepack_weights)
     return CompiledModel.from_schedule(source, loaded, config)

@@ -185,8 +185,8 @@ RULES: dict[str, Rule] = {
 
 
 def _windowed(carrier: Carrier, node: NodeInfo) -> int | None:
-    """Conv, ConvTranspose, MaxPool, AveragePool: rows of input 0 become rows of the output
-    (with a halo); the weight and bias are read whole."""
+    """Conv, ConvTranspose, MaxPool, AveragePool, Resize, Upsample: rows of input 0 become
+    rows of the output (with a halo); the weight and bias (roi, scales) are read whole."""
     inputs = _inputs(node)
     if carrier.axis(inputs[0]) != ROWS or any(carrier.axis(n) is not None for n in inputs[1:] if n):
         return None
@@ -204,7 +204,7 @@ def _concat(carrier: Carrier, node: NodeInfo) -> int | None:
 
 # Ops that keep rows only as patches with halos (or a channel-wise op, free but for no rule above).
 SPATIAL_RULES: dict[str, Rule] = {
-    **{op: _windowed for op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool")},
+    **{op: _windowed for op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "Resize", "Upsample")},
     "Concat": _concat, "BatchNormalization": _first_input_only, "LRN": _first_input_only,
 }
 

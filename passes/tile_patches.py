@@ -10,6 +10,8 @@ readers need (the *halo* around the patch), and each Conv or pool is handed exac
 rows its outputs need -- cut from what its producer made (a *crop*) and, where the patch
 touches the top or bottom of the tensor, the rows of padding the whole Conv would add
 there (a *pad*). Each output pixel is then computed from the same operands as whole.
+A Resize or Upsample by an integer row scale makes whole runs of rows from the input rows
+it reads (:class:`Upsampling`): a patch keeps, by a crop, the rows it made as whole.
 
 This module is the geometry: which ops keep rows (the carrier's spatial rules) and, for
 a region cut into patches, the rows every tensor holds and every edge reads, per patch
@@ -18,8 +20,12 @@ a region cut into patches, the rows every tensor holds and every edge reads, per
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
 
 from hyperion.ir import Graph, NodeInfo
 
@@ -60,13 +66,94 @@ class Window:
         return start - start % self.stride, min(size, -(-stop // self.stride) * self.stride)
 
 
+@dataclass(frozen=True)
+class Upsampling:
+    """How output rows of a Resize or Upsample map to input rows when its row scale is an
+    integer ``scale``: a run of input rows makes ``scale`` output rows each, so a patch runs
+    the op on whole input rows and keeps the output rows it needs (a crop of what it made).
+
+    Nearest (asymmetric coordinates with ``floor``, or half-pixel ones rounding to the nearest)
+    copies input row ``r // scale`` to output row ``r``. Linear interpolates output row ``r``
+    between input rows ``floor(x)`` and ``floor(x) + 1``, ``x = r / scale - offset`` (``offset``:
+    0 asymmetric, ``(1 - 1/scale) / 2`` half-pixel), clamped at the tensor's edges -- so a patch
+    also reads the input rows either side of what it keeps, and the rows it makes next to the
+    edge of its input slice, clamped there and not in the whole tensor, are never kept."""
+
+    scale: int
+    linear: bool = False
+    offset: Fraction = Fraction(0)
+
+    def _reads(self, rows: Rows, size: int) -> Rows:
+        start, stop = rows
+        if not self.linear:
+            return start // self.scale, -(-stop // self.scale)
+        first = math.floor(Fraction(start, self.scale) - self.offset)
+        last = math.floor(Fraction(stop - 1, self.scale) - self.offset) + 2
+        return max(first, 0), min(last, size // self.scale)
+
+    def computed(self, rows: Rows, size: int) -> Rows:
+        """The output rows the op makes to give ``rows``: ``scale`` for each input row it reads."""
+        first, last = self._reads(rows, size)
+        return first * self.scale, min(size, last * self.scale)
+
+    def input_rows(self, rows: Rows, size: int) -> tuple[Rows, Rows]:
+        """The input rows that make ``rows`` (rows :meth:`computed` gave); no padding."""
+        start, stop = rows
+        return (start // self.scale, -(-stop // self.scale)), (0, 0)
+
+
+def _text(value: object, default: str) -> str:
+    if value is None:
+        return default
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# Coordinate transformations and nearest modes under which output row ``r`` of an integer
+# row scale reads input row ``r // scale``: asymmetric ``x = r / s`` floored; half-pixel
+# ``x = (r + 0.5) / s - 0.5`` lies within 0.5 - 0.5/s of ``r // s``, so rounding gives it.
+_NEAREST_BLOCKS = frozenset({("asymmetric", "floor")} | {
+    (mode, rounding) for mode in ("half_pixel", "pytorch_half_pixel") for rounding in ("round_prefer_floor",
+                                                                                        "round_prefer_ceil")})
+_LINEAR_OFFSETS = {"asymmetric": Fraction(0), "half_pixel": Fraction(1, 2), "pytorch_half_pixel": Fraction(1, 2)}
+
+
+def upsampling_of(graph: Graph, node: NodeInfo) -> Upsampling | None:
+    """The row mapping of a Resize (scales given, constant) or Upsample over NCHW whose row
+    scale is an integer and whose batch and channel scales are 1; None for any other."""
+    shape = graph.tensors[node.inputs[0]].shape
+    slots = node.input_slots or node.inputs
+    if node.op_type == "Upsample" or (graph.opset or 11) < 11:
+        scales = graph.constant(slots[1]) if len(slots) > 1 and slots[1] else node.attributes.get("scales")
+        coordinates, rounding = "asymmetric", "floor"   # Upsample and Resize-10: x = r / s, truncated
+    else:
+        if len(slots) < 3 or not slots[2] or (len(slots) > 3 and slots[3]) or node.int_attribute("antialias", 0):
+            return None   # sizes, not scales: a patch makes fewer rows
+        scales = graph.constant(slots[2])
+        coordinates = _text(node.attributes.get("coordinate_transformation_mode"), "half_pixel")
+        rounding = _text(node.attributes.get("nearest_mode"), "round_prefer_floor")
+    if shape is None or len(shape) != 4 or scales is None:
+        return None
+    values = [float(v) for v in np.asarray(scales).reshape(-1)]
+    if len(values) != 4 or values[0] != 1 or values[1] != 1 or values[ROWS] < 1 or not values[ROWS].is_integer():
+        return None
+    scale, mode = int(values[ROWS]), _text(node.attributes.get("mode"), "nearest")
+    if mode == "nearest" and (coordinates, rounding) in _NEAREST_BLOCKS:
+        return Upsampling(scale)
+    if mode in ("linear", "bilinear") and coordinates in _LINEAR_OFFSETS:
+        return Upsampling(scale, True, _LINEAR_OFFSETS[coordinates] * (1 - Fraction(1, scale)))
+    return None
+
+
 def _h(values: list[int] | None, default: int) -> int:
     return default if not values else int(values[0])
 
 
-def window_of(graph: Graph, node: NodeInfo) -> Window | None:
-    """The row window of a 2-D Conv, ConvTranspose, MaxPool or AveragePool over NCHW, or
-    None when the op slides no window this module can patch exactly."""
+def window_of(graph: Graph, node: NodeInfo) -> Window | Upsampling | None:
+    """The row window of a 2-D Conv, ConvTranspose, MaxPool or AveragePool over NCHW, the
+    row mapping of a Resize or Upsample, or None when the op maps rows in no way this module
+    can patch exactly."""
+    if node.is_default_domain and node.op_type in ("Resize", "Upsample"):
+        return upsampling_of(graph, node)
     if not node.is_default_domain or node.op_type not in ("Conv", "ConvTranspose", "MaxPool", "AveragePool"):
         return None
     shape = graph.tensors[node.inputs[0]].shape

@@ -325,7 +325,11 @@ def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: b
                    and (tiles := finder.tiles_for(c, budget)) is not None]
         if not choices:
             continue
-        _, tiles, _, _, chosen = min(choices, key=lambda choice: choice[:4])
+        choices.sort(key=lambda choice: choice[:4])
+        # The best window that leaves every later step over the budget a window of its own:
+        # a window of the most steps can end just before a step no other window then reaches.
+        _, tiles, _, _, chosen = next((choice for choice in choices
+                                       if not _strands(choice[4], best, over, taken, budget)), choices[0])
         regions.append(finder.region(chosen, tiles))
         peaks.append(finder.cost(chosen, chosen.size))   # at its finest: what it can lower the peak to
         order[chosen.start:chosen.stop] = (*chosen.hoisted, *chosen.nodes)
@@ -340,6 +344,17 @@ def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: b
     if memory_limit < floor and lowered <= 2 * SESSION_OVERHEAD_BYTES * len(regions):
         return (), liveness.order
     return tuple(sorted(regions, key=lambda r: r.start)), tuple(order)
+
+
+def _strands(chosen: _Candidate, best: Mapping[int, list[tuple[_Candidate, int]]], over: set[int],
+             taken: set[int], budget: int) -> bool:
+    """Whether taking ``chosen`` leaves a later step over the budget, outside its region,
+    with no window of its own within the budget that overlaps no region taken."""
+    blocked = taken | set(range(chosen.start, chosen.stop))
+    later = (s for s in over if s > min(chosen.steps) and s not in chosen.steps and s not in taken
+             and s < chosen.stop + MAX_REGION_STEPS)
+    return any(not any(lowest <= budget and not blocked & set(range(c.start, c.stop)) for c, lowest in best[s])
+               for s in later)
 
 
 def region_accounted(graph: Graph, regions: Sequence[Region]) -> dict[str, TensorInfo]:

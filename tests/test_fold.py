@@ -79,6 +79,37 @@ def test_under_a_cap_the_fill_is_fed_like_any_weight(tmp_path: Path) -> None:
     assert_outputs_equal(compiled.run({"x": _x(256)}), reference)
 
 
+SMALL = """<ir_version: 6, opset_import: ["" : 11]>
+g (float[1, 8, 4, 4] x) => (float[1, 8, 4, 4] y) <int64[1] s = {8}> {
+    scale = ConstantOfShape <value = float[1] {0.5}> (s)
+    scale4 = Unsqueeze <axes = [1, 2]> (scale)
+    shift = ConstantOfShape <value = float[1] {0.25}> (s)
+    shift4 = Unsqueeze <axes = [1, 2]> (shift)
+    scaled = Mul (x, scale4)
+    y = Add (scaled, shift4)
+}"""
+
+
+def test_small_tensors_computed_from_constants_are_initializers_of_the_proto_not_steps(tmp_path: Path) -> None:
+    """onnx's light models compute their BatchNormalization parameters so: as nodes, each
+    would be a step whose session keeps bookkeeping across runs."""
+    path = tmp_path / "small.onnx"
+    onnx.save(onnx.parser.parse_model(SMALL), str(path))
+    compiled = hyperion.compile(path, memory_limit=4096, mode="memory_opt")
+    assert [step.op_type for step in compiled.schedule.steps] == ["Mul", "Add"]
+    for name in ("scale4", "shift4"):
+        assert compiled.ir.tensors[name].role is TensorRole.WEIGHT and compiled.ir.tensors[name].external is None
+    x = np.random.default_rng(3).standard_normal((1, 8, 4, 4)).astype(np.float32)
+    expected = reference_outputs(path, {"x": x})
+    np.testing.assert_array_equal(compiled.run({"x": x})["y"], expected["y"])
+    # A schedule planned while they were nodes still runs them as nodes.
+    older = plan(import_model(fold_module.fold_constants(load_source(path, fold_constants=False), small=False)),
+                 ExecutionMode.MEMORY_OPT, 4096)
+    assert "ConstantOfShape" in [step.op_type for step in older.steps]
+    np.testing.assert_array_equal(hyperion.load(path, older).run({"x": x})["y"], expected["y"])
+    np.testing.assert_array_equal(hyperion.load(path, compiled.schedule).run({"x": x})["y"], expected["y"])
+
+
 def test_a_cast_and_transposed_weight_is_evaluated_once(tmp_path: Path) -> None:
     path = _transposed_weight_model(tmp_path)
     compiled = hyperion.compile(path, mode="normal")

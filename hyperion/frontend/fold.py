@@ -22,9 +22,14 @@ The rules, applied in the model's node order (ONNX lists nodes topologically):
    from its inputs' shapes before anything runs -- fits ``EVALUATED_MAX_BYTES`` is
    evaluated by onnxruntime: the kernel its constant folding runs, so the values are those
    a session would have folded.
-4. Computed outputs larger than ``SMALL_INITIALIZER_BYTES`` that some remaining node reads
-   (or that are graph outputs) become external-data initializers; the nodes that computed
-   them, and computed nodes nothing reads any more, leave the graph.
+4. Computed outputs that some remaining node reads (or that are graph outputs) become
+   initializers -- external data in the cache when larger than ``SMALL_INITIALIZER_BYTES``,
+   in the model's proto otherwise -- and every computed node leaves the graph. A small
+   one would be folded by onnxruntime in every session anyway, but as a node it is a step
+   of the plan, whose sessions keep its bookkeeping across runs (onnx's light DenseNet-121
+   computes 1,078 BatchNormalization parameters so, two thirds of its nodes: 13 MiB of
+   bookkeeping charged against a cap of 28 MiB). ``small=False`` keeps the small ones
+   nodes, as schedules saved before this rule plan them.
 
 The user's model is never modified (a copy is), and an entry is written once: a later
 import of the same model finds the file and writes nothing. Models with external data of
@@ -40,7 +45,7 @@ import logging
 import math
 import shutil
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -113,29 +118,34 @@ class FoldPlan:
 
     weights: dict[str, ConstantValue]
     removed_nodes: frozenset[int]       # positions in graph.node
+    embedded: dict[str, ConstantValue] = field(default_factory=dict)  # small: initializers in the proto
 
     @property
     def nbytes(self) -> int:
         return sum(value.nbytes for value in self.weights.values())
 
 
-def fold_constants(source: ModelSource) -> ModelSource:
-    """``source`` with its large tensors computed from constants as external-data weights
-    in Hyperion's cache (``source`` itself when there are none, or it has external data)."""
+def fold_constants(source: ModelSource, small: bool = True) -> ModelSource:
+    """``source`` with its tensors computed from constants as weights: the large ones
+    external data in Hyperion's cache, the small ones initializers of the proto (``source``
+    itself when there are none, or it has external data; ``small=False``: the small ones
+    stay nodes)."""
     if any(t.data_location == TensorProto.EXTERNAL for t in source.proto.graph.initializer):
         return source
-    plan = plan_fold(source.proto)
-    if not plan.weights:
+    plan = plan_fold(source.proto, small)
+    if not plan.weights and not plan.embedded:
         return source
-    folder = weights_folder(source.sha256)
-    file, offsets = _store(folder, plan.weights)
-    log.info("%s: %d weights computed from constants (%d bytes) served from %s", source.label,
-             len(plan.weights), plan.nbytes, folder / file)
+    folder, file, offsets = source.base_dir, "", {}
+    if plan.weights:
+        folder = weights_folder(source.sha256)
+        file, offsets = _store(folder, plan.weights)
+        log.info("%s: %d weights computed from constants (%d bytes) served from %s", source.label,
+                 len(plan.weights), plan.nbytes, folder / file)
     return ModelSource(_folded_model(source.proto, plan, file, offsets), source.path, folder, source.sha256,
-                       source.opset, tuple(plan.weights))
+                       source.opset, (*plan.weights, *plan.embedded))
 
 
-def plan_fold(proto: ModelProto) -> FoldPlan:
+def plan_fold(proto: ModelProto, small: bool = True) -> FoldPlan:
     """The tensors import computes from constants and writes, and the nodes that leave (rules 1-4)."""
     graph = proto.graph
     known = _initial_constants(proto)
@@ -160,12 +170,13 @@ def plan_fold(proto: ModelProto) -> FoldPlan:
         known[node.output[0]] = constant
         if node.op_type != "Constant":
             computed[position] = node.output[0]
-    removed = _unread_computed_nodes(proto, computed, known)
+    removed = set(computed) if small else _unread_computed_nodes(proto, computed, known)
     kept_reads = {name for position, node in enumerate(graph.node) if position not in removed for name in node.input}
     needed = kept_reads | {output.name for output in graph.output}
-    weights = {computed[p]: known[computed[p]] for p in sorted(removed)
-               if computed[p] in needed and known[computed[p]].nbytes > SMALL_INITIALIZER_BYTES}
-    return FoldPlan(weights, frozenset(removed))
+    folded = [computed[p] for p in sorted(removed) if computed[p] in needed]
+    return FoldPlan({name: known[name] for name in folded if known[name].nbytes > SMALL_INITIALIZER_BYTES},
+                    frozenset(removed),
+                    {name: known[name] for name in folded if known[name].nbytes <= SMALL_INITIALIZER_BYTES})
 
 
 def _initial_constants(proto: ModelProto) -> dict[str, ConstantValue]:
@@ -181,9 +192,10 @@ def _initial_constants(proto: ModelProto) -> dict[str, ConstantValue]:
 
 def _unread_computed_nodes(proto: ModelProto, computed: Mapping[int, str],
                            known: Mapping[str, ConstantValue]) -> set[int]:
-    """Computed nodes that leave the graph (rule 4): those whose output becomes a weight,
-    and those nothing left reads -- in reverse order, so that a chain leaves whole. A small
-    computed tensor a remaining node reads keeps its node (onnxruntime folds it itself)."""
+    """Computed nodes that leave the graph as schedules saved before small tensors were
+    folded plan them: those whose output becomes an external weight, and those nothing
+    left reads -- in reverse order, so that a chain leaves whole. A small computed tensor a
+    remaining node reads keeps its node (onnxruntime folds it itself)."""
     graph = proto.graph
     readers: dict[str, int] = {output.name: 1 for output in graph.output}
     for node in graph.node:
@@ -369,9 +381,14 @@ def _folded_model(proto: ModelProto, plan: FoldPlan, file: str, offsets: Mapping
     folded.CopyFrom(proto)
     del folded.graph.node[:]
     folded.graph.node.extend(n for p, n in enumerate(proto.graph.node) if p not in plan.removed_nodes)
+    tensors = []
     for name, value in plan.weights.items():
         tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape)
         refer(tensor, file, offsets[name], value.nbytes)
+        tensors.append((tensor, value))
+    tensors.extend((numpy_helper.from_array(value.value(), name), value) for name, value in plan.embedded.items())
+    for tensor, value in tensors:
+        name = tensor.name
         folded.graph.initializer.append(tensor)
         if proto.ir_version < 4:  # initializers were graph inputs too before IR version 4
             folded.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, value.shape))

@@ -27,6 +27,7 @@ runtime reads these fields; it never looks at the mode to decide anything.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import mmap
 import os
@@ -479,8 +480,12 @@ class Runtime:
                    supplied: Callable[[], dict[str, np.ndarray]]) -> tuple[ort.InferenceSession, Callable[[], None]]:
             key = (step.index, start, stop)
             if key not in self._tile_sessions:
+                # A weight kept in the proto (small) has no file to key the cache by: its bytes do.
+                in_proto = hashlib.sha256(b"".join(self.weights.read(name).tobytes() for name in sliced
+                                                   if spans[name] is None)).hexdigest()
                 self._tile_sessions[key], self._relaid[key] = self._relaid_tile(
-                    onnx.load_model_from_string(build(stop - start, tile_inputs)), supplied, f"{start}:{stop}")
+                    onnx.load_model_from_string(build(stop - start, tile_inputs)), supplied,
+                    f"{start}:{stop}:{in_proto}")
             return self._tile_sessions[key], lambda: pages.drop(self._mapped_pages(key))
 
         with self.tracer.span(f"{len(tiles.bounds) - 1} tiles of {step.node}", "tiles", segment=segment.index):

@@ -16,6 +16,7 @@ its rows.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -117,24 +118,47 @@ def patch_model(model: ModelProto, region: Region, node_names: Sequence[str]) ->
     return model
 
 
+class Staging:
+    """One flat buffer per tensor that every tile copies through: a slice that is not
+    contiguous (rows of NCHW at batch 1) is copied into, or out of, the same pages each
+    tile -- a fresh array per tile would be faulted in anew (the plan counts these copies as
+    the region's staging, all at once)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, np.ndarray] = {}
+
+    def view(self, name: str, dtype: np.dtype, shape: Sequence[int]) -> np.ndarray:
+        """A C-contiguous array of ``shape`` over ``name``'s buffer (grown when too small)."""
+        size = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.size < size or flat.dtype != dtype:
+            flat = self._flat[name] = np.empty(size, dtype)
+        return flat[:size].reshape(shape)
+
+    def copy_of(self, name: str, part: np.ndarray) -> np.ndarray:
+        """``part`` itself when contiguous (a view, handed over uncopied), else its copy in the buffer."""
+        if part.flags.c_contiguous:
+            return part
+        buffer = self.view(name, part.dtype, part.shape)
+        np.copyto(buffer, part)
+        return buffer
+
+
 def run_into(session: ort.InferenceSession, binding: ort.IOBinding, results: Mapping[str, np.ndarray],
-             axes: Mapping[str, int], start: int, stop: int) -> None:
+             axes: Mapping[str, int], start: int, stop: int, staging: Staging) -> None:
     """Run one tile of a region (its inputs bound already) into ``results[name][start:stop]``
     along ``axes[name]``: an output slice is bound in place with IOBinding when contiguous,
-    else copied in. The binding is cleared for the next tile."""
+    else bound to its staging buffer and copied in. The binding is cleared for the next tile."""
     copied = []
     for name, whole in results.items():
         target = whole[_along(axes[name], start, stop)]
-        if target.flags.c_contiguous:
-            binding.bind_output(name, "cpu", 0, target.dtype, list(target.shape), target.ctypes.data)
-        else:
-            binding.bind_output(name, "cpu")
-            copied.append((name, target))
+        bound = target if target.flags.c_contiguous else staging.view(f"output/{name}", target.dtype, target.shape)
+        binding.bind_output(name, "cpu", 0, bound.dtype, list(bound.shape), bound.ctypes.data)
+        if bound is not target:
+            copied.append((target, bound))
     session.run_with_iobinding(binding)
-    if copied:
-        by_name = dict(zip(results, binding.get_outputs(), strict=True))
-        for name, target in copied:
-            target[...] = by_name[name].numpy()
+    for target, bound in copied:
+        np.copyto(target, bound)
     binding.clear_binding_inputs()
     binding.clear_binding_outputs()
 
@@ -157,20 +181,19 @@ def _patch_feeds(patches: Patches, patch: int) -> dict[str, np.ndarray]:
 
 
 def run_patches(session: ort.InferenceSession, region: Region, feeds: Mapping[str, np.ndarray],
-                outputs: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> list[np.ndarray]:
-    """The segment's outputs (``outputs``: name -> dtype and whole shape, in order), patch by patch."""
+                results: Mapping[str, np.ndarray]) -> None:
+    """The segment's outputs, patch by patch, into ``results`` (name -> whole array)."""
     patches = region.patches
     assert patches is not None
-    results = {name: np.empty(shape, dtype) for name, (dtype, shape) in outputs.items()}
     binding = session.io_binding()
+    staging = Staging()
     for patch, (start, stop) in enumerate(zip(region.bounds, region.bounds[1:], strict=False)):
         for name, value in feeds.items():
             axis = region.sliced.get(name)
             if axis is not None:
                 first, last = patches.rows[name][patch]
-                value = np.ascontiguousarray(value[_along(axis, first, last)])  # rows of NCHW: a copy
+                value = staging.copy_of(name, value[_along(axis, first, last)])  # rows of NCHW: a copy
             binding.bind_cpu_input(name, value)
         for name, value in _patch_feeds(patches, patch).items():
             binding.bind_cpu_input(name, value)
-        run_into(session, binding, results, region.outputs, start, stop)
-    return [results[name] for name in outputs]
+        run_into(session, binding, results, region.outputs, start, stop, staging)

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto
 
-from hyperion.runtime.patches import patch_model, run_into, run_patches
+from hyperion.runtime.patches import Staging, patch_model, run_into, run_patches
 from hyperion.schedule import Region
 
 # The symbolic length of the tiled axis in a region's model.
@@ -51,15 +51,21 @@ def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:
 def run_region(session: ort.InferenceSession, region: Region, feeds: Mapping[str, np.ndarray],
                outputs: Mapping[str, tuple[np.dtype, tuple[int, ...]]]) -> list[np.ndarray]:
     """The segment's outputs (``outputs``: name -> dtype and whole shape, in order), tile by tile."""
-    if region.patches is not None:
-        return run_patches(session, region, feeds, outputs)
     results = {name: np.empty(shape, dtype) for name, (dtype, shape) in outputs.items()}
+    if region.patches is not None:
+        run_patches(session, region, feeds, results)
+    else:
+        _run_tiles(session, region, feeds, results)
+    return [results[name] for name in outputs]
+
+
+def _run_tiles(session: ort.InferenceSession, region: Region, feeds: Mapping[str, np.ndarray],
+               results: Mapping[str, np.ndarray]) -> None:
     binding = session.io_binding()
+    staging = Staging()
     for start, stop in pairwise(region.bounds):
         for name, value in feeds.items():
             axis = region.sliced.get(name)
-            # A contiguous slice is a view: ascontiguousarray hands it over uncopied.
-            part = value if axis is None else np.ascontiguousarray(value[_along(axis, start, stop)])
+            part = value if axis is None else staging.copy_of(name, value[_along(axis, start, stop)])
             binding.bind_cpu_input(name, part)
-        run_into(session, binding, results, region.outputs, start, stop)
-    return [results[name] for name in outputs]
+        run_into(session, binding, results, region.outputs, start, stop, staging)

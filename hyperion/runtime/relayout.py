@@ -102,7 +102,10 @@ def scratch_folder() -> tempfile.TemporaryDirectory[str]:
 def _cached_folder(model: ModelProto, external_folder: Path, salt: str) -> Path:
     digest = hashlib.sha256(model.SerializeToString() + salt.encode())
     for location in sorted(_external_locations(model)):
-        stat = (external_folder / location).stat()
+        path = external_folder / location
+        if not path.exists():   # declared, never read (a tile of a weight kept in the proto): salted by the caller
+            continue
+        stat = path.stat()
         digest.update(f"\0{location}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
     digest.update(f"\0{ort.__version__}\0{_cpu()}\0{LAYOUT}".encode())
     return _root() / digest.hexdigest()
