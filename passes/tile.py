@@ -74,6 +74,22 @@ class Tiling:
         """Steps run by Hyperion itself, not by a session: each is a segment of its own."""
         return frozenset(i for i, node in enumerate(order) if node in self.row_gathers or node in self.tiled)
 
+    def kept_sessions(self, order: tuple[str, ...], prepack_weights: bool) -> dict[int, tuple[int, bool]]:
+        """Per tiled step: the one-node sessions the runtime keeps across runs for it, and
+        whether they are relaid -- one per tile when relaid (each maps its own packed tile),
+        one per tile width when fed (tiles handed as inputs; as ``emit`` marks ``Tiles.fed``),
+        none when each tile builds a session of its own and drops it."""
+        kept = {}
+        for step, node in enumerate(order):
+            tiled = self.tiled.get(node)
+            if tiled is None:
+                continue
+            if tiled.relaid:
+                kept[step] = (len(tiled.widths), True)
+            elif tiled.geometry.initializers_in_place and not prepack_weights:
+                kept[step] = (len(set(tiled.widths)), False)
+        return kept
+
     def region_staging(self, graph: Graph | None = None, order: tuple[str, ...] = (),
                        weights_fed: bool = False) -> dict[int, int]:
         """Per step of a region: the tile copies of its slices that are not contiguous; for a
@@ -242,7 +258,8 @@ class TilePass(Pass):
                     pinned_bytes=judge.pinned_bytes, prepack_weights=judge.prepack_weights,
                     isolated=isolated, regions=tuple((r.start, r.stop) for r in regions),
                     staging=Tiling({}, tiled, regions).region_staging(graph, order, not self.prepack_weights),
-                    relayout=judge.relayout)
+                    relayout=judge.relayout,
+                    tile_sessions=Tiling({}, tiled, regions).kept_sessions(order, judge.prepack_weights))
         except MemoryLimitError as refusal:
             return refusal.smallest_limit_bytes or limit + 1
         return 0

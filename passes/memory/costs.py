@@ -44,8 +44,9 @@ import numpy as np
 
 from hyperion.ir import SMALL_TENSOR_BYTES, Graph, NodeInfo
 
-SESSION_OVERHEAD_BYTES = 128 * 1024
-SESSION_NODE_BYTES = 12 * 1024
+SESSION_OVERHEAD_BYTES = 256 * 1024
+SESSION_NODE_BYTES = 4 * 1024
+RELAID_SESSION_OVERHEAD_BYTES = 128 * 1024
 # The RSS promise's fixed allowance (32 MiB over the import baseline) holds onnxruntime's
 # code paged in by the first session (8.5 MiB), Hyperion's compile (5-20 MiB) and the
 # first few MiB of session bookkeeping: only what persistent sessions hold beyond that
@@ -136,9 +137,10 @@ def rewrite_bytes(rewritten: Iterable[tuple[int, int]]) -> int:
     return sum(copies for _, copies in pairs) + 2 * max((size for size, _ in pairs), default=0)
 
 
-def session_bookkeeping_bytes(nodes: int) -> int:
-    """What a live session of ``nodes`` nodes holds besides its weights."""
-    return SESSION_OVERHEAD_BYTES + SESSION_NODE_BYTES * nodes
+def session_bookkeeping_bytes(nodes: int, relaid: bool = False) -> int:
+    """What a live session of ``nodes`` nodes holds besides its weights; ``relaid``: built
+    through onnxruntime's optimizer beforehand and loaded mapped (a relaid segment or tile)."""
+    return (RELAID_SESSION_OVERHEAD_BYTES if relaid else SESSION_OVERHEAD_BYTES) + SESSION_NODE_BYTES * nodes
 
 
 # Workspace, measured on one node per session, arena off, pre-packing off (VmHWM while
