@@ -14,7 +14,7 @@ from hyperion.errors import MemoryLimitError
 from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, NodeInfo, TensorInfo
 from hyperion.passes._infra import Pass, PassResult, ensure, require
 from hyperion.passes.liveness import activation_live_bytes, compute_liveness
-from hyperion.passes.memory.costs import resident_bytes, workspace_bytes
+from hyperion.passes.memory.costs import resident_bytes, session_bookkeeping_bytes, workspace_bytes
 from hyperion.passes.program import Program
 from hyperion.passes.segment import SegmentPass, segment, single_steps_of, step_costs
 from hyperion.passes.tile_ops import Geometry, geometry
@@ -170,8 +170,8 @@ class TilePass(Pass):
        runs -- onnxruntime's packed kernels instead of unpacked ones, and no session
        built per tile and run. A tile then accounts, while its session
        is first built, its buffer and three times its packed copy, so relaid tiles are
-       narrower; they are used only when that fits the budget (never raising the
-       smallest cap). A MatMul or Gemm whose weight (``RELAID_TILES_MIN_BYTES`` or more)
+       narrower; they are used only when that, with the bookkeeping of the session each
+       tile keeps (``segment.py`` rule 9), fits the budget (never raising the smallest cap). A MatMul or Gemm whose weight (``RELAID_TILES_MIN_BYTES`` or more)
        fits fed whole but not relaid whole is split into relaid tiles too, when they
        fit: for speed, not memory;
     13. a *spatial* region (``tile_patches.py``) carries the rows of NCHW through Convs,
@@ -405,6 +405,14 @@ class _StepCost:
         return self._with(self.shape.held_bytes(width, self.prepack), self.shape.accounted_bytes(width),
                           self.tiled_workspace)
 
+    def fits_relaid(self, width: int, budget: int) -> bool:
+        """Whether relaid tiles ``width`` wide fit ``budget`` beside the bookkeeping of the session
+        each keeps (``segment.py`` rule 9): counted whole here, since the allowance the segment pass
+        grants may be spent by other sessions -- else a larger cap could choose relaid tiles whose
+        sessions then do not fit, and name no plan where a smaller cap had one."""
+        tiles = -(-self.shape.size // width)
+        return self(width) + tiles * session_bookkeeping_bytes(1, relaid=True) <= budget
+
     def relaid_whole(self) -> int:
         """The step whole in a relaid segment (``segment.py`` rule 13): its weight packed,
         and the largest weight twice more while the session is built."""
@@ -475,10 +483,10 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
         if whole <= budget:
             # Rule 12: fed whole it runs unpacked; relaid tiles run packed where relaid whole cannot.
             if relaid is not None and shape.packed and plain[shape.weight] >= RELAID_TILES_MIN_BYTES \
-                    and relaid.relaid_whole() > budget and relaid(width := relaid.widest(budget)) <= budget:
+                    and relaid.relaid_whole() > budget and relaid.fits_relaid(width := relaid.widest(budget), budget):
                 tiled[name] = _balanced(shape, width, relaid=True)
             continue
-        if relaid is not None and relaid(width := relaid.widest(budget)) <= budget:
+        if relaid is not None and relaid.fits_relaid(width := relaid.widest(budget), budget):
             tiled[name] = _balanced(shape, width, relaid=True)
             continue
         width = cost.widest(budget)
