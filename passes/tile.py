@@ -14,7 +14,12 @@ from hyperion.errors import MemoryLimitError
 from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, NodeInfo, TensorInfo
 from hyperion.passes._infra import Pass, PassResult, ensure, require
 from hyperion.passes.liveness import activation_live_bytes, compute_liveness
-from hyperion.passes.memory.costs import resident_bytes, session_bookkeeping_bytes, workspace_bytes
+from hyperion.passes.memory.costs import (
+    SESSION_BOOKKEEPING_ALLOWANCE_BYTES,
+    resident_bytes,
+    session_bookkeeping_bytes,
+    workspace_bytes,
+)
 from hyperion.passes.program import Program
 from hyperion.passes.segment import SegmentPass, segment, single_steps_of, step_costs
 from hyperion.passes.tile_ops import Geometry, geometry
@@ -405,13 +410,9 @@ class _StepCost:
         return self._with(self.shape.held_bytes(width, self.prepack), self.shape.accounted_bytes(width),
                           self.tiled_workspace)
 
-    def fits_relaid(self, width: int, budget: int) -> bool:
-        """Whether relaid tiles ``width`` wide fit ``budget`` beside the bookkeeping of the session
-        each keeps (``segment.py`` rule 9): counted whole here, since the allowance the segment pass
-        grants may be spent by other sessions -- else a larger cap could choose relaid tiles whose
-        sessions then do not fit, and name no plan where a smaller cap had one."""
-        tiles = -(-self.shape.size // width)
-        return self(width) + tiles * session_bookkeeping_bytes(1, relaid=True) <= budget
+    def relaid_sessions(self, width: int) -> int:
+        """The bookkeeping of the sessions relaid tiles ``width`` wide keep: one per tile."""
+        return -(-self.shape.size // width) * session_bookkeeping_bytes(1, relaid=True)
 
     def relaid_whole(self) -> int:
         """The step whole in a relaid segment (``segment.py`` rule 13): its weight packed,
@@ -468,6 +469,22 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
                  if shapes[name] is None and name not in in_regions), default=0)
     budget = max(memory_limit, floor)
     tiled: dict[str, TiledStep] = {}
+    # The bookkeeping of the sessions relaid tiles keep (``segment.py`` rule 9) must fit the
+    # budget's room beside the tiles, or what the allowance the segment pass grants kept
+    # sessions leaves beside the segments' (at the least one session over every step that
+    # cannot be split): else a larger cap could choose relaid tiles whose sessions then fit
+    # nowhere, and name no plan where a smaller cap had one.
+    room = SESSION_BOOKKEEPING_ALLOWANCE_BYTES - session_bookkeeping_bytes(
+        sum(1 for name in order if shapes[name] is None))
+    kept = [0]   # what the relaid tiles chosen so far keep
+
+    def fits_relaid(cost: _StepCost, width: int) -> bool:
+        sessions = kept[0] + cost.relaid_sessions(width)
+        if cost(width) > budget or sessions > room + budget - cost(width):
+            return False
+        kept[0] = sessions
+        return True
+
     for step, name in enumerate(order):
         shape = shapes[name]
         if shape is None:
@@ -483,10 +500,10 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
         if whole <= budget:
             # Rule 12: fed whole it runs unpacked; relaid tiles run packed where relaid whole cannot.
             if relaid is not None and shape.packed and plain[shape.weight] >= RELAID_TILES_MIN_BYTES \
-                    and relaid.relaid_whole() > budget and relaid.fits_relaid(width := relaid.widest(budget), budget):
+                    and relaid.relaid_whole() > budget and fits_relaid(relaid, width := relaid.widest(budget)):
                 tiled[name] = _balanced(shape, width, relaid=True)
             continue
-        if relaid is not None and relaid.fits_relaid(width := relaid.widest(budget), budget):
+        if relaid is not None and fits_relaid(relaid, width := relaid.widest(budget)):
             tiled[name] = _balanced(shape, width, relaid=True)
             continue
         width = cost.widest(budget)

@@ -16,15 +16,38 @@ external-data weights:
   the weight being packed, at most the largest one, and the copies onnxruntime's
   BatchNormalization fusion and NCHWc layout transformer make of its Conv weights
   (:func:`rewrite_bytes`; ``passes/segment.py`` accounts both).
-* A session's own bookkeeping (graph, kernels, thread pool) is about 120 KiB
-  plus 3-17 KiB per node (100 sessions of one Relu: 124 KiB each; of 100 Relus:
-  419 KiB; of 20 small Convs: 454 KiB; of 20 fed MatMuls: 226 KiB):
-  :func:`session_bookkeeping_bytes` charges ``SESSION_OVERHEAD_BYTES`` plus
-  ``SESSION_NODE_BYTES`` per node for every session the plan keeps alive across
-  runs (every session of a normal or fed plan, the weight cache of a packed
-  one), beyond the first ``SESSION_BOOKKEEPING_ALLOWANCE_BYTES``; those, and the
-  one or two short-lived sessions a packed run works with, fall in the fixed
-  allowance of the RSS promise, with onnxruntime's code and Hyperion's own data.
+* A session's own bookkeeping (graph, kernels, its intra-op thread pool): measured by
+  ``benchmarks/session_rss.py`` -- per kind of session the runtime keeps, the slope of a
+  fresh process's VmRSS after two runs over the number of sessions kept (4 and 16 segments of
+  ``Conv -> Sigmoid -> Mul`` blocks, 16 channels at 16x16; tiles: 1024x1024 MatMuls under a
+  3.5 MiB cap), KiB per kept session, median (min-max) of 2-3 processes each:
+
+  ==================  =============  ============  ============  =============
+  nodes per session   3              12            48            192
+  ==================  =============  ============  ============  =============
+  fed segment         280-339        374-602       387-775       829-882
+                      (177-348)      (264-762)     (382-915)     (803-971)
+  relaid segment      98-101         137-138       256-259       746-760
+  cached (fed plan)   159-162        204-206       369-376       973-980
+  region              237-271        513-531       368           821
+  ==================  =============  ============  ============  =============
+
+  A relaid tile's session (one per tile) measured 185 KiB and a fed tile's (one per tile
+  width) 366 KiB, each with a share of the one-node segment between the tiled steps. A fed
+  segment's figure depends on whether its own intra-op worker thread ran part of its kernels
+  (its stack and heap then stay touched): with ``intra_op_num_threads=1`` the same 48-node
+  sessions measured 281 KiB against 884 in the same minute with the default two. On the
+  YOLO-style detector at a quarter of onnxruntime's RSS, dropping its 14 kept sessions
+  (392 nodes) released 2.8 MiB (200 KiB a session), where 21 sessions released 4.3 MiB.
+  :func:`session_bookkeeping_bytes` charges ``SESSION_OVERHEAD_BYTES`` (relaid:
+  ``RELAID_SESSION_OVERHEAD_BYTES``) plus ``SESSION_NODE_BYTES`` per node -- at or above
+  the median of every kind but the fed one's loaded spread, and above what the detector's
+  sessions hold together -- for every session the plan keeps alive across runs (every
+  session of a normal or fed plan, a region's, the weight cache of a packed one, and the
+  one-node sessions a tiled step keeps: one per relaid tile, one per fed tile width),
+  beyond the first ``SESSION_BOOKKEEPING_ALLOWANCE_BYTES``; those, and the one or two
+  short-lived sessions a packed run works with, fall in the fixed allowance of the RSS
+  promise, with onnxruntime's code and Hyperion's own data.
 * Some kernels allocate a workspace while they run, beyond their inputs and
   outputs: :func:`workspace_bytes`.
 
