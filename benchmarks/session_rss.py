@@ -27,7 +27,6 @@ each Conv weight 9 KiB (fed: above ``SMALL_TENSOR_BYTES``); tiles split 1024x102
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys

@@ -175,10 +175,11 @@ class TilePass(Pass):
        runs -- onnxruntime's packed kernels instead of unpacked ones, and no session
        built per tile and run. A tile then accounts, while its session
        is first built, its buffer and three times its packed copy, so relaid tiles are
-       narrower; they are used only when that, with the bookkeeping of the session each
-       tile keeps (``segment.py`` rule 9), fits the budget (never raising the smallest cap). A MatMul or Gemm whose weight (``RELAID_TILES_MIN_BYTES`` or more)
-       fits fed whole but not relaid whole is split into relaid tiles too, when they
-       fit: for speed, not memory;
+       narrower; they are used only when that fits the budget (never raising the smallest
+       cap), and the bookkeeping of the session each tile keeps (``segment.py`` rule 9)
+       fits the room beside them or what the allowance leaves beside the segments'. A
+       MatMul or Gemm whose weight (``RELAID_TILES_MIN_BYTES`` or more) fits fed whole but
+       not relaid whole is split into relaid tiles too, when they fit: for speed, not memory;
     13. a *spatial* region (``tile_patches.py``) carries the rows of NCHW through Convs,
        ConvTransposes (kernel = stride), MaxPools and AveragePools, patch by patch with
        halos; a Conv split by its weight may run in one instead. Patches are tried in
