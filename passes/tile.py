@@ -164,7 +164,7 @@ class TilePass(Pass):
        cap below what the steps need at their best (the smallest cap's search), no
        regions unless, at one slice per tile, they lower the plan's largest step by
        more than the bookkeeping of the sessions they add (two each: its own, and the
-       one it splits in two);
+       one it splits in two) as the ``segment`` pass charges it: beyond its allowance;
        when even one slice per tile does not fit, no region: no cap
        below what a step needs at its best is met, so regions are cut for that at least
        and the ``segment`` pass names the smallest cap;
