@@ -86,8 +86,10 @@ class SegmentPass(Pass):
        around convolutions and pools, ConvTranspose's column buffer) counts with its
        activations;
     9. every session that persists across runs whatever the cache (all of them in a
-       normal or fed plan; in a packed plan, those holding no large weight) counts its
-       bookkeeping (``costs.session_bookkeeping_bytes``) at every step, beyond the first
+       normal or fed plan; in a packed plan, those holding no large weight; and the
+       one-node sessions the runtime keeps for a tiled step: one per tile relaid, one per
+       tile width fed, ``Tiling.kept_sessions``) counts its bookkeeping
+       (``costs.session_bookkeeping_bytes``) at every step, beyond the first
        ``SESSION_BOOKKEEPING_ALLOWANCE_BYTES`` that the RSS promise's allowance holds;
     10. segments are grown greedily while every constraint above holds; a step that
        does not fit even as its own segment raises
@@ -154,7 +156,9 @@ class SegmentPass(Pass):
                                prepack_weights=self.prepack_weights, isolated=isolated, regions=regions,
                                staging=tiling.region_staging(program.graph, program.liveness.order,
                                                              not self.prepack_weights) if tiling else {},
-                               relayout=self.relayout, keep_heap=self.keep_heap)
+                               relayout=self.relayout, keep_heap=self.keep_heap,
+                               tile_sessions=tiling.kept_sessions(program.liveness.order, self.prepack_weights)
+                               if tiling else {})
         modified = segmentation != program.segmentation
         program.segmentation = segmentation
         return PassResult(program, modified)
@@ -178,9 +182,13 @@ class _Costs:
 
     def __init__(self, graph: Graph, liveness: Liveness, normal: bool, prepack: bool = True,
                  isolated: frozenset[int] = frozenset(), regions: tuple[tuple[int, int], ...] = (),
-                 staging: Mapping[int, int] | None = None, relayout: bool = False) -> None:
+                 staging: Mapping[int, int] | None = None, relayout: bool = False,
+                 tile_sessions: Mapping[int, tuple[int, bool]] | None = None) -> None:
         self.graph, self.liveness, self.normal, self.prepack = graph, liveness, normal, prepack
         self.isolated = isolated   # steps Hyperion runs itself: segments of their own, loaded when they run
+        # Of those, tiled steps whose one-node sessions the runtime keeps across runs: how
+        # many, and whether relaid.
+        self.tile_sessions = dict(tile_sessions or {})
         # Regions are segments of their own: a step joins its region's segment, and a
         # region's first step and the step after its last start new ones.
         self.joins = frozenset(step for start, stop in regions for step in range(start + 1, stop))
@@ -266,7 +274,8 @@ class _Costs:
     def persistent(self, span: _GrowingSpan | Span) -> bool:
         """Whether the span's session outlives its run whatever the weight cache: every
         session of a normal or fed plan, and one holding no large weight. A step Hyperion
-        runs itself (``isolated``) keeps no session."""
+        runs itself (``isolated``) is no session of onnxruntime's: the tile sessions the
+        runtime keeps for it are counted apart (``tile_sessions``)."""
         if span.start in self.isolated:
             return False
         if self.normal or not self.prepack:
@@ -277,8 +286,13 @@ class _Costs:
     def bookkeeping(self, spans: list[_GrowingSpan]) -> int:
         """What the sessions that persist across runs hold besides weights, beyond the
         share of the RSS promise's fixed allowance kept for it."""
-        total = sum(session_bookkeeping_bytes(s.stop - s.start) for s in spans if self.persistent(s))
+        total = sum(session_bookkeeping_bytes(s.stop - s.start, self.relaid(s)) for s in spans if self.persistent(s))
+        total += sum(count * session_bookkeeping_bytes(1, relaid) for count, relaid in self.tile_sessions.values())
         return max(0, total - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
+
+    def relaid(self, span: _GrowingSpan) -> bool:
+        """Whether the span's session is relaid (rule 13), as ``segment`` records it."""
+        return span.relaid and bool(span.weights & self.relaid_weights)
 
     def newly_held(self, step: int, first: int) -> int:
         """Bytes of inputs defined before ``first`` whose last reader is ``step``."""
@@ -362,12 +376,13 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
             weight_cache_bytes: int | None = None, pinned_bytes: int = 0,
             prepack_weights: bool = True, isolated: frozenset[int] = frozenset(),
             regions: tuple[tuple[int, int], ...] = (), staging: Mapping[int, int] | None = None,
-            relayout: bool = False, keep_heap: bool = False) -> Segmentation:
+            relayout: bool = False, tile_sessions: Mapping[int, tuple[int, bool]] | None = None,
+            keep_heap: bool = False) -> Segmentation:
     if liveness.num_steps == 0:
         return Segmentation((), ())
     normal = mode is ExecutionMode.NORMAL
     prefetch = prefetch and not normal
-    costs = _Costs(graph, liveness, normal, prepack_weights, isolated, regions, staging, relayout)
+    costs = _Costs(graph, liveness, normal, prepack_weights, isolated, regions, staging, relayout, tile_sessions)
     _check_single_steps(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     layout = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     if memory_limit is not None and not layout.fits(memory_limit):
@@ -381,8 +396,7 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
     spans = layout.spans
     return Segmentation(tuple(Span(s.start, s.stop) for s in spans), tuple(layout.step_bytes(cached, kept_heap)),
                         layout.held, layout.loading, cached, prefetch, layout.cyclic, pinned_bytes, prepack_weights,
-                        tuple(s.relaid and bool(s.weights & costs.relaid_weights) and i not in cached
-                              for i, s in enumerate(spans)), kept_heap)
+                        tuple(costs.relaid(s) and i not in cached for i, s in enumerate(spans)), kept_heap)
 
 
 def _settle(layout: _Layout, memory_limit: int | None, prefetch: bool) -> None:

@@ -14,7 +14,12 @@ from hyperion.errors import MemoryLimitError
 from hyperion.ir import SMALL_TENSOR_BYTES, ExecutionMode, Graph, NodeInfo, TensorInfo
 from hyperion.passes._infra import Pass, PassResult, ensure, require
 from hyperion.passes.liveness import activation_live_bytes, compute_liveness
-from hyperion.passes.memory.costs import resident_bytes, workspace_bytes
+from hyperion.passes.memory.costs import (
+    SESSION_BOOKKEEPING_ALLOWANCE_BYTES,
+    resident_bytes,
+    session_bookkeeping_bytes,
+    workspace_bytes,
+)
 from hyperion.passes.program import Program
 from hyperion.passes.segment import SegmentPass, segment, single_steps_of, step_costs
 from hyperion.passes.tile_ops import Geometry, geometry
@@ -73,6 +78,22 @@ class Tiling:
     def isolated_steps(self, order: tuple[str, ...]) -> frozenset[int]:
         """Steps run by Hyperion itself, not by a session: each is a segment of its own."""
         return frozenset(i for i, node in enumerate(order) if node in self.row_gathers or node in self.tiled)
+
+    def kept_sessions(self, order: tuple[str, ...], prepack_weights: bool) -> dict[int, tuple[int, bool]]:
+        """Per tiled step: the one-node sessions the runtime keeps across runs for it, and
+        whether they are relaid -- one per tile when relaid (each maps its own packed tile),
+        one per tile width when fed (tiles handed as inputs; as ``emit`` marks ``Tiles.fed``),
+        none when each tile builds a session of its own and drops it."""
+        kept = {}
+        for step, node in enumerate(order):
+            tiled = self.tiled.get(node)
+            if tiled is None:
+                continue
+            if tiled.relaid:
+                kept[step] = (len(tiled.widths), True)
+            elif tiled.geometry.initializers_in_place and not prepack_weights:
+                kept[step] = (len(set(tiled.widths)), False)
+        return kept
 
     def region_staging(self, graph: Graph | None = None, order: tuple[str, ...] = (),
                        weights_fed: bool = False) -> dict[int, int]:
@@ -143,7 +164,7 @@ class TilePass(Pass):
        cap below what the steps need at their best (the smallest cap's search), no
        regions unless, at one slice per tile, they lower the plan's largest step by
        more than the bookkeeping of the sessions they add (two each: its own, and the
-       one it splits in two);
+       one it splits in two) as the ``segment`` pass charges it: beyond its allowance;
        when even one slice per tile does not fit, no region: no cap
        below what a step needs at its best is met, so regions are cut for that at least
        and the ``segment`` pass names the smallest cap;
@@ -154,10 +175,11 @@ class TilePass(Pass):
        runs -- onnxruntime's packed kernels instead of unpacked ones, and no session
        built per tile and run. A tile then accounts, while its session
        is first built, its buffer and three times its packed copy, so relaid tiles are
-       narrower; they are used only when that fits the budget (never raising the
-       smallest cap). A MatMul or Gemm whose weight (``RELAID_TILES_MIN_BYTES`` or more)
-       fits fed whole but not relaid whole is split into relaid tiles too, when they
-       fit: for speed, not memory;
+       narrower; they are used only when that fits the budget (never raising the smallest
+       cap), and the bookkeeping of the session each tile keeps (``segment.py`` rule 9)
+       fits the room beside them or what the allowance leaves beside the segments'. A
+       MatMul or Gemm whose weight (``RELAID_TILES_MIN_BYTES`` or more) fits fed whole but
+       not relaid whole is split into relaid tiles too, when they fit: for speed, not memory;
     13. a *spatial* region (``tile_patches.py``) carries the rows of NCHW through Convs,
        ConvTransposes (kernel = stride), MaxPools and AveragePools, patch by patch with
        halos; a Conv split by its weight may run in one instead. Patches are tried in
@@ -242,7 +264,8 @@ class TilePass(Pass):
                     pinned_bytes=judge.pinned_bytes, prepack_weights=judge.prepack_weights,
                     isolated=isolated, regions=tuple((r.start, r.stop) for r in regions),
                     staging=Tiling({}, tiled, regions).region_staging(graph, order, not self.prepack_weights),
-                    relayout=judge.relayout)
+                    relayout=judge.relayout,
+                    tile_sessions=Tiling({}, tiled, regions).kept_sessions(order, judge.prepack_weights))
         except MemoryLimitError as refusal:
             return refusal.smallest_limit_bytes or limit + 1
         return 0
@@ -388,6 +411,10 @@ class _StepCost:
         return self._with(self.shape.held_bytes(width, self.prepack), self.shape.accounted_bytes(width),
                           self.tiled_workspace)
 
+    def relaid_sessions(self, width: int) -> int:
+        """The bookkeeping of the sessions relaid tiles ``width`` wide keep: one per tile."""
+        return -(-self.shape.size // width) * session_bookkeeping_bytes(1, relaid=True)
+
     def relaid_whole(self) -> int:
         """The step whole in a relaid segment (``segment.py`` rule 13): its weight packed,
         and the largest weight twice more while the session is built."""
@@ -443,6 +470,22 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
                  if shapes[name] is None and name not in in_regions), default=0)
     budget = max(memory_limit, floor)
     tiled: dict[str, TiledStep] = {}
+    # The bookkeeping of the sessions relaid tiles keep (``segment.py`` rule 9) must fit the
+    # budget's room beside the tiles, or what the allowance the segment pass grants kept
+    # sessions leaves beside the segments' (at the least one session over every step that
+    # cannot be split): else a larger cap could choose relaid tiles whose sessions then fit
+    # nowhere, and name no plan where a smaller cap had one.
+    room = SESSION_BOOKKEEPING_ALLOWANCE_BYTES - session_bookkeeping_bytes(
+        sum(1 for name in order if shapes[name] is None))
+    kept = [0]   # what the relaid tiles chosen so far keep
+
+    def fits_relaid(cost: _StepCost, width: int) -> bool:
+        sessions = kept[0] + cost.relaid_sessions(width)
+        if cost(width) > budget or sessions > room + budget - cost(width):
+            return False
+        kept[0] = sessions
+        return True
+
     for step, name in enumerate(order):
         shape = shapes[name]
         if shape is None:
@@ -458,10 +501,10 @@ def tiled_steps(graph: Graph, order: tuple[str, ...], memory_limit: int, prefetc
         if whole <= budget:
             # Rule 12: fed whole it runs unpacked; relaid tiles run packed where relaid whole cannot.
             if relaid is not None and shape.packed and plain[shape.weight] >= RELAID_TILES_MIN_BYTES \
-                    and relaid.relaid_whole() > budget and relaid(width := relaid.widest(budget)) <= budget:
+                    and relaid.relaid_whole() > budget and fits_relaid(relaid, width := relaid.widest(budget)):
                 tiled[name] = _balanced(shape, width, relaid=True)
             continue
-        if relaid is not None and relaid(width := relaid.widest(budget)) <= budget:
+        if relaid is not None and fits_relaid(relaid, width := relaid.widest(budget)):
             tiled[name] = _balanced(shape, width, relaid=True)
             continue
         width = cost.widest(budget)

@@ -19,7 +19,12 @@ from dataclasses import dataclass
 
 from hyperion.ir import Graph, TensorInfo
 from hyperion.passes.liveness import Liveness
-from hyperion.passes.memory.costs import SESSION_OVERHEAD_BYTES, session_bookkeeping_bytes, workspace_bytes
+from hyperion.passes.memory.costs import (
+    SESSION_BOOKKEEPING_ALLOWANCE_BYTES,
+    SESSION_OVERHEAD_BYTES,
+    session_bookkeeping_bytes,
+    workspace_bytes,
+)
 from hyperion.passes.segment import StepCosts, single_steps_of
 from hyperion.passes.tile_axes import RULES, SPATIAL_RULES, Carrier, carry
 from hyperion.passes.tile_patches import (
@@ -336,12 +341,17 @@ def find_regions(graph: Graph, liveness: Liveness, costs: StepCosts, prefetch: b
         taken |= set(range(chosen.start, chosen.stop))
     # Rule 10: below what the steps need at their best (the search for the smallest cap),
     # regions must be worth their sessions: each is a segment, so a session, of its own --
-    # and splits another in two -- whose bookkeeping counts at every step.
+    # and splits another in two -- whose bookkeeping counts at every step, beyond what the
+    # segment pass's allowance holds (of which the plan spends at least one session's over
+    # every step).
     apart = excluded | splittable   # weight-split steps lower themselves
     kept = [cost for i, cost in enumerate(singles) if i not in apart]
     lowered = max(kept, default=0) - max((*peaks, *(cost for i, cost in enumerate(singles)
                                                     if i not in taken and i not in apart)), default=0)
-    if memory_limit < floor and lowered <= 2 * SESSION_OVERHEAD_BYTES * len(regions):
+    least = session_bookkeeping_bytes(len(order))
+    charged = (max(0, least + 2 * SESSION_OVERHEAD_BYTES * len(regions) - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
+               - max(0, least - SESSION_BOOKKEEPING_ALLOWANCE_BYTES))
+    if memory_limit < floor and lowered <= charged:
         return (), liveness.order
     return tuple(sorted(regions, key=lambda r: r.start)), tuple(order)
 

@@ -16,15 +16,42 @@ external-data weights:
   the weight being packed, at most the largest one, and the copies onnxruntime's
   BatchNormalization fusion and NCHWc layout transformer make of its Conv weights
   (:func:`rewrite_bytes`; ``passes/segment.py`` accounts both).
-* A session's own bookkeeping (graph, kernels, thread pool) is about 120 KiB
-  plus 3-17 KiB per node (100 sessions of one Relu: 124 KiB each; of 100 Relus:
-  419 KiB; of 20 small Convs: 454 KiB; of 20 fed MatMuls: 226 KiB):
-  :func:`session_bookkeeping_bytes` charges ``SESSION_OVERHEAD_BYTES`` plus
-  ``SESSION_NODE_BYTES`` per node for every session the plan keeps alive across
-  runs (every session of a normal or fed plan, the weight cache of a packed
-  one), beyond the first ``SESSION_BOOKKEEPING_ALLOWANCE_BYTES``; those, and the
-  one or two short-lived sessions a packed run works with, fall in the fixed
-  allowance of the RSS promise, with onnxruntime's code and Hyperion's own data.
+* A session's own bookkeeping (graph, kernels, its intra-op thread pool): measured by
+  ``benchmarks/session_rss.py`` -- per kind of session the runtime keeps, the slope of a
+  fresh process's VmRSS after two runs over the number of sessions kept (4 and 16 segments of
+  ``Conv -> Sigmoid -> Mul`` blocks, 16 channels at 16x16; tiles: 1024x1024 MatMuls under a
+  3.5 MiB cap), KiB per kept session: the medians of two invocations (2 and 3 processes a
+  figure), on a machine shared with other work:
+
+  ==================  ==========  ==========  ==========  ==========
+  nodes per session   3           12          48          192
+  ==================  ==========  ==========  ==========  ==========
+  fed segment         280, 339    374, 602    387, 775    882, 829
+  relaid segment      98, 101     137, 138    256, 259    760, 746
+  cached (fed plan)   159, 162    206, 204    369, 376    980, 973
+  region              237, 271    531, 513    368, 461    821, 878
+  ==================  ==========  ==========  ==========  ==========
+
+  A relaid tile's session (one per tile) measured 166 KiB (150-174) and a fed tile's (one
+  per tile width) 356 (248-364), each with a share of the one-node segment between the
+  tiled steps. A fed segment's figure depends on whether its own intra-op worker thread ran
+  part of its kernels (its stack and heap then stay touched): with ``intra_op_num_threads=1``
+  the same 48-node sessions measured 281 KiB against 884 in the same minute with the
+  default two. On the YOLO-style detector at a quarter of onnxruntime's RSS, dropping its 14
+  kept sessions (392 nodes) released 2.8 MiB (200 KiB a session), where 21 sessions
+  released 4.3 MiB. :func:`session_bookkeeping_bytes` charges ``SESSION_OVERHEAD_BYTES``
+  (relaid: ``RELAID_SESSION_OVERHEAD_BYTES``) plus ``SESSION_NODE_BYTES`` per node: the
+  overheads at or above the median of every kind but the fed one's loaded spread; per node
+  more than the 3-4 KiB of these chains, as measured earlier on real ops (20 sessions of
+  small Convs: 454 KiB each), because at 4 KiB a node the light DenseNet-121 at 25% and
+  Inception-v2 at 50% of onnxruntime's RSS were planned and ran 1.6 and 2.3 MiB past the
+  RSS promise (``tests/test_rss.py``). That is charged for every session the
+  plan keeps alive across runs (every session of a normal or fed plan, a region's, the
+  weight cache of a packed one, and the one-node sessions a tiled step keeps: one per
+  relaid tile, one per fed tile width), beyond the first
+  ``SESSION_BOOKKEEPING_ALLOWANCE_BYTES``; those, and the one or two short-lived sessions a
+  packed run works with, fall in the fixed allowance of the RSS promise, with
+  onnxruntime's code and Hyperion's own data.
 * Some kernels allocate a workspace while they run, beyond their inputs and
   outputs: :func:`workspace_bytes`.
 
@@ -44,8 +71,9 @@ import numpy as np
 
 from hyperion.ir import SMALL_TENSOR_BYTES, Graph, NodeInfo
 
-SESSION_OVERHEAD_BYTES = 128 * 1024
+SESSION_OVERHEAD_BYTES = 256 * 1024
 SESSION_NODE_BYTES = 12 * 1024
+RELAID_SESSION_OVERHEAD_BYTES = 128 * 1024
 # The RSS promise's fixed allowance (32 MiB over the import baseline) holds onnxruntime's
 # code paged in by the first session (8.5 MiB), Hyperion's compile (5-20 MiB) and the
 # first few MiB of session bookkeeping: only what persistent sessions hold beyond that
@@ -136,9 +164,10 @@ def rewrite_bytes(rewritten: Iterable[tuple[int, int]]) -> int:
     return sum(copies for _, copies in pairs) + 2 * max((size for size, _ in pairs), default=0)
 
 
-def session_bookkeeping_bytes(nodes: int) -> int:
-    """What a live session of ``nodes`` nodes holds besides its weights."""
-    return SESSION_OVERHEAD_BYTES + SESSION_NODE_BYTES * nodes
+def session_bookkeeping_bytes(nodes: int, relaid: bool = False) -> int:
+    """What a live session of ``nodes`` nodes holds besides its weights; ``relaid``: built
+    through onnxruntime's optimizer beforehand and loaded mapped (a relaid segment or tile)."""
+    return (RELAID_SESSION_OVERHEAD_BYTES if relaid else SESSION_OVERHEAD_BYTES) + SESSION_NODE_BYTES * nodes
 
 
 # Workspace, measured on one node per session, arena off, pre-packing off (VmHWM while
