@@ -51,16 +51,17 @@ UNIT_ROUNDOFF = 2.0**-24   # float32
 
 
 def _check_under_caps(path: Path, feeds: dict[str, np.ndarray], weight_bytes: int, fraction: float,
-                      exact: tuple[np.ndarray, np.ndarray] | None = None) -> Tiles:
+                      exact: tuple[np.ndarray, np.ndarray] | None = None, prepack: bool = True) -> Tiles:
     """Compile at a cap between the smallest feasible and the weight's size: the step is
     tiled, the plan fits, and the outputs are onnxruntime's exactly -- or, given the float64
-    result and the float32 error bound of any summation order, ``exact``, within it."""
+    result and the float32 error bound of any summation order, ``exact``, within it (every
+    run alike: ``prepack=False``, a fed plan, runs its tiles in sessions kept across runs)."""
     with pytest.raises(hyperion.MemoryLimitError) as refused:
-        hyperion.compile(path, memory_limit=1, mode="memory_opt", prepack_weights=True)
+        hyperion.compile(path, memory_limit=1, mode="memory_opt", prepack_weights=prepack)
     smallest = refused.value.smallest_limit_bytes
     assert smallest < weight_bytes       # the cap falls below the weight: an output plus one tile
     cap = int(smallest + fraction * (weight_bytes - smallest))
-    cm = hyperion.compile(path, memory_limit=cap, mode="memory_opt", prepack_weights=True)
+    cm = hyperion.compile(path, memory_limit=cap, mode="memory_opt", prepack_weights=prepack)
     tiled = [step for step in cm.schedule.steps if step.tiles is not None]
     assert len(tiled) == 1 and cm.schedule.peak_bytes <= cap
     tiles = tiled[0].tiles
@@ -73,7 +74,9 @@ def _check_under_caps(path: Path, feeds: dict[str, np.ndarray], weight_bytes: in
     else:
         value, bound = exact
         assert (np.abs(plain - value) <= bound).all()   # the reference and its bound hold for onnxruntime
-        assert (np.abs(cm.run(feeds)["y"] - value) <= bound).all()
+        first = cm.run(feeds)["y"]
+        assert (np.abs(first - value) <= bound).all()
+        np.testing.assert_array_equal(cm.run(feeds)["y"], first)
     return tiles
 
 
@@ -108,9 +111,9 @@ def test_gemm_by_output_columns(tmp_path: Path, rows: int, k: int, n: int, trans
 @EXAMPLES
 @given(batch=st.integers(1, 2), channels=st.integers(64, 96), out_channels=st.integers(96, 192),
        size=st.integers(3, 6), bias=st.sampled_from(["none", "weight", "through Identity"]),
-       fraction=st.floats(0.0, 0.6))
+       fraction=st.floats(0.0, 0.6), prepack=st.booleans())
 def test_conv_by_output_channels(tmp_path: Path, batch: int, channels: int, out_channels: int, size: int,
-                                 bias: str, fraction: float) -> None:
+                                 bias: str, fraction: float, prepack: bool) -> None:
     weight = _random((out_channels, channels, 3, 3), 6)
     weights = {"w": weight}
     inputs = ["x", "w"]
@@ -133,8 +136,11 @@ def test_conv_by_output_channels(tmp_path: Path, batch: int, channels: int, out_
     magnitude = _conv3x3_float64(np.abs(x), np.abs(weight), None if bias == "none" else np.abs(weights["b"]),
                                  relu=False)
     exact = (value, terms * UNIT_ROUNDOFF * magnitude * 1.01)
-    tiles = _check_under_caps(path, {"x": x}, weight.nbytes, fraction, exact)
+    tiles = _check_under_caps(path, {"x": x}, weight.nbytes, fraction, exact, prepack)
     assert tiles.in_place == (batch == 1) and tiles.output_axis == 1 and tiles.weight_axis == 0
+    # Fed (unpacked), the tiles are inputs of a session kept per tile width; packed, each
+    # tile is a constant its own session re-lays, as onnxruntime does the whole weight.
+    assert tiles.fed == (not prepack) and not tiles.relaid
 
 
 def _conv3x3_float64(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, relu: bool = True) -> np.ndarray:
@@ -283,3 +289,23 @@ def test_compile_prints_the_smallest_limit_and_inspect_lists_the_tiles(tmp_path:
     assert main(["inspect", str(schedule)]) == 0
     shown = capsys.readouterr().out
     assert "tile 0/" in shown and "from w[axis 1: 0:" in shown and "split steps  1 tiled" in shown
+
+
+@pytest.mark.parametrize("axis, skipped", [(0, False), (1, False), (1, True)])
+def test_weight_tiles_read_from_the_file_are_the_weights_slices(tmp_path: Path, axis: int, skipped: bool) -> None:
+    from hyperion.runtime.tiles import COALESCED_ROWS, WeightTileReader
+
+    # More rows than one coalesced read takes, at an offset into the file.
+    weight = _random((2 * COALESCED_ROWS + 37, 40), 17)
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\0" * 12 + weight.tobytes())
+    buffer = np.full(weight.size, np.nan, np.float32)
+    skip = np.empty(weight.shape[1] * 4, np.uint8) if skipped else None
+    with WeightTileReader(path, 12, "w", weight.shape, axis) as reader:
+        for start, stop in ((0, 16), (16, 32), (32, 40), (0, 40)):
+            tile = reader(start, stop, buffer, skip)
+            np.testing.assert_array_equal(tile, weight[(slice(None),) * axis + (slice(start, stop),)])
+            assert tile.flags.c_contiguous and np.shares_memory(tile, buffer)
+    with WeightTileReader(path, 12 + 8, "w", weight.shape, axis) as reader, \
+            pytest.raises(hyperion.ModelLoadError, match="truncated"):
+        reader(0, weight.shape[axis], buffer, skip)

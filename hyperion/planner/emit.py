@@ -195,8 +195,8 @@ def _tiles(program: Program, node: str) -> Tiles | None:
     return Tiles(weight=shape.weight, bias=shape.bias, output=shape.output, output_axis=shape.output_axis,
                  weight_axis=shape.weight_axis, bounds=tiled.bounds, in_place=shape.in_place,
                  staging_bytes=tiled.staging_bytes, initializers_in_place=shape.initializers_in_place,
-                 fed=shape.initializers_in_place and _feeds_weights(program) and not tiled.relaid,
-                 relaid=tiled.relaid)
+                 fed=_feeds_weights(program) and not tiled.relaid,
+                 relaid=tiled.relaid, skip_bytes=shape.skip_bytes)
 
 
 def _feeds_weights(program: Program) -> bool:

@@ -26,6 +26,7 @@ runtime reads these fields; it never looks at the mode to decide anything.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import mmap
@@ -50,7 +51,7 @@ from hyperion.runtime.relayout import cached_relaid, relaid_model, scratch_folde
 from hyperion.runtime.rows import gather_rows
 from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
 from hyperion.runtime.sessions import SessionPool, SessionTimes, release_free_heap, return_freed_memory, session_options
-from hyperion.runtime.tiles import read_weight_tile, run_tiles, tile_in_file, tile_model
+from hyperion.runtime.tiles import WeightTileReader, run_tiles, tile_in_file, tile_model
 from hyperion.runtime.trace import HELD_COUNTER, NULL_RECORDER, NullRecorder
 from hyperion.runtime.weights import FileSpan, WeightStore
 from hyperion.schedule import RowGather, Schedule, Segment, Tiles
@@ -414,13 +415,17 @@ class Runtime:
         shape = tuple(int(d) for d in self.schedule.tensors[tiles.weight].shape or ())
         span = self.weights.span(tiles.weight)  # the located file (contained), or None: kept in the proto
         whole = self.weights.read(tiles.weight) if span is None else None
+        reader = None if span is None else WeightTileReader(span.path, span.offset, tiles.weight, shape,
+                                                            tiles.weight_axis)
 
-        def read_tile(start: int, stop: int, buffer: np.ndarray) -> np.ndarray:
-            if whole is not None:
-                return np.ascontiguousarray(np.take(whole, np.arange(start, stop), axis=tiles.weight_axis))
-            assert span is not None
-            return read_weight_tile(span.path, span.offset, tiles.weight, shape, tiles.weight_axis, start, stop,
-                                    buffer)
+        def read_tile(start: int, stop: int, buffer: np.ndarray, skip: np.ndarray | None) -> np.ndarray:
+            if reader is not None:
+                return reader(start, stop, buffer, skip)
+            assert whole is not None   # copied into the buffer, as a tile read from a file is
+            tile = whole[(slice(None),) * tiles.weight_axis + (slice(start, stop),)]
+            into = buffer[:tile.size].reshape(tile.shape)
+            np.copyto(into, tile)
+            return into
 
         inputs = {name: feeds[name] for name in dict.fromkeys(node.input) if name in feeds}
         sliced = [tiles.weight] + ([tiles.bias] if tiles.bias is not None and tiles.bias not in inputs else [])
@@ -462,8 +467,10 @@ class Runtime:
         with self.tracer.span(f"{len(tiles.bounds) - 1} tiles of {step.node}", "tiles", segment=segment.index):
             bias = self.weights.read(tiles.bias) if tiles.bias is not None and tiles.bias not in inputs else None
             try:
-                return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile, bias, build, self._options,
-                                 in_place, kept if tiles.fed else None, relaid if tiles.relaid else None)
+                with reader or contextlib.nullcontext():
+                    return run_tiles(tiles, step.node, tuple(output_shape), shape, inputs, read_tile, bias, build,
+                                     self._options, in_place, kept if tiles.fed else None,
+                                     relaid if tiles.relaid else None)
             finally:
                 if tiles.relaid:
                     release_free_heap()   # as after a relaid segment

@@ -36,6 +36,10 @@ from hyperion.schedule import Tiles
 # (its bytes are handed over with ``add_external_initializers``, which copies them).
 IN_MEMORY_LOCATION = "hyperion-tile-in-memory"
 
+# Rows of a column tile read by one ``preadv``: a buffer for the tile's part of each row and
+# one for the rest, within Linux's IOV_MAX of 1024 buffers per call.
+COALESCED_ROWS = 512
+
 Location = tuple[str, int]   # a weight's file (relative to the session's external-data folder), offset
 
 
@@ -95,33 +99,66 @@ def _reference(name: str, shape: list[int], location: Location | None) -> Tensor
     return tensor
 
 
-def read_weight_tile(path: Path, offset: int, name: str, shape: tuple[int, ...], axis: int, start: int,
-                     stop: int, buffer: np.ndarray) -> np.ndarray:
-    """``weight[start:stop]`` along ``axis`` (0, or 1 of a 2-D weight) into ``buffer``, as a
-    C-contiguous array; read from the file with one positioned read per contiguous run."""
-    width = stop - start
-    tile_shape = list(shape)
-    tile_shape[axis] = width
-    tile = buffer[:math.prod(tile_shape)].reshape(tile_shape)
-    raw = memoryview(tile.reshape(-1).view(np.uint8))
-    item = tile.itemsize
-    if axis == 0:
-        row_bytes = math.prod(shape[1:]) * item
-        runs = [(offset + start * row_bytes, 0, width * row_bytes)]
-    else:  # a column block of a row-major [rows, columns] weight: one run per row
-        rows, columns = shape
-        runs = [(offset + (row * columns + start) * item, row * width * item, width * item) for row in range(rows)]
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: cannot read weight {name!r}: {exc.strerror or exc}") from None
-    try:
-        for file_offset, at, length in runs:
-            if os.preadv(fd, [raw[at:at + length]], file_offset) != length:
-                raise ModelLoadError(f"{path}: truncated external data for weight {name!r}")
-    finally:
-        os.close(fd)
-    return tile
+class WeightTileReader:
+    """Tiles of one weight read from its file by position (``preadv``: into the caller's
+    buffer, no copy in between), the file opened once for all the tiles of a run.
+
+    A contiguous tile (``axis`` 0) is one read. A column block of a row-major ``[rows,
+    columns]`` weight is one read per row -- or, given ``skip`` (a buffer of one row:
+    ``Tiles.skip_bytes``), one read per ``COALESCED_ROWS`` rows, the bytes between the
+    tile's columns read into ``skip`` and dropped (onnxruntime and numpy offer no
+    strided file read; one system call per row cost external_data's 64-byte rows 1 us each)."""
+
+    def __init__(self, path: Path, offset: int, name: str, shape: tuple[int, ...], axis: int) -> None:
+        self.path, self.offset, self.name, self.shape, self.axis = path, offset, name, shape, axis
+        self._fd: int | None = None
+
+    def __enter__(self) -> WeightTileReader:
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise ModelLoadError(f"{self.path}: cannot read weight {self.name!r}: {exc.strerror or exc}") from None
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __call__(self, start: int, stop: int, buffer: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
+        """``weight[start:stop]`` along ``axis`` (0, or 1 of a 2-D weight) into ``buffer``, as a
+        C-contiguous array."""
+        assert self._fd is not None, "read within the reader's context"
+        width = stop - start
+        tile_shape = list(self.shape)
+        tile_shape[self.axis] = width
+        tile = buffer[:math.prod(tile_shape)].reshape(tile_shape)
+        item = tile.itemsize
+        if self.axis == 0:
+            row_bytes = math.prod(self.shape[1:]) * item
+            self._read(self.offset + start * row_bytes, [tile], tile.nbytes)
+            return tile
+        rows, columns = self.shape
+        if columns == width:   # the whole weight: one contiguous read
+            self._read(self.offset, [tile], tile.nbytes)
+            return tile
+        tile_rows = list(tile.view(np.uint8))   # one buffer per weight row: the tile's columns of it
+        part, gap = width * item, (columns - width) * item
+        if skip is None:
+            for row, buffer in enumerate(tile_rows):
+                self._read(self.offset + (row * columns + start) * item, [buffer], part)
+            return tile
+        skipped = memoryview(skip)[:gap]
+        for first in range(0, rows, COALESCED_ROWS):
+            count = min(COALESCED_ROWS, rows - first)
+            buffers: list = [skipped] * (2 * count - 1)
+            buffers[::2] = tile_rows[first:first + count]
+            self._read(self.offset + (first * columns + start) * item, buffers, count * part + (count - 1) * gap)
+        return tile
+
+    def _read(self, file_offset: int, buffers: list, length: int) -> None:
+        if os.preadv(self._fd, buffers, file_offset) != length:   # type: ignore[arg-type]
+            raise ModelLoadError(f"{self.path}: truncated external data for weight {self.name!r}")
 
 
 # A relaid tile's session, built once from the tile (its weight and bias tiles, read when
@@ -130,13 +167,40 @@ RelaidTile = Callable[[int, int, Mapping[str, np.ndarray], Callable[[], dict[str
                       tuple[ort.InferenceSession, Callable[[], None]]]
 
 
-def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], inputs: Mapping[str, np.ndarray],
-              read_tile: Callable[[int, int, np.ndarray], np.ndarray], bias: np.ndarray | None,
+class Staging:
+    """The one buffer of ``Tiles.staging_bytes`` the tiles of a run reuse, laid out as the plan
+    counts it: the widest weight tile, the bytes a column tile skips (``skip_bytes``), and the
+    widest output tile when output slices are not contiguous."""
+
+    def __init__(self, tiles: Tiles, weight_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
+        widest = max(b - a for a, b in zip(tiles.bounds, tiles.bounds[1:], strict=False))
+        per_index = math.prod(weight_shape) // weight_shape[tiles.weight_axis]
+        self.buffer = np.empty(max(1, tiles.staging_bytes // 4), np.float32)
+        self.weight = self.buffer[:per_index * widest]
+        skip_end = self.weight.size + tiles.skip_bytes // 4
+        self.skip = self.buffer[self.weight.size:skip_end].view(np.uint8) if tiles.skip_bytes else None
+        self.output = self.buffer[skip_end:]
+        self.output_shape = output_shape
+        self.output_axis = tiles.output_axis
+
+    def output_tile(self, width: int) -> np.ndarray:
+        """A buffer for one output tile ``width`` wide (its slice of the output is not contiguous)."""
+        shape = list(self.output_shape)
+        shape[self.output_axis] = width
+        return self.output[:math.prod(shape)].reshape(shape)
+
+
+# A weight tile [start, stop) into a buffer, given a buffer for the bytes it skips (or None).
+ReadTile = Callable[[int, int, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], weight_shape: tuple[int, ...],
+              inputs: Mapping[str, np.ndarray], read_tile: ReadTile, bias: np.ndarray | None,
               build: Callable[[int, Mapping[str, np.ndarray]], bytes],
               options: Callable[[], ort.SessionOptions], in_place_initializers: bool,
               kept: Callable[[int, Mapping[str, np.ndarray]], ort.InferenceSession] | None = None,
               relaid: RelaidTile | None = None) -> np.ndarray:
-    """The step's output, tile by tile: ``read_tile(start, stop, buffer)`` gives a weight
+    """The step's output, tile by tile: ``read_tile(start, stop, buffer, skip)`` gives a weight
     tile, ``build(width, inputs)`` the tile model, ``options()`` fresh session options.
     ``bias`` is a bias weight's values; a bias that is an activation is among ``inputs``.
     ``in_place_initializers``: the tile model declares the weights in their own files, so
@@ -145,26 +209,28 @@ def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], inputs: Ma
     tile as an input. ``relaid(start, stop, inputs, supplied)``, for ``tiles.relaid``: the
     tile's own session, which reads its weight tile (``supplied()``) only when first built."""
     output = np.empty(output_shape, np.float32)
-    staging: list[np.ndarray] = []   # allocated when a tile is first read: relaid tiles read none later
+    if kept is not None:
+        staging = Staging(tiles, weight_shape, output_shape)
+        _run_fed_tiles(tiles, node, inputs, read_tile, bias, kept, staging, output)
+        return output
+    shared: list[Staging] = []   # allocated when a tile is first read: relaid tiles read none later
 
     def supplied_of(start: int, stop: int) -> dict[str, np.ndarray]:
         # A relaid tile reads its weight once, to be written out: a buffer of its own, let go
         # before its session loads the packed file (the plan counts the two one after the other).
-        if tiles.relaid:
-            buffer = np.empty(max(1, tiles.staging_bytes // 4), np.float32)
+        if tiles.relaid or not shared:
+            staging = Staging(tiles, weight_shape, output_shape)
+            if not tiles.relaid:
+                shared.append(staging)
         else:
-            if not staging:
-                staging.append(np.empty(max(1, tiles.staging_bytes // 4), np.float32))
-            buffer = staging[0]
-        supplied = {tiles.weight: read_tile(start, stop, buffer)}
+            staging = shared[0]
+        supplied = {tiles.weight: read_tile(start, stop, staging.weight, staging.skip)}
         if tiles.bias is not None and tiles.bias not in inputs and bias is not None:
             supplied[tiles.bias] = np.ascontiguousarray(bias[start:stop])
         return supplied
 
     for start, stop in zip(tiles.bounds, tiles.bounds[1:], strict=False):
-        tile_inputs = dict(inputs)
-        if tiles.bias is not None and tiles.bias in inputs:
-            tile_inputs[tiles.bias] = np.ascontiguousarray(inputs[tiles.bias][start:stop])
+        tile_inputs = _tile_inputs(tiles, inputs, start, stop)
         if relaid is not None:
             session, ran = relaid(start, stop, tile_inputs, lambda start=start, stop=stop: supplied_of(start, stop))
             try:
@@ -173,10 +239,6 @@ def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], inputs: Ma
                 ran()
             continue
         supplied = supplied_of(start, stop)
-        weight = supplied[tiles.weight]
-        if kept is not None:
-            _run_tile(kept(stop - start, tile_inputs), tiles, node, start, stop, {**tile_inputs, **supplied}, output)
-            continue
         session_options = options()
         values = {name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in supplied.items()}
         if in_place_initializers:   # the caller's memory, used in place: kept alive with the session
@@ -191,8 +253,59 @@ def run_tiles(tiles: Tiles, node: str, output_shape: tuple[int, ...], inputs: Ma
             raise RuntimeExecutionError(f"node {node!r}: onnxruntime cannot build the session of tile {start}:{stop} "
                                         f"of {tiles.output!r}: {str(exc).strip().splitlines()[0]}") from None
         _run_tile(session, tiles, node, start, stop, tile_inputs, output)
-        del session, session_options, values, supplied, weight, tile_inputs
+        del session, session_options, values, supplied, tile_inputs
     return output
+
+
+def _tile_inputs(tiles: Tiles, inputs: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    """The step's activations as a tile reads them: a bias that is an activation, sliced."""
+    if tiles.bias is None or tiles.bias not in inputs:
+        return dict(inputs)
+    return {**inputs, tiles.bias: np.ascontiguousarray(inputs[tiles.bias][start:stop])}
+
+
+def _run_fed_tiles(tiles: Tiles, node: str, inputs: Mapping[str, np.ndarray], read_tile: ReadTile,
+                   bias: np.ndarray | None, kept: Callable[[int, Mapping[str, np.ndarray]], ort.InferenceSession],
+                   staging: Staging, output: np.ndarray) -> None:
+    """Fed tiles: each read into ``staging`` and run by the session kept for its width. The
+    activations and the weight tile's buffer (the same for every tile of a width) are bound
+    once per width; per tile, only the bias tile and the output slice are (a run of a bound
+    session costs 3 us, against 10 us binding everything again: the tiles' fixed cost)."""
+    sliced_bias = tiles.bias is not None and (tiles.bias in inputs or bias is not None)
+    whole_bias = None if not sliced_bias else np.ascontiguousarray(inputs[tiles.bias] if tiles.bias in inputs
+                                                                    else bias)
+    # Bound by address: a feed that is not C-contiguous (a caller's view) is copied once here.
+    activations = {name: np.ascontiguousarray(value) for name, value in inputs.items() if name != tiles.bias}
+    bound: dict[int, tuple[ort.InferenceSession, ort.IOBinding]] = {}
+    for start, stop in zip(tiles.bounds, tiles.bounds[1:], strict=False):
+        width = stop - start
+        weight = read_tile(start, stop, staging.weight, staging.skip)
+        if width not in bound:
+            session = kept(width, _tile_inputs(tiles, inputs, start, stop))
+            binding = session.io_binding()
+            for name, value in activations.items():
+                _bind_input(binding, name, value)
+            _bind_input(binding, tiles.weight, weight)
+            bound[width] = session, binding
+        session, binding = bound[width]
+        if whole_bias is not None:
+            _bind_input(binding, tiles.bias, whole_bias[start:stop])   # type: ignore[arg-type]
+        target = output[(slice(None),) * tiles.output_axis + (slice(start, stop),)]
+        written = target if tiles.in_place and target.flags.c_contiguous else staging.output_tile(width)
+        binding.bind_output(tiles.output, "cpu", 0, np.float32, list(written.shape), written.ctypes.data)
+        try:
+            session.run_with_iobinding(binding)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise RuntimeExecutionError(f"node {node!r}: onnxruntime failed on tile {start}:{stop} of "
+                                        f"{tiles.output!r}: {str(exc).strip().splitlines()[0]}") from None
+        if written is not target:
+            target[...] = written
+
+
+def _bind_input(binding: ort.IOBinding, name: str, value: np.ndarray) -> None:
+    """``value`` bound by its address: onnxruntime reads it in place when the session runs."""
+    assert value.flags.c_contiguous, name
+    binding.bind_input(name, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
 
 
 def _run_tile(session: ort.InferenceSession, tiles: Tiles, node: str, start: int, stop: int,
