@@ -120,6 +120,9 @@ class Tiles:
     # the bytes between its columns read into a buffer this large (part of staging_bytes);
     # 0: one read per row.
     skip_bytes: int = 0          # optional in the file
+    # Column tiles are read from a copy of the weight laid out tile after tile, one read each,
+    # written once per machine into Hyperion's cache from the strided reads (a fed plan's).
+    tile_major: bool = False     # optional in the file
 
 
 @dataclass(frozen=True)
@@ -783,6 +786,8 @@ def _check_tiles(step: Step, schedule: Schedule, initializers: Mapping[str, Any]
     narrowest = min(b - a for a, b in pairwise(bounds))
     if tiles.skip_bytes and (tiles.weight_axis != 1 or tiles.skip_bytes < 4 * (dims[-1] - narrowest)):
         fail(where, f"skip_bytes {tiles.skip_bytes} is not a buffer for the bytes between column tiles")
+    if tiles.tile_major and tiles.weight_axis != 1:
+        fail(where, "only column tiles (weight_axis 1) are read from a tile-major copy")
     if tiles.relaid and tiles.fed:
         fail(where, "relaid tiles are not fed: each is packed into a file its own session maps")
     segment = schedule.segments[step.segment] if step.segment < len(schedule.segments) else None

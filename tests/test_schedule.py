@@ -141,7 +141,7 @@ RECORDS: dict[type, tuple[tuple[str, ...], str]] = {
 # Fields a file may leave out (absent means None); every other field is required.
 OPTIONAL: dict[type, set[str]] = {Schedule: {"optimal_peak_bytes", "replan"}, TensorRecord: {"upper_bound"},
                                   Segment: {"fold_constants", "relaid", "region"}, Step: {"row_gather", "tiles"},
-                                  Tiles: {"fed", "relaid", "skip_bytes"}, Region: {"patches"}}
+                                  Tiles: {"fed", "relaid", "skip_bytes", "tile_major"}, Region: {"patches"}}
 
 
 def _nested_records(record: type) -> set[type]:

@@ -293,7 +293,7 @@ def test_compile_prints_the_smallest_limit_and_inspect_lists_the_tiles(tmp_path:
 
 @pytest.mark.parametrize("axis, skipped", [(0, False), (1, False), (1, True)])
 def test_weight_tiles_read_from_the_file_are_the_weights_slices(tmp_path: Path, axis: int, skipped: bool) -> None:
-    from hyperion.runtime.tiles import COALESCED_ROWS, WeightTileReader
+    from hyperion.runtime.tile_reads import COALESCED_ROWS, WeightTileReader
 
     # More rows than one coalesced read takes, at an offset into the file.
     weight = _random((2 * COALESCED_ROWS + 37, 40), 17)
@@ -309,3 +309,36 @@ def test_weight_tiles_read_from_the_file_are_the_weights_slices(tmp_path: Path, 
     with WeightTileReader(path, 12 + 8, "w", weight.shape, axis) as reader, \
             pytest.raises(hyperion.ModelLoadError, match="truncated"):
         reader(0, weight.shape[axis], buffer, skip)
+
+
+def test_fed_column_tiles_are_read_from_a_tile_major_copy(tmp_path: Path) -> None:
+    from hyperion.runtime.tile_reads import tile_major_copy
+
+    rows, k, n = 3, 96, 400
+    weight = _random((k, n), 18)
+    model = _model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": [rows, k]}, "m", {"w": weight})
+    path = _saved(model, tmp_path)
+    with pytest.raises(hyperion.MemoryLimitError) as refused:   # the smallest cap: too tight to relay tiles
+        hyperion.compile(path, memory_limit=1, mode="memory_opt", prepack_weights=False)
+    cap = refused.value.smallest_limit_bytes
+    cm = hyperion.compile(path, memory_limit=cap, mode="memory_opt", prepack_weights=False)
+    tiles = next(step.tiles for step in cm.schedule.steps if step.tiles is not None)
+    assert tiles.fed and tiles.tile_major and tiles.weight_axis == 1 and len(tiles.bounds) > 2
+    copy = tile_major_copy(tmp_path / "op.onnx.data", 0, weight.nbytes, tiles)
+    assert not copy.exists()
+    a = _random((rows, k), 19)
+    first = cm.run({"a": a})["y"]
+    # Written on the first run: the tiles one after another, each [k, width] in row-major order.
+    edges = zip(tiles.bounds, tiles.bounds[1:], strict=False)
+    laid_out = np.concatenate([weight[:, start:stop].ravel() for start, stop in edges])
+    np.testing.assert_array_equal(np.fromfile(copy, np.float32), laid_out)
+    exact = np.maximum(a.astype(np.float64) @ weight.astype(np.float64), 0)
+    bound = k * UNIT_ROUNDOFF * (np.abs(a).astype(np.float64) @ np.abs(weight).astype(np.float64)) * 1.01
+    assert (np.abs(first - exact) <= bound).all()
+    # Compiled again, the plan reads the copy; once the weight's file changed, a new copy is made.
+    again = hyperion.compile(path, memory_limit=cap, mode="memory_opt", prepack_weights=False)
+    np.testing.assert_array_equal(again.run({"a": a})["y"], first)
+    _saved(_model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": [rows, k]}, "m",
+                  {"w": 2 * weight}), tmp_path)
+    doubled = hyperion.compile(path, memory_limit=cap, mode="memory_opt", prepack_weights=False)
+    np.testing.assert_allclose(doubled.run({"a": a})["y"], 2 * first, rtol=1e-5, atol=1e-5)

@@ -2,10 +2,11 @@
 
 The schedule says everything (``Step.tiles``): the axis, the tile edges, which axis
 of the weight a tile slices, whether output slices are contiguous. Per tile, the
-weight tile is read from the weight's file into one buffer every tile reuses
-(positioned reads: one for a contiguous tile, one per weight row for a column
-tile), and a one-node session over the step's own node computes it. The weight tile
-(and bias tile) are handed to that session as initializers over that buffer
+weight tile is read into one buffer every tile reuses (:mod:`hyperion.runtime.tile_reads`),
+and a one-node session over the step's own node computes it. In a fed plan
+(``Tiles.fed``) that session is built once per tile width and kept, the tile one of its
+inputs, bound once per width with the activations. Otherwise the weight tile
+(and bias tile) are handed to a session of the tile's own as initializers over that buffer
 (``SessionOptions.add_initializer``: onnxruntime uses the caller's memory in place),
 so onnxruntime pre-packs them exactly as it packs the whole weight and each output
 element is computed as untiled, and holds no copy of its own: measured on a 13.7 MiB
@@ -20,7 +21,6 @@ slice is contiguous, else copied into it; the output is never held twice.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -29,16 +29,12 @@ import onnx
 import onnxruntime as ort
 from onnx import NodeProto, TensorProto
 
-from hyperion.errors import ModelLoadError, RuntimeExecutionError
+from hyperion.errors import RuntimeExecutionError
 from hyperion.schedule import Tiles
 
 # Where a tile initializer of a weight without a file of its own is said to be: never read
 # (its bytes are handed over with ``add_external_initializers``, which copies them).
 IN_MEMORY_LOCATION = "hyperion-tile-in-memory"
-
-# Rows of a column tile read by one ``preadv``: a buffer for the tile's part of each row and
-# one for the rest, within Linux's IOV_MAX of 1024 buffers per call.
-COALESCED_ROWS = 512
 
 Location = tuple[str, int]   # a weight's file (relative to the session's external-data folder), offset
 
@@ -97,68 +93,6 @@ def _reference(name: str, shape: list[int], location: Location | None) -> Tensor
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
     return tensor
-
-
-class WeightTileReader:
-    """Tiles of one weight read from its file by position (``preadv``: into the caller's
-    buffer, no copy in between), the file opened once for all the tiles of a run.
-
-    A contiguous tile (``axis`` 0) is one read. A column block of a row-major ``[rows,
-    columns]`` weight is one read per row -- or, given ``skip`` (a buffer of one row:
-    ``Tiles.skip_bytes``), one read per ``COALESCED_ROWS`` rows, the bytes between the
-    tile's columns read into ``skip`` and dropped (onnxruntime and numpy offer no
-    strided file read; one system call per row cost external_data's 64-byte rows 1 us each)."""
-
-    def __init__(self, path: Path, offset: int, name: str, shape: tuple[int, ...], axis: int) -> None:
-        self.path, self.offset, self.name, self.shape, self.axis = path, offset, name, shape, axis
-        self._fd: int | None = None
-
-    def __enter__(self) -> WeightTileReader:
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise ModelLoadError(f"{self.path}: cannot read weight {self.name!r}: {exc.strerror or exc}") from None
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __call__(self, start: int, stop: int, buffer: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
-        """``weight[start:stop]`` along ``axis`` (0, or 1 of a 2-D weight) into ``buffer``, as a
-        C-contiguous array."""
-        assert self._fd is not None, "read within the reader's context"
-        width = stop - start
-        tile_shape = list(self.shape)
-        tile_shape[self.axis] = width
-        tile = buffer[:math.prod(tile_shape)].reshape(tile_shape)
-        item = tile.itemsize
-        if self.axis == 0:
-            row_bytes = math.prod(self.shape[1:]) * item
-            self._read(self.offset + start * row_bytes, [tile], tile.nbytes)
-            return tile
-        rows, columns = self.shape
-        if columns == width:   # the whole weight: one contiguous read
-            self._read(self.offset, [tile], tile.nbytes)
-            return tile
-        tile_rows = list(tile.view(np.uint8))   # one buffer per weight row: the tile's columns of it
-        part, gap = width * item, (columns - width) * item
-        if skip is None:
-            for row, buffer in enumerate(tile_rows):
-                self._read(self.offset + (row * columns + start) * item, [buffer], part)
-            return tile
-        skipped = memoryview(skip)[:gap]
-        for first in range(0, rows, COALESCED_ROWS):
-            count = min(COALESCED_ROWS, rows - first)
-            buffers: list = [skipped] * (2 * count - 1)
-            buffers[::2] = tile_rows[first:first + count]
-            self._read(self.offset + (first * columns + start) * item, buffers, count * part + (count - 1) * gap)
-        return tile
-
-    def _read(self, file_offset: int, buffers: list, length: int) -> None:
-        if os.preadv(self._fd, buffers, file_offset) != length:   # type: ignore[arg-type]
-            raise ModelLoadError(f"{self.path}: truncated external data for weight {self.name!r}")
 
 
 # A relaid tile's session, built once from the tile (its weight and bias tiles, read when
