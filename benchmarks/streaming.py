@@ -109,9 +109,12 @@ def _latency_child(spec: dict) -> dict:
     models = {prefetch: _hyperion(spec, feeds, prefetch) for prefetch in (True, False)}
     samples: dict[str, list[float]] = {key: [] for key in ("ort", "True", "False", "ort_cpu", "True_cpu",
                                                            "False_cpu", "build", "wait")}
-    started = time.perf_counter()
-    plain()                                             # warms onnxruntime up, and sizes the blocks
-    block = max(1, min(50, int(BLOCK_MS / max(1e3 * (time.perf_counter() - started), 1e-3))))
+    warm = []
+    for _ in range(3):                                  # warms onnxruntime up, and sizes the blocks
+        started = time.perf_counter()
+        plain()
+        warm.append(1e3 * (time.perf_counter() - started))
+    block = max(1, min(50, int(BLOCK_MS / max(min(warm), 1e-3))))
     for repeat in range(spec["repeats"] + 1):          # the first round warms everything up
         for _ in range(block):
             started, cpu = time.perf_counter(), time.process_time()

@@ -200,12 +200,13 @@ def test_no_tiles_without_a_cap_or_in_normal_mode(tmp_path: Path) -> None:
 
 
 @EXAMPLES
-@given(rows=st.integers(2, 12), k=st.integers(64, 160), n=st.integers(300, 700), fraction=st.floats(0.0, 0.6))
+@given(rows=st.integers(1, 12), k=st.integers(64, 160), n=st.integers(300, 700), fraction=st.floats(0.0, 0.6))
 def test_unpacked_tiles_are_within_onnxruntimes_own_error(tmp_path: Path, rows: int, k: int, n: int,
                                                           fraction: float) -> None:
     # Unpacked (prepack_weights=False), onnxruntime's GEMM blocks a tile's columns otherwise
     # than the whole weight's when more than one row is multiplied: not bit-exact, so the
     # error against float64 is bounded as for any summation order (k * u * sum |terms|).
+    # One row: each tile is written straight into its slice of the output.
     weight = _random((k, n), 14)
     model = _model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": [rows, k]}, "m", {"w": weight})
     path = _saved(model, Path(tempfile.mkdtemp(dir=tmp_path)))

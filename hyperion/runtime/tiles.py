@@ -202,44 +202,48 @@ def _run_fed_tiles(tiles: Tiles, node: str, inputs: Mapping[str, np.ndarray], re
                    bias: np.ndarray | None, kept: Callable[[int, Mapping[str, np.ndarray]], ort.InferenceSession],
                    staging: Staging, output: np.ndarray) -> None:
     """Fed tiles: each read into ``staging`` and run by the session kept for its width. The
-    activations and the weight tile's buffer (the same for every tile of a width) are bound
-    once per width; per tile, only the bias tile and the output slice are (a run of a bound
-    session costs 3 us, against 10 us binding everything again: the tiles' fixed cost)."""
+    activations, the weight tile's buffer and an output tile's buffer (the same for every
+    tile of a width) are bound once per width; per tile, only the bias tile and an output
+    slice written in place are (a run of a bound session costs 3 us, against 10 us binding
+    everything again: the tiles' fixed cost)."""
     sliced_bias = tiles.bias is not None and (tiles.bias in inputs or bias is not None)
     whole_bias = None if not sliced_bias else np.ascontiguousarray(inputs[tiles.bias] if tiles.bias in inputs
                                                                     else bias)
     # Bound by address: a feed that is not C-contiguous (a caller's view) is copied once here.
     activations = {name: np.ascontiguousarray(value) for name, value in inputs.items() if name != tiles.bias}
-    bound: dict[int, tuple[ort.InferenceSession, ort.IOBinding]] = {}
+    # Per width: its session, its binding, and the output tile buffer it writes when not in place.
+    bound: dict[int, tuple[ort.InferenceSession, ort.IOBinding, np.ndarray]] = {}
     for start, stop in zip(tiles.bounds, tiles.bounds[1:], strict=False):
         width = stop - start
         weight = read_tile(start, stop, staging.weight, staging.skip)
+        target = output[(slice(None),) * tiles.output_axis + (slice(start, stop),)]
+        in_place = tiles.in_place and target.flags.c_contiguous
         if width not in bound:
             session = kept(width, _tile_inputs(tiles, inputs, start, stop))
             binding = session.io_binding()
             for name, value in activations.items():
-                _bind_input(binding, name, value)
-            _bind_input(binding, tiles.weight, weight)
-            bound[width] = session, binding
-        session, binding = bound[width]
+                binding.bind_cpu_input(name, value)   # C-contiguous: used in place, not copied
+            binding.bind_cpu_input(tiles.weight, weight)
+            written = target if in_place else staging.output_tile(width)
+            _bind_output(binding, tiles.output, written)
+            bound[width] = session, binding, written
+        session, binding, written = bound[width]
+        if in_place and written is not target:   # each tile's own slice of the output
+            _bind_output(binding, tiles.output, target)
         if whole_bias is not None:
-            _bind_input(binding, tiles.bias, whole_bias[start:stop])   # type: ignore[arg-type]
-        target = output[(slice(None),) * tiles.output_axis + (slice(start, stop),)]
-        written = target if tiles.in_place and target.flags.c_contiguous else staging.output_tile(width)
-        binding.bind_output(tiles.output, "cpu", 0, np.float32, list(written.shape), written.ctypes.data)
+            binding.bind_cpu_input(tiles.bias, whole_bias[start:stop])   # type: ignore[arg-type]
         try:
             session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RuntimeExecutionError(f"node {node!r}: onnxruntime failed on tile {start}:{stop} of "
                                         f"{tiles.output!r}: {str(exc).strip().splitlines()[0]}") from None
-        if written is not target:
+        if not in_place:
             target[...] = written
 
 
-def _bind_input(binding: ort.IOBinding, name: str, value: np.ndarray) -> None:
-    """``value`` bound by its address: onnxruntime reads it in place when the session runs."""
-    assert value.flags.c_contiguous, name
-    binding.bind_input(name, "cpu", 0, value.dtype, list(value.shape), value.ctypes.data)
+def _bind_output(binding: ort.IOBinding, name: str, into: np.ndarray) -> None:
+    """Output ``name`` written straight into ``into`` (C-contiguous float32) when the session runs."""
+    binding.bind_output(name, "cpu", 0, np.float32, list(into.shape), into.ctypes.data)
 
 
 def _run_tile(session: ort.InferenceSession, tiles: Tiles, node: str, start: int, stop: int,
