@@ -201,44 +201,43 @@ def _tile_inputs(tiles: Tiles, inputs: Mapping[str, np.ndarray], start: int, sto
 def _run_fed_tiles(tiles: Tiles, node: str, inputs: Mapping[str, np.ndarray], read_tile: ReadTile,
                    bias: np.ndarray | None, kept: Callable[[int, Mapping[str, np.ndarray]], ort.InferenceSession],
                    staging: Staging, output: np.ndarray) -> None:
-    """Fed tiles: each read into ``staging`` and run by the session kept for its width. The
-    activations, the weight tile's buffer and an output tile's buffer (the same for every
-    tile of a width) are bound once per width; per tile, only the bias tile and an output
-    slice written in place are (a run of a bound session costs 3 us, against 10 us binding
-    everything again: the tiles' fixed cost)."""
+    """Fed tiles: each read into ``staging`` and run by the session kept for its width. Tiles
+    written in place are run bound: the activations and the weight tile's buffer (the same
+    for every tile of a width) once per width, the output slice (and a bias tile) per tile
+    -- a run of a bound session costs 3 us, against 10 us binding everything again. Other
+    tiles are run with their feeds (6 us) and copied into their slice of the output."""
     sliced_bias = tiles.bias is not None and (tiles.bias in inputs or bias is not None)
     whole_bias = None if not sliced_bias else np.ascontiguousarray(inputs[tiles.bias] if tiles.bias in inputs
                                                                     else bias)
-    # Bound by address: a feed that is not C-contiguous (a caller's view) is copied once here.
-    activations = {name: np.ascontiguousarray(value) for name, value in inputs.items() if name != tiles.bias}
-    # Per width: its session, its binding, and the output tile buffer it writes when not in place.
-    bound: dict[int, tuple[ort.InferenceSession, ort.IOBinding, np.ndarray]] = {}
+    activations = {name: value for name, value in inputs.items() if name != tiles.bias}
+    sessions: dict[int, ort.InferenceSession] = {}
+    bindings: dict[int, ort.IOBinding] = {}
     for start, stop in zip(tiles.bounds, tiles.bounds[1:], strict=False):
         width = stop - start
+        if width not in sessions:
+            sessions[width] = kept(width, _tile_inputs(tiles, inputs, start, stop))
+        session = sessions[width]
         weight = read_tile(start, stop, staging.weight, staging.skip)
         target = output[(slice(None),) * tiles.output_axis + (slice(start, stop),)]
-        in_place = tiles.in_place and target.flags.c_contiguous
-        if width not in bound:
-            session = kept(width, _tile_inputs(tiles, inputs, start, stop))
-            binding = session.io_binding()
-            for name, value in activations.items():
-                binding.bind_cpu_input(name, value)   # C-contiguous: used in place, not copied
-            binding.bind_cpu_input(tiles.weight, weight)
-            written = target if in_place else staging.output_tile(width)
-            _bind_output(binding, tiles.output, written)
-            bound[width] = session, binding, written
-        session, binding, written = bound[width]
-        if in_place and written is not target:   # each tile's own slice of the output
-            _bind_output(binding, tiles.output, target)
+        feeds = {**activations, tiles.weight: weight}
         if whole_bias is not None:
-            binding.bind_cpu_input(tiles.bias, whole_bias[start:stop])   # type: ignore[arg-type]
+            feeds[tiles.bias] = whole_bias[start:stop]   # type: ignore[index]
         try:
+            if not (tiles.in_place and target.flags.c_contiguous):
+                target[...] = session.run([tiles.output], feeds)[0]
+                continue
+            binding = bindings.get(width)
+            if binding is None:
+                bindings[width] = binding = session.io_binding()
+                for name, value in feeds.items():
+                    binding.bind_cpu_input(name, value)   # C-contiguous: used in place, not copied
+            elif whole_bias is not None:
+                binding.bind_cpu_input(tiles.bias, feeds[tiles.bias])   # type: ignore[index]
+            _bind_output(binding, tiles.output, target)
             session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RuntimeExecutionError(f"node {node!r}: onnxruntime failed on tile {start}:{stop} of "
                                         f"{tiles.output!r}: {str(exc).strip().splitlines()[0]}") from None
-        if not in_place:
-            target[...] = written
 
 
 def _bind_output(binding: ort.IOBinding, name: str, into: np.ndarray) -> None:
