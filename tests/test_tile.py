@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -114,6 +114,9 @@ def test_gemm_by_output_columns(tmp_path: Path, rows: int, k: int, n: int, trans
        fraction=st.floats(0.0, 0.6), prepack=st.booleans())
 def test_conv_by_output_channels(tmp_path: Path, batch: int, channels: int, out_channels: int, size: int,
                                  bias: str, fraction: float, prepack: bool) -> None:
+    # Fed from two images on, the im2col buffers the plan counts (one per thread) outweigh
+    # these weights: no cap below the weight is left to tile for.
+    assume(prepack or batch == 1)
     weight = _random((out_channels, channels, 3, 3), 6)
     weights = {"w": weight}
     inputs = ["x", "w"]
