@@ -1,6 +1,6 @@
 """Weight and batch streaming against plain onnxruntime: peak RSS and latency.
 
-    python benchmarks/streaming.py [--quick] [--repeats N] [--model-dir DIR]
+    python benchmarks/streaming.py [--quick | --fixtures [NAME ...]] [--repeats N] [--model-dir DIR]
 
 Models: a generated 20 x (MatMul 2240x2240 -> Relu) model, 401 MB of external-data
 weights (written to a temporary folder, or DIR if given, and reused there), at batch
@@ -16,11 +16,15 @@ Peak RSS: each side compiles (or creates its onnxruntime session) and runs once 
 fresh subprocess; the figure is its VmHWM minus that of a process that only imports
 hyperion and onnxruntime (SPEC's definition).
 
-Latency: one more subprocess holds both, warms both up, then alternates them run by run
-and reports medians, so that load from elsewhere on the machine hits both alike; the CPU
-milliseconds per run (all threads) are reported too, as they depend less on that load. A
+Latency: one more subprocess holds both, warms both up, then alternates them in blocks of
+runs (as many as take onnxruntime about 20 ms, at least one) and reports medians, so that
+load from elsewhere on the machine hits both alike; the CPU milliseconds per run (all
+threads) are reported too, as they depend less on that load. Blocks, not single runs:
+onnxruntime's idle workers spin after its run (its default), taking a core from whatever
+the process runs next -- on a model of 0.01-1 ms, 3-5 times Hyperion's own time. A
 prefetch Hyperion leaves running after a run (the first segment, for the next run) is
-waited for and charged to Hyperion before onnxruntime's turn. ``build``/``wait`` are the
+waited for and charged to Hyperion before onnxruntime's turn. ``--fixtures`` measures only
+the fixtures (or those named), and prints each one's spread below the table. ``build``/``wait`` are the
 milliseconds per run spent creating sessions (on any thread) and blocked waiting for
 one: with prefetch working, wait is below build. Prints Markdown.
 """
@@ -96,29 +100,44 @@ def _rss_child(spec: dict) -> dict:
             "prefetch": schedule.prefetch}
 
 
+BLOCK_MS = 20.0     # runs per side in a row: as many as take onnxruntime this long (at least one)
+
+
 def _latency_child(spec: dict) -> dict:
     feeds = _feeds(spec)
     plain = _onnxruntime(spec, feeds)
     models = {prefetch: _hyperion(spec, feeds, prefetch) for prefetch in (True, False)}
     samples: dict[str, list[float]] = {key: [] for key in ("ort", "True", "False", "ort_cpu", "True_cpu",
                                                            "False_cpu", "build", "wait")}
-    for repeat in range(spec["repeats"] + 1):          # the first round warms everything up
-        started, cpu = time.perf_counter(), time.process_time()
+    warm = []
+    for _ in range(3):                                  # warms onnxruntime up, and sizes the blocks
+        started = time.perf_counter()
         plain()
-        if repeat:
-            samples["ort"].append(1e3 * (time.perf_counter() - started))
-            samples["ort_cpu"].append(1e3 * (time.process_time() - cpu))
-        for prefetch, cm in models.items():
+        warm.append(1e3 * (time.perf_counter() - started))
+    block = max(1, min(50, int(BLOCK_MS / max(min(warm), 1e-3))))
+    for repeat in range(spec["repeats"] + 1):          # the first round warms everything up
+        for _ in range(block):
             started, cpu = time.perf_counter(), time.process_time()
-            cm.run(feeds)
-            cm._active()[2].settle()                    # its prefetch of the next run is its own cost
+            plain()
             if repeat:
-                samples[str(prefetch)].append(1e3 * (time.perf_counter() - started))
-                samples[f"{prefetch}_cpu"].append(1e3 * (time.process_time() - cpu))
-                if prefetch:
-                    samples["build"].append(cm.stats.sessions.build_ms)
-                    samples["wait"].append(cm.stats.sessions.wait_ms)
-    return {key: statistics.median(values) for key, values in samples.items()}
+                samples["ort"].append(1e3 * (time.perf_counter() - started))
+                samples["ort_cpu"].append(1e3 * (time.process_time() - cpu))
+        for prefetch, cm in models.items():
+            for _ in range(block):
+                started, cpu = time.perf_counter(), time.process_time()
+                cm.run(feeds)
+                cm._active()[2].settle()                # its prefetch of the next run is its own cost
+                if repeat:
+                    samples[str(prefetch)].append(1e3 * (time.perf_counter() - started))
+                    samples[f"{prefetch}_cpu"].append(1e3 * (time.process_time() - cpu))
+                    if prefetch:
+                        samples["build"].append(cm.stats.sessions.build_ms)
+                        samples["wait"].append(cm.stats.sessions.wait_ms)
+    result = {key: statistics.median(values) for key, values in samples.items()}
+    for key in ("ort", "False"):                        # the spread: quartiles
+        result[f"{key}_quartiles"] = statistics.quantiles(samples[key], n=4)[::2]
+    result["samples"] = len(samples["ort"])
+    return result
 
 
 def _run_child(kind: str, spec: dict) -> dict:
@@ -131,6 +150,11 @@ def _run_child(kind: str, spec: dict) -> dict:
 
 
 # -- the table -------------------------------------------------------------------------
+def _ms(value: float) -> str:
+    """Milliseconds to three significant digits at most (the fixtures run in 0.01-1 ms)."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
 def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f} MiB"
 
@@ -152,9 +176,9 @@ def _row(label: str, spec: dict, rss: dict, ort_rss: dict, latency: dict, baseli
     if rss["mode"] == "normal":
         used = "-"   # every session is kept: nothing to prefetch
     sessions = f"{latency['build']:.0f} / {latency['wait']:.0f}" if prefetch else "-"
-    return (f"| {label} | {spec['batch']} | {mode} | {_mib(spec['cap'])} | {used} | {ours_ms:.1f} | {ort_ms:.1f} "
+    return (f"| {label} | {spec['batch']} | {mode} | {_mib(spec['cap'])} | {used} | {_ms(ours_ms)} | {_ms(ort_ms)} "
             f"| {ours_ms / ort_ms:.2f}x | {_mib(ours)} | {_mib(theirs)} | {100 * ours / max(theirs, 1):.0f}% "
-            f"| {_mib(rss['peak'])} | {sessions} | {latency[f'{prefetch}_cpu']:.0f} / {latency['ort_cpu']:.0f} |")
+            f"| {_mib(rss['peak'])} | {sessions} | {_ms(latency[f'{prefetch}_cpu'])} / {_ms(latency['ort_cpu'])} |")
 
 
 def smallest_memory_opt_cap(model: Path, fixture: str) -> int:
@@ -169,6 +193,14 @@ def smallest_memory_opt_cap(model: Path, fixture: str) -> int:
     raise AssertionError("a 1-byte cap fitted")
 
 
+def fixture_cases(names: list[str] | tuple[str, ...]) -> list[tuple[str, dict]]:
+    """The fixtures at batch 1 under the smallest cap memory_opt accepts with its defaults."""
+    from fixtures import fixture_path
+
+    return [(name, {"model": str(fixture_path(name)), "fixture": name, "batch": 1, "mode": "adaptive",
+                    "cap": smallest_memory_opt_cap(fixture_path(name), name)}) for name in names]
+
+
 def cases(big: Path, quick: bool) -> list[tuple[str, dict]]:
     from fixtures import FIXTURE_NAMES, fixture_path
     from fixtures.streaming_mlp import DEFAULT_HIDDEN
@@ -179,10 +211,7 @@ def cases(big: Path, quick: bool) -> list[tuple[str, dict]]:
            for label, prepack in (("mlp 20x20MB, packed", True), ("mlp 20x20MB, fed", None))]
     # glibc backing large blocks with huge pages: far fewer page faults while sessions are created.
     out.append(("mlp 20x20MB, packed, hugetlb", {**out[-2][1], "env": {"GLIBC_TUNABLES": HUGETLB}}))
-    for name in (("demo",) if quick else FIXTURE_NAMES):
-        path = fixture_path(name)
-        out.append((name, {"model": str(path), "fixture": name, "batch": 1, "mode": "adaptive",
-                           "cap": smallest_memory_opt_cap(path, name)}))
+    out += fixture_cases(("demo",) if quick else FIXTURE_NAMES)
     for batch in (() if quick else BATCHES[1:]):
         out.append(("demo", {"model": str(fixture_path("demo")), "fixture": "demo", "batch": batch,
                              "mode": "adaptive", "cap": DEMO_CAP_BYTES[batch]}))
@@ -193,6 +222,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="fewer rows (the big model at batch 1 and 256, demo)")
+    parser.add_argument("--fixtures", nargs="*", metavar="NAME",
+                        help="only the fixtures (all, or those named) at the smallest cap, with their spread")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model-dir", type=Path, help="where the 401 MB model is (or is written)")
     args = parser.parse_args()
@@ -201,23 +232,41 @@ def main() -> None:
         print(json.dumps(_latency_child(spec) if kind == "latency" else _rss_child(spec)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.model_dir or Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        from fixtures.streaming_mlp import streaming_mlp_in
+        if args.fixtures is not None:
+            from fixtures import FIXTURE_NAMES
 
-        big = streaming_mlp_in(folder)
+            rows = fixture_cases(args.fixtures or FIXTURE_NAMES)
+        else:
+            folder = args.model_dir or Path(tmp)
+            folder.mkdir(parents=True, exist_ok=True)
+            from fixtures.streaming_mlp import streaming_mlp_in
+
+            rows = cases(streaming_mlp_in(folder), args.quick)
         baseline = _run_child("rss", {"kind": "baseline"})["rss"]
         print(f"baseline (import hyperion + onnxruntime): {_mib(baseline)}; {os.cpu_count()} CPUs; "
               f"load average before: {os.getloadavg()[0]:.1f}\n")
         print(HEADER)
-        for label, spec in cases(big, args.quick):
+        spreads = []
+        for label, spec in rows:
             spec = {**spec, "repeats": args.repeats}
             ort_rss = _run_child("rss", {**spec, "kind": "ort", "env": {}})   # plain onnxruntime as installed
             latency = _run_child("latency", spec)
             for prefetch in (True, False):
                 rss = _run_child("rss", {**spec, "kind": "hyperion", "prefetch": prefetch})
                 print(_row(label, spec, rss, ort_rss, latency, baseline, prefetch), flush=True)
+            if "error" not in latency:
+                spreads.append(_spread(label, latency))
+        if args.fixtures is not None:
+            print("\n| fixture | runs per side | hyperion ms, prefetch off: median (quartiles) "
+                  "| onnxruntime ms: median (quartiles) | latency ratio |\n|---|---|---|---|---|")
+            print("\n".join(spreads))
         print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+
+
+def _spread(label: str, latency: dict) -> str:
+    ours, theirs = latency["False_quartiles"], latency["ort_quartiles"]
+    return (f"| {label} | {latency['samples']} | {_ms(latency['False'])} ({_ms(ours[0])}-{_ms(ours[1])}) "
+            f"| {_ms(latency['ort'])} ({_ms(theirs[0])}-{_ms(theirs[1])}) | {latency['False'] / latency['ort']:.1f}x |")
 
 
 if __name__ == "__main__":

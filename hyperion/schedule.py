@@ -109,13 +109,20 @@ class Tiles:
     in_place: bool             # output slices are contiguous: tiles are bound straight into the output
     staging_bytes: int         # the weight tile's buffer, plus an output tile's when not in place
     initializers_in_place: bool  # sessions use the weight tile's buffer in place; else onnxruntime copies it
-    # Tiles are inputs of one session per tile width, built once and kept (a fed plan's MatMul
-    # or Gemm: unpacked, as its other fed weights); else each tile builds a session of its own.
+    # Tiles are inputs of one session per tile width, built once and kept (a fed plan's MatMul,
+    # Gemm or Conv: unpacked, as its other fed weights); else each tile builds a session of its own.
     fed: bool = False            # optional in the file
     # Each tile is packed once by onnxruntime's optimizer into a file its own session maps,
     # built once and kept; the mapped pages are dropped after the tile runs (a fed plan's
     # MatMul or Gemm, as a relaid segment's weights).
     relaid: bool = False         # optional in the file
+    # A column tile (weight_axis 1) is read with one positioned read per run of up to 512 rows,
+    # the bytes between its columns read into a buffer this large (part of staging_bytes);
+    # 0: one read per row.
+    skip_bytes: int = 0          # optional in the file
+    # Column tiles are read from a copy of the weight laid out tile after tile, one read each,
+    # written once per machine into Hyperion's cache from the strided reads (a fed plan's).
+    tile_major: bool = False     # optional in the file
 
 
 @dataclass(frozen=True)
@@ -778,8 +785,14 @@ def _check_tiles(step: Step, schedule: Schedule, initializers: Mapping[str, Any]
                                    or math.prod(bias_shape) != dims[tiles.weight_axis]):  # type: ignore[arg-type]
         fail(where, f"bias {tiles.bias!r} does not have one value per tile column")
     widest = max(b - a for a, b in pairwise(bounds))
-    if 4 * math.prod(dims) // dims[tiles.weight_axis] * widest > tiles.staging_bytes:
-        fail(where, f"a tile {widest} wide does not fit staging_bytes {tiles.staging_bytes}")
+    if 4 * math.prod(dims) // dims[tiles.weight_axis] * widest + tiles.skip_bytes > tiles.staging_bytes:
+        fail(where, f"a tile {widest} wide and skip_bytes {tiles.skip_bytes} do not fit staging_bytes "
+                    f"{tiles.staging_bytes}")
+    narrowest = min(b - a for a, b in pairwise(bounds))
+    if tiles.skip_bytes and (tiles.weight_axis != 1 or tiles.skip_bytes < 4 * (dims[-1] - narrowest)):
+        fail(where, f"skip_bytes {tiles.skip_bytes} is not a buffer for the bytes between column tiles")
+    if tiles.tile_major and tiles.weight_axis != 1:
+        fail(where, "only column tiles (weight_axis 1) are read from a tile-major copy")
     if tiles.relaid and tiles.fed:
         fail(where, "relaid tiles are not fed: each is packed into a file its own session maps")
     segment = schedule.segments[step.segment] if step.segment < len(schedule.segments) else None

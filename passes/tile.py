@@ -527,7 +527,7 @@ def _tiled_workspace(graph: Graph, node: NodeInfo, shape: Geometry, prepack: boo
     names = dict.fromkeys((*node.inputs, *node.outputs))
     tensors = {n: dataclasses.replace(graph.tensors[n], producer=None) for n in names}
     tensors[shape.weight] = dataclasses.replace(tensors[shape.weight], shape=shape.tile_shape(shape.unit),
-                                                nbytes=shape.accounted_bytes(shape.unit))
+                                                nbytes=shape.accounted_bytes(shape.unit, fed=not prepack))
     alone = Graph([dataclasses.replace(node)], tensors, (), ())
     return max(workspace_bytes(alone, node, weights_fed=not prepack), workspace_bytes(graph, node, weights_fed=False))
 

@@ -5,7 +5,9 @@ over, so each output element is computed by the same kernel over the same
 operands in the same order as untiled:
 
 * MatMul ``A[..., K] @ W[K, N]``: output columns; a tile reads columns of W,
-  strided in the file (one read per row of W);
+  strided in the file: one read per row of W, or, for rows of at most
+  ``COALESCED_ROW_BYTES``, one read for a run of rows, the bytes between the tile's
+  columns landing in a buffer of one row (``Geometry.skip_bytes``);
 * Gemm: output columns; with ``transB`` W is stored ``[N, K]`` and a tile is a
   contiguous block of its rows; a bias of N values is sliced with it;
 * Conv (``group == 1``): output channels; OIHW weight tiles are contiguous, and
@@ -28,6 +30,11 @@ from hyperion.passes.memory.costs import MLAS_PANEL_COLUMNS
 
 TILE_UNIT = 16
 _ITEM = 4  # float32 only
+# A column tile of a weight whose rows are at most a page long is read with one positioned
+# read (``preadv``) per run of rows: copying the other columns' bytes, less than a page a
+# row, costs less than a system call per row (external_data's 256x256 MatMuls at the
+# smallest cap: 256 reads of 64 bytes per tile).
+COALESCED_ROW_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -55,9 +62,19 @@ class Geometry:
         shape[self.weight_axis] = width
         return tuple(shape)
 
+    @property
+    def skip_bytes(self) -> int:
+        """A column tile read in runs of rows: a buffer of one weight row, which the bytes
+        between the tile's columns are read into (and dropped); 0: one read per row."""
+        if self.weight_axis != 1:
+            return 0
+        row = self.weight_shape[1] * _ITEM
+        return row if row <= COALESCED_ROW_BYTES else 0
+
     def staging_bytes(self, width: int) -> int:
-        """The buffer one weight tile is read into, plus the output tile buffer when not in place."""
-        weight = math.prod(self.tile_shape(width)) * _ITEM
+        """The buffer one weight tile is read into (and its skipped bytes), plus the output
+        tile buffer when not in place."""
+        weight = math.prod(self.tile_shape(width)) * _ITEM + self.skip_bytes
         return weight + (0 if self.in_place else self.output_outer * width * _ITEM)
 
     @property
@@ -67,9 +84,11 @@ class Geometry:
         optimizing the graph, from the data the model declares, before any override applies."""
         return self.packed
 
-    def accounted_bytes(self, width: int) -> int:
-        """The tile's buffers, plus onnxruntime's copy of the weight tile when it makes one."""
-        copy = 0 if self.initializers_in_place else math.prod(self.tile_shape(width)) * _ITEM
+    def accounted_bytes(self, width: int, fed: bool = False) -> int:
+        """The tile's buffers, plus onnxruntime's copy of the weight tile when it makes one:
+        never when ``fed`` (the tile an input of a session kept per tile width, as in a fed
+        plan: onnxruntime reads the buffer handed to it)."""
+        copy = 0 if self.initializers_in_place or fed else math.prod(self.tile_shape(width)) * _ITEM
         return self.staging_bytes(width) + copy
 
     def relaid_bytes(self, width: int) -> int:
@@ -79,9 +98,10 @@ class Geometry:
         return self.staging_bytes(width) + 3 * self.held_bytes(width, True)
 
     def held_bytes(self, width: int, prepack: bool) -> int:
-        """What the tile's session holds for it: the packed copy, as ``memory/costs.py`` prices it."""
+        """What the tile's session holds for it: the packed copy, as ``memory/costs.py`` prices it;
+        unpacked (a fed plan), nothing beyond the tile's buffers."""
         if not (prepack and self.packed):
-            return self.accounted_bytes(width)
+            return self.accounted_bytes(width, fed=not prepack)
         rows, cols = self.tile_shape(width)
         panels = max(rows * _round_up(cols, MLAS_PANEL_COLUMNS), cols * _round_up(rows, MLAS_PANEL_COLUMNS))
         return panels * _ITEM

@@ -141,7 +141,8 @@ RECORDS: dict[type, tuple[tuple[str, ...], str]] = {
 # Fields a file may leave out (absent means None); every other field is required.
 OPTIONAL: dict[type, set[str]] = {Schedule: {"optimal_peak_bytes", "replan", "kept_heap_bytes"},
                                   TensorRecord: {"upper_bound"}, Segment: {"fold_constants", "relaid", "region"},
-                                  Step: {"row_gather", "tiles"}, Tiles: {"fed", "relaid"}, Region: {"patches"}}
+                                  Step: {"row_gather", "tiles"}, Tiles: {"fed", "relaid", "skip_bytes", "tile_major"},
+                                  Region: {"patches"}}
 
 
 def _nested_records(record: type) -> set[type]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -51,16 +51,17 @@ UNIT_ROUNDOFF = 2.0**-24   # float32
 
 
 def _check_under_caps(path: Path, feeds: dict[str, np.ndarray], weight_bytes: int, fraction: float,
-                      exact: tuple[np.ndarray, np.ndarray] | None = None) -> Tiles:
+                      exact: tuple[np.ndarray, np.ndarray] | None = None, prepack: bool = True) -> Tiles:
     """Compile at a cap between the smallest feasible and the weight's size: the step is
     tiled, the plan fits, and the outputs are onnxruntime's exactly -- or, given the float64
-    result and the float32 error bound of any summation order, ``exact``, within it."""
+    result and the float32 error bound of any summation order, ``exact``, within it (every
+    run alike: ``prepack=False``, a fed plan, runs its tiles in sessions kept across runs)."""
     with pytest.raises(hyperion.MemoryLimitError) as refused:
-        hyperion.compile(path, memory_limit=1, mode="memory_opt", prepack_weights=True)
+        hyperion.compile(path, memory_limit=1, mode="memory_opt", prepack_weights=prepack)
     smallest = refused.value.smallest_limit_bytes
     assert smallest < weight_bytes       # the cap falls below the weight: an output plus one tile
     cap = int(smallest + fraction * (weight_bytes - smallest))
-    cm = hyperion.compile(path, memory_limit=cap, mode="memory_opt", prepack_weights=True)
+    cm = hyperion.compile(path, memory_limit=cap, mode="memory_opt", prepack_weights=prepack)
     tiled = [step for step in cm.schedule.steps if step.tiles is not None]
     assert len(tiled) == 1 and cm.schedule.peak_bytes <= cap
     tiles = tiled[0].tiles
@@ -73,7 +74,9 @@ def _check_under_caps(path: Path, feeds: dict[str, np.ndarray], weight_bytes: in
     else:
         value, bound = exact
         assert (np.abs(plain - value) <= bound).all()   # the reference and its bound hold for onnxruntime
-        assert (np.abs(cm.run(feeds)["y"] - value) <= bound).all()
+        first = cm.run(feeds)["y"]
+        assert (np.abs(first - value) <= bound).all()
+        np.testing.assert_array_equal(cm.run(feeds)["y"], first)
     return tiles
 
 
@@ -108,9 +111,12 @@ def test_gemm_by_output_columns(tmp_path: Path, rows: int, k: int, n: int, trans
 @EXAMPLES
 @given(batch=st.integers(1, 2), channels=st.integers(64, 96), out_channels=st.integers(96, 192),
        size=st.integers(3, 6), bias=st.sampled_from(["none", "weight", "through Identity"]),
-       fraction=st.floats(0.0, 0.6))
+       fraction=st.floats(0.0, 0.6), prepack=st.booleans())
 def test_conv_by_output_channels(tmp_path: Path, batch: int, channels: int, out_channels: int, size: int,
-                                 bias: str, fraction: float) -> None:
+                                 bias: str, fraction: float, prepack: bool) -> None:
+    # Fed from two images on, the im2col buffers the plan counts (one per thread) outweigh
+    # these weights: no cap below the weight is left to tile for.
+    assume(prepack or batch == 1)
     weight = _random((out_channels, channels, 3, 3), 6)
     weights = {"w": weight}
     inputs = ["x", "w"]
@@ -133,8 +139,11 @@ def test_conv_by_output_channels(tmp_path: Path, batch: int, channels: int, out_
     magnitude = _conv3x3_float64(np.abs(x), np.abs(weight), None if bias == "none" else np.abs(weights["b"]),
                                  relu=False)
     exact = (value, terms * UNIT_ROUNDOFF * magnitude * 1.01)
-    tiles = _check_under_caps(path, {"x": x}, weight.nbytes, fraction, exact)
+    tiles = _check_under_caps(path, {"x": x}, weight.nbytes, fraction, exact, prepack)
     assert tiles.in_place == (batch == 1) and tiles.output_axis == 1 and tiles.weight_axis == 0
+    # Fed (unpacked), the tiles are inputs of a session kept per tile width; packed, each
+    # tile is a constant its own session re-lays, as onnxruntime does the whole weight.
+    assert tiles.fed == (not prepack) and not tiles.relaid
 
 
 def _conv3x3_float64(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, relu: bool = True) -> np.ndarray:
@@ -194,12 +203,13 @@ def test_no_tiles_without_a_cap_or_in_normal_mode(tmp_path: Path) -> None:
 
 
 @EXAMPLES
-@given(rows=st.integers(2, 12), k=st.integers(64, 160), n=st.integers(300, 700), fraction=st.floats(0.0, 0.6))
+@given(rows=st.integers(1, 12), k=st.integers(64, 160), n=st.integers(300, 700), fraction=st.floats(0.0, 0.6))
 def test_unpacked_tiles_are_within_onnxruntimes_own_error(tmp_path: Path, rows: int, k: int, n: int,
                                                           fraction: float) -> None:
     # Unpacked (prepack_weights=False), onnxruntime's GEMM blocks a tile's columns otherwise
     # than the whole weight's when more than one row is multiplied: not bit-exact, so the
     # error against float64 is bounded as for any summation order (k * u * sum |terms|).
+    # One row: each tile is written straight into its slice of the output.
     weight = _random((k, n), 14)
     model = _model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": [rows, k]}, "m", {"w": weight})
     path = _saved(model, Path(tempfile.mkdtemp(dir=tmp_path)))
@@ -283,3 +293,56 @@ def test_compile_prints_the_smallest_limit_and_inspect_lists_the_tiles(tmp_path:
     assert main(["inspect", str(schedule)]) == 0
     shown = capsys.readouterr().out
     assert "tile 0/" in shown and "from w[axis 1: 0:" in shown and "split steps  1 tiled" in shown
+
+
+@pytest.mark.parametrize("axis, skipped", [(0, False), (1, False), (1, True)])
+def test_weight_tiles_read_from_the_file_are_the_weights_slices(tmp_path: Path, axis: int, skipped: bool) -> None:
+    from hyperion.runtime.tile_reads import COALESCED_ROWS, WeightTileReader
+
+    # More rows than one coalesced read takes, at an offset into the file.
+    weight = _random((2 * COALESCED_ROWS + 37, 40), 17)
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"\0" * 12 + weight.tobytes())
+    buffer = np.full(weight.size, np.nan, np.float32)
+    skip = np.empty(weight.shape[1] * 4, np.uint8) if skipped else None
+    with WeightTileReader(path, 12, "w", weight.shape, axis) as reader:
+        for start, stop in ((0, 16), (16, 32), (32, 40), (0, 40)):
+            tile = reader(start, stop, buffer, skip)
+            np.testing.assert_array_equal(tile, weight[(slice(None),) * axis + (slice(start, stop),)])
+            assert tile.flags.c_contiguous and np.shares_memory(tile, buffer)
+    with WeightTileReader(path, 12 + 8, "w", weight.shape, axis) as reader, \
+            pytest.raises(hyperion.ModelLoadError, match="truncated"):
+        reader(0, weight.shape[axis], buffer, skip)
+
+
+def test_fed_column_tiles_are_read_from_a_tile_major_copy(tmp_path: Path) -> None:
+    from hyperion.runtime.tile_reads import tile_major_copy
+
+    rows, k, n = 3, 96, 400
+    weight = _random((k, n), 18)
+    model = _model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": [rows, k]}, "m", {"w": weight})
+    path = _saved(model, tmp_path)
+    with pytest.raises(hyperion.MemoryLimitError) as refused:   # the smallest cap: too tight to relay tiles
+        hyperion.compile(path, memory_limit=1, mode="memory_opt", prepack_weights=False)
+    cap = refused.value.smallest_limit_bytes
+    cm = hyperion.compile(path, memory_limit=cap, mode="memory_opt", prepack_weights=False)
+    tiles = next(step.tiles for step in cm.schedule.steps if step.tiles is not None)
+    assert tiles.fed and tiles.tile_major and tiles.weight_axis == 1 and len(tiles.bounds) > 2
+    copy = tile_major_copy(tmp_path / "op.onnx.data", 0, weight.nbytes, tiles)
+    assert not copy.exists()
+    a = _random((rows, k), 19)
+    first = cm.run({"a": a})["y"]
+    # Written on the first run: the tiles one after another, each [k, width] in row-major order.
+    edges = zip(tiles.bounds, tiles.bounds[1:], strict=False)
+    laid_out = np.concatenate([weight[:, start:stop].ravel() for start, stop in edges])
+    np.testing.assert_array_equal(np.fromfile(copy, np.float32), laid_out)
+    exact = np.maximum(a.astype(np.float64) @ weight.astype(np.float64), 0)
+    bound = k * UNIT_ROUNDOFF * (np.abs(a).astype(np.float64) @ np.abs(weight).astype(np.float64)) * 1.01
+    assert (np.abs(first - exact) <= bound).all()
+    # Compiled again, the plan reads the copy; once the weight's file changed, a new copy is made.
+    again = hyperion.compile(path, memory_limit=cap, mode="memory_opt", prepack_weights=False)
+    np.testing.assert_array_equal(again.run({"a": a})["y"], first)
+    _saved(_model(helper.make_node("MatMul", ["a", "w"], ["m"], name="matmul"), {"a": [rows, k]}, "m",
+                  {"w": 2 * weight}), tmp_path)
+    doubled = hyperion.compile(path, memory_limit=cap, mode="memory_opt", prepack_weights=False)
+    np.testing.assert_allclose(doubled.run({"a": a})["y"], 2 * first, rtol=1e-5, atol=1e-5)

@@ -192,11 +192,13 @@ def _tiles(program: Program, node: str) -> Tiles | None:
     if tiled is None:
         return None
     shape = tiled.geometry
+    # A fed plan's tiles run on every run: column tiles are read from a tile-major copy.
+    fed = _feeds_weights(program) and not tiled.relaid
     return Tiles(weight=shape.weight, bias=shape.bias, output=shape.output, output_axis=shape.output_axis,
                  weight_axis=shape.weight_axis, bounds=tiled.bounds, in_place=shape.in_place,
                  staging_bytes=tiled.staging_bytes, initializers_in_place=shape.initializers_in_place,
-                 fed=shape.initializers_in_place and _feeds_weights(program) and not tiled.relaid,
-                 relaid=tiled.relaid)
+                 fed=fed, relaid=tiled.relaid, skip_bytes=shape.skip_bytes,
+                 tile_major=fed and shape.weight_axis == 1)
 
 
 def _feeds_weights(program: Program) -> bool:

@@ -26,6 +26,7 @@ runtime reads these fields; it never looks at the mode to decide anything.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -58,7 +59,8 @@ from hyperion.runtime.sessions import (
     return_freed_memory,
     session_options,
 )
-from hyperion.runtime.tiles import read_weight_tile, run_tiles, tile_in_file, tile_model
+from hyperion.runtime.tile_reads import TileMajorReader, WeightTileReader, tile_major_copy, write_tile_major
+from hyperion.runtime.tiles import Staging, run_tiles, tile_in_file, tile_model
 from hyperion.runtime.trace import HELD_COUNTER, NULL_RECORDER, NullRecorder
 from hyperion.runtime.weights import FileSpan, WeightStore
 from hyperion.schedule import RowGather, Schedule, Segment, Tiles
@@ -130,6 +132,7 @@ class Runtime:
         self._segment_models: dict[int, bytes] = {}
         self._tile_models: dict[tuple, bytes] = {}   # tiled steps' one-node models, weightless
         self._tile_sessions: dict[tuple, ort.InferenceSession] = {}   # fed tiles' sessions, kept across runs
+        self._tile_major: dict[int, Path | None] = {}   # by step: its tiles' tile-major copy (None: none)
         # Relaid segments' (by index) and tiles' (by step, start, stop) data files, once built,
         # and where their sessions map them, once found.
         self._relaid: dict[Hashable, Path] = {}
@@ -440,12 +443,14 @@ class Runtime:
         span = self.weights.span(tiles.weight)  # the located file (contained), or None: kept in the proto
         whole = self.weights.read(tiles.weight) if span is None else None
 
-        def read_tile(start: int, stop: int, buffer: np.ndarray) -> np.ndarray:
-            if whole is not None:
-                return np.ascontiguousarray(np.take(whole, np.arange(start, stop), axis=tiles.weight_axis))
-            assert span is not None
-            return read_weight_tile(span.path, span.offset, tiles.weight, shape, tiles.weight_axis, start, stop,
-                                    buffer)
+        def read_tile(start: int, stop: int, buffer: np.ndarray, skip: np.ndarray | None) -> np.ndarray:
+            if reader is not None:
+                return reader(start, stop, buffer, skip)
+            assert whole is not None   # copied into the buffer, as a tile read from a file is
+            tile = whole[(slice(None),) * tiles.weight_axis + (slice(start, stop),)]
+            into = buffer[:tile.size].reshape(tile.shape)
+            np.copyto(into, tile)
+            return into
 
         inputs = {name: feeds[name] for name in dict.fromkeys(node.input) if name in feeds}
         sliced = [tiles.weight] + ([tiles.bias] if tiles.bias is not None and tiles.bias not in inputs else [])
@@ -457,6 +462,7 @@ class Runtime:
         output_shape = [int(d) for d in self.schedule.tensors[tiles.output].shape or ()]
         if self.schedule.streaming is not None:  # chunks: the batch axis is the chunk's
             output_shape[0] = len(next(iter(inputs.values())))
+        reader = None if span is None else self._tile_reader(step.index, tiles, shape, span, tuple(output_shape))
 
         def key_of(width: int, tile_inputs: Mapping[str, np.ndarray]) -> tuple:
             return step.index, width, tuple(v.shape for v in tile_inputs.values())
@@ -491,11 +497,35 @@ class Runtime:
         with self.tracer.span(f"{len(tiles.bounds) - 1} tiles of {step.node}", "tiles", segment=segment.index):
             bias = self.weights.read(tiles.bias) if tiles.bias is not None and tiles.bias not in inputs else None
             try:
-                return run_tiles(tiles, step.node, tuple(output_shape), inputs, read_tile, bias, build, self._options,
-                                 in_place, kept if tiles.fed else None, relaid if tiles.relaid else None)
+                with reader or contextlib.nullcontext():
+                    return run_tiles(tiles, step.node, tuple(output_shape), shape, inputs, read_tile, bias, build,
+                                     self._options, in_place, kept if tiles.fed else None,
+                                     relaid if tiles.relaid else None)
             finally:
                 if tiles.relaid:
                     release_free_heap()   # as after a relaid segment
+
+    def _tile_reader(self, step: int, tiles: Tiles, shape: tuple[int, ...], span: FileSpan,
+                     output_shape: tuple[int, ...]) -> WeightTileReader | TileMajorReader:
+        """What reads the tiles of ``step`` from the weight's file -- or, for ``tiles.tile_major``,
+        from its tile-major copy, written now (one tile at a time, in a buffer of the plan's
+        staging) if it is not cached yet."""
+        strided = WeightTileReader(span.path, span.offset, tiles.weight, shape, tiles.weight_axis)
+        if not tiles.tile_major:
+            return strided
+        if step not in self._tile_major:
+            copy: Path | None = tile_major_copy(span.path, span.offset, span.length, tiles)
+            if not copy.is_file():
+                staging = Staging(tiles, shape, output_shape)
+                try:
+                    write_tile_major(strided, tiles, staging.weight, staging.skip, copy)
+                except OSError as exc:   # a cache that cannot be written: strided reads, every run
+                    log.warning("%s: tiles of %r read from the weight's file: %s", copy, tiles.weight, exc)
+                    copy = None
+                del staging
+            self._tile_major[step] = copy
+        copy = self._tile_major[step]
+        return strided if copy is None else TileMajorReader(copy, tiles.weight, shape)
 
     def _relaid_tile(self, model: onnx.ModelProto, supplied: Callable[[], dict[str, np.ndarray]],
                      salt: str) -> tuple[ort.InferenceSession, Path]:
