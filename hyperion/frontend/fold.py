@@ -258,6 +258,11 @@ def _evaluate(proto: ModelProto, node: NodeProto, inputs: list[ConstantValue | N
     model = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=max(proto.ir_version, 4))
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # One small node a session, built and dropped by the hundred at import (DenseNet-121: 1,100):
+    # no thread pool and no arena, whose blocks and per-thread heaps would stay behind.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         (array,) = session.run(None, feeds)

@@ -13,7 +13,7 @@ from hyperion.ir import ExecutionMode
 from hyperion.passes import Program
 from hyperion.passes.liveness import Liveness, compute_liveness
 from hyperion.passes.memory.costs import packed_bytes, resident_bytes, session_bookkeeping_bytes
-from hyperion.passes.segment import SegmentPass, segment
+from hyperion.passes.segment import HEAP_FRAGMENTATION, SegmentPass, segment
 from tests.passes.helpers import program_from_model
 
 ROW_BYTES = 64 * 4   # one activation row of the chains below
@@ -183,8 +183,9 @@ def test_a_kept_heap_counts_the_activations_high_water_at_every_step() -> None:
     assert returned.step_bytes[0] == wide
     kept = segmented(wide_then_narrow(), ExecutionMode.MEMORY_OPT, 10 * wide, **options).segmentation
     assert kept.kept_heap_bytes == wide and kept.spans == returned.spans
-    # The free heap the Relu's blocks leave counts at every step, beside what it holds.
-    assert kept.step_bytes == tuple(b + wide for b in returned.step_bytes)
+    # The free heap the Relu's blocks leave counts at every step, beside what it holds, with
+    # the holes a segment's blocks of other sizes may leave before it is trimmed.
+    assert kept.step_bytes == tuple(b + int(HEAP_FRAGMENTATION * wide) for b in returned.step_bytes)
     # One step a segment already: no smaller segments to make room for it, so the heap goes back.
     tight = segmented(wide_then_narrow(), ExecutionMode.MEMORY_OPT, kept.peak_bytes - 1, **options).segmentation
     assert tight.kept_heap_bytes == 0 and tight.step_bytes == returned.step_bytes
