@@ -420,28 +420,18 @@ def _keeping_heap(costs: _Costs, layout: _Layout, cached: tuple[int, ...], memor
     (smaller segments hold fewer weights beside it), if they still relay every weight;
     else the heap goes back (0) and the layout stays as grown."""
     heap = layout.activation_high_water()
-    if max(layout.step_bytes(cached, _heap_charge(heap)), default=0) <= memory_limit:
+    if layout.fits_keeping_heap(cached, heap, memory_limit):
         return heap, layout, cached
     lowered = memory_limit - _heap_charge(heap)
-    if lowered <= 0:
-        return 0, layout, cached
-    regrown = _grown_layout(costs, lowered, prefetch, max_segment_steps, pinned_bytes)
-    # Smaller segments must not cost relayout: a plainly fed segment's GEMMs run unpacked.
-    if regrown.fits(lowered) and regrown.relaid_weights() >= layout.relaid_weights():
-        _settle(regrown, lowered, prefetch)
-        regrown_cached = _cached(regrown, normal, lowered, weight_cache_bytes)
-        heap = regrown.activation_high_water()
-        if max(regrown.step_bytes(regrown_cached, _heap_charge(heap)), default=0) <= memory_limit:
-            return heap, regrown, regrown_cached
-    return 0, layout, cached
-    regrown = _grown_layout(costs, lowered, prefetch, max_segment_steps, pinned_bytes)
-    # Smaller segments must not cost relayout: a plainly fed segment's GEMMs run unpacked.
-    if regrown.fits(lowered) and regrown.relaid_weights() >= layout.relaid_weights():
-        _settle(regrown, lowered, prefetch)
-        regrown_cached = _cached(regrown, normal, lowered, weight_cache_bytes)
-        heap = regrown.activation_high_water()
-        if max(regrown.step_bytes(regrown_cached, heap), default=0) <= memory_limit:
-            return heap, regrown, regrown_cached
+    if lowered > 0:
+        regrown = _grown_layout(costs, lowered, prefetch, max_segment_steps, pinned_bytes)
+        # Smaller segments must not cost relayout: a plainly fed segment's GEMMs run unpacked.
+        if regrown.fits(lowered) and regrown.relaid_weights() >= layout.relaid_weights():
+            _settle(regrown, lowered, prefetch)
+            regrown_cached = _cached(regrown, normal, lowered, weight_cache_bytes)
+            heap = regrown.activation_high_water()
+            if regrown.fits_keeping_heap(regrown_cached, heap, memory_limit):
+                return heap, regrown, regrown_cached
     return 0, layout, cached
 
 
@@ -622,6 +612,9 @@ class _Layout:
     def relaid_weights(self) -> set[str]:
         """The weights of relaid segments (rule 13)."""
         return {w for s in self.spans if s.relaid for w in s.weights & self.costs.relaid_weights}
+
+    def fits_keeping_heap(self, cached: tuple[int, ...], kept_heap: int, memory_limit: int) -> bool:
+        return max(self.step_bytes(cached, _heap_charge(kept_heap)), default=0) <= memory_limit
 
     def activation_high_water(self) -> int:
         """The most activations, with workspace, that any step holds: the heap a run reuses."""

@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -29,7 +30,29 @@ from hyperion.schedule import Tiles
 # one for the rest, within Linux's IOV_MAX of 1024 buffers per call.
 COALESCED_ROWS = 512
 
-class WeightTileReader:
+
+class _OpenFile:
+    """A file opened once for the reads of a run (``with reader: ...``); ``what`` names what is
+    read from it, for the error."""
+
+    path: Path
+    what: str
+    _fd: int | None = None
+
+    def __enter__(self) -> Self:
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise ModelLoadError(f"{self.path}: cannot read {self.what}: {exc.strerror or exc}") from None
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class WeightTileReader(_OpenFile):
     """Tiles of one weight read from its file by position (``preadv``: into the caller's
     buffer, no copy in between), the file opened once for all the tiles of a run.
 
@@ -41,19 +64,7 @@ class WeightTileReader:
 
     def __init__(self, path: Path, offset: int, name: str, shape: tuple[int, ...], axis: int) -> None:
         self.path, self.offset, self.name, self.shape, self.axis = path, offset, name, shape, axis
-        self._fd: int | None = None
-
-    def __enter__(self) -> WeightTileReader:
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise ModelLoadError(f"{self.path}: cannot read weight {self.name!r}: {exc.strerror or exc}") from None
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.what = f"weight {name!r}"
 
     def __call__(self, start: int, stop: int, buffer: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
         """``weight[start:stop]`` along ``axis`` (0, or 1 of a 2-D weight) into ``buffer``, as a
@@ -91,26 +102,13 @@ class WeightTileReader:
             raise ModelLoadError(f"{self.path}: truncated external data for weight {self.name!r}")
 
 
-class TileMajorReader:
+class TileMajorReader(_OpenFile):
     """Column tiles of ``shape`` (``[rows, columns]``) read from their tile-major copy at
     ``path``: tile after tile, each ``[rows, width]`` and C-contiguous, one read each."""
 
     def __init__(self, path: Path, name: str, shape: tuple[int, ...]) -> None:
         self.path, self.name, self.rows = path, name, shape[0]
-        self._fd: int | None = None
-
-    def __enter__(self) -> TileMajorReader:
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise ModelLoadError(f"{self.path}: cannot read the tiles of weight {self.name!r}: "
-                                 f"{exc.strerror or exc}") from None
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.what = f"the tiles of weight {name!r}"
 
     def __call__(self, start: int, stop: int, buffer: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
         """Columns ``[start, stop)`` (a tile's edges) into ``buffer``."""
