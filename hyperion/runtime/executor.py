@@ -321,6 +321,7 @@ class Runtime:
             keep_freed_heap()
         else:
             return_freed_memory(MMAP_THRESHOLD_BYTES)
+            release_free_heap()   # what another schedule's runs kept in this process, its plan does not count
 
     def _chunk_starts(self) -> Sequence[int | None]:
         """The first sample of every chunk of a streaming schedule; [None]: the batch is whole."""
