@@ -393,6 +393,7 @@ class Runtime:
             if step.row_gather is not None:
                 return [self._gather_rows(segment, step.row_gather, feeds[step.row_gather.indices])]
             return [self._run_tiles(segment, step.tiles, feeds)]
+        built = self.pool.times.built
         session = self.session(segment)
         self._prefetch(self._next_segment(segment.index))  # while this one computes
         model_feeds = self._model_feeds(segment, feeds)
@@ -415,9 +416,11 @@ class Runtime:
                 pages.drop(self._mapped_pages(segment.index))
             if self._heap_kept:   # no more free heap than the plan counts
                 release_free_heap(self.schedule.kept_heap_bytes)
-            elif segment.relaid:
-                # Its packed kernels leave free pages between live heap blocks (10-19 MiB
-                # after whisper-tiny's decoder), resident until trimmed (0.1 ms).
+            elif segment.relaid or self.pool.times.built > built:
+                # A relaid segment's packed kernels and a session's creation leave free pages
+                # between live heap blocks (10-19 MiB after whisper-tiny's decoder; trimmed after
+                # each of Inception-v2's 15 normal-mode sessions was built, its first run peaked
+                # 11.6 MiB lower), resident until trimmed (0.1 ms).
                 release_free_heap()
 
     def _region_outputs(self, segment: Segment) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
