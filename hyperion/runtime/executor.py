@@ -416,7 +416,7 @@ class Runtime:
                 pages.drop(self._mapped_pages(segment.index))
             if self._heap_kept:   # no more free heap than the plan counts
                 release_free_heap(self.schedule.kept_heap_bytes)
-            elif segment.relaid or self.pool.times.built > built:
+            elif self.config.return_freed_memory and (segment.relaid or self.pool.times.built > built):
                 # A relaid segment's packed kernels and a session's creation leave free pages
                 # between live heap blocks (10-19 MiB after whisper-tiny's decoder; trimmed after
                 # each of Inception-v2's 15 normal-mode sessions was built, its first run peaked
