@@ -437,7 +437,8 @@ def _keeping_heap(costs: _Costs, layout: _Layout, cached: tuple[int, ...], memor
 
 # The runtime trims free heap beyond the kept amount only between segments: within one,
 # blocks freed at one size leave holes another cannot fill, and the heap grows past it
-# (DenseNet-121's ever wider concatenations: 9 MiB over an 11.7 MiB high-water in one run).
+# (DenseNet-121's ever wider concatenations, with 11.7 MiB kept: its second run peaked 9 MiB
+# above its first).
 HEAP_FRAGMENTATION = 1.5
 
 

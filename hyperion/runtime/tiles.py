@@ -241,8 +241,8 @@ def _run_fed_tiles(tiles: Tiles, node: str, inputs: Mapping[str, np.ndarray], re
 
 
 def _bind_output(binding: ort.IOBinding, name: str, into: np.ndarray) -> None:
-    """Output ``name`` written straight into ``into`` (C-contiguous float32) when the session runs."""
-    binding.bind_output(name, "cpu", 0, np.float32, list(into.shape), into.ctypes.data)
+    """Output ``name`` written straight into ``into`` (C-contiguous) when the session runs."""
+    binding.bind_output(name, "cpu", 0, into.dtype, list(into.shape), into.ctypes.data)
 
 
 def _run_tile(session: ort.InferenceSession, tiles: Tiles, node: str, start: int, stop: int,
@@ -254,7 +254,7 @@ def _run_tile(session: ort.InferenceSession, tiles: Tiles, node: str, start: int
             binding = session.io_binding()
             for name, value in feeds.items():
                 binding.bind_cpu_input(name, value)
-            binding.bind_output(tiles.output, "cpu", 0, np.float32, list(target.shape), target.ctypes.data)
+            _bind_output(binding, tiles.output, target)
             session.run_with_iobinding(binding)
         else:
             target[...] = session.run([tiles.output], dict(feeds))[0]
