@@ -17,7 +17,6 @@ parsed again by onnxruntime. So large embedded weights become external data:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import mmap
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 from onnx import ModelProto, TensorProto
 
+from hyperion.digest import sha256
 from hyperion.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def load_lean(path: Path) -> tuple[ModelProto, str]:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    digest = sha256()
     with path.open("rb") as handle:   # plain reads: the page cache, not this process's RSS
         while chunk := handle.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)

@@ -39,7 +39,6 @@ the model's folder is not Hyperion's to write in.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ from typing import BinaryIO
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
+from hyperion.digest import sha256
 from hyperion.errors import CacheError, OutputError
 from hyperion.files import write_atomic
 from hyperion.frontend.embedded import SMALL_INITIALIZER_BYTES, refer, weights_folder
@@ -375,7 +375,7 @@ def _layout_digest(weights: Mapping[str, ConstantValue], offsets: list[int]) -> 
     evaluated = any(value.fill is None for value in weights.values())
     text = json.dumps({"format": FOLD_FORMAT, "onnxruntime": ort.__version__ if evaluated else None,
                        "weights": entries})
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return sha256(text.encode()).hexdigest()[:16]
 
 
 # -- the folded model --------------------------------------------------------------------------

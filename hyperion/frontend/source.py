@@ -8,7 +8,6 @@ refused.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -17,6 +16,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 from onnx import ModelProto, TensorProto, numpy_helper
 
+from hyperion import digest
 from hyperion.errors import ModelLoadError, OptionError, UnsafeModelError
 from hyperion.frontend.types import itemsize
 from hyperion.ir import DEFAULT_DOMAIN, ExternalLocation, normalise_domain, tensor_nbytes
@@ -63,10 +63,10 @@ def _load_source(model: ModelLike, base_dir: str | os.PathLike | None) -> ModelS
     folder = _base_dir(base_dir)
     if isinstance(model, ModelProto):
         data = model.SerializeToString()
-        return _source(model, None, folder, hashlib.sha256(data).hexdigest())
+        return _source(model, None, folder, digest.sha256(data).hexdigest())
     if isinstance(model, bytes | bytearray):
         proto = _parse(bytes(model), "<bytes>")
-        return _source(proto, None, folder, hashlib.sha256(model).hexdigest())
+        return _source(proto, None, folder, digest.sha256(model).hexdigest())
     if not isinstance(model, str | os.PathLike):
         raise OptionError(f"model: expected a path, bytes or an onnx.ModelProto, got {type(model).__name__}")
     path = Path(model)
@@ -85,7 +85,7 @@ def _load_source(model: ModelLike, base_dir: str | os.PathLike | None) -> ModelS
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read the model file ({exc.strerror or exc})") from None
     proto = _parse(data, str(path))
-    return _source(proto, path.resolve(), path.resolve().parent, hashlib.sha256(data).hexdigest())
+    return _source(proto, path.resolve(), path.resolve().parent, digest.sha256(data).hexdigest())
 
 
 def _base_dir(base_dir: str | os.PathLike | None) -> Path | None:

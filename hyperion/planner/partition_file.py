@@ -10,12 +10,12 @@ docs/schedule_format.md documents the fields.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from hyperion.digest import sha256
 from hyperion.errors import ScheduleError
 from hyperion.files import write_atomic
 from hyperion.planner.partition import Partition, Stage, StageEdge
@@ -82,7 +82,7 @@ def _stage(source: Path, record: dict[str, Any]) -> Stage:
     except OSError as exc:
         raise ScheduleError(f"{source}: stage {record['index']}: cannot read its model {model_path} ({exc})") from None
     schedule = Schedule.load(schedule_path)
-    if hashlib.sha256(model).hexdigest() != schedule.model.sha256:
+    if sha256(model).hexdigest() != schedule.model.sha256:
         raise ScheduleError(f"{schedule_path}: not the schedule of stage model {model_path} (sha256 differs); "
                             "partition the model again")
     fields = {name: tuple(record[name]) if isinstance(record[name], list) else record[name] for name in _STAGE_FIELDS}

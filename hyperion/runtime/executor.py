@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import mmap
 import os
@@ -43,6 +42,7 @@ import onnx
 import onnxruntime as ort
 from onnx import NodeProto
 
+from hyperion.digest import sha256
 from hyperion.errors import FeedError, RuntimeExecutionError, UnsupportedModelError
 from hyperion.frontend import ModelSource
 from hyperion.ir import ExecutionMode, TensorRole
@@ -491,7 +491,7 @@ class Runtime:
             key = (step.index, start, stop)
             if key not in self._tile_sessions:
                 # A weight kept in the proto (small) has no file to key the cache by: its bytes do.
-                in_proto = hashlib.sha256(b"".join(self.weights.read(name).tobytes() for name in sliced
+                in_proto = sha256(b"".join(self.weights.read(name).tobytes() for name in sliced
                                                    if spans[name] is None)).hexdigest()
                 self._tile_sessions[key], self._relaid[key] = self._relaid_tile(
                     onnx.load_model_from_string(build(stop - start, tile_inputs)), supplied,

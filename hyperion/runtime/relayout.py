@@ -38,7 +38,6 @@ copies: about twice the segment's weights on disk.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import platform
@@ -53,6 +52,7 @@ import onnx
 import onnxruntime as ort
 from onnx import ModelProto, TensorProto
 
+from hyperion.digest import sha256
 from hyperion.frontend.embedded import SMALL_INITIALIZER_BYTES, cache_dir
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def scratch_folder() -> tempfile.TemporaryDirectory[str]:
 
 
 def _cached_folder(model: ModelProto, external_folder: Path, salt: str) -> Path:
-    digest = hashlib.sha256(model.SerializeToString() + salt.encode())
+    digest = sha256(model.SerializeToString() + salt.encode())
     for location in sorted(_external_locations(model)):
         path = external_folder / location
         if not path.exists():   # declared, never read (a tile of a weight kept in the proto): salted by the caller

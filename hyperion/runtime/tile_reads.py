@@ -13,7 +13,6 @@ the run's own buffer.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -22,6 +21,7 @@ from typing import Self
 
 import numpy as np
 
+from hyperion.digest import sha256
 from hyperion.errors import ModelLoadError
 from hyperion.frontend.embedded import cache_dir
 from hyperion.schedule import Tiles
@@ -125,7 +125,7 @@ def tile_major_copy(weight: Path, offset: int, length: int, tiles: Tiles) -> Pat
     ``tiles.bounds`` is cached (whether written yet or not)."""
     stat = weight.stat()
     key = f"{weight.resolve()}\0{offset}\0{length}\0{stat.st_size}\0{stat.st_mtime_ns}\0{tiles.bounds}"
-    return _root() / f"{hashlib.sha256(key.encode()).hexdigest()}.tiles"
+    return _root() / f"{sha256(key.encode()).hexdigest()}.tiles"
 
 
 def write_tile_major(reader: WeightTileReader, tiles: Tiles, buffer: np.ndarray, skip: np.ndarray | None,
