@@ -29,12 +29,12 @@ from hyperion.ir import ExecutionMode, Graph, TensorRole
 from hyperion.planner import optimal_batch_size, parse_mode, plan
 from hyperion.replan import ReplanRunner, ReplanStats, Runner, TracedReplan, runner_for
 from hyperion.runtime import RunStats, Runtime, SessionConfig
-from hyperion.runtime.tracing import Tracing
 from hyperion.schedule import Schedule, check_consistency
 from hyperion.units import MAX_TENSOR_BYTES, parse_size
 
 if TYPE_CHECKING:
     from hyperion.ir import NetworkxGraph
+    from hyperion.runtime.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,7 @@ class CompiledModel:
         tracing (onnxruntime's profiler on): the first run builds them. See docs/looking.md."""
         if self._tracing is not None:
             raise OptionError("tracing: this model is already being traced")
+        from hyperion.runtime.tracing import Tracing  # a traced run only: no compile or plain run imports it
         self._tracing = Tracing(path, label=self._source.label, rss_interval_s=rss_interval_s)
         written = False
         try:

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from onnx import TypeProto
@@ -40,9 +40,11 @@ from hyperion.ir import TensorRole
 from hyperion.runtime import RunStats, Runtime, SessionConfig
 from hyperion.runtime.segment_model import type_proto
 from hyperion.runtime.trace import NULL_RECORDER, RUN_TRACK, NullRecorder
-from hyperion.runtime.tracing import Tracing
 from hyperion.schedule import Observe, Replan, Schedule
 from hyperion.units import format_size
+
+if TYPE_CHECKING:
+    from hyperion.runtime.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
