@@ -1,8 +1,12 @@
 """Import: the tensor table, node attributes and small constants in the IR, external data
-located but not read, and clear errors on bad input."""
+located but not read, and clear errors on bad input; and what ``import hyperion`` itself
+imports (and leaves out), against what a compile, a run and a load need."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -10,9 +14,10 @@ import onnx
 import pytest
 
 import hyperion
+from hyperion.digest import sha256
 from hyperion.frontend import import_model, load_source
 from hyperion.ir import SMALL_TENSOR_BYTES, TensorRole
-from tests.conftest import RUNTIME_AXES_MEAN, fixture_path
+from tests.conftest import RUNTIME_AXES_MEAN, fixture_path, run_python
 
 
 def test_tensor_table_roles_sizes_producers_consumers() -> None:
@@ -170,3 +175,75 @@ def test_input_shapes_for_a_sequence_input_is_an_option_error() -> None:
     }''')
     with pytest.raises(hyperion.OptionError, match="'s' is not a tensor"):
         hyperion.compile(model, input_shapes={"s": [3, 2]})
+
+
+# -- What `import hyperion` imports (docs/memory.md, "import") ----------------------------------
+# SPEC's promise subtracts a process that only imports hyperion and onnxruntime: whatever a
+# compile or a run needs belongs in that import (else it lands under the cap), whatever none
+# needs does not (else every user pays for it).
+_MODULES = """
+import json, sys
+import hyperion
+{work}
+print(json.dumps(sorted(sys.modules)))
+"""
+_DEMO_FEEDS = "import numpy as np\nfeeds = {'image': np.ones((1, 3, 64, 64), dtype=np.float32)}\n"
+_COMPILE_AND_RUN = _DEMO_FEEDS + """
+cm = hyperion.compile(sys.argv[1], memory_limit="1MB", input_shapes={"image": [1, 3, 64, 64]})
+cm.run(feeds)
+"""
+_LOAD_AND_RUN = _DEMO_FEEDS + """
+cm = hyperion.load(sys.argv[1], sys.argv[2])
+cm.run(feeds)
+"""
+_NEVER_IMPORTED = ("_hashlib", "networkx", "sympy", "jsonschema", "matplotlib", "ray", "hyperion.seed",
+                   "hyperion.session", "hyperion.planner.partition", "hyperion.runtime.tracing", "hyperion.tools")
+
+
+def _modules_after(work: str = "", *args: str) -> set[str]:
+    return set(json.loads(run_python(_MODULES.format(work=work), *args)))
+
+
+@functools.cache
+def _imported_by_import_hyperion() -> frozenset[str]:
+    return frozenset(_modules_after())
+
+
+def test_import_hyperion_loads_what_a_compile_and_a_run_need_and_nothing_else() -> None:
+    imported = _imported_by_import_hyperion()
+    assert {"onnx", "hyperion.planner.plan", "hyperion.passes.pipeline", "hyperion.runtime.executor",
+            "hyperion.replan", "hyperion.runtime.tiles"} <= imported
+    assert not imported & set(_NEVER_IMPORTED)   # OpenSSL's libcrypto among them: the SHA-256 is built in
+
+
+def test_compile_and_run_import_no_module_of_hyperion_that_import_did_not() -> None:
+    after = _modules_after(_COMPILE_AND_RUN, str(fixture_path("demo")))
+    assert {m for m in after - _imported_by_import_hyperion() if m.startswith("hyperion")} == set()
+    assert not after & set(_NEVER_IMPORTED)
+
+
+def test_load_and_run_import_nothing_of_hyperion_beyond_import_and_no_openssl(tmp_path: Path) -> None:
+    cm = hyperion.compile(fixture_path("demo"), memory_limit="1MB", input_shapes={"image": [1, 3, 64, 64]})
+    schedule = cm.schedule.save(tmp_path / "demo.schedule.json")
+    after = _modules_after(_LOAD_AND_RUN, str(fixture_path("demo")), str(schedule))
+    assert {m for m in after - _imported_by_import_hyperion() if m.startswith("hyperion")} == set()
+    assert "jsonschema" in after   # a loaded schedule is validated against its JSON Schema (SPEC)
+    assert not after & (set(_NEVER_IMPORTED) - {"jsonschema"})
+
+
+def test_lazy_public_names_resolve_and_unknown_ones_raise() -> None:
+    namespace: dict[str, object] = {}
+    exec("from hyperion import *", namespace)
+    assert set(hyperion.__all__) <= set(namespace) and set(hyperion.__all__) <= set(dir(hyperion))
+    assert hyperion.partition is hyperion.planner.partition.partition
+    assert hyperion.InferenceSession.__module__ == "hyperion.session"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = hyperion.nope   # type: ignore[attr-defined]
+
+
+def test_built_in_sha256_is_hashlibs() -> None:
+    data = bytes(range(256)) * 1000
+    digest = sha256(data[:100])
+    digest.update(data[100:])
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert sha256().hexdigest() == hashlib.sha256(b"").hexdigest()
