@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -513,3 +515,23 @@ def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path: Path) -
     plain.write_text("x")
     written = write_atomic(tmp_path / "atomic.txt", "x")
     assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+LONG_VECTOR = """<ir_version: 8, opset_import: ["" : 17]>
+g (int64[10000000] ids) => (float[10000000] y) {
+    y = Cast <to = 1> (ids)
+}"""
+
+
+def test_a_long_integer_vector_does_not_exhaust_memory_at_import() -> None:
+    """onnx's data propagation would make the int64[10**7] a shape of 10**7 dims (1.4 GB at
+    import); compiling in a fresh process must stay far below that, and still size ``y``."""
+    script = (
+        "import onnx, hyperion\n"
+        "from hyperion.tools.rss import peak_rss_bytes\n"
+        "before = peak_rss_bytes()\n"
+        f"cm = hyperion.compile(onnx.parser.parse_model({LONG_VECTOR!r}))\n"
+        "print(cm.schedule.tensors['y'].shape, (peak_rss_bytes() - before) >> 20)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    shape, grown_mib = result.stdout.split(")")
+    assert shape == "(10000000," and int(grown_mib) < 200

@@ -97,13 +97,47 @@ def infer_types(skeleton: ModelProto, label: str, isolate_symbolic: bool,
     :mod:`hyperion.frontend.symbolic`).
     """
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        inferred = _onnx_inference(skeleton)
     except Exception as exc:  # onnx raises several unrelated types here
         log.info("%s: onnx shape inference failed (%s); trying onnxruntime's", label, exc)
         inferred = skeleton
     if not estimate or _all_sized(inferred):  # estimate=False: onnx's inference alone
         return inferred, None
     return inferred, infer_symbolic(inferred, label, isolated=isolate_symbolic)
+
+
+# onnx's data propagation turns an integer vector of known length that an op such as Cast,
+# Add or Mul reads into a shape of that many dims, values unknown, about 140 bytes a dim
+# (onnx 1.23: a Cast of an int64[10**7] took 2.2 s and 1.4 GB; the Range of a re-planned
+# rest whose limit was observed as 10**8, 14 GB). No shape is that long, so where plain
+# inference finds such a vector, its result is kept: a hostile model -- or a re-planned
+# rest -- cannot exhaust memory at import, before any cap is checked. onnxruntime's
+# symbolic inference then sizes what data propagation would have.
+PROPAGATED_VECTOR_MAX_ELEMENTS = 1 << 16
+_INTEGER_TYPES = frozenset({TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8,
+                            TensorProto.UINT64, TensorProto.UINT32, TensorProto.UINT16, TensorProto.UINT8})
+
+
+def _onnx_inference(skeleton: ModelProto) -> ModelProto:
+    """onnx's shape inference, with data propagation unless a long integer vector makes it
+    unsafe (see ``PROPAGATED_VECTOR_MAX_ELEMENTS``)."""
+    plain = onnx.shape_inference.infer_shapes(skeleton)
+    if _has_long_integer_vector(plain):
+        log.info("onnx data propagation skipped: an integer vector longer than %d elements",
+                 PROPAGATED_VECTOR_MAX_ELEMENTS)
+        return plain
+    return onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+
+
+def _has_long_integer_vector(model: ModelProto) -> bool:
+    graph = model.graph
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor = value.type.tensor_type
+        if tensor.elem_type in _INTEGER_TYPES and tensor.HasField("shape") and len(tensor.shape.dim) == 1:
+            dim = tensor.shape.dim[0]
+            if dim.HasField("dim_value") and dim.dim_value > PROPAGATED_VECTOR_MAX_ELEMENTS:
+                return True
+    return False
 
 
 def split_value_types(certain: ModelProto, estimated: ModelProto | None,
