@@ -1,0 +1,190 @@
+"""The C heap a plan's runs leave resident when freed blocks are kept (rule 14 of ``segment``).
+
+With the heap kept between runs, a run's activations are carved out of the free heap the
+runs before it left, so what the heap costs in RSS is not the live activations plus the
+free heap, but the heap's footprint: live blocks plus the free pages between and above
+them that were touched and not trimmed. That footprint depends on the order and sizes of
+the allocations (blocks freed at one size leave holes another cannot fill: DenseNet-121's
+ever wider concatenations grow the heap past the most activations any step holds), so it
+is found by replaying the plan's allocations on a model of glibc's heap.
+
+Hand-written because no library models glibc's allocator; this is the small part of it
+that decides the footprint of blocks of a few KiB to tens of MiB:
+
+* a request is served best-fit from the free chunks (the smallest that fits, the lowest
+  address among equals), else from the top of the heap, which grows as needed; a request
+  of ``MMAP_THRESHOLD_BYTES`` or more that no free chunk fits is mapped on its own and
+  returned to the OS when freed;
+* a freed block coalesces with its free neighbours; at the top it rejoins the top, which
+  glibc trims itself once more than ``TRIM_THRESHOLD_BYTES`` of it is free;
+* a page is resident once written and stays so until trimmed. Where a free chunk is only
+  partly resident, the part a request leaves is taken to hold all of its resident pages
+  (at most its size): the model errs towards a larger footprint;
+* after every segment the runtime trims (``malloc_trim``) when more than the kept bytes
+  lie free below the top (``mallinfo2``'s ``fordblks - keepcost``): every free page is
+  given back and the top released.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from hyperion.ir import Graph
+from hyperion.passes.liveness import Liveness
+
+# As the runtime sets glibc when a plan keeps its heap (runtime/sessions.keep_freed_heap).
+MMAP_THRESHOLD_BYTES = 32 << 20
+TRIM_THRESHOLD_BYTES = 2 * MMAP_THRESHOLD_BYTES
+# posix_memalign(64) as onnxruntime's CPU allocator asks, plus glibc's chunk header.
+_ALIGN_BYTES = 64
+
+
+@dataclass(frozen=True)
+class Alloc:
+    key: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Free:
+    key: str
+
+
+@dataclass(frozen=True)
+class Trim:
+    """The end of a segment: the runtime trims the free heap beyond the kept bytes."""
+
+
+HeapEvent = Alloc | Free | Trim
+
+
+class _Heap:
+    """Free chunks by address (start -> [size, resident bytes]), the top, live blocks."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []                 # free chunks below the top, sorted
+        self.free: dict[int, list[int]] = {}
+        self.top_start, self.top_resident = 0, 0    # the top chunk: [top_start, brk)
+        self.brk = 0
+        self.live: dict[str, tuple[int, int]] = {}  # key -> (start, size); start -1: mapped alone
+        self.live_bytes = 0
+
+    def footprint(self) -> int:
+        return self.live_bytes + self.top_resident + sum(chunk[1] for chunk in self.free.values())
+
+    def free_below_top(self) -> int:
+        return sum(chunk[0] for chunk in self.free.values())
+
+    def alloc(self, key: str, nbytes: int) -> None:
+        size = -(-max(nbytes, 1) // _ALIGN_BYTES) * _ALIGN_BYTES + _ALIGN_BYTES
+        start = self._best_fit(size)
+        if start is not None:
+            chunk_size, resident = self.free.pop(start)
+            self.starts.remove(start)
+            if chunk_size > size:
+                self._insert(start + size, chunk_size - size, min(chunk_size - size, resident))
+        elif size >= MMAP_THRESHOLD_BYTES:
+            start = -1
+        else:
+            start = self.top_start
+            top_size = self.brk - self.top_start
+            self.brk = max(self.brk, start + size)
+            self.top_start = start + size
+            self.top_resident = min(max(0, top_size - size), self.top_resident)
+        self.live[key] = (start, size)
+        self.live_bytes += size
+
+    def release(self, key: str) -> None:
+        start, size = self.live.pop(key)
+        self.live_bytes -= size
+        if start < 0:
+            return
+        resident = size
+        index = bisect.bisect_left(self.starts, start)
+        if index > 0:   # the free chunk just below
+            below = self.starts[index - 1]
+            if below + self.free[below][0] == start:
+                below_size, below_resident = self.free.pop(below)
+                self.starts.pop(index - 1)
+                start, size, resident = below, below_size + size, below_resident + resident
+        above = start + size
+        if above in self.free:
+            above_size, above_resident = self.free.pop(above)
+            self.starts.remove(above)
+            size, resident = size + above_size, resident + above_resident
+        if start + size == self.top_start:
+            self.top_start, self.top_resident = start, self.top_resident + resident
+            if self.brk - self.top_start > TRIM_THRESHOLD_BYTES:
+                self.brk, self.top_resident = self.top_start, 0
+        else:
+            self._insert(start, size, resident)
+
+    def trim(self, kept_bytes: int) -> None:
+        if self.free_below_top() <= kept_bytes:
+            return
+        for chunk in self.free.values():
+            chunk[1] = 0
+        self.brk, self.top_resident = self.top_start, 0
+
+    def _best_fit(self, size: int) -> int | None:
+        fits = [(chunk[0], start) for start, chunk in self.free.items() if chunk[0] >= size]
+        return min(fits)[1] if fits else None
+
+    def _insert(self, start: int, size: int, resident: int) -> None:
+        bisect.insort(self.starts, start)
+        self.free[start] = [size, resident]
+
+
+def heap_footprint(run: Sequence[HeapEvent], kept_bytes: int, runs: int = 2) -> int:
+    """The most bytes the heap holds resident over ``runs`` runs of ``run``'s allocations,
+    each starting from the heap the one before left; a key allocated and not freed in a
+    run (a graph output) is freed once the next run has allocated its own."""
+    heap = _Heap()
+    peak = 0
+    for index in range(runs):
+        for event in run:
+            if isinstance(event, Alloc):
+                heap.alloc(f"{index}/{event.key}", event.nbytes)
+                peak = max(peak, heap.footprint())
+            elif isinstance(event, Free):
+                heap.release(f"{index}/{event.key}")
+            else:
+                heap.trim(kept_bytes)
+        for key in [k for k in heap.live if not k.startswith(f"{index}/")]:
+            heap.release(key)
+    return peak
+
+
+def allocation_sequence(graph: Graph, liveness: Liveness, spans: Iterable[tuple[int, int]],
+                        workspace: Sequence[int]) -> list[HeapEvent]:
+    """One run's heap allocations as the plan runs it: per step its outputs and then its
+    kernels' workspace (freed when the step ends), the activations whose last reader it is
+    freed after it -- those defined before its segment when the segment returns (rule 2) --
+    and a trim after every segment. Graph inputs are the caller's, allocated before the
+    run; graph outputs are handed to the caller."""
+    outputs_at: list[list[str]] = [[] for _ in range(liveness.num_steps)]
+    deaths_at: list[list[str]] = [[] for _ in range(liveness.num_steps)]
+    handed = set(graph.outputs)
+    for name, interval in liveness.intervals.items():
+        if interval.first < 0:
+            continue
+        outputs_at[interval.first].append(name)
+        if name not in handed:
+            deaths_at[max(interval.last, interval.first)].append(name)
+    events: list[HeapEvent] = []
+    for start, stop in spans:
+        held: list[str] = []
+        for step in range(start, stop):
+            events.extend(Alloc(name, graph.tensors[name].nbytes or 0) for name in outputs_at[step])
+            if workspace[step] > 0:
+                events.extend((Alloc(f"workspace {step}", workspace[step]), Free(f"workspace {step}")))
+            for name in deaths_at[step]:
+                if liveness.intervals[name].first >= start:
+                    events.append(Free(name))
+                else:
+                    held.append(name)
+        events.extend(Free(name) for name in held)
+        events.append(Trim())
+    return events
