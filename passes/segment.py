@@ -622,9 +622,10 @@ class _Layout:
         return max((max(span.step_activation) for span in self.spans), default=0)
 
     def heap_footprint(self) -> int:
-        """What the heap holds resident at most, live activations included, over the runs
-        that keep free heap up to the activation high-water (rule 14): simulated
-        (``passes/memory/heap.py``), at least that high-water."""
+        """What the heap holds resident at most, live activations and workspace included, over
+        the runs that keep free heap up to the activation high-water (rule 14): simulated on a
+        model of glibc's heap (``passes/memory/heap.py``). Graph inputs are the caller's,
+        outside it."""
         costs = self.costs
         workspace = [0] * costs.n
         for span in self.spans:
@@ -632,8 +633,7 @@ class _Layout:
                 workspace[step] = costs.activation(step, span.relaid) - costs.live[step]
         events = allocation_sequence(costs.graph, costs.liveness, [(s.start, s.stop) for s in self.spans],
                                      workspace)
-        kept = self.activation_high_water()
-        return max(kept, heap_footprint(events, kept, HEAP_SIMULATED_RUNS))
+        return heap_footprint(events, self.activation_high_water(), HEAP_SIMULATED_RUNS)
 
     def step_bytes(self, cached: tuple[int, ...], heap: int = 0) -> list[int]:
         """Accounted bytes per step; ``heap``: with free heap kept across runs (rule 14), the

@@ -15,8 +15,14 @@ that decides the footprint of blocks of a few KiB to tens of MiB:
   address among equals), else from the top of the heap, which grows as needed; a request
   of ``MMAP_THRESHOLD_BYTES`` or more that no free chunk fits is mapped on its own and
   returned to the OS when freed;
-* a freed block coalesces with its free neighbours; at the top it rejoins the top, which
-  glibc trims itself once more than ``TRIM_THRESHOLD_BYTES`` of it is free;
+* a freed block does not coalesce with free neighbours: onnxruntime carves small blocks
+  (shapes, kernel state) from the heap right after each large one, and they outlive it, so
+  two freed activations are seldom adjacent. Measured on DenseNet-121's first segment at a
+  quarter of onnxruntime's RSS (its blocks of 64 KiB or more, traced with an ``LD_PRELOAD``
+  shim): replayed with coalescing, its heap peaked at 12.3 MiB over two runs, without at
+  19.9 and 29.7 MiB (one run, two), and the process's RSS rose 28-34 MiB over it. A block
+  freed at the top rejoins the top, which glibc trims itself once more than
+  ``TRIM_THRESHOLD_BYTES`` of it is free;
 * a page is resident once written and stays so until trimmed. Where a free chunk is only
   partly resident, the part a request leaves is taken to hold all of its resident pages
   (at most its size): the model errs towards a larger footprint;
@@ -101,25 +107,12 @@ class _Heap:
         self.live_bytes -= size
         if start < 0:
             return
-        resident = size
-        index = bisect.bisect_left(self.starts, start)
-        if index > 0:   # the free chunk just below
-            below = self.starts[index - 1]
-            if below + self.free[below][0] == start:
-                below_size, below_resident = self.free.pop(below)
-                self.starts.pop(index - 1)
-                start, size, resident = below, below_size + size, below_resident + resident
-        above = start + size
-        if above in self.free:
-            above_size, above_resident = self.free.pop(above)
-            self.starts.remove(above)
-            size, resident = size + above_size, resident + above_resident
         if start + size == self.top_start:
-            self.top_start, self.top_resident = start, self.top_resident + resident
+            self.top_start, self.top_resident = start, self.top_resident + size
             if self.brk - self.top_start > TRIM_THRESHOLD_BYTES:
                 self.brk, self.top_resident = self.top_start, 0
         else:
-            self._insert(start, size, resident)
+            self._insert(start, size, size)
 
     def trim(self, kept_bytes: int) -> None:
         if self.free_below_top() <= kept_bytes:
