@@ -123,13 +123,18 @@ class SegmentPass(Pass):
        is run by Hyperion itself (tiles, row gathers, regions), a run that builds no session
        may instead keep freed blocks in the heap, up to ``kept_heap_bytes`` of free heap
        (the runtime trims it back after any segment that leaves more), set to the most
-       activations (with workspace) any step holds, the heap a run reuses; the plan counts
-       ``HEAP_FRAGMENTATION`` (1.5) times that at every step, for the holes a segment
-       leaves before it is trimmed. It keeps the heap when that fits the cap as segmented,
-       or with segments grown again under the cap less that much (as long as they relay
-       every weight the first ones did); the first run, which builds the sessions, gives
-       freed blocks back as before. A model re-planned at run time keeps none
-       (``keep_heap=False``): its prefix and its rest are two plans over one heap.
+       activations (with workspace) any step holds. A run's activations are then carved out
+       of that heap, so the plan counts, at every step, the heap's footprint *in place of*
+       the step's own activations (and the graph inputs its segment holds, the caller's,
+       beside it): the most the heap holds resident, live blocks and free pages, over two
+       runs of the plan's allocations on a model of glibc's heap
+       (:mod:`hyperion.passes.memory.heap`), which finds the holes each graph's sizes leave
+       (DenseNet-121's ever wider concatenations: 2.9-4.4x its high-water; ResNet-50 1.6x).
+       A session's creation is not charged it: only the first run creates, and it keeps no
+       heap. It keeps the heap when that fits the cap as segmented, or with segments grown
+       again under the cap less what the heap adds (as long as they relay every weight the
+       first ones did). A model re-planned at run time keeps none (``keep_heap=False``):
+       its prefix and its rest are two plans over one heap.
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.

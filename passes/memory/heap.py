@@ -67,28 +67,27 @@ HeapEvent = Alloc | Free | Trim
 
 
 class _Heap:
-    """Free chunks by address (start -> [size, resident bytes]), the top, live blocks."""
+    """Free chunks below the top, by size and by address; the top; live blocks. Sums kept as
+    they change: a plan of thousands of steps frees thousands of chunks."""
 
     def __init__(self) -> None:
-        self.starts: list[int] = []                 # free chunks below the top, sorted
-        self.free: dict[int, list[int]] = {}
+        self.by_size: list[tuple[int, int]] = []    # (size, start) of free chunks, sorted
+        self.resident: dict[int, int] = {}          # start -> resident bytes of that free chunk
+        self.free_bytes, self.free_resident = 0, 0
         self.top_start, self.top_resident = 0, 0    # the top chunk: [top_start, brk)
         self.brk = 0
         self.live: dict[str, tuple[int, int]] = {}  # key -> (start, size); start -1: mapped alone
         self.live_bytes = 0
 
     def footprint(self) -> int:
-        return self.live_bytes + self.top_resident + sum(chunk[1] for chunk in self.free.values())
-
-    def free_below_top(self) -> int:
-        return sum(chunk[0] for chunk in self.free.values())
+        return self.live_bytes + self.top_resident + self.free_resident
 
     def alloc(self, key: str, nbytes: int) -> None:
         size = -(-max(nbytes, 1) // _ALIGN_BYTES) * _ALIGN_BYTES + _ALIGN_BYTES
-        start = self._best_fit(size)
-        if start is not None:
-            chunk_size, resident = self.free.pop(start)
-            self.starts.remove(start)
+        index = bisect.bisect_left(self.by_size, (size, -1))   # best fit, lowest address among equals
+        if index < len(self.by_size):
+            chunk_size, start = self.by_size[index]
+            resident = self._remove(index)
             if chunk_size > size:
                 self._insert(start + size, chunk_size - size, min(chunk_size - size, resident))
         elif size >= MMAP_THRESHOLD_BYTES:
@@ -115,19 +114,24 @@ class _Heap:
             self._insert(start, size, size)
 
     def trim(self, kept_bytes: int) -> None:
-        if self.free_below_top() <= kept_bytes:
+        if self.free_bytes <= kept_bytes:
             return
-        for chunk in self.free.values():
-            chunk[1] = 0
+        self.resident = dict.fromkeys(self.resident, 0)
+        self.free_resident = 0
         self.brk, self.top_resident = self.top_start, 0
 
-    def _best_fit(self, size: int) -> int | None:
-        fits = [(chunk[0], start) for start, chunk in self.free.items() if chunk[0] >= size]
-        return min(fits)[1] if fits else None
-
     def _insert(self, start: int, size: int, resident: int) -> None:
-        bisect.insort(self.starts, start)
-        self.free[start] = [size, resident]
+        bisect.insort(self.by_size, (size, start))
+        self.resident[start] = resident
+        self.free_bytes += size
+        self.free_resident += resident
+
+    def _remove(self, index: int) -> int:
+        size, start = self.by_size.pop(index)
+        resident = self.resident.pop(start)
+        self.free_bytes -= size
+        self.free_resident -= resident
+        return resident
 
 
 def heap_footprint(run: Sequence[HeapEvent], kept_bytes: int, runs: int = 2) -> int:
