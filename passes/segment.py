@@ -20,6 +20,7 @@ from hyperion.passes.memory.costs import (
     session_bookkeeping_bytes,
     workspace_bytes,
 )
+from hyperion.passes.memory.heap import allocation_sequence, heap_footprint
 from hyperion.passes.program import Program
 from hyperion.units import format_size
 
@@ -122,13 +123,18 @@ class SegmentPass(Pass):
        is run by Hyperion itself (tiles, row gathers, regions), a run that builds no session
        may instead keep freed blocks in the heap, up to ``kept_heap_bytes`` of free heap
        (the runtime trims it back after any segment that leaves more), set to the most
-       activations (with workspace) any step holds, the heap a run reuses; the plan counts
-       ``HEAP_FRAGMENTATION`` (1.5) times that at every step, for the holes a segment
-       leaves before it is trimmed. It keeps the heap when that fits the cap as segmented,
-       or with segments grown again under the cap less that much (as long as they relay
-       every weight the first ones did); the first run, which builds the sessions, gives
-       freed blocks back as before. A model re-planned at run time keeps none
-       (``keep_heap=False``): its prefix and its rest are two plans over one heap.
+       activations (with workspace) any step holds. A run's activations are then carved out
+       of that heap, so the plan counts, at every step, the heap's footprint *in place of*
+       the step's own activations (and the graph inputs its segment holds, the caller's,
+       beside it): the most the heap holds resident, live blocks and free pages, over two
+       runs of the plan's allocations on a model of glibc's heap
+       (:mod:`hyperion.passes.memory.heap`), which finds the holes each graph's sizes leave
+       (DenseNet-121's ever wider concatenations: 2.9-4.4x its high-water; ResNet-50 1.6x).
+       A session's creation is not charged it: only the first run creates, and it keeps no
+       heap. It keeps the heap when that fits the cap as segmented, or with segments grown
+       again under the cap less what the heap adds (as long as they relay every weight the
+       first ones did). A model re-planned at run time keeps none (``keep_heap=False``):
+       its prefix and its rest are two plans over one heap.
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.
@@ -207,8 +213,12 @@ class _Costs:
         self.cached_workspace = ([workspace_bytes(graph, node, weights_fed=False) - w
                                   for node, w in zip(nodes, workspace, strict=True)] if fed else [0] * self.n)
         staged = staging or {}
+        self.live = activation_live_bytes(graph, liveness)   # tensors alone, graph inputs included
+        # Graph inputs: (last reader, bytes).
+        self.inputs = [(interval.last, graph.tensors[name].nbytes or 0)
+                       for name, interval in liveness.intervals.items() if interval.first < 0]
         self.activations = [a + w + staged.get(step, 0) for step, (a, w) in
-                            enumerate(zip(activation_live_bytes(graph, liveness), workspace, strict=True))]
+                            enumerate(zip(self.live, workspace, strict=True))]
         self.deaths: list[list[str]] = [[] for _ in range(self.n)]
         for name, interval in liveness.intervals.items():
             if 0 <= interval.last < self.n:
@@ -390,13 +400,13 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
         _refuse_for_bookkeeping(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     _settle(layout, memory_limit, prefetch)
     cached = _cached(layout, normal, memory_limit, weight_cache_bytes)
-    kept_heap = 0
+    kept_heap, heap = 0, 0
     if keep_heap and memory_limit is not None and layout.may_keep_heap():
-        kept_heap, layout, cached = _keeping_heap(costs, layout, cached, memory_limit, normal, prefetch,
-                                                  max_segment_steps, pinned_bytes, weight_cache_bytes)
+        kept_heap, heap, layout, cached = _keeping_heap(costs, layout, cached, memory_limit, normal, prefetch,
+                                                        max_segment_steps, pinned_bytes, weight_cache_bytes)
     spans = layout.spans
     return Segmentation(tuple(Span(s.start, s.stop) for s in spans),
-                        tuple(layout.step_bytes(cached, _heap_charge(kept_heap))),
+                        tuple(layout.step_bytes(cached, heap)),
                         layout.held, layout.loading, cached, prefetch, layout.cyclic, pinned_bytes, prepack_weights,
                         tuple(costs.relaid(s) and i not in cached for i, s in enumerate(spans)), kept_heap)
 
@@ -414,37 +424,32 @@ def _cached(layout: _Layout, normal: bool, memory_limit: int | None, weight_cach
 
 def _keeping_heap(costs: _Costs, layout: _Layout, cached: tuple[int, ...], memory_limit: int, normal: bool,
                   prefetch: bool, max_segment_steps: int | None, pinned_bytes: int, weight_cache_bytes: int | None
-                  ) -> tuple[int, _Layout, tuple[int, ...]]:
-    """Rule 14: (free heap kept, layout, cached segments). The layout as grown keeps the heap
-    when that fits; else segments are grown once more under the cap less the heap to keep
-    (smaller segments hold fewer weights beside it), if they still relay every weight;
-    else the heap goes back (0) and the layout stays as grown."""
-    heap = layout.activation_high_water()
+                  ) -> tuple[int, int, _Layout, tuple[int, ...]]:
+    """Rule 14: (free heap kept, the heap's simulated footprint, layout, cached segments). The
+    layout as grown keeps the heap when that fits; else segments are grown once more under the
+    cap less what the heap adds to a step beyond its own activations (smaller segments hold
+    fewer weights beside it), if they still relay every weight; else the heap goes back (0, 0)
+    and the layout stays as grown."""
+    kept, heap = layout.activation_high_water(), layout.heap_footprint()
     if layout.fits_keeping_heap(cached, heap, memory_limit):
-        return heap, layout, cached
-    lowered = memory_limit - _heap_charge(heap)
-    if lowered > 0:
+        return kept, heap, layout, cached
+    for lowered in sorted({memory_limit - (heap - kept), memory_limit - heap}, reverse=True):
+        if lowered <= 0:
+            continue
         regrown = _grown_layout(costs, lowered, prefetch, max_segment_steps, pinned_bytes)
         # Smaller segments must not cost relayout: a plainly fed segment's GEMMs run unpacked.
         if regrown.fits(lowered) and regrown.relaid_weights() >= layout.relaid_weights():
             _settle(regrown, lowered, prefetch)
             regrown_cached = _cached(regrown, normal, lowered, weight_cache_bytes)
-            heap = regrown.activation_high_water()
-            if regrown.fits_keeping_heap(regrown_cached, heap, memory_limit):
-                return heap, regrown, regrown_cached
-    return 0, layout, cached
+            regrown_heap = regrown.heap_footprint()
+            if regrown.fits_keeping_heap(regrown_cached, regrown_heap, memory_limit):
+                return regrown.activation_high_water(), regrown_heap, regrown, regrown_cached
+    return 0, 0, layout, cached
 
 
-# The runtime trims free heap beyond the kept amount only between segments: within one,
-# blocks freed at one size leave holes another cannot fill, and the heap grows past it
-# (DenseNet-121's ever wider concatenations, with 11.7 MiB kept: its second run peaked 9 MiB
-# above its first).
-HEAP_FRAGMENTATION = 1.5
-
-
-def _heap_charge(kept_heap: int) -> int:
-    """What the plan counts at every step for ``kept_heap`` bytes of free heap kept (rule 14)."""
-    return int(HEAP_FRAGMENTATION * kept_heap)
+# Simulated, the heap's footprint is found for this many runs after the first (which builds
+# the sessions and gives freed blocks back): each starts from the heap the one before left.
+HEAP_SIMULATED_RUNS = 2
 
 
 def _grown_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max_segment_steps: int | None,
@@ -614,16 +619,32 @@ class _Layout:
         """The weights of relaid segments (rule 13)."""
         return {w for s in self.spans if s.relaid for w in s.weights & self.costs.relaid_weights}
 
-    def fits_keeping_heap(self, cached: tuple[int, ...], kept_heap: int, memory_limit: int) -> bool:
-        return max(self.step_bytes(cached, _heap_charge(kept_heap)), default=0) <= memory_limit
+    def fits_keeping_heap(self, cached: tuple[int, ...], heap: int, memory_limit: int) -> bool:
+        return max(self.step_bytes(cached, heap), default=0) <= memory_limit
 
     def activation_high_water(self) -> int:
-        """The most activations, with workspace, that any step holds: the heap a run reuses."""
+        """The most activations, with workspace, that any step holds: the free heap a run keeps."""
         return max((max(span.step_activation) for span in self.spans), default=0)
 
-    def step_bytes(self, cached: tuple[int, ...], kept_heap: int = 0) -> list[int]:
-        """Accounted bytes per step; ``kept_heap``: free heap kept across runs (rule 14),
-        counted at every step -- creation too, to be safe: only the first run creates."""
+    def heap_footprint(self) -> int:
+        """What the heap holds resident at most, live activations and workspace included, over
+        the runs that keep free heap up to the activation high-water (rule 14): simulated on a
+        model of glibc's heap (``passes/memory/heap.py``). Graph inputs are the caller's,
+        outside it."""
+        costs = self.costs
+        workspace = [0] * costs.n
+        for span in self.spans:
+            for step in range(span.start, span.stop):
+                workspace[step] = costs.activation(step, span.relaid) - costs.live[step]
+        events = allocation_sequence(costs.graph, costs.liveness, [(s.start, s.stop) for s in self.spans],
+                                     workspace)
+        return heap_footprint(events, self.activation_high_water(), HEAP_SIMULATED_RUNS)
+
+    def step_bytes(self, cached: tuple[int, ...], heap: int = 0) -> list[int]:
+        """Accounted bytes per step; ``heap``: with free heap kept across runs (rule 14), the
+        heap's footprint (:meth:`heap_footprint`) in place of each step's activations, graph
+        inputs still needed beside it (they are the caller's, outside the heap). A session's
+        creation is not charged it: only the first run creates, and it keeps no heap."""
         out: list[int] = []
         for index in range(len(self.spans)):
             steps, creation = self._base(index)
@@ -634,8 +655,13 @@ class _Layout:
                 if index in cached:
                     steps = [b + w for b, w in zip(steps, self._cached_workspace(index), strict=True)]
                 creation += sum(self._cache_cost(c) for c in cached if c != index) if creation else 0
+            if heap:   # the graph inputs a segment holds until it returns (rule 2), beside the heap
+                span = self.spans[index]
+                inputs = sum(nbytes for last, nbytes in self.costs.inputs if last >= span.start)
+                steps = [b - activation + heap + inputs for b, activation in zip(steps, span.step_activation,
+                                                                                  strict=True)]
             steps[0] = max(steps[0], creation)
-            out.extend(b + kept_heap for b in steps)
+            out.extend(steps)
         return out
 
 

@@ -13,7 +13,7 @@ from hyperion.ir import ExecutionMode
 from hyperion.passes import Program
 from hyperion.passes.liveness import Liveness, compute_liveness
 from hyperion.passes.memory.costs import packed_bytes, resident_bytes, session_bookkeeping_bytes
-from hyperion.passes.segment import HEAP_FRAGMENTATION, SegmentPass, segment
+from hyperion.passes.segment import SegmentPass, segment
 from tests.passes.helpers import program_from_model
 
 ROW_BYTES = 64 * 4   # one activation row of the chains below
@@ -175,27 +175,76 @@ def wide_then_narrow() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_a_kept_heap_counts_the_activations_high_water_at_every_step() -> None:
+def test_a_kept_heap_replaces_each_steps_activations_by_the_heaps_footprint() -> None:
     options = {"max_segment_steps": 1, "prefetch": False, "prepack_weights": False, "weight_cache_bytes": 0}
     returned = segmented(wide_then_narrow(), ExecutionMode.MEMORY_OPT, None, **options).segmentation
     assert returned.kept_heap_bytes == 0                   # without a cap glibc is left alone
-    wide = 2 * 65536 * 4                                   # x and its Relu, at step 0: the high-water
-    assert returned.step_bytes[0] == wide
+    wide = 65536 * 4
+    assert returned.step_bytes[0] == 2 * wide              # x and its Relu, at step 0: the high-water
     kept = segmented(wide_then_narrow(), ExecutionMode.MEMORY_OPT, 10 * wide, **options).segmentation
-    assert kept.kept_heap_bytes == wide and kept.spans == returned.spans
-    # The free heap the Relu's blocks leave counts at every step, beside what it holds, with
-    # the holes a segment's blocks of other sizes may leave before it is trimmed.
-    assert kept.step_bytes == tuple(b + int(HEAP_FRAGMENTATION * wide) for b in returned.step_bytes)
+    assert kept.kept_heap_bytes == 2 * wide and kept.spans == returned.spans
+    # The heap's footprint over two runs: the caller still holds the first run's output,
+    # carved from the Relu's freed block, so the second run's Relu takes a block from the top
+    # -- two Relu blocks (64-byte aligned, with glibc's header). It stands in for each step's
+    # own activations, not beside them; x is the caller's, outside the heap, while it is read.
+    heap = 2 * (wide + 64)
+    relu_step = returned.step_bytes[0] - 2 * wide           # x and r: no workspace
+    slice_step = returned.step_bytes[1] - (wide + 256)      # r (held) and its slice s
+    assert kept.step_bytes[:2] == (relu_step + heap + wide, slice_step + heap)
+    # The MatMul's tensors (s held, y) and workspace are replaced too: less than the heap added.
+    assert kept.step_bytes[2] < returned.step_bytes[2] + heap - 2 * 256
     # One step a segment already: no smaller segments to make room for it, so the heap goes back.
     tight = segmented(wide_then_narrow(), ExecutionMode.MEMORY_OPT, kept.peak_bytes - 1, **options).segmentation
     assert tight.kept_heap_bytes == 0 and tight.step_bytes == returned.step_bytes
 
 
+def widening_chain(layers: int = 4, width: int = 16384) -> onnx.ModelProto:
+    """x[1,width] -> (Relu -> Concat with x -> Mul by a weight) x layers: every output wider
+    than the one before, as DenseNet's concatenations are, and a weight per layer."""
+    nodes, weights, previous, wide = [], [], "x", width
+    for i in range(layers):
+        wide += width
+        nodes += [helper.make_node("Relu", [previous], [f"r{i}"], name=f"relu{i}"),
+                  helper.make_node("Concat", [f"r{i}", "x"], [f"c{i}"], name=f"concat{i}", axis=1)]
+        weights.append(numpy_helper.from_array(np.ones((1, wide), np.float32), f"s{i}"))
+        previous = "y" if i == layers - 1 else f"m{i}"
+        nodes.append(helper.make_node("Mul", [f"c{i}", f"s{i}"], [previous], name=f"mul{i}"))
+    graph = helper.make_graph(nodes, "widening", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, wide])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+WIDENING = {"prefetch": False, "prepack_weights": False, "weight_cache_bytes": 0}
+
+
+def test_ever_wider_activations_make_the_heap_outgrow_their_high_water() -> None:
+    plain = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, None, **WIDENING).segmentation
+    roomy = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, 100 * plain.peak_bytes, **WIDENING).segmentation
+    assert roomy.spans == plain.spans and roomy.kept_heap_bytes > 0
+    # Each wider block fits no hole an earlier one left: kept, the plan's peak grows by more
+    # than the activations' high-water, which a heap reused block for block would add at most.
+    assert roomy.peak_bytes - plain.peak_bytes > roomy.kept_heap_bytes
+
+
 def test_segments_are_grown_smaller_to_make_room_for_the_kept_heap() -> None:
-    options = {"prefetch": False, "prepack_weights": False, "weight_cache_bytes": 0}
-    whole = segmented(matmul_chain(layers=6), ExecutionMode.MEMORY_OPT, None, **options).segmentation
-    # A cap the whole chain meets with nothing to spare: its segments get smaller for the heap.
-    cap = whole.peak_bytes + 2 * ROW_BYTES
-    kept = segmented(matmul_chain(layers=6), ExecutionMode.MEMORY_OPT, cap, **options).segmentation
-    assert kept.kept_heap_bytes > 0 and len(kept.spans) > len(whole.spans)
-    assert kept.peak_bytes <= cap
+    plain = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, None, **WIDENING).segmentation
+    roomy = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, 100 * plain.peak_bytes, **WIDENING).segmentation
+    # Just under what one segment needs with the heap kept: two segments, each holding fewer
+    # weights and trimmed in between, keep it; the plan without it stays one segment.
+    cap = roomy.peak_bytes - 4096
+    kept = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, cap, **WIDENING).segmentation
+    assert kept.kept_heap_bytes > 0 and len(kept.spans) > len(roomy.spans) and kept.peak_bytes <= cap
+    assert len(segmented(widening_chain(), ExecutionMode.MEMORY_OPT, cap, keep_heap=False,
+                         **WIDENING).segmentation.spans) == 1
+
+
+def test_a_plan_whose_heap_footprint_exceeds_the_cap_keeps_none() -> None:
+    plain = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, None, **WIDENING).segmentation
+    roomy = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, 100 * plain.peak_bytes, **WIDENING).segmentation
+    two = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, roomy.peak_bytes - 4096, **WIDENING).segmentation
+    # A cap the plan without a kept heap meets, but neither one segment nor two with the heap's
+    # footprint do: no heap kept, and the plan is the one without it.
+    cap = two.peak_bytes - 1
+    tight = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, cap, **WIDENING).segmentation
+    assert plain.peak_bytes <= cap
+    assert tight.kept_heap_bytes == 0 and tight.step_bytes == plain.step_bytes
