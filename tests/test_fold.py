@@ -277,3 +277,8 @@ def test_an_identity_of_a_weight_is_that_weight_even_with_external_data(tmp_path
     assert convolutions == [("com.microsoft.nchwc", "Conv")] * 2
     np.testing.assert_allclose(got["y"], reference_outputs(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(hyperion.load(path, compiled.schedule).run({"x": x})["y"], got["y"])
+    # A schedule planned while the Identity was a node still runs it as a node.
+    older = plan(import_model(load_source(path, fold_constants=False)), ExecutionMode.NORMAL, None)
+    assert "Identity" in [step.op_type for step in older.steps]
+    np.testing.assert_array_equal(hyperion.load(path, older).run({"x": x})["y"],
+                                  reference_outputs(path, {"x": x})["y"])
