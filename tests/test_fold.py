@@ -237,3 +237,48 @@ def test_an_in_memory_model_spills_its_embedded_weights_beside_the_computed_ones
     assert_outputs_equal(compiled.run(x0), reference)
     folder = weights_folder(load_source(model, fold_constants=False).sha256)
     assert {p.name.split("-")[0].split(".")[0] for p in folder.iterdir()} == {"folded", "weights"}
+
+
+def _deduplicated_bias_model(folder: Path) -> Path:
+    """Two Convs whose second reads the first's bias through an Identity, as torch's exporter
+    writes a deduplicated weight; weights in an external-data file."""
+    rng = np.random.default_rng(4)
+    weights = [numpy_helper.from_array((rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32), name)
+               for name in ("w1", "w2")]
+    weights.append(numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b1"))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+         helper.make_node("Identity", ["b1"], ["b2"], name="dedup"),
+         helper.make_node("Conv", ["r1", "w2", "b2"], ["y"], pads=[1, 1, 1, 1], name="conv2")],
+        "dedup", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 16, 16])], weights)
+    path = folder / "dedup.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+              save_as_external_data=True, location="dedup.onnx.data", size_threshold=0)
+    return path
+
+
+def test_an_identity_of_a_weight_is_that_weight_even_with_external_data(tmp_path: Path, cache: Path) -> None:
+    """Its output refers to the weight's own bytes, and the segment that reads it holds a
+    constant: its relaid Conv runs in onnxruntime's NCHWc layout (as a segment input it did not)."""
+    path = _deduplicated_bias_model(tmp_path)
+    compiled = hyperion.compile(path, memory_limit="1.2MB", mode="memory_opt", max_segment_steps=1,
+                                weight_cache=0)
+    assert "Identity" not in [step.op_type for step in compiled.schedule.steps]
+    alias, original = compiled.ir.tensors["b2"], compiled.ir.tensors["b1"]
+    assert alias.role is TensorRole.WEIGHT and alias.external == original.external is not None
+    second = next(s for s in compiled.schedule.segments if "b2" in s.weights)
+    assert second.relaid and "b2" not in second.inputs
+    x = np.random.default_rng(5).standard_normal((1, 64, 16, 16)).astype(np.float32)
+    got = compiled.run({"x": x})
+    optimized = [onnx.load(p, load_external_data=False) for p in cache.glob("relaid/*/segment.onnx")]
+    convolutions = [(n.domain, n.op_type) for m in optimized for n in m.graph.node if n.op_type.endswith("Conv")]
+    assert convolutions == [("com.microsoft.nchwc", "Conv")] * 2
+    np.testing.assert_allclose(got["y"], reference_outputs(path, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(hyperion.load(path, compiled.schedule).run({"x": x})["y"], got["y"])
+    # A schedule planned while the Identity was a node still runs it as a node.
+    older = plan(import_model(load_source(path, fold_constants=False)), ExecutionMode.NORMAL, None)
+    assert "Identity" in [step.op_type for step in older.steps]
+    np.testing.assert_array_equal(hyperion.load(path, older).run({"x": x})["y"],
+                                  reference_outputs(path, {"x": x})["y"])

@@ -30,6 +30,15 @@ The rules, applied in the model's node order (ONNX lists nodes topologically):
    computes 1,078 BatchNormalization parameters so, two thirds of its nodes: 13 MiB of
    bookkeeping charged against a cap of 28 MiB). ``small=False`` keeps the small ones
    nodes, as schedules saved before this rule plan them.
+5. An ``Identity`` of a constant initializer (or of such an Identity's output) is that
+   initializer under another name: its output becomes an initializer that refers to the
+   same bytes -- the same external data, nothing read or written -- and the node leaves,
+   in models with external data of their own too (which rules 2-4 leave as they are).
+   torch's exporter writes one for every weight it deduplicates (ResNet-50: 47, BERT-base:
+   120, mostly biases). Left a node, its output is an activation: it crosses segment
+   boundaries as one, and the segment that reads it cannot treat the weight as a constant
+   -- a Conv whose bias arrives so stays out of onnxruntime's NCHWc layout (ResNet-50's
+   relaid segments ran one such Conv each, in the slower plain layout).
 
 The user's model is never modified (a copy is), and an entry is written once: a later
 import of the same model finds the file and writes nothing. Models with external data of
@@ -39,6 +48,7 @@ the model's folder is not Hyperion's to write in.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -128,10 +138,10 @@ class FoldPlan:
 def fold_constants(source: ModelSource, small: bool = True) -> ModelSource:
     """``source`` with its tensors computed from constants as weights: the large ones
     external data in Hyperion's cache, the small ones initializers of the proto (``source``
-    itself when there are none, or it has external data; ``small=False``: the small ones
-    stay nodes)."""
+    itself when there are none; a model with external data gets rule 5's aliases only;
+    ``small=False``: the small ones stay nodes)."""
     if any(t.data_location == TensorProto.EXTERNAL for t in source.proto.graph.initializer):
-        return source
+        return alias_identities(source)
     plan = plan_fold(source.proto, small)
     if not plan.weights and not plan.embedded:
         return source
@@ -376,6 +386,37 @@ def _layout_digest(weights: Mapping[str, ConstantValue], offsets: list[int]) -> 
     text = json.dumps({"format": FOLD_FORMAT, "onnxruntime": ort.__version__ if evaluated else None,
                        "weights": entries})
     return sha256(text.encode()).hexdigest()[:16]
+
+
+# -- aliases (rule 5) ----------------------------------------------------------------------------
+def alias_identities(source: ModelSource) -> ModelSource:
+    """``source`` with every Identity of a constant initializer replaced by an initializer
+    of the Identity's output name over the same bytes (rule 5); ``source`` itself when it
+    has none."""
+    proto = source.proto
+    constants = {t.name: t for t in proto.graph.initializer
+                 if proto.ir_version < 4 or t.name not in {i.name for i in proto.graph.input}}
+    aliases: dict[int, TensorProto] = {}   # node position -> the initializer its output becomes
+    for position, node in enumerate(proto.graph.node):
+        if (node.op_type == "Identity" and normalise_domain(node.domain) == DEFAULT_DOMAIN
+                and len(node.input) == 1 and len(node.output) == 1 and node.output[0]
+                and node.input[0] in constants and node.output[0] not in constants):
+            alias = TensorProto()
+            alias.CopyFrom(constants[node.input[0]])   # external data: the same file, offset and length
+            alias.name = node.output[0]
+            constants[alias.name] = aliases[position] = alias
+    if not aliases:
+        return source
+    aliased = ModelProto()
+    aliased.CopyFrom(proto)
+    del aliased.graph.node[:]
+    aliased.graph.node.extend(n for p, n in enumerate(proto.graph.node) if p not in aliases)
+    for alias in aliases.values():
+        aliased.graph.initializer.append(alias)
+        if proto.ir_version < 4:  # initializers were graph inputs too before IR version 4
+            aliased.graph.input.append(helper.make_tensor_value_info(alias.name, alias.data_type, alias.dims))
+    log.info("%s: %d Identity nodes of weights served as the weights themselves", source.label, len(aliases))
+    return dataclasses.replace(source, proto=aliased)
 
 
 # -- the folded model --------------------------------------------------------------------------
