@@ -2,9 +2,11 @@
 
 For each manifest entry, at caps of ``--fractions`` (default 100%, 50%, 25%) of plain
 onnxruntime's peak RSS on that model (from ``--ort-baseline``, benchmarks/ort_baseline.py's
-JSON, or measured here the same way when the file is absent), and for both capped paths —
-``packed`` (the default: weights pre-packed in every session, exact) and ``fed``
-(``prepack_weights=False``: sessions built once, weights fed from the mapped file per run):
+JSON, or measured here the same way when the file is absent), and for each capped path of
+``--paths`` — ``default`` (what ``hyperion.compile`` does unasked: weights packed in normal
+mode, fed in the others, fed segments relaid), ``packed`` (``prepack_weights=True``: weights
+pre-packed in every session, sessions of large weights rebuilt every run, exact) and ``fed``
+(``prepack_weights=False``: no session packs, in any mode, weights fed from the mapped file):
 
 * **Memory.** A fresh subprocess imports what the baseline imports (numpy, onnxruntime,
   hyperion, the corpus helpers), compiles the model under the cap and reads its VmHWM
@@ -56,7 +58,7 @@ sys.path.insert(0, str(REPO))
 MIB = 2**20
 ALLOWANCE = 32 * MIB          # SPEC: peak RSS over the baseline <= memory_limit + 32 MiB
 ORT_THREADS = 2               # as benchmarks/ort_baseline.py
-PATHS = {"packed": True, "fed": False}   # name -> prepack_weights
+PATHS = {"default": None, "packed": True, "fed": False}   # name -> prepack_weights
 
 
 # -- the measuring children ----------------------------------------------------------------
@@ -299,7 +301,7 @@ def main() -> int:
                         help="ort_baseline.py's JSON; models it lacks are measured here (default: %(default)s)")
     parser.add_argument("--only", default="", help="comma-separated model names; default every manifest entry")
     parser.add_argument("--fractions", default="1,0.5,0.25", help="caps as fractions of onnxruntime's peak RSS")
-    parser.add_argument("--paths", default="packed,fed", help="comma-separated capped paths: packed, fed")
+    parser.add_argument("--paths", default="default", help="comma-separated capped paths: default, packed, fed")
     parser.add_argument("--repeats", type=int, default=5, help="latency pairs per run (and baseline processes)")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of latency pairs per run, at most")
     parser.add_argument("--pause", type=float, default=0.1,
