@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -45,6 +45,7 @@ class Segmentation:
     prepack_weights: bool = True          # sessions pre-pack weights (False: held at their own size)
     relaid: tuple[bool, ...] = ()         # per segment: its fed weights packed and re-laid, mapped (rule 13)
     kept_heap_bytes: int = 0              # free heap a run that builds no session keeps (rule 14)
+    rebuilt: tuple[int, ...] = ()         # segments whose sessions are built on every run (rule 9)
 
     @property
     def peak_bytes(self) -> int:
@@ -90,7 +91,14 @@ class SegmentPass(Pass):
        one-node sessions the runtime keeps for a tiled step: one per tile relaid, one per
        tile width fed, ``Tiling.kept_sessions``) counts its bookkeeping
        (``costs.session_bookkeeping_bytes``) at every step, beyond the first
-       ``SESSION_BOOKKEEPING_ALLOWANCE_BYTES`` that the RSS promise's allowance holds;
+       ``SESSION_BOOKKEEPING_ALLOWANCE_BYTES`` that the RSS promise's allowance holds.
+       When that bookkeeping does not fit (under a cap, in a plan other than normal), the
+       sessions of some segments are *rebuilt*: built on every run and dropped after their
+       segment, fewest nodes first (the cheapest to build), until the plan fits -- on the
+       segments as grown, else on segments grown under the whole cap. A rebuilt session's
+       bookkeeping counts at its own steps only, beside the kept sessions'; its creation is
+       counted there already (rules 4-5). Runs then build sessions: slower, but the cap holds;
+       never in the weight cache, and such a plan keeps no heap (rule 14);
     10. segments are grown greedily while every constraint above holds; a step that
        does not fit even as its own segment raises
        :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
@@ -287,9 +295,14 @@ class _Costs:
     def bookkeeping(self, spans: list[_GrowingSpan]) -> int:
         """What the sessions that persist across runs hold besides weights, beyond the
         share of the RSS promise's fixed allowance kept for it."""
+        return max(0, self.session_bytes(spans) - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
+
+    def session_bytes(self, spans: Iterable[_GrowingSpan], tiles: bool = True) -> int:
+        """The bookkeeping of the persistent sessions of ``spans`` (and of the tile sessions kept)."""
         total = sum(session_bookkeeping_bytes(s.stop - s.start, self.relaid(s)) for s in spans if self.persistent(s))
-        total += sum(count * session_bookkeeping_bytes(1, relaid) for count, relaid in self.tile_sessions.values())
-        return max(0, total - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
+        if tiles:
+            total += sum(count * session_bookkeeping_bytes(1, relaid) for count, relaid in self.tile_sessions.values())
+        return total
 
     def relaid(self, span: _GrowingSpan) -> bool:
         """Whether the span's session is relaid (rule 13), as ``segment`` records it."""
@@ -385,7 +398,7 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
     prefetch = prefetch and not normal
     costs = _Costs(graph, liveness, normal, prepack_weights, isolated, regions, staging, relayout, tile_sessions)
     _check_single_steps(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
-    layout = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
+    layout = _planned_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     if memory_limit is not None and not layout.fits(memory_limit):
         _refuse_for_bookkeeping(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     _settle(layout, memory_limit, prefetch)
@@ -398,7 +411,8 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
     return Segmentation(tuple(Span(s.start, s.stop) for s in spans),
                         tuple(layout.step_bytes(cached, _heap_charge(kept_heap))),
                         layout.held, layout.loading, cached, prefetch, layout.cyclic, pinned_bytes, prepack_weights,
-                        tuple(costs.relaid(s) and i not in cached for i, s in enumerate(spans)), kept_heap)
+                        tuple(costs.relaid(s) and i not in cached for i, s in enumerate(spans)), kept_heap,
+                        layout.rebuilt)
 
 
 def _settle(layout: _Layout, memory_limit: int | None, prefetch: bool) -> None:
@@ -448,12 +462,41 @@ def _heap_charge(kept_heap: int) -> int:
 
 
 def _grown_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max_segment_steps: int | None,
-                  pinned_bytes: int) -> _Layout:
+                  pinned_bytes: int, reserve_bookkeeping: bool = True) -> _Layout:
+    """Segments grown under the cap less the kept sessions' bookkeeping (``reserve_bookkeeping``),
+    or under the whole cap."""
     budget = None if memory_limit is None else memory_limit - pinned_bytes
-    spans, bookkeeping = _grow_with_bookkeeping(costs, budget, prefetch, max_segment_steps)
+    spans = (_grow_with_bookkeeping(costs, budget, prefetch, max_segment_steps)[0] if reserve_bookkeeping
+             else _grow(costs, _Rules(budget, prefetch, max_segment_steps)))
     held = tuple(costs.held(s.weights, s.relaid) for s in spans)
     loading = tuple(s.loading for s in spans)
-    return _Layout(costs, spans, held, loading, prefetch, pinned_bytes, bookkeeping)
+    return _Layout(costs, spans, held, loading, prefetch, pinned_bytes)
+
+
+def _planned_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max_segment_steps: int | None,
+                    pinned_bytes: int) -> _Layout:
+    """The layout rule 9 settles on: every session kept when their bookkeeping fits; else
+    some rebuilt on every run, on the segments as grown or on segments grown under the whole
+    cap, whichever rebuilds fewer nodes (then has fewer segments); the grown layout (not
+    fitting) when neither fits."""
+    layout = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
+    if memory_limit is None or layout.fits(memory_limit) or costs.normal:
+        return layout
+    whole_cap = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes, False)
+    rebuilding = [r for r in (_rebuilding(g, memory_limit) for g in (whole_cap, layout)) if r is not None]
+    return min(rebuilding, key=lambda r: (r.rebuilt_nodes(), len(r.spans)), default=layout)
+
+
+def _rebuilding(layout: _Layout, memory_limit: int) -> _Layout | None:
+    """``layout`` with the fewest-node sessions rebuilt on every run until it fits (None: it
+    does not, even with every session rebuilt)."""
+    kept = sorted((i for i, s in enumerate(layout.spans) if layout.costs.persistent(s)),
+                  key=lambda i: (layout.spans[i].stop - layout.spans[i].start, i))
+    for count in range(1, len(kept) + 1):
+        candidate = layout.with_rebuilt(tuple(sorted(kept[:count])))
+        if candidate.fits(memory_limit):
+            return candidate
+    return None
 
 
 def _smallest_limit(costs: _Costs, prefetch: bool, max_segment_steps: int | None, pinned_bytes: int,
@@ -465,7 +508,7 @@ def _smallest_limit(costs: _Costs, prefetch: bool, max_segment_steps: int | None
     the most one step needs alone as ``refused + 1``: less may fit once steps are
     grouped, but under another cap the order pass may choose another order.)"""
     def fits(limit: int) -> bool:
-        return _grown_layout(costs, limit, prefetch, max_segment_steps, pinned_bytes).fits(limit)
+        return _planned_layout(costs, limit, prefetch, max_segment_steps, pinned_bytes).fits(limit)
 
     low, high = refused, max(candidate, refused + 1)
     while not fits(high):
@@ -473,7 +516,7 @@ def _smallest_limit(costs: _Costs, prefetch: bool, max_segment_steps: int | None
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (low, middle) if fits(middle) else (middle, high)
-    return high, _grown_layout(costs, high, prefetch, max_segment_steps, pinned_bytes).bookkeeping
+    return high, _planned_layout(costs, high, prefetch, max_segment_steps, pinned_bytes).bookkeeping
 
 
 def _refuse_for_bookkeeping(costs: _Costs, mode: ExecutionMode, memory_limit: int, prefetch: bool,
@@ -524,11 +567,25 @@ class _Layout:
     """Accounted bytes per step of a fixed segmentation, for a choice of cached segments."""
 
     def __init__(self, costs: _Costs, spans: list[_GrowingSpan], held: tuple[int, ...],
-                 loading: tuple[int, ...], prefetch: bool, pinned_bytes: int, bookkeeping: int) -> None:
+                 loading: tuple[int, ...], prefetch: bool, pinned_bytes: int, rebuilt: tuple[int, ...] = ()) -> None:
         self.costs, self.spans, self.held, self.loading = costs, spans, held, loading
-        # Persistent sessions' bookkeeping counts at every step, like pinned bytes.
-        self.prefetch, self.pinned, self.cyclic = prefetch, pinned_bytes + bookkeeping, False
-        self.bookkeeping = bookkeeping
+        self.prefetch, self.pinned_bytes, self.cyclic, self.rebuilt = prefetch, pinned_bytes, False, rebuilt
+        # Kept sessions' bookkeeping counts at every step, like pinned bytes; a rebuilt
+        # session's beside it at its own steps (rule 9).
+        self.kept_sessions_bytes = costs.session_bytes(s for i, s in enumerate(spans) if i not in rebuilt)
+        self.bookkeeping = max(0, self.kept_sessions_bytes - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
+
+    def rebuilt_nodes(self) -> int:
+        return sum(self.spans[i].stop - self.spans[i].start for i in self.rebuilt)
+
+    def with_rebuilt(self, rebuilt: tuple[int, ...]) -> _Layout:
+        return _Layout(self.costs, self.spans, self.held, self.loading, self.prefetch, self.pinned_bytes, rebuilt)
+
+    def pinned(self, index: int) -> int:
+        """Held at every step of segment ``index`` outside the graph: pinned bytes and the
+        sessions' bookkeeping beyond the allowance."""
+        own = self.costs.session_bytes([self.spans[index]], tiles=False) if index in self.rebuilt else 0
+        return self.pinned_bytes + max(0, self.kept_sessions_bytes + own - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
 
     def fits(self, memory_limit: int) -> bool:
         """Whether the plan without any cached session stays under ``memory_limit``."""
@@ -542,15 +599,16 @@ class _Layout:
     def _base(self, index: int) -> tuple[list[int], int]:
         """(bytes of each step, bytes while the session is created) without cached sessions."""
         span, costs = self.spans[index], self.costs
+        pinned = self.pinned(index)
         if costs.normal:
-            steps = [a + costs.all_held + self.pinned for a in span.step_activation]
-            return steps, span.step_activation[0] + costs.all_held + costs.transient(span.weights) + self.pinned
+            steps = [a + costs.all_held + pinned for a in span.step_activation]
+            return steps, span.step_activation[0] + costs.all_held + costs.transient(span.weights) + pinned
         nxt = self.next_of(index)
         prefetching = self.prefetch and nxt is not None and costs.prefetched(self.spans[nxt].start)
         ahead = self.loading[nxt] if prefetching else 0  # type: ignore[index]
-        steps = [a + self.held[index] + ahead + self.pinned for a in span.step_activation]
+        steps = [a + self.held[index] + ahead + pinned for a in span.step_activation]
         created_alone = index == 0 or not self.prefetch or span.start in costs.isolated
-        creation = span.step_activation[0] + self.loading[index] + self.pinned if created_alone else 0
+        creation = span.step_activation[0] + self.loading[index] + pinned if created_alone else 0
         return steps, creation
 
     def fits_cyclic(self, memory_limit: int | None) -> bool:
@@ -588,7 +646,8 @@ class _Layout:
         used = 0
         for c in range(k):
             cost = self._cache_cost(c)
-            if self.held[c] == 0 or (weight_cache_bytes is not None and used + cost > weight_cache_bytes):
+            if self.held[c] == 0 or c in self.rebuilt or (weight_cache_bytes is not None
+                                                           and used + cost > weight_cache_bytes):
                 continue
             # A cached session counts everywhere but in its own segment and while it is prefetched.
             touched_steps = np.array([i != c and nexts[i] != c for i in range(k)])
@@ -608,7 +667,8 @@ class _Layout:
     def may_keep_heap(self) -> bool:
         """Rule 14: whether runs after the first build nothing and Hyperion runs no step itself."""
         costs = self.costs
-        return not costs.isolated and not costs.region_starts and all(costs.persistent(s) for s in self.spans)
+        return (not costs.isolated and not costs.region_starts and not self.rebuilt
+                and all(costs.persistent(s) for s in self.spans))
 
     def relaid_weights(self) -> set[str]:
         """The weights of relaid segments (rule 13)."""
