@@ -82,7 +82,10 @@ class SegmentPass(Pass):
        amount) and every step stays under the cap; a cached session counts at every
        step, and in a fed plan its kernels' workspace is that of constant weights;
     7. ``pinned_bytes`` are held for the whole run outside the graph (streaming:
-       the whole batch's inputs and outputs) and count at every step;
+       the whole batch's inputs and outputs) and count at every step; under a cap without
+       them, the graph inputs count at every step too: the caller holds them for the whole
+       run, though the plan has no more use for them (the YOLO-style detector's 4.7 MiB image,
+       read by its first steps, is in the process's RSS when its last Concat peaks);
     8. a step's kernel workspace (``costs.workspace_bytes``: onnxruntime's blocked copies
        around convolutions and pools, ConvTranspose's column buffer) counts with its
        activations;
@@ -192,7 +195,7 @@ class _Costs:
     def __init__(self, graph: Graph, liveness: Liveness, normal: bool, prepack: bool = True,
                  isolated: frozenset[int] = frozenset(), regions: tuple[tuple[int, int], ...] = (),
                  staging: Mapping[int, int] | None = None, relayout: bool = False,
-                 tile_sessions: Mapping[int, tuple[int, bool]] | None = None) -> None:
+                 tile_sessions: Mapping[int, tuple[int, bool]] | None = None, caller_inputs: bool = False) -> None:
         self.graph, self.liveness, self.normal, self.prepack = graph, liveness, normal, prepack
         self.isolated = isolated   # steps Hyperion runs itself: segments of their own, loaded when they run
         # Of those, tiled steps whose one-node sessions the runtime keeps across runs: how
@@ -215,8 +218,9 @@ class _Costs:
         self.cached_workspace = ([workspace_bytes(graph, node, weights_fed=False) - w
                                   for node, w in zip(nodes, workspace, strict=True)] if fed else [0] * self.n)
         staged = staging or {}
-        self.activations = [a + w + staged.get(step, 0) for step, (a, w) in
-                            enumerate(zip(activation_live_bytes(graph, liveness), workspace, strict=True))]
+        held = _caller_held_inputs(graph, liveness) if caller_inputs else [0] * self.n
+        self.activations = [a + w + staged.get(step, 0) + h for step, (a, w, h) in
+                            enumerate(zip(activation_live_bytes(graph, liveness), workspace, held, strict=True))]
         self.deaths: list[list[str]] = [[] for _ in range(self.n)]
         for name, interval in liveness.intervals.items():
             if 0 <= interval.last < self.n:
@@ -314,6 +318,17 @@ class _Costs:
                    if self.liveness.intervals[t].first < first)
 
 
+def _caller_held_inputs(graph: Graph, liveness: Liveness) -> list[int]:
+    """Per step, the bytes of graph inputs the plan no longer holds but the caller does (rule 7)."""
+    held = [0] * liveness.num_steps
+    for name in graph.inputs:
+        size, interval = graph.tensors[name].nbytes or 0, liveness.intervals.get(name)
+        for step in range(liveness.num_steps):
+            if interval is None or step not in interval:
+                held[step] += size
+    return held
+
+
 class _GrowingSpan:
     """A segment being grown one step at a time: its activation profile and weights."""
 
@@ -396,7 +411,8 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
         return Segmentation((), ())
     normal = mode is ExecutionMode.NORMAL
     prefetch = prefetch and not normal
-    costs = _Costs(graph, liveness, normal, prepack_weights, isolated, regions, staging, relayout, tile_sessions)
+    costs = _Costs(graph, liveness, normal, prepack_weights, isolated, regions, staging, relayout, tile_sessions,
+                   caller_inputs=memory_limit is not None and not pinned_bytes)
     _check_single_steps(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     layout = _planned_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     if memory_limit is not None and not layout.fits(memory_limit):
@@ -489,14 +505,28 @@ def _planned_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max
 
 def _rebuilding(layout: _Layout, memory_limit: int) -> _Layout | None:
     """``layout`` with the fewest-node sessions rebuilt on every run until it fits (None: it
-    does not, even with every session rebuilt)."""
-    kept = sorted((i for i, s in enumerate(layout.spans) if layout.costs.persistent(s)),
-                  key=lambda i: (layout.spans[i].stop - layout.spans[i].start, i))
-    for count in range(1, len(kept) + 1):
-        candidate = layout.with_rebuilt(tuple(sorted(kept[:count])))
-        if candidate.fits(memory_limit):
-            return candidate
-    return None
+    does not, even with every session rebuilt). Bookkeeping adds the same to every step of a
+    segment, so each segment's peak without it is computed once; rebuilding one more session
+    never raises a segment's bookkeeping, so the fewest sessions are found by bisection."""
+    spans, own = layout.spans, layout.own_bytes
+    base = [peak - layout.pinned(i) for i, peak in enumerate(layout.segment_peaks())]
+    order = sorted((i for i, s in enumerate(spans) if own[i]), key=lambda i: (spans[i].stop - spans[i].start, i))
+    shared = layout.kept_sessions_bytes
+
+    def fits(count: int) -> bool:
+        rebuilt = set(order[:count])
+        kept = shared - sum(own[i] for i in rebuilt)
+        return all(b + layout.pinned_bytes + max(0, kept + (own[i] if i in rebuilt else 0)
+                                                 - SESSION_BOOKKEEPING_ALLOWANCE_BYTES) <= memory_limit
+                   for i, b in enumerate(base))
+
+    if not order or not fits(len(order)):
+        return None
+    low, high = 0, len(order)   # fits(high); fits(0) is the layout as grown, which does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return layout.with_rebuilt(tuple(sorted(order[:high])))
 
 
 def _smallest_limit(costs: _Costs, prefetch: bool, max_segment_steps: int | None, pinned_bytes: int,
@@ -572,7 +602,9 @@ class _Layout:
         self.prefetch, self.pinned_bytes, self.cyclic, self.rebuilt = prefetch, pinned_bytes, False, rebuilt
         # Kept sessions' bookkeeping counts at every step, like pinned bytes; a rebuilt
         # session's beside it at its own steps (rule 9).
-        self.kept_sessions_bytes = costs.session_bytes(s for i, s in enumerate(spans) if i not in rebuilt)
+        self.own_bytes = [costs.session_bytes([s], tiles=False) for s in spans]   # 0: not persistent
+        self.kept_sessions_bytes = (costs.session_bytes([], tiles=True)
+                                    + sum(b for i, b in enumerate(self.own_bytes) if i not in rebuilt))
         self.bookkeeping = max(0, self.kept_sessions_bytes - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
 
     def rebuilt_nodes(self) -> int:
@@ -584,8 +616,12 @@ class _Layout:
     def pinned(self, index: int) -> int:
         """Held at every step of segment ``index`` outside the graph: pinned bytes and the
         sessions' bookkeeping beyond the allowance."""
-        own = self.costs.session_bytes([self.spans[index]], tiles=False) if index in self.rebuilt else 0
+        own = self.own_bytes[index] if index in self.rebuilt else 0
         return self.pinned_bytes + max(0, self.kept_sessions_bytes + own - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
+
+    def segment_peaks(self) -> list[int]:
+        """Per segment, the most over its steps and its session's creation, no session cached."""
+        return [max(*steps, creation) for steps, creation in map(self._base, range(len(self.spans)))]
 
     def fits(self, memory_limit: int) -> bool:
         """Whether the plan without any cached session stays under ``memory_limit``."""
