@@ -83,9 +83,10 @@ class SegmentPass(Pass):
        step, and in a fed plan its kernels' workspace is that of constant weights;
     7. ``pinned_bytes`` are held for the whole run outside the graph (streaming:
        the whole batch's inputs and outputs) and count at every step; under a cap without
-       them, the graph inputs count at every step too: the caller holds them for the whole
-       run, though the plan has no more use for them (the YOLO-style detector's 4.7 MiB image,
-       read by its first steps, is in the process's RSS when its last Concat peaks);
+       them, graph inputs of ``CALLER_INPUT_BYTES`` or more count at every step too: the caller
+       holds them for the whole run, though the plan has no more use for them (the YOLO-style
+       detector's 4.7 MiB image, read by its first steps, is in the process's RSS when its
+       last Concat peaks); smaller ones are left to the promise's allowance;
     8. a step's kernel workspace (``costs.workspace_bytes``: onnxruntime's blocked copies
        around convolutions and pools, ConvTranspose's column buffer) counts with its
        activations;
@@ -318,11 +319,19 @@ class _Costs:
                    if self.liveness.intervals[t].first < first)
 
 
+# Graph inputs from this size on count while the caller holds them (rule 7). Below it they
+# are left to the 32 MiB allowance: a few small feeds sit in its slack, and small models'
+# plans stay as they were.
+CALLER_INPUT_BYTES = 1 << 20
+
+
 def _caller_held_inputs(graph: Graph, liveness: Liveness) -> list[int]:
     """Per step, the bytes of graph inputs the plan no longer holds but the caller does (rule 7)."""
     held = [0] * liveness.num_steps
     for name in graph.inputs:
         size, interval = graph.tensors[name].nbytes or 0, liveness.intervals.get(name)
+        if size < CALLER_INPUT_BYTES:
+            continue
         for step in range(liveness.num_steps):
             if interval is None or step not in interval:
                 held[step] += size

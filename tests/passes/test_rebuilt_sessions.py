@@ -15,7 +15,7 @@ import hyperion
 from hyperion.ir import ExecutionMode
 from hyperion.passes.memory.costs import SESSION_BOOKKEEPING_ALLOWANCE_BYTES, session_bookkeeping_bytes
 from tests.conftest import ATOL, RTOL
-from tests.passes.test_segment import ROW_BYTES, matmul_chain, segmented
+from tests.passes.test_segment import matmul_chain, segmented
 
 LAYERS = 20                       # 39 one-node segments: 20 relaid MatMuls, 19 Relus
 CAP = 1_000_000                   # below the bookkeeping of every session kept
@@ -62,12 +62,26 @@ def test_a_rebuilt_plan_runs_building_its_rebuilt_sessions_and_matches_onnxrunti
     cm.close()
 
 
-def test_under_a_cap_the_callers_inputs_count_after_their_last_use() -> None:
-    options = {"max_segment_steps": 1, "weight_cache_bytes": 0}
-    free = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, **options).segmentation
-    capped = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, 10**9, **options).segmentation
-    # x (one row) is read by step 0 only; the caller holds it through every later step.
-    assert [c - f for c, f in zip(capped.step_bytes, free.step_bytes, strict=True)] == [0] + [ROW_BYTES] * 4
+# A 1 MiB input read by the first step alone.
+BIG_INPUT = """<ir_version: 8, opset_import: ["" : 17]>
+g (float[512, 512] x) => (float[512, 1] y) {
+    r = ReduceMax <axes = [1], keepdims = 1> (x)
+    a = Relu (r)
+    y = Neg (a)
+}"""
+
+
+def test_under_a_cap_the_callers_large_inputs_count_after_their_last_use() -> None:
+    model = onnx.parser.parse_model(BIG_INPUT)
+    options = {"max_segment_steps": 1, "weight_cache_bytes": 0, "keep_heap": False}   # rule 14 aside
+    free = segmented(model, ExecutionMode.MEMORY_OPT, None, **options).segmentation
+    capped = segmented(model, ExecutionMode.MEMORY_OPT, 10**9, **options).segmentation
+    # x is read by step 0 only; the caller holds it through the later steps.
+    assert [c - f for c, f in zip(capped.step_bytes, free.step_bytes, strict=True)] == [0] + [512 * 512 * 4] * 2
+    # A small input is left to the allowance.
+    small = segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, 10**9, **options).segmentation
+    assert small.step_bytes == segmented(matmul_chain(), ExecutionMode.MEMORY_OPT, None, **options
+                                         ).segmentation.step_bytes
 
 
 @pytest.mark.parametrize("name", ["unet"])
