@@ -747,10 +747,12 @@ class _Layout:
 StepCosts = _Costs   # what the tile pass's regions are priced with, as segments will be
 
 
-def step_costs(graph: Graph, liveness: Liveness, mode: ExecutionMode, prepack_weights: bool = True) -> StepCosts:
+def step_costs(graph: Graph, liveness: Liveness, mode: ExecutionMode, prepack_weights: bool = True,
+               caller_inputs: bool = False) -> StepCosts:
     """The per-step facts segmentation accounts (live activations with workspace, weights held
-    and loaded), for a pass that prices a segment of its own before there is one."""
-    return _Costs(graph, liveness, mode is ExecutionMode.NORMAL, prepack_weights)
+    and loaded), for a pass that prices a segment of its own before there is one;
+    ``caller_inputs``: with the graph inputs the caller holds (rule 7: under a cap, nothing pinned)."""
+    return _Costs(graph, liveness, mode is ExecutionMode.NORMAL, prepack_weights, caller_inputs=caller_inputs)
 
 
 def single_steps_of(costs: StepCosts, prefetch: bool) -> list[int]:
@@ -759,12 +761,14 @@ def single_steps_of(costs: StepCosts, prefetch: bool) -> list[int]:
 
 
 def single_step_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode, *, prefetch: bool = True,
-                      pinned_bytes: int = 0, prepack_weights: bool = True) -> list[int]:
+                      pinned_bytes: int = 0, prepack_weights: bool = True, caller_inputs: bool = False) -> list[int]:
     """Accounted bytes of every step when each step is its own segment (the bookkeeping
     of sessions kept across runs aside): for this order, no cap below their maximum
-    admits that plan; streaming sizes its chunks off them (they are linear in the batch)."""
+    admits that plan; streaming sizes its chunks off them (they are linear in the batch).
+    ``caller_inputs``: with the graph inputs the caller holds (rule 7)."""
     normal = mode is ExecutionMode.NORMAL
-    return _single_steps(_Costs(graph, liveness, normal, prepack_weights), prefetch and not normal, pinned_bytes)
+    return _single_steps(_Costs(graph, liveness, normal, prepack_weights, caller_inputs=caller_inputs),
+                         prefetch and not normal, pinned_bytes)
 
 
 def _single_steps(costs: _Costs, prefetch: bool, pinned_bytes: int) -> list[int]:
