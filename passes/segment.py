@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,6 +46,7 @@ class Segmentation:
     prepack_weights: bool = True          # sessions pre-pack weights (False: held at their own size)
     relaid: tuple[bool, ...] = ()         # per segment: its fed weights packed and re-laid, mapped (rule 13)
     kept_heap_bytes: int = 0              # free heap a run that builds no session keeps (rule 14)
+    rebuilt: tuple[int, ...] = ()         # segments whose sessions are built on every run (rule 9)
 
     @property
     def peak_bytes(self) -> int:
@@ -82,7 +83,11 @@ class SegmentPass(Pass):
        amount) and every step stays under the cap; a cached session counts at every
        step, and in a fed plan its kernels' workspace is that of constant weights;
     7. ``pinned_bytes`` are held for the whole run outside the graph (streaming:
-       the whole batch's inputs and outputs) and count at every step;
+       the whole batch's inputs and outputs) and count at every step; under a cap without
+       them, graph inputs of ``CALLER_INPUT_BYTES`` or more count at every step too: the caller
+       holds them for the whole run, though the plan has no more use for them (the YOLO-style
+       detector's 4.7 MiB image, read by its first steps, is in the process's RSS when its
+       last Concat peaks); smaller ones are left to the promise's allowance;
     8. a step's kernel workspace (``costs.workspace_bytes``: onnxruntime's blocked copies
        around convolutions and pools, ConvTranspose's column buffer) counts with its
        activations;
@@ -91,7 +96,14 @@ class SegmentPass(Pass):
        one-node sessions the runtime keeps for a tiled step: one per tile relaid, one per
        tile width fed, ``Tiling.kept_sessions``) counts its bookkeeping
        (``costs.session_bookkeeping_bytes``) at every step, beyond the first
-       ``SESSION_BOOKKEEPING_ALLOWANCE_BYTES`` that the RSS promise's allowance holds;
+       ``SESSION_BOOKKEEPING_ALLOWANCE_BYTES`` that the RSS promise's allowance holds.
+       When that bookkeeping does not fit (under a cap, in a plan other than normal), the
+       sessions of some segments are *rebuilt*: built on every run and dropped after their
+       segment, fewest nodes first (the cheapest to build), until the plan fits -- on the
+       segments as grown, else on segments grown under the whole cap. A rebuilt session's
+       bookkeeping counts at its own steps only, beside the kept sessions'; its creation is
+       counted there already (rules 4-5). Runs then build sessions: slower, but the cap holds;
+       never in the weight cache, and such a plan keeps no heap (rule 14);
     10. segments are grown greedily while every constraint above holds; a step that
        does not fit even as its own segment raises
        :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
@@ -190,7 +202,7 @@ class _Costs:
     def __init__(self, graph: Graph, liveness: Liveness, normal: bool, prepack: bool = True,
                  isolated: frozenset[int] = frozenset(), regions: tuple[tuple[int, int], ...] = (),
                  staging: Mapping[int, int] | None = None, relayout: bool = False,
-                 tile_sessions: Mapping[int, tuple[int, bool]] | None = None) -> None:
+                 tile_sessions: Mapping[int, tuple[int, bool]] | None = None, caller_inputs: bool = False) -> None:
         self.graph, self.liveness, self.normal, self.prepack = graph, liveness, normal, prepack
         self.isolated = isolated   # steps Hyperion runs itself: segments of their own, loaded when they run
         # Of those, tiled steps whose one-node sessions the runtime keeps across runs: how
@@ -214,11 +226,13 @@ class _Costs:
                                   for node, w in zip(nodes, workspace, strict=True)] if fed else [0] * self.n)
         staged = staging or {}
         self.live = activation_live_bytes(graph, liveness)   # tensors alone, graph inputs included
-        # Graph inputs: (last reader, bytes).
+        # Graph inputs: (last reader, bytes); the large ones the caller holds (rule 7), per step.
         self.inputs = [(interval.last, graph.tensors[name].nbytes or 0)
                        for name, interval in liveness.intervals.items() if interval.first < 0]
-        self.activations = [a + w + staged.get(step, 0) for step, (a, w) in
-                            enumerate(zip(self.live, workspace, strict=True))]
+        self.caller_held = _caller_held_inputs(graph, liveness) if caller_inputs else [0] * self.n
+        self.caller_inputs = caller_inputs
+        self.activations = [a + w + staged.get(step, 0) + h for step, (a, w, h) in
+                            enumerate(zip(self.live, workspace, self.caller_held, strict=True))]
         self.deaths: list[list[str]] = [[] for _ in range(self.n)]
         for name, interval in liveness.intervals.items():
             if 0 <= interval.last < self.n:
@@ -297,9 +311,14 @@ class _Costs:
     def bookkeeping(self, spans: list[_GrowingSpan]) -> int:
         """What the sessions that persist across runs hold besides weights, beyond the
         share of the RSS promise's fixed allowance kept for it."""
+        return max(0, self.session_bytes(spans) - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
+
+    def session_bytes(self, spans: Iterable[_GrowingSpan], tiles: bool = True) -> int:
+        """The bookkeeping of the persistent sessions of ``spans`` (and of the tile sessions kept)."""
         total = sum(session_bookkeeping_bytes(s.stop - s.start, self.relaid(s)) for s in spans if self.persistent(s))
-        total += sum(count * session_bookkeeping_bytes(1, relaid) for count, relaid in self.tile_sessions.values())
-        return max(0, total - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
+        if tiles:
+            total += sum(count * session_bookkeeping_bytes(1, relaid) for count, relaid in self.tile_sessions.values())
+        return total
 
     def relaid(self, span: _GrowingSpan) -> bool:
         """Whether the span's session is relaid (rule 13), as ``segment`` records it."""
@@ -309,6 +328,25 @@ class _Costs:
         """Bytes of inputs defined before ``first`` whose last reader is ``step``."""
         return sum(self.graph.tensors[t].nbytes or 0 for t in self.deaths[step]
                    if self.liveness.intervals[t].first < first)
+
+
+# Graph inputs from this size on count while the caller holds them (rule 7). Below it they
+# are left to the 32 MiB allowance: a few small feeds sit in its slack, and small models'
+# plans stay as they were.
+CALLER_INPUT_BYTES = 1 << 20
+
+
+def _caller_held_inputs(graph: Graph, liveness: Liveness) -> list[int]:
+    """Per step, the bytes of graph inputs the plan no longer holds but the caller does (rule 7)."""
+    held = [0] * liveness.num_steps
+    for name in graph.inputs:
+        size, interval = graph.tensors[name].nbytes or 0, liveness.intervals.get(name)
+        if size < CALLER_INPUT_BYTES:
+            continue
+        for step in range(liveness.num_steps):
+            if interval is None or step not in interval:
+                held[step] += size
+    return held
 
 
 class _GrowingSpan:
@@ -393,9 +431,10 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
         return Segmentation((), ())
     normal = mode is ExecutionMode.NORMAL
     prefetch = prefetch and not normal
-    costs = _Costs(graph, liveness, normal, prepack_weights, isolated, regions, staging, relayout, tile_sessions)
+    costs = _Costs(graph, liveness, normal, prepack_weights, isolated, regions, staging, relayout, tile_sessions,
+                   caller_inputs=memory_limit is not None and not pinned_bytes)
     _check_single_steps(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
-    layout = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
+    layout = _planned_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     if memory_limit is not None and not layout.fits(memory_limit):
         _refuse_for_bookkeeping(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     _settle(layout, memory_limit, prefetch)
@@ -408,7 +447,8 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
     return Segmentation(tuple(Span(s.start, s.stop) for s in spans),
                         tuple(layout.step_bytes(cached, heap)),
                         layout.held, layout.loading, cached, prefetch, layout.cyclic, pinned_bytes, prepack_weights,
-                        tuple(costs.relaid(s) and i not in cached for i, s in enumerate(spans)), kept_heap)
+                        tuple(costs.relaid(s) and i not in cached for i, s in enumerate(spans)), kept_heap,
+                        layout.rebuilt)
 
 
 def _settle(layout: _Layout, memory_limit: int | None, prefetch: bool) -> None:
@@ -453,12 +493,55 @@ HEAP_SIMULATED_RUNS = 2
 
 
 def _grown_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max_segment_steps: int | None,
-                  pinned_bytes: int) -> _Layout:
+                  pinned_bytes: int, reserve_bookkeeping: bool = True) -> _Layout:
+    """Segments grown under the cap less the kept sessions' bookkeeping (``reserve_bookkeeping``),
+    or under the whole cap."""
     budget = None if memory_limit is None else memory_limit - pinned_bytes
-    spans, bookkeeping = _grow_with_bookkeeping(costs, budget, prefetch, max_segment_steps)
+    spans = (_grow_with_bookkeeping(costs, budget, prefetch, max_segment_steps)[0] if reserve_bookkeeping
+             else _grow(costs, _Rules(budget, prefetch, max_segment_steps)))
     held = tuple(costs.held(s.weights, s.relaid) for s in spans)
     loading = tuple(s.loading for s in spans)
-    return _Layout(costs, spans, held, loading, prefetch, pinned_bytes, bookkeeping)
+    return _Layout(costs, spans, held, loading, prefetch, pinned_bytes)
+
+
+def _planned_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max_segment_steps: int | None,
+                    pinned_bytes: int) -> _Layout:
+    """The layout rule 9 settles on: every session kept when their bookkeeping fits; else
+    some rebuilt on every run, on the segments as grown or on segments grown under the whole
+    cap, whichever rebuilds fewer nodes (then has fewer segments); the grown layout (not
+    fitting) when neither fits."""
+    layout = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes)
+    if memory_limit is None or layout.fits(memory_limit) or costs.normal:
+        return layout
+    whole_cap = _grown_layout(costs, memory_limit, prefetch, max_segment_steps, pinned_bytes, False)
+    rebuilding = [r for r in (_rebuilding(g, memory_limit) for g in (whole_cap, layout)) if r is not None]
+    return min(rebuilding, key=lambda r: (r.rebuilt_nodes(), len(r.spans)), default=layout)
+
+
+def _rebuilding(layout: _Layout, memory_limit: int) -> _Layout | None:
+    """``layout`` with the fewest-node sessions rebuilt on every run until it fits (None: it
+    does not, even with every session rebuilt). Bookkeeping adds the same to every step of a
+    segment, so each segment's peak without it is computed once; rebuilding one more session
+    never raises a segment's bookkeeping, so the fewest sessions are found by bisection."""
+    spans, own = layout.spans, layout.own_bytes
+    base = [peak - layout.pinned(i) for i, peak in enumerate(layout.segment_peaks())]
+    order = sorted((i for i, s in enumerate(spans) if own[i]), key=lambda i: (spans[i].stop - spans[i].start, i))
+    shared = layout.kept_sessions_bytes
+
+    def fits(count: int) -> bool:
+        rebuilt = set(order[:count])
+        kept = shared - sum(own[i] for i in rebuilt)
+        return all(b + layout.pinned_bytes + max(0, kept + (own[i] if i in rebuilt else 0)
+                                                 - SESSION_BOOKKEEPING_ALLOWANCE_BYTES) <= memory_limit
+                   for i, b in enumerate(base))
+
+    if not order or not fits(len(order)):
+        return None
+    low, high = 0, len(order)   # fits(high); fits(0) is the layout as grown, which does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return layout.with_rebuilt(tuple(sorted(order[:high])))
 
 
 def _smallest_limit(costs: _Costs, prefetch: bool, max_segment_steps: int | None, pinned_bytes: int,
@@ -470,7 +553,7 @@ def _smallest_limit(costs: _Costs, prefetch: bool, max_segment_steps: int | None
     the most one step needs alone as ``refused + 1``: less may fit once steps are
     grouped, but under another cap the order pass may choose another order.)"""
     def fits(limit: int) -> bool:
-        return _grown_layout(costs, limit, prefetch, max_segment_steps, pinned_bytes).fits(limit)
+        return _planned_layout(costs, limit, prefetch, max_segment_steps, pinned_bytes).fits(limit)
 
     low, high = refused, max(candidate, refused + 1)
     while not fits(high):
@@ -478,7 +561,7 @@ def _smallest_limit(costs: _Costs, prefetch: bool, max_segment_steps: int | None
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (low, middle) if fits(middle) else (middle, high)
-    return high, _grown_layout(costs, high, prefetch, max_segment_steps, pinned_bytes).bookkeeping
+    return high, _planned_layout(costs, high, prefetch, max_segment_steps, pinned_bytes).bookkeeping
 
 
 def _refuse_for_bookkeeping(costs: _Costs, mode: ExecutionMode, memory_limit: int, prefetch: bool,
@@ -529,11 +612,31 @@ class _Layout:
     """Accounted bytes per step of a fixed segmentation, for a choice of cached segments."""
 
     def __init__(self, costs: _Costs, spans: list[_GrowingSpan], held: tuple[int, ...],
-                 loading: tuple[int, ...], prefetch: bool, pinned_bytes: int, bookkeeping: int) -> None:
+                 loading: tuple[int, ...], prefetch: bool, pinned_bytes: int, rebuilt: tuple[int, ...] = ()) -> None:
         self.costs, self.spans, self.held, self.loading = costs, spans, held, loading
-        # Persistent sessions' bookkeeping counts at every step, like pinned bytes.
-        self.prefetch, self.pinned, self.cyclic = prefetch, pinned_bytes + bookkeeping, False
-        self.bookkeeping = bookkeeping
+        self.prefetch, self.pinned_bytes, self.cyclic, self.rebuilt = prefetch, pinned_bytes, False, rebuilt
+        # Kept sessions' bookkeeping counts at every step, like pinned bytes; a rebuilt
+        # session's beside it at its own steps (rule 9).
+        self.own_bytes = [costs.session_bytes([s], tiles=False) for s in spans]   # 0: not persistent
+        self.kept_sessions_bytes = (costs.session_bytes([], tiles=True)
+                                    + sum(b for i, b in enumerate(self.own_bytes) if i not in rebuilt))
+        self.bookkeeping = max(0, self.kept_sessions_bytes - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
+
+    def rebuilt_nodes(self) -> int:
+        return sum(self.spans[i].stop - self.spans[i].start for i in self.rebuilt)
+
+    def with_rebuilt(self, rebuilt: tuple[int, ...]) -> _Layout:
+        return _Layout(self.costs, self.spans, self.held, self.loading, self.prefetch, self.pinned_bytes, rebuilt)
+
+    def pinned(self, index: int) -> int:
+        """Held at every step of segment ``index`` outside the graph: pinned bytes and the
+        sessions' bookkeeping beyond the allowance."""
+        own = self.own_bytes[index] if index in self.rebuilt else 0
+        return self.pinned_bytes + max(0, self.kept_sessions_bytes + own - SESSION_BOOKKEEPING_ALLOWANCE_BYTES)
+
+    def segment_peaks(self) -> list[int]:
+        """Per segment, the most over its steps and its session's creation, no session cached."""
+        return [max(*steps, creation) for steps, creation in map(self._base, range(len(self.spans)))]
 
     def fits(self, memory_limit: int) -> bool:
         """Whether the plan without any cached session stays under ``memory_limit``."""
@@ -547,15 +650,16 @@ class _Layout:
     def _base(self, index: int) -> tuple[list[int], int]:
         """(bytes of each step, bytes while the session is created) without cached sessions."""
         span, costs = self.spans[index], self.costs
+        pinned = self.pinned(index)
         if costs.normal:
-            steps = [a + costs.all_held + self.pinned for a in span.step_activation]
-            return steps, span.step_activation[0] + costs.all_held + costs.transient(span.weights) + self.pinned
+            steps = [a + costs.all_held + pinned for a in span.step_activation]
+            return steps, span.step_activation[0] + costs.all_held + costs.transient(span.weights) + pinned
         nxt = self.next_of(index)
         prefetching = self.prefetch and nxt is not None and costs.prefetched(self.spans[nxt].start)
         ahead = self.loading[nxt] if prefetching else 0  # type: ignore[index]
-        steps = [a + self.held[index] + ahead + self.pinned for a in span.step_activation]
+        steps = [a + self.held[index] + ahead + pinned for a in span.step_activation]
         created_alone = index == 0 or not self.prefetch or span.start in costs.isolated
-        creation = span.step_activation[0] + self.loading[index] + self.pinned if created_alone else 0
+        creation = span.step_activation[0] + self.loading[index] + pinned if created_alone else 0
         return steps, creation
 
     def fits_cyclic(self, memory_limit: int | None) -> bool:
@@ -593,7 +697,8 @@ class _Layout:
         used = 0
         for c in range(k):
             cost = self._cache_cost(c)
-            if self.held[c] == 0 or (weight_cache_bytes is not None and used + cost > weight_cache_bytes):
+            if self.held[c] == 0 or c in self.rebuilt or (weight_cache_bytes is not None
+                                                           and used + cost > weight_cache_bytes):
                 continue
             # A cached session counts everywhere but in its own segment and while it is prefetched.
             touched_steps = np.array([i != c and nexts[i] != c for i in range(k)])
@@ -613,7 +718,8 @@ class _Layout:
     def may_keep_heap(self) -> bool:
         """Rule 14: whether runs after the first build nothing and Hyperion runs no step itself."""
         costs = self.costs
-        return not costs.isolated and not costs.region_starts and all(costs.persistent(s) for s in self.spans)
+        return (not costs.isolated and not costs.region_starts and not self.rebuilt
+                and all(costs.persistent(s) for s in self.spans))
 
     def relaid_weights(self) -> set[str]:
         """The weights of relaid segments (rule 13)."""
@@ -635,7 +741,7 @@ class _Layout:
         workspace = [0] * costs.n
         for span in self.spans:
             for step in range(span.start, span.stop):
-                workspace[step] = costs.activation(step, span.relaid) - costs.live[step]
+                workspace[step] = costs.activation(step, span.relaid) - costs.live[step] - costs.caller_held[step]
         events = allocation_sequence(costs.graph, costs.liveness, [(s.start, s.stop) for s in self.spans],
                                      workspace)
         return heap_footprint(events, self.activation_high_water(), HEAP_SIMULATED_RUNS)
@@ -655,9 +761,10 @@ class _Layout:
                 if index in cached:
                     steps = [b + w for b, w in zip(steps, self._cached_workspace(index), strict=True)]
                 creation += sum(self._cache_cost(c) for c in cached if c != index) if creation else 0
-            if heap:   # the graph inputs a segment holds until it returns (rule 2), beside the heap
+            if heap:   # beside the heap: the graph inputs the segment holds (rule 2) or the caller does (rule 7)
                 span = self.spans[index]
-                inputs = sum(nbytes for last, nbytes in self.costs.inputs if last >= span.start)
+                inputs = sum(nbytes for last, nbytes in self.costs.inputs
+                             if last >= span.start or (self.costs.caller_inputs and nbytes >= CALLER_INPUT_BYTES))
                 steps = [b - activation + heap + inputs for b, activation in zip(steps, span.step_activation,
                                                                                   strict=True)]
             steps[0] = max(steps[0], creation)
@@ -668,10 +775,12 @@ class _Layout:
 StepCosts = _Costs   # what the tile pass's regions are priced with, as segments will be
 
 
-def step_costs(graph: Graph, liveness: Liveness, mode: ExecutionMode, prepack_weights: bool = True) -> StepCosts:
+def step_costs(graph: Graph, liveness: Liveness, mode: ExecutionMode, prepack_weights: bool = True,
+               caller_inputs: bool = False) -> StepCosts:
     """The per-step facts segmentation accounts (live activations with workspace, weights held
-    and loaded), for a pass that prices a segment of its own before there is one."""
-    return _Costs(graph, liveness, mode is ExecutionMode.NORMAL, prepack_weights)
+    and loaded), for a pass that prices a segment of its own before there is one;
+    ``caller_inputs``: with the graph inputs the caller holds (rule 7: under a cap, nothing pinned)."""
+    return _Costs(graph, liveness, mode is ExecutionMode.NORMAL, prepack_weights, caller_inputs=caller_inputs)
 
 
 def single_steps_of(costs: StepCosts, prefetch: bool) -> list[int]:
@@ -680,12 +789,14 @@ def single_steps_of(costs: StepCosts, prefetch: bool) -> list[int]:
 
 
 def single_step_bytes(graph: Graph, liveness: Liveness, mode: ExecutionMode, *, prefetch: bool = True,
-                      pinned_bytes: int = 0, prepack_weights: bool = True) -> list[int]:
+                      pinned_bytes: int = 0, prepack_weights: bool = True, caller_inputs: bool = False) -> list[int]:
     """Accounted bytes of every step when each step is its own segment (the bookkeeping
     of sessions kept across runs aside): for this order, no cap below their maximum
-    admits that plan; streaming sizes its chunks off them (they are linear in the batch)."""
+    admits that plan; streaming sizes its chunks off them (they are linear in the batch).
+    ``caller_inputs``: with the graph inputs the caller holds (rule 7)."""
     normal = mode is ExecutionMode.NORMAL
-    return _single_steps(_Costs(graph, liveness, normal, prepack_weights), prefetch and not normal, pinned_bytes)
+    return _single_steps(_Costs(graph, liveness, normal, prepack_weights, caller_inputs=caller_inputs),
+                         prefetch and not normal, pinned_bytes)
 
 
 def _single_steps(costs: _Costs, prefetch: bool, pinned_bytes: int) -> list[int]:

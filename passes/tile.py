@@ -294,7 +294,7 @@ class TilePass(Pass):
             return 0
         order = program.order or ()
         singles = single_steps_of(step_costs(graph, compute_liveness(graph, order), program.planning_mode,
-                                             self.prepack_weights), self.prefetch)
+                                             self.prepack_weights, _caller_inputs(program)), self.prefetch)
         return max(singles[i] for i, name in enumerate(order) if name in tiled)
 
     def _regions(self, graph: Graph, program: Program, gathered: frozenset[str], budget: int,
@@ -304,7 +304,7 @@ class TilePass(Pass):
         if program.batch_chunk is not None or not order:
             return (), order
         liveness = compute_liveness(graph, order)
-        costs = step_costs(graph, liveness, program.planning_mode, self.prepack_weights)
+        costs = step_costs(graph, liveness, program.planning_mode, self.prepack_weights, _caller_inputs(program))
         splittable = frozenset(i for i, name in enumerate(order) if _splittable(graph, name) is not None)
         # A Conv split by its weight may instead run in a spatial region, patch by patch.
         excluded = frozenset(i for i, name in enumerate(order) if name in gathered or (
@@ -552,3 +552,9 @@ def _tile_accounted(graph: Graph, tiled: Iterable[TiledStep]) -> dict[str, Tenso
         tensors[shape.weight] = dataclasses.replace(tensors[shape.weight], shape=shape.tile_shape(max(step.widths)),
                                                     nbytes=step.accounted_bytes)
     return tensors
+
+
+def _caller_inputs(program: Program) -> bool:
+    """Whether segmentation counts the graph inputs the caller holds (segment rule 7): under a
+    cap, outside streaming (whose pinned bytes hold the whole batch's inputs)."""
+    return program.memory_limit is not None and program.batch_chunk is None

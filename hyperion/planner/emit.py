@@ -127,8 +127,9 @@ def _segments(program: Program) -> tuple[tuple[Segment, ...], list[list[str]], l
             model_inputs=tuple(t for t in inputs if t not in constants), inlined_constants=constants,
             cached=index in cached, held_bytes=_at(segmentation.held_bytes, index, 0),
             loading_bytes=_at(segmentation.loading_bytes, index, 0), fed_weights=fed,
-            # A session that holds no large weight costs its graph and kernels alone: kept.
-            persistent=index in cached or len(fed) == len(large),
+            # A session that holds no large weight costs its graph and kernels alone: kept,
+            # unless the plan rebuilds it every run (its bookkeeping does not fit: segment rule 9).
+            persistent=index in cached or (len(fed) == len(large) and index not in segmentation.rebuilt),
             relaid=bool(fed) and _at(segmentation.relaid, index, False),
             fold_constants=program.memory_limit is None or not generated_weights(graph, nodes),
             region=_region(program, span.start, outputs)))

@@ -139,13 +139,7 @@ def _plan_sized(imported: ImportedModel, mode: ExecutionMode, memory_limit: int 
         try:
             program = planner.run(mode, memory_limit)
         except MemoryLimitError as error:
-            smallest = _verified_smallest(planner, mode, error.smallest_limit_bytes)
-            if smallest == error.smallest_limit_bytes:
-                raise
-            raise MemoryLimitError(
-                f"{error}; planned at that limit, a plan keeps more sessions: the smallest limit that works in "
-                f"{mode.value} mode is {smallest} bytes ({format_size(smallest)})", node=error.node,
-                needed_bytes=error.needed_bytes, smallest_limit_bytes=smallest) from None
+            raise _verified_refusal(planner, mode, error) from None
         return build_schedule(imported, program, requested=mode, reason=f"{mode.value} mode was requested")
     if memory_limit is None:
         program = planner.run(ExecutionMode.NORMAL, None)
@@ -173,13 +167,15 @@ def _adaptive(planner: Planner, memory_limit: int) -> tuple[Program, str]:
     try:
         program = plan_streaming(planner, memory_limit)
     except (MemoryLimitError, UnsupportedModelError) as streaming_error:
-        # The smallest cap adaptive can meet: the smaller of normal's and memory_opt's, both
-        # planned under a cap (memory_opt's can exceed normal's: it accounts a prefetched
-        # segment). Streaming's figure is read off an uncapped plan, so it is no promise.
+        # The smallest cap adaptive can meet: the smaller of normal's and memory_opt's, each
+        # planned at until a plan fits (memory_opt's can exceed normal's: it accounts a
+        # prefetched segment), so that it is never above what either mode names alone.
+        # Streaming's figure is read off an uncapped plan, so it is no promise.
+        memory_opt_refusal = _verified_refusal(planner, ExecutionMode.MEMORY_OPT, memory_opt_error)
         smallest = min(_verified_smallest(planner, ExecutionMode.NORMAL, normal_smallest),
-                       _verified_smallest(planner, ExecutionMode.MEMORY_OPT, memory_opt_error.smallest_limit_bytes))
+                       memory_opt_refusal.smallest_limit_bytes)
         raise MemoryLimitError(
-            f"{memory_opt_error}; streaming cannot help: {streaming_error}; the smallest limit that works in "
+            f"{memory_opt_refusal}; streaming cannot help: {streaming_error}; the smallest limit that works in "
             f"adaptive mode is {smallest} bytes ({format_size(smallest)})", node=memory_opt_error.node,
             needed_bytes=memory_opt_error.needed_bytes, smallest_limit_bytes=smallest) from None
     return program, (f"{normal_needs}; memory_opt needs at least "
@@ -188,22 +184,59 @@ def _adaptive(planner: Planner, memory_limit: int) -> tuple[Program, str]:
 
 
 SMALLEST_LIMIT_ROUNDS = 12
+# Bisection rounds between a refused cap and a larger one that works, when the first cap named
+# did not work: each halves the gap (a plan each; only refused compiles pay them).
+SHRINK_ROUNDS = 4
+
+
+def _verified_refusal(planner: Planner, mode: ExecutionMode, error: MemoryLimitError) -> MemoryLimitError:
+    """``error``, a refusal of ``mode``, with the smallest limit it names planned at until a
+    plan fits (:func:`_verified_smallest`); itself when that limit works as named."""
+    smallest = _verified_smallest(planner, mode, error.smallest_limit_bytes)
+    if smallest == error.smallest_limit_bytes:
+        return error
+    return MemoryLimitError(
+        f"{error}; planned at that limit, no plan fits (under another cap the tile and order passes choose "
+        f"other splits and another order): the smallest limit found to work in {mode.value} mode is {smallest} "
+        f"bytes ({format_size(smallest)})", node=error.node, needed_bytes=error.needed_bytes,
+        smallest_limit_bytes=smallest)
 
 
 def _verified_smallest(planner: Planner, mode: ExecutionMode, smallest: int) -> int:
-    """``smallest``, a mode's smallest limit read off its plan under a smaller cap, planned
-    at until a plan fits: a plan under the larger cap may pay what the smaller cap's did not
-    (sessions kept across runs, and their bookkeeping). A few rounds at most; only compiles
-    that are refused pay them."""
-    for _ in range(SMALLEST_LIMIT_ROUNDS):
+    """A cap at which ``mode``'s plan fits, as small as found: ``smallest`` -- a mode's smallest
+    limit read off its plan under a smaller cap -- planned at, and raised until a plan
+    fits. The passes before segmentation split steps and order them for the cap they are given,
+    so which caps fit is not monotone: a plan at the cap named may need more (it is then raised
+    to what that plan names, or by 1/64 when it names no more), and one below it may fit (once a
+    larger cap works, the gap down to the last refused one is bisected a few rounds). Only
+    compiles that are refused pay these plans."""
+    def fits(limit: int) -> tuple[bool, int]:
         try:
-            planner.run(mode, smallest)
-            return smallest
+            planner.run(mode, limit)
+            return True, limit
         except MemoryLimitError as error:
-            if error.smallest_limit_bytes <= smallest:
-                return smallest
-            smallest = error.smallest_limit_bytes
-    return smallest
+            return False, error.smallest_limit_bytes
+
+    candidate, refused = smallest, smallest - 1
+    for _ in range(SMALLEST_LIMIT_ROUNDS):
+        works, named = fits(candidate)
+        if works:
+            break
+        refused = candidate
+        candidate = named if named > candidate else candidate + max(1, candidate // 64)
+    else:
+        return candidate
+    if candidate == smallest:   # it works as named
+        return candidate
+    for _ in range(SHRINK_ROUNDS):
+        middle = (refused + candidate) // 2
+        if middle <= refused:
+            break
+        if fits(middle)[0]:
+            candidate = middle
+        else:
+            refused = middle
+    return candidate
 
 
 def _peak_bytes(program: Program) -> int:

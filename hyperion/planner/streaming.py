@@ -55,7 +55,8 @@ def largest_batch(program: Program, analysis: BatchSeparability, memory_limit: i
     buffers).
     """
     order = program.order or program.graph.file_order()
-    single, lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch, prepack_weights)
+    single, lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch, prepack_weights,
+                                not fixed_bytes)
     if max(single, default=0) + fixed_bytes + extra_bytes_per_sample > memory_limit:
         return 0
     best = max_batch_size
@@ -64,27 +65,47 @@ def largest_batch(program: Program, analysis: BatchSeparability, memory_limit: i
         per_sample += extra_bytes_per_sample
         if per_sample > 0:
             best = min(best, (memory_limit - fixed) // per_sample)
-    return max(best, 1)
+    best = max(best, 1)
+    if fixed_bytes:
+        return best
+    # The caller's inputs count from 1 MiB on (segment rule 7): past the lines' samples, a
+    # larger batch can cross that size, so the batch is checked at its own size, and bisected
+    # down while it does not fit (more samples never need less).
+    def fits(batch: int) -> bool:
+        graph = scaled_graph(program.graph, analysis, batch)
+        steps = single_step_bytes(graph, compute_liveness(graph, order), program.mode, prefetch=prefetch,
+                                  prepack_weights=prepack_weights, caller_inputs=True)
+        return max(steps, default=0) + extra_bytes_per_sample * batch <= memory_limit
+
+    if fits(best):
+        return best
+    low, high = 1, best   # fits(low): checked at one sample above
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def smallest_limit(program: Program, analysis: BatchSeparability, batch: int, *, prefetch: bool = True,
                    fixed_bytes: int = 0, extra_bytes_per_sample: int = 0, prepack_weights: bool = True) -> int:
     """The smallest cap that admits a plan at ``batch`` samples."""
     order = program.order or program.graph.file_order()
-    single, lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch, prepack_weights)
+    single, lines = _cost_lines(program.graph, order, analysis, program.mode, prefetch, prepack_weights,
+                                not fixed_bytes)
     if batch == 1:
         return max(single, default=0) + fixed_bytes + extra_bytes_per_sample
     return max(fixed + fixed_bytes + (per_sample + extra_bytes_per_sample) * batch for fixed, per_sample in lines)
 
 
 def _cost_lines(graph: Graph, order: tuple[str, ...], analysis: BatchSeparability, mode: ExecutionMode,
-                prefetch: bool, prepack_weights: bool) -> tuple[list[int], list[tuple[int, int]]]:
+                prefetch: bool, prepack_weights: bool, caller_inputs: bool) -> tuple[list[int], list[tuple[int, int]]]:
     """Per step, the single-step plan's bytes at one sample, and its (fixed, per-sample) line
     from two samples on: exact, activations scale with the batch and weights do not. From
     two on, since a kernel's workspace may not (a fed Conv's MLAS buffers are one per
-    thread, at most one per image: costs.workspace_bytes)."""
+    thread, at most one per image: costs.workspace_bytes). ``caller_inputs``: a plan of the whole
+    batch counts the inputs the caller holds (segment rule 7); streaming pins them instead."""
     one, two, three = (single_step_bytes(g, compute_liveness(g, order), mode, prefetch=prefetch,
-                                         prepack_weights=prepack_weights)
+                                         prepack_weights=prepack_weights, caller_inputs=caller_inputs)
                        for g in (scaled_graph(graph, analysis, n) for n in (1, 2, 3)))
     return one, [(3 * b - 2 * c, c - b) for b, c in zip(two, three, strict=True)]
 

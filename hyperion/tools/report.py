@@ -48,6 +48,7 @@ def summary(schedule: Schedule) -> str:
         f"peak         {format_size(schedule.peak_bytes)} ({schedule.peak_bytes} bytes accounted){where}",
         f"lower bound  {format_size(schedule.lower_bound_bytes)}; arena {format_size(schedule.arena_bytes)}",
         f"steps        {len(schedule.steps)} in {len(schedule.segments)} segment(s)",
+        _sessions_line(schedule),
         "smallest cap " + (format_size(schedule.optimal_peak_bytes) + " (proven: the leanest plan's peak)"
                            if schedule.optimal_peak_bytes is not None else "not known from this schedule"),
         "edges        " + (", ".join(f"{kinds[k]} {k}" for k in sorted(kinds)) or "none"),
@@ -71,6 +72,15 @@ def summary(schedule: Schedule) -> str:
             lines.append(f"             {len(spatial)} of them in spatial patches along rows, with halos "
                          f"({sum(len(s.region.bounds) - 1 for s in spatial)} patches)")  # type: ignore[union-attr]
     return "\n".join(lines)
+
+
+def _sessions_line(schedule: Schedule) -> str:
+    """How many sessions runs keep, and how many they build again (slower: in a fed plan, those
+    whose bookkeeping the cap leaves no room to keep, segment rule 9; in a packed one, every
+    streamed segment's)."""
+    rebuilt = sum(not segment.persistent for segment in schedule.segments)
+    kept = len(schedule.segments) - rebuilt
+    return f"sessions     {kept} kept across runs" + (f", {rebuilt} built on every run" if rebuilt else "")
 
 
 SUB_STEPS_SHOWN = 6   # tiles listed per tiled step; the rest are summed up in one line
