@@ -53,7 +53,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -189,14 +189,19 @@ def plan_fold(proto: ModelProto, small: bool = True) -> FoldPlan:
                     {name: known[name] for name in folded if known[name].nbytes <= SMALL_INITIALIZER_BYTES})
 
 
+def _constant_initializers(proto: ModelProto) -> dict[str, TensorProto]:
+    """Initializers a feed cannot override (rule 1): not also graph inputs, from IR version 4 on."""
+    overridable = {i.name for i in proto.graph.input} if proto.ir_version >= 4 else set()
+    return {t.name: t for t in proto.graph.initializer if t.name not in overridable}
+
+
 def _initial_constants(proto: ModelProto) -> dict[str, ConstantValue]:
     """Initializers a feed cannot override (rule 1), decoded lazily."""
-    overridable = {i.name for i in proto.graph.input} if proto.ir_version >= 4 else set()
     known = {}
-    for tensor in proto.graph.initializer:
+    for name, tensor in _constant_initializers(proto).items():
         dtype = _numpy_dtype(tensor.data_type)
-        if tensor.name not in overridable and dtype is not None:
-            known[tensor.name] = ConstantValue(dtype, tuple(tensor.dims), initializer=tensor)
+        if dtype is not None:
+            known[name] = ConstantValue(dtype, tuple(tensor.dims), initializer=tensor)
     return known
 
 
@@ -394,8 +399,7 @@ def alias_identities(source: ModelSource) -> ModelSource:
     of the Identity's output name over the same bytes (rule 5); ``source`` itself when it
     has none."""
     proto = source.proto
-    constants = {t.name: t for t in proto.graph.initializer
-                 if proto.ir_version < 4 or t.name not in {i.name for i in proto.graph.input}}
+    constants = _constant_initializers(proto)
     aliases: dict[int, TensorProto] = {}   # node position -> the initializer its output becomes
     for position, node in enumerate(proto.graph.node):
         if (node.op_type == "Identity" and normalise_domain(node.domain) == DEFAULT_DOMAIN
@@ -407,35 +411,32 @@ def alias_identities(source: ModelSource) -> ModelSource:
             constants[alias.name] = aliases[position] = alias
     if not aliases:
         return source
-    aliased = ModelProto()
-    aliased.CopyFrom(proto)
-    del aliased.graph.node[:]
-    aliased.graph.node.extend(n for p, n in enumerate(proto.graph.node) if p not in aliases)
-    for alias in aliases.values():
-        aliased.graph.initializer.append(alias)
-        if proto.ir_version < 4:  # initializers were graph inputs too before IR version 4
-            aliased.graph.input.append(helper.make_tensor_value_info(alias.name, alias.data_type, alias.dims))
     log.info("%s: %d Identity nodes of weights served as the weights themselves", source.label, len(aliases))
-    return dataclasses.replace(source, proto=aliased)
+    return dataclasses.replace(source, proto=_nodes_as_initializers(proto, set(aliases), aliases.values()))
 
 
 # -- the folded model --------------------------------------------------------------------------
 def _folded_model(proto: ModelProto, plan: FoldPlan, file: str, offsets: Mapping[str, int]) -> ModelProto:
     """A copy of ``proto`` whose computed nodes are gone and whose folded weights are
     external-data initializers in ``file``."""
-    folded = ModelProto()
-    folded.CopyFrom(proto)
-    del folded.graph.node[:]
-    folded.graph.node.extend(n for p, n in enumerate(proto.graph.node) if p not in plan.removed_nodes)
     tensors = []
     for name, value in plan.weights.items():
         tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape)
         refer(tensor, file, offsets[name], value.nbytes)
-        tensors.append((tensor, value))
-    tensors.extend((numpy_helper.from_array(value.value(), name), value) for name, value in plan.embedded.items())
-    for tensor, value in tensors:
-        name = tensor.name
-        folded.graph.initializer.append(tensor)
+        tensors.append(tensor)
+    tensors.extend(numpy_helper.from_array(value.value(), name) for name, value in plan.embedded.items())
+    return _nodes_as_initializers(proto, plan.removed_nodes, tensors)
+
+
+def _nodes_as_initializers(proto: ModelProto, removed: Collection[int], initializers: Iterable[TensorProto]
+                           ) -> ModelProto:
+    """A copy of ``proto`` without the nodes at positions ``removed``, with ``initializers`` added."""
+    copy = ModelProto()
+    copy.CopyFrom(proto)
+    del copy.graph.node[:]
+    copy.graph.node.extend(n for p, n in enumerate(proto.graph.node) if p not in removed)
+    for tensor in initializers:
+        copy.graph.initializer.append(tensor)
         if proto.ir_version < 4:  # initializers were graph inputs too before IR version 4
-            folded.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, value.shape))
-    return folded
+            copy.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return copy
