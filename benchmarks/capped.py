@@ -11,7 +11,9 @@ pre-packed in every session, sessions of large weights rebuilt every run, exact)
 * **Memory.** A fresh subprocess imports what the baseline imports (numpy, onnxruntime,
   hyperion, the corpus helpers), compiles the model under the cap and reads its VmHWM
   (*compile RSS*: nothing else has happened in the process yet, so it is the peak of a process
-  that compiles and does not run), then runs it twice and reads VmHWM again (*Hyperion RSS*).
+  that compiles and does not run), then reads the inputs the parent wrote once per model
+  (``corpus.save_feeds``: numpy's random generators would page 5 MiB of their own code into
+  the measured process), runs it twice and reads VmHWM again (*Hyperion RSS*).
   Both are reported above the median VmHWM of ``--repeats`` processes that only import the same
   modules (SPEC's definition). A cap no plan fits is reported as refused, with the smallest
   cap ``MemoryLimitError`` names. ``built`` and ``fed`` are the sessions built and the weight
@@ -95,7 +97,7 @@ def _child(args: dict[str, Any]) -> None:
         options.intra_op_num_threads = ORT_THREADS
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(entry["path"], options, providers=["CPUExecutionProvider"])
-        feeds = corpus.feeds(entry, seed=0)
+        feeds = corpus.load_feeds(args["feeds"])
         session.run(None, feeds)
         _reply({"ready": True})
         _serve(lambda: session.run(None, feeds))
@@ -111,7 +113,7 @@ def _child(args: dict[str, Any]) -> None:
         return
     compile_s = time.perf_counter() - started
     compile_rss = peak_rss_bytes()
-    feeds = corpus.feeds(entry, seed=0)
+    feeds = corpus.load_feeds(args["feeds"])
     cm.run(feeds)
     first_rss = peak_rss_bytes()
     cm.run(feeds)
@@ -200,8 +202,12 @@ def alternate(ort: _Worker, hyp: _Worker, repeats: int, budget_s: float, pause_s
 def measure_model(entry: dict[str, Any], ort_rss: int, baseline: int, fractions: list[float], repeats: int,
                   budget_s: float, pause_s: float, paths: list[str]) -> list[dict[str, Any]]:
     """Every fraction and path on one model; onnxruntime's worker serves them all."""
+    import corpus
+
     results = []
-    with _worker({"kind": "ort", "entry": entry}) as ort:
+    folder = tempfile.TemporaryDirectory(prefix="hyperion-feeds-")
+    feeds = str(corpus.save_feeds(entry, Path(folder.name) / "feeds.npz"))
+    with folder, _worker({"kind": "ort", "entry": entry, "feeds": feeds}) as ort:
         ort.receive()
         for fraction in fractions:
             limit = int(fraction * ort_rss)
@@ -214,7 +220,7 @@ def measure_model(entry: dict[str, Any], ort_rss: int, baseline: int, fractions:
                                           "limit_bytes": limit, "path": path, "ort_rss_bytes": ort_rss}
                 cache = tempfile.TemporaryDirectory(prefix="hyperion-cache-")
                 args = {"kind": "hyperion", "entry": entry, "limit": limit, "prepack_weights": prepack,
-                        "cache_dir": cache.name}
+                        "cache_dir": cache.name, "feeds": feeds}
                 with cache, _worker(args) as hyp:
                     report = hyp.receive()
                     for key in ("compile_rss_bytes", "first_run_rss_bytes", "rss_bytes"):

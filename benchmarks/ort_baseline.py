@@ -1,8 +1,9 @@
 """Plain onnxruntime on every corpus model: the 100% figures the capped benchmark compares against.
 
 For each manifest entry, ``--repeats`` fresh subprocesses each import onnxruntime and numpy,
-make the entry's feeds, create an InferenceSession (CPU, ``intra_op_num_threads`` = 2, all else
-default), run it once and read their peak RSS (VmHWM), then time ``--repeats`` further runs.
+read the entry's feeds (written once by the parent with ``corpus.save_feeds``), create an
+InferenceSession (CPU, ``intra_op_num_threads`` = 2, all else default), run it once and read
+their peak RSS (VmHWM), then time ``--repeats`` further runs.
 Peak RSS is reported above the median VmHWM of subprocesses that only import the same modules
 (SPEC's definition, with plain onnxruntime in place of Hyperion). Figures are medians with their
 min-max spread; the table is printed as Markdown and written, with every sample, to
@@ -20,6 +21,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,7 +57,7 @@ def _child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
     if kind == "baseline":
         return {"rss_bytes": _peak_rss_bytes()}
     entry = args["entry"]
-    feeds = corpus.feeds(entry, seed=0)
+    feeds = corpus.load_feeds(args["feeds"])
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = THREADS
@@ -89,7 +91,12 @@ def _summary(samples: list[float]) -> dict[str, float]:
 
 
 def measure(entry: dict[str, Any], repeats: int, baseline: int) -> dict[str, Any]:
-    children = [_spawn("ort", {"entry": entry, "runs": repeats}) for _ in range(repeats)]
+    sys.path.insert(0, str(REPO))
+    import corpus
+
+    with tempfile.TemporaryDirectory(prefix="hyperion-feeds-") as folder:
+        feeds = str(corpus.save_feeds(entry, Path(folder) / "feeds.npz"))
+        children = [_spawn("ort", {"entry": entry, "runs": repeats, "feeds": feeds}) for _ in range(repeats)]
     rss = [c["rss_bytes"] - baseline for c in children]
     return {
         "family": entry["family"], "weight_bytes": entry["weight_bytes"], "nodes": entry["nodes"],
