@@ -15,6 +15,7 @@ import logging
 from hyperion.errors import (
     MemoryLimitError,
     OptionError,
+    PassError,
     ShapeError,
     UnsupportedModelError,
 )
@@ -184,6 +185,8 @@ def _adaptive(planner: Planner, memory_limit: int) -> tuple[Program, str]:
 
 
 SMALLEST_LIMIT_ROUNDS = 12
+# Rounds after those that double the cap, so that the limit named is one a plan was made at.
+DOUBLING_ROUNDS = 48
 # Bisection rounds between a refused cap and a larger one that works, when the first cap named
 # did not work: each halves the gap (a plan each; only refused compiles pay them).
 SHRINK_ROUNDS = 4
@@ -207,9 +210,10 @@ def _verified_smallest(planner: Planner, mode: ExecutionMode, smallest: int) -> 
     limit read off its plan under a smaller cap -- planned at, and raised until a plan
     fits. The passes before segmentation split steps and order them for the cap they are given,
     so which caps fit is not monotone: a plan at the cap named may need more (it is then raised
-    to what that plan names, or by 1/64 when it names no more), and one below it may fit (once a
-    larger cap works, the gap down to the last refused one is bisected a few rounds). Only
-    compiles that are refused pay these plans."""
+    to what that plan names, or by 1/64 when it names no more, and doubled once that has not
+    fitted for ``SMALLEST_LIMIT_ROUNDS``), and one below it may fit (once a larger cap works,
+    the gap down to the last refused one is bisected a few rounds). Only compiles that are
+    refused pay these plans."""
     def fits(limit: int) -> tuple[bool, int]:
         try:
             planner.run(mode, limit)
@@ -218,14 +222,18 @@ def _verified_smallest(planner: Planner, mode: ExecutionMode, smallest: int) -> 
             return False, error.smallest_limit_bytes
 
     candidate, refused = smallest, smallest - 1
-    for _ in range(SMALLEST_LIMIT_ROUNDS):
+    for round_ in range(SMALLEST_LIMIT_ROUNDS + DOUBLING_ROUNDS):
         works, named = fits(candidate)
         if works:
             break
         refused = candidate
         candidate = named if named > candidate else candidate + max(1, candidate // 64)
+        if round_ >= SMALLEST_LIMIT_ROUNDS:   # the caps named creep up: leap instead
+            candidate = max(candidate, 2 * refused)
     else:
-        return candidate
+        # Under a cap above every byte the model has, the plan holds everything at once.
+        raise PassError(f"no {mode.value} plan fits under any limit up to {refused} bytes "
+                        f"({format_size(refused)}), starting from the {smallest} bytes a plan named")
     if candidate == smallest:   # it works as named
         return candidate
     for _ in range(SHRINK_ROUNDS):

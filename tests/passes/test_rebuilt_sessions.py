@@ -99,3 +99,34 @@ def test_adaptive_names_no_larger_a_cap_than_memory_opt_and_it_works(name: str) 
     assert adaptive <= memory_opt
     assert hyperion.compile(fixture_path(name), memory_limit=adaptive, input_shapes=shapes).schedule.peak_bytes \
         <= adaptive
+
+
+class _CreepingPlanner:
+    """A planner whose refusals each name one byte more than the cap tried, and whose plans
+    fit only from ``fits_from`` on: the caps named creep up and never reach it."""
+
+    def __init__(self, fits_from: int) -> None:
+        self.fits_from, self.tried = fits_from, []
+
+    def run(self, mode: ExecutionMode, limit: int) -> None:
+        self.tried.append(limit)
+        if limit < self.fits_from:
+            raise hyperion.MemoryLimitError("too small", smallest_limit_bytes=limit + 1)
+
+
+def test_the_smallest_cap_named_is_one_a_plan_fitted_even_when_the_named_caps_creep() -> None:
+    from hyperion.planner.plan import _verified_smallest
+
+    planner = _CreepingPlanner(fits_from=50_000_000)
+    smallest = _verified_smallest(planner, ExecutionMode.MEMORY_OPT, 1_000_000)  # type: ignore[arg-type]
+    assert smallest >= planner.fits_from
+    assert smallest in planner.tried
+    assert smallest < 2 * planner.fits_from   # bisected back down towards it
+
+
+def test_a_mode_no_cap_fits_is_a_planner_error_not_a_cap_named() -> None:
+    from hyperion.errors import PassError
+    from hyperion.planner.plan import _verified_smallest
+
+    with pytest.raises(PassError, match="no memory_opt plan fits under any limit"):
+        _verified_smallest(_CreepingPlanner(fits_from=2**80), ExecutionMode.MEMORY_OPT, 1_000)  # type: ignore[arg-type]
