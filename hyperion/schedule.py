@@ -314,9 +314,9 @@ class Schedule:
     # Data-dependent sizes: this schedule plans the prefix up to the steps that decide them;
     # None: the whole model is planned. A file may leave it out (absent means None).
     replan: Replan | None = None
-    # Free heap a run that builds no session keeps for the next run (the plan counts it at
-    # every step; the runtime trims beyond it); 0: freed large blocks go back to the OS. A
-    # file may leave it out (absent means 0).
+    # The footprint of the onnxruntime arena the sessions share, whose pages runs keep for the
+    # next (the plan counts it at every step in place of the activations; segment rule 14);
+    # 0: no arena, freed large blocks go back to the OS. A file may leave it out (absent: 0).
     kept_heap_bytes: int = 0
     format: str = FORMAT
     version: int = VERSION

@@ -50,7 +50,7 @@ class SegmentOptions:
     weight_cache_bytes: int | None = None
     prepack_weights: bool | None = None   # None: in normal mode only
     relayout: bool = True                 # fed segments packed once by onnxruntime's optimizer, mapped
-    keep_heap: bool = True                # runs may keep freed heap for the next (segment rule 14)
+    keep_heap: bool = True                # runs may keep a shared arena for the next (segment rule 14)
 
     def for_mode(self, mode: ExecutionMode) -> SegmentOptions:
         """The options with ``None`` resolved for ``mode``. Weights are pre-packed where

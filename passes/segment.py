@@ -20,7 +20,12 @@ from hyperion.passes.memory.costs import (
     session_bookkeeping_bytes,
     workspace_bytes,
 )
-from hyperion.passes.memory.heap import allocation_sequence, heap_footprint
+from hyperion.passes.memory.ort_arena import (
+    ArenaEvent,
+    allocation_sequence,
+    arena_footprint,
+    idle_bytes_at_segments,
+)
 from hyperion.passes.program import Program
 from hyperion.units import format_size
 
@@ -45,7 +50,7 @@ class Segmentation:
     pinned_bytes: int = 0
     prepack_weights: bool = True          # sessions pre-pack weights (False: held at their own size)
     relaid: tuple[bool, ...] = ()         # per segment: its fed weights packed and re-laid, mapped (rule 13)
-    kept_heap_bytes: int = 0              # free heap a run that builds no session keeps (rule 14)
+    kept_heap_bytes: int = 0              # the shared arena's footprint, kept between runs (rule 14)
     rebuilt: tuple[int, ...] = ()         # segments whose sessions are built on every run (rule 9)
 
     @property
@@ -103,7 +108,7 @@ class SegmentPass(Pass):
        segments as grown, else on segments grown under the whole cap. A rebuilt session's
        bookkeeping counts at its own steps only, beside the kept sessions'; its creation is
        counted there already (rules 4-5). Runs then build sessions: slower, but the cap holds;
-       never in the weight cache, and such a plan keeps no heap (rule 14);
+       never in the weight cache, and such a plan keeps no arena (rule 14);
     10. segments are grown greedily while every constraint above holds; a step that
        does not fit even as its own segment raises
        :class:`~hyperion.errors.MemoryLimitError` naming it, the bytes it needs and
@@ -129,24 +134,25 @@ class SegmentPass(Pass):
        only while its creation fits. One whose first step does not fit is fed plainly,
        so relayout never raises the smallest cap: single steps are checked without it.
        A region's segment is never relaid (its session runs tile by tile, fed as built).
-    14. the heap: under a cap, glibc gives every freed block of 1 MiB or more back to the
-       OS, so each run faults its large activations in again (on MobileNetV3 at half of
-       onnxruntime's RSS that was 10 of its 27 ms). When every session persists and no step
-       is run by Hyperion itself (tiles, row gathers, regions), a run that builds no session
-       may instead keep freed blocks in the heap, up to ``kept_heap_bytes`` of free heap
-       (the runtime trims it back after any segment that leaves more), set to the most
-       activations (with workspace) any step holds. A run's activations are then carved out
-       of that heap, so the plan counts, at every step, the heap's footprint *in place of*
-       the step's own activations (and the graph inputs its segment holds, the caller's,
-       beside it): the most the heap holds resident, live blocks and free pages, over two
-       runs of the plan's allocations on a model of glibc's heap
-       (:mod:`hyperion.passes.memory.heap`), which finds the holes each graph's sizes leave
-       (DenseNet-121's ever wider concatenations: 2.9-4.4x its high-water; ResNet-50 1.6x).
-       A session's creation is not charged it: only the first run creates, and it keeps no
-       heap. It keeps the heap when that fits the cap as segmented, or with segments grown
-       again under the cap less what the heap adds (as long as they relay every weight the
-       first ones did). A model re-planned at run time keeps none (``keep_heap=False``):
-       its prefix and its rest are two plans over one heap.
+    14. the arena: under a cap, a tensor of 1 MiB or more is mapped when allocated and
+       returned when freed, so each run faults its large activations in again (on
+       MobileNetV3 at half of onnxruntime's RSS, 6 of a run's 12 ms). When every session
+       persists and no step is run by Hyperion itself (tiles, row gathers, regions), the
+       sessions may instead share one onnxruntime arena that keeps its pages between runs
+       (``kept_heap_bytes``: its footprint). A run's activations are then carved out of
+       it, so the plan counts, at every step, the arena's footprint *in place of* the
+       step's own activations (the graph inputs its segment holds, and the caller's,
+       beside it): the pages it has written over two runs of the
+       plan's allocations on a model of onnxruntime's arena
+       (:mod:`hyperion.passes.memory.ort_arena`; DenseNet-121's ever wider concatenations:
+       1.6x its high-water; MobileNetV3 1.3x). The runs that build sessions give the
+       arena's free regions back after every segment, so a session's creation is charged,
+       beside what is live then, the pages of the arena no live tensor holds (its first
+       region, never given back, and the rest of regions that hold a live tensor),
+       simulated too. It is kept when that fits the cap
+       as segmented, or with segments grown again under the cap less what the arena adds
+       (as long as they relay every weight the first ones did). A model re-planned at run
+       time keeps none (``keep_heap=False``): its prefix and its rest are two plans.
 
     Writes ``program.segmentation``. Postcondition: the segments cover every step in
     order, and the peak is at most the cap.
@@ -439,15 +445,15 @@ def segment(graph: Graph, liveness: Liveness, mode: ExecutionMode, memory_limit:
         _refuse_for_bookkeeping(costs, mode, memory_limit, prefetch, max_segment_steps, pinned_bytes)
     _settle(layout, memory_limit, prefetch)
     cached = _cached(layout, normal, memory_limit, weight_cache_bytes)
-    kept_heap, heap = 0, 0
-    if keep_heap and memory_limit is not None and layout.may_keep_heap():
-        kept_heap, heap, layout, cached = _keeping_heap(costs, layout, cached, memory_limit, normal, prefetch,
-                                                        max_segment_steps, pinned_bytes, weight_cache_bytes)
+    arena = 0
+    if keep_heap and memory_limit is not None and layout.may_keep_arena():
+        arena, layout, cached = _keeping_arena(costs, layout, cached, memory_limit, normal, prefetch,
+                                               max_segment_steps, pinned_bytes, weight_cache_bytes)
     spans = layout.spans
     return Segmentation(tuple(Span(s.start, s.stop) for s in spans),
-                        tuple(layout.step_bytes(cached, heap)),
+                        tuple(layout.step_bytes(cached, arena)),
                         layout.held, layout.loading, cached, prefetch, layout.cyclic, pinned_bytes, prepack_weights,
-                        tuple(costs.relaid(s) and i not in cached for i, s in enumerate(spans)), kept_heap,
+                        tuple(costs.relaid(s) and i not in cached for i, s in enumerate(spans)), arena,
                         layout.rebuilt)
 
 
@@ -462,18 +468,19 @@ def _cached(layout: _Layout, normal: bool, memory_limit: int | None, weight_cach
     return tuple(range(len(layout.spans))) if normal else layout.choose_cache(memory_limit, weight_cache_bytes)
 
 
-def _keeping_heap(costs: _Costs, layout: _Layout, cached: tuple[int, ...], memory_limit: int, normal: bool,
-                  prefetch: bool, max_segment_steps: int | None, pinned_bytes: int, weight_cache_bytes: int | None
-                  ) -> tuple[int, int, _Layout, tuple[int, ...]]:
-    """Rule 14: (free heap kept, the heap's simulated footprint, layout, cached segments). The
-    layout as grown keeps the heap when that fits; else segments are grown once more under the
-    cap less what the heap adds to a step beyond its own activations (smaller segments hold
-    fewer weights beside it), if they still relay every weight; else the heap goes back (0, 0)
+def _keeping_arena(costs: _Costs, layout: _Layout, cached: tuple[int, ...], memory_limit: int, normal: bool,
+                   prefetch: bool, max_segment_steps: int | None, pinned_bytes: int, weight_cache_bytes: int | None
+                   ) -> tuple[int, _Layout, tuple[int, ...]]:
+    """Rule 14: (the kept arena's footprint, layout, cached segments). The
+    layout as grown keeps the arena when that fits; else segments are grown once more under the
+    cap less what the arena adds to a step beyond its own activations (smaller segments hold
+    fewer weights beside it), if they still relay every weight; else the arena goes back (0, 0)
     and the layout stays as grown."""
-    kept, heap = layout.activation_high_water(), layout.heap_footprint()
-    if layout.fits_keeping_heap(cached, heap, memory_limit):
-        return kept, heap, layout, cached
-    for lowered in sorted({memory_limit - (heap - kept), memory_limit - heap}, reverse=True):
+    arena = layout.arena_footprint()
+    if layout.fits_keeping_arena(cached, arena, memory_limit):
+        return arena, layout, cached
+    for lowered in sorted({memory_limit - (arena - layout.activation_high_water()), memory_limit - arena},
+                          reverse=True):
         if lowered <= 0:
             continue
         regrown = _grown_layout(costs, lowered, prefetch, max_segment_steps, pinned_bytes)
@@ -481,15 +488,15 @@ def _keeping_heap(costs: _Costs, layout: _Layout, cached: tuple[int, ...], memor
         if regrown.fits(lowered) and regrown.relaid_weights() >= layout.relaid_weights():
             _settle(regrown, lowered, prefetch)
             regrown_cached = _cached(regrown, normal, lowered, weight_cache_bytes)
-            regrown_heap = regrown.heap_footprint()
-            if regrown.fits_keeping_heap(regrown_cached, regrown_heap, memory_limit):
-                return regrown.activation_high_water(), regrown_heap, regrown, regrown_cached
-    return 0, 0, layout, cached
+            regrown_arena = regrown.arena_footprint()
+            if regrown.fits_keeping_arena(regrown_cached, regrown_arena, memory_limit):
+                return regrown_arena, regrown, regrown_cached
+    return 0, layout, cached
 
 
-# Simulated, the heap's footprint is found for this many runs after the first (which builds
-# the sessions and gives freed blocks back): each starts from the heap the one before left.
-HEAP_SIMULATED_RUNS = 2
+# Simulated, the arena's footprint is found for this many runs after the first (which builds
+# the sessions and gives free regions back): each starts from the arena the one before left.
+ARENA_SIMULATED_RUNS = 2
 
 
 def _grown_layout(costs: _Costs, memory_limit: int | None, prefetch: bool, max_segment_steps: int | None,
@@ -715,7 +722,7 @@ class _Layout:
             used += cost
         return tuple(cached)
 
-    def may_keep_heap(self) -> bool:
+    def may_keep_arena(self) -> bool:
         """Rule 14: whether runs after the first build nothing and Hyperion runs no step itself."""
         costs = self.costs
         return (not costs.isolated and not costs.region_starts and not self.rebuilt
@@ -725,33 +732,39 @@ class _Layout:
         """The weights of relaid segments (rule 13)."""
         return {w for s in self.spans if s.relaid for w in s.weights & self.costs.relaid_weights}
 
-    def fits_keeping_heap(self, cached: tuple[int, ...], heap: int, memory_limit: int) -> bool:
-        return max(self.step_bytes(cached, heap), default=0) <= memory_limit
+    def fits_keeping_arena(self, cached: tuple[int, ...], arena: int, memory_limit: int) -> bool:
+        return max(self.step_bytes(cached, arena), default=0) <= memory_limit
 
     def activation_high_water(self) -> int:
-        """The most activations, with workspace, that any step holds: the free heap a run keeps."""
+        """The most activations, with workspace, that any step holds."""
         return max((max(span.step_activation) for span in self.spans), default=0)
 
-    def heap_footprint(self) -> int:
-        """What the heap holds resident at most, live activations and workspace included, over
-        the runs that keep free heap up to the activation high-water (rule 14): simulated on a
-        model of glibc's heap (``passes/memory/heap.py``). Graph inputs are the caller's,
-        outside it."""
+    def arena_idle_at_creation(self) -> list[int]:
+        """Per segment, the arena's written pages no live tensor holds when the first run
+        creates its session, shrinking the arena after every segment (rule 14)."""
+        return idle_bytes_at_segments(self._arena_events())
+
+    def arena_footprint(self) -> int:
+        """The pages of the shared arena the runs write, live activations and workspace
+        included (rule 14): simulated on a model of onnxruntime's arena
+        (``passes/memory/ort_arena.py``). Graph inputs are the caller's, outside it."""
+        return arena_footprint(self._arena_events(), ARENA_SIMULATED_RUNS)
+
+    def _arena_events(self) -> list[ArenaEvent]:
         costs = self.costs
         workspace = [0] * costs.n
         for span in self.spans:
             for step in range(span.start, span.stop):
                 workspace[step] = costs.activation(step, span.relaid) - costs.live[step] - costs.caller_held[step]
-        events = allocation_sequence(costs.graph, costs.liveness, [(s.start, s.stop) for s in self.spans],
-                                     workspace)
-        return heap_footprint(events, self.activation_high_water(), HEAP_SIMULATED_RUNS)
+        return allocation_sequence(costs.graph, costs.liveness, [(s.start, s.stop) for s in self.spans], workspace)
 
-    def step_bytes(self, cached: tuple[int, ...], heap: int = 0) -> list[int]:
-        """Accounted bytes per step; ``heap``: with free heap kept across runs (rule 14), the
-        heap's footprint (:meth:`heap_footprint`) in place of each step's activations, graph
-        inputs still needed beside it (they are the caller's, outside the heap). A session's
-        creation is not charged it: only the first run creates, and it keeps no heap."""
+    def step_bytes(self, cached: tuple[int, ...], arena: int = 0) -> list[int]:
+        """Accounted bytes per step; ``arena``: with the shared arena kept across runs (rule 14),
+        its footprint (:meth:`arena_footprint`) in place of each step's activations, graph
+        inputs still needed beside it (they are the caller's, outside the arena); a session's
+        creation, in a run that gives the arena back, with its pages no live tensor holds."""
         out: list[int] = []
+        idle = self.arena_idle_at_creation() if arena else []
         for index in range(len(self.spans)):
             steps, creation = self._base(index)
             if not self.costs.normal:
@@ -761,12 +774,13 @@ class _Layout:
                 if index in cached:
                     steps = [b + w for b, w in zip(steps, self._cached_workspace(index), strict=True)]
                 creation += sum(self._cache_cost(c) for c in cached if c != index) if creation else 0
-            if heap:   # beside the heap: the graph inputs the segment holds (rule 2) or the caller does (rule 7)
+            if arena:   # beside it: the graph inputs the segment holds (rule 2) or the caller does (rule 7)
                 span = self.spans[index]
                 inputs = sum(nbytes for last, nbytes in self.costs.inputs
                              if last >= span.start or (self.costs.caller_inputs and nbytes >= CALLER_INPUT_BYTES))
-                steps = [b - activation + heap + inputs for b, activation in zip(steps, span.step_activation,
-                                                                                  strict=True)]
+                steps = [b - activation + arena + inputs for b, activation in zip(steps, span.step_activation,
+                                                                                   strict=True)]
+                creation = creation + idle[index] if creation else 0
             steps[0] = max(steps[0], creation)
             out.extend(steps)
         return out

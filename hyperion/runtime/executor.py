@@ -54,10 +54,11 @@ from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
 from hyperion.runtime.sessions import (
     SessionPool,
     SessionTimes,
-    keep_freed_heap,
     release_free_heap,
     return_freed_memory,
     session_options,
+    shrink_shared_arena,
+    shrinking_run_options,
 )
 from hyperion.runtime.tile_reads import TileMajorReader, WeightTileReader, tile_major_copy, write_tile_major
 from hyperion.runtime.tiles import Staging, run_tiles, tile_in_file, tile_model
@@ -146,7 +147,10 @@ class Runtime:
         self._relaid: dict[Hashable, Path] = {}
         self._relaid_pages: dict[Hashable, tuple[pages.PageRange, ...]] = {}
         self._unwritten: set[Path] = set()   # relaid data files no session wrote into
-        self._heap_kept = False   # this run keeps glibc's freed heap (kept_heap_bytes, and it builds nothing)
+        # Segment rule 14: the sessions share onnxruntime's arena, kept by runs that build nothing.
+        self._shared_arena = self.config.return_freed_memory and schedule.kept_heap_bytes > 0
+        self._arena_kept = False   # this run keeps the shared arena's pages
+        self._run_options: ort.RunOptions | None = None
         kept = frozenset(segment.index for segment in schedule.segments if segment.persistent)
         self.pool = SessionPool(_weak_builder(self), kept, schedule.prefetch)
         self._whole_model_ms: float | None = None
@@ -166,13 +170,14 @@ class Runtime:
         return self.config.prepack_weights and self.schedule.prepack_weights
 
     # -- sessions -----------------------------------------------------------------------
-    def _options(self, prepack: bool | None = None, external_folder: Path | None = None) -> ort.SessionOptions:
+    def _options(self, prepack: bool | None = None, external_folder: Path | None = None,
+                 shared_arena: bool = False) -> ort.SessionOptions:
         # Relative external-data locations resolve against the model's folder (or the spill
         # folder); a relaid segment's, against the folder of the optimizer's files.
         return session_options(threads=self.config.intra_op_num_threads, arena=self.config.enable_cpu_mem_arena,
                                prepack=self.prepack_weights if prepack is None else prepack,
                                spinning=self.schedule.intra_op_spinning,
-                               external_folder=external_folder or self.weights.folder)
+                               external_folder=external_folder or self.weights.folder, shared_arena=shared_arena)
 
     def session(self, segment: Segment) -> ort.InferenceSession:
         """The session of ``segment``: kept, prefetched, or built now."""
@@ -192,11 +197,11 @@ class Runtime:
                 relaid = self._relaid_model(segment, disabled)
                 model = str(relaid)
                 # Its kernels take their packed weights from its file: packing stays on.
-                options = self._options(prepack=True, external_folder=relaid.parent)
+                options = self._options(prepack=True, external_folder=relaid.parent, shared_arena=self._shared_arena)
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # done already
             else:
                 model = self._segment_model(segment)
-                options = self._options()
+                options = self._options(shared_arena=self._shared_arena)
             options = self.tracer.session_options(options, index)
             session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
                                            disabled_optimizers=disabled)
@@ -325,23 +330,25 @@ class Runtime:
         return outputs
 
     def _tune_heap(self) -> None:
-        """Under a cap, glibc gives freed large blocks back to the OS, unless the schedule
-        keeps some (``kept_heap_bytes``) and this run builds no session: the first run, which
-        builds them, returns what their creation frees."""
+        """Under a cap, glibc gives freed large blocks back to the OS, and so does the shared
+        arena, unless the schedule keeps it (``kept_heap_bytes``) and this run builds no
+        session: a run that builds one gives the arena's free regions back after every
+        segment, so that no session is created beside what the runs before left in it."""
         if not self.config.return_freed_memory:
             return
-        self._heap_kept = self.schedule.kept_heap_bytes > 0 and self.pool.all_kept()
-        if self._heap_kept:
-            keep_freed_heap()
-        else:
-            return_freed_memory(MMAP_THRESHOLD_BYTES)
+        return_freed_memory(MMAP_THRESHOLD_BYTES)
+        self._arena_kept = self._shared_arena and self.pool.all_kept()
+        self._run_options = shrinking_run_options() if self._shared_arena and not self._arena_kept else None
+        if not self._arena_kept:
             release_free_heap()   # what another schedule's runs kept in this process, its plan does not count
+        if not self._shared_arena:
+            shrink_shared_arena()
 
     @contextlib.contextmanager
     def _tile_sized_blocks_mapped(self, segment: Segment) -> Iterator[None]:
         """Under a cap, while the region of a segment rebuilt every run runs, blocks from
         ``REGION_MMAP_THRESHOLD_BYTES`` up mapped alone."""
-        if not self.config.return_freed_memory or self._heap_kept or self.pool.is_kept(segment.index):
+        if not self.config.return_freed_memory or self.pool.is_kept(segment.index):
             yield
             return
         return_freed_memory(REGION_MMAP_THRESHOLD_BYTES)
@@ -431,7 +438,7 @@ class Runtime:
                 with self.tracer.span(f"{len(segment.region.bounds) - 1} tiles of segment {segment.index}", "region",
                                       segment=segment.index), self._tile_sized_blocks_mapped(segment):
                     return run_region(session, segment.region, model_feeds, self._region_outputs(segment))
-            return session.run(list(segment.outputs), model_feeds)
+            return session.run(list(segment.outputs), model_feeds, self._run_options)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RuntimeExecutionError(
                 f"{self.source.label}: onnxruntime failed in segment {segment.index} "
@@ -441,9 +448,8 @@ class Runtime:
             self.weights.advise(self._fed_spans(segment), mmap.MADV_DONTNEED)   # RSS falls back
             if segment.relaid:
                 pages.drop(self._mapped_pages(segment.index))
-            if self._heap_kept:   # no more free heap than the plan counts
-                release_free_heap(self.schedule.kept_heap_bytes)
-            elif self.config.return_freed_memory and (segment.relaid or self.pool.times.built > built):
+            if self.config.return_freed_memory and not self._arena_kept and (
+                    segment.relaid or self.pool.times.built > built):
                 # A relaid segment's packed kernels and a session's creation leave free pages
                 # between live heap blocks (10-19 MiB after whisper-tiny's decoder; trimmed after
                 # each of Inception-v2's 15 normal-mode sessions was built, its first run peaked

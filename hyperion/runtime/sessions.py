@@ -30,8 +30,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
+from hyperion.passes.memory.ort_arena import ARENA_INITIAL_BYTES, ARENA_MAX_DEAD_BYTES_PER_CHUNK
 from hyperion.runtime.trace import NULL_RECORDER, SESSIONS_TRACK, NullRecorder
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,8 @@ class SessionTimes:
 
 
 def session_options(*, threads: int = 0, arena: bool = True, prepack: bool = True, spinning: bool = True,
-                    external_folder: str | os.PathLike | None = None) -> ort.SessionOptions:
+                    external_folder: str | os.PathLike | None = None, shared_arena: bool = False
+                    ) -> ort.SessionOptions:
     """onnxruntime's session options as Hyperion (and its tests and benchmarks) use them.
 
     * ``threads``: intra-op threads; 0 lets onnxruntime use one per core.
@@ -73,6 +76,9 @@ def session_options(*, threads: int = 0, arena: bool = True, prepack: bool = Tru
       next segment, and a session with them took 28 ms to destroy against 0.1 ms.
     * ``external_folder``: where relative external-data locations resolve when the
       model is given as bytes (a segment model, or weights spilled to a file).
+    * ``shared_arena``: the session allocates its tensors from the process's one shared
+      arena (:func:`shared_arena`), which keeps its pages between runs (segment rule 14),
+      and its initializers outside it; no memory pattern (the plan's tensors, one by one).
 
     Warnings are off (severity 3): onnxruntime warns about things that are expected
     here, such as initializers listed as graph inputs in old opsets.
@@ -89,6 +95,58 @@ def session_options(*, threads: int = 0, arena: bool = True, prepack: bool = Tru
     if external_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(external_folder))
+    if shared_arena:
+        shared_arena_registered()
+        options.enable_cpu_mem_arena = True
+        options.enable_mem_pattern = False
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    return options
+
+
+@functools.cache
+def shared_arena_registered() -> None:
+    """Register the process's shared CPU arena with onnxruntime, once: sessions made with
+    ``shared_arena`` allocate from it. Configured as ``passes/memory/ort_arena.py`` models
+    it: regions doubling from 1 MiB (again after a shrink), chunks split whenever 256 bytes
+    are left over."""
+    config = ort.OrtArenaCfg({"max_mem": 0, "arena_extend_strategy": 0,   # kNextPowerOfTwo
+                              "initial_chunk_size_bytes": ARENA_INITIAL_BYTES,
+                              "initial_growth_chunk_size_bytes": ARENA_INITIAL_BYTES,   # after a shrink
+                              "max_dead_bytes_per_chunk": ARENA_MAX_DEAD_BYTES_PER_CHUNK})
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, config)
+
+
+def shrink_shared_arena() -> None:
+    """Give the shared arena's free regions back, if a session ever used it: a schedule that
+    does not keep it does not count what another one's runs left in it."""
+    if shared_arena_registered.cache_info().currsize:
+        session, feeds = _shrinker()
+        session.run(None, feeds, shrinking_run_options())
+
+
+@functools.cache
+def _shrinker() -> tuple[ort.InferenceSession, dict[str, Any]]:
+    """A one-node session on the shared arena: its runs shrink it (onnxruntime shrinks an arena
+    only when a run of a session using it ends)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "shrink",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    session = ort.InferenceSession(model.SerializeToString(), session_options(threads=1, shared_arena=True),
+                                   providers=["CPUExecutionProvider"])
+    return session, {"x": np.zeros(1, np.float32)}
+
+
+@functools.cache
+def shrinking_run_options() -> ort.RunOptions:
+    """Run options that make onnxruntime give the shared arena's free regions back when a
+    run ends (all but its first, 1 MiB)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return options
 
 
@@ -199,18 +257,6 @@ def return_freed_memory(mmap_threshold_bytes: int) -> bool:
     Process-wide; a no-op off glibc. Returns whether it applied.
     """
     return _set_heap_thresholds(mmap_threshold_bytes)
-
-
-# glibc refuses an mmap threshold above half its largest heap (64 MiB on 64-bit systems).
-KEPT_HEAP_MMAP_THRESHOLD_BYTES = 32 << 20
-
-
-def keep_freed_heap() -> bool:
-    """Let glibc keep freed blocks of up to 32 MiB in its heap, reused by the next run
-    instead of unmapped and faulted in again (a schedule's ``kept_heap_bytes``; the runtime
-    trims what is free beyond that). Process-wide until :func:`return_freed_memory`; a no-op
-    off glibc."""
-    return _set_heap_thresholds(KEPT_HEAP_MMAP_THRESHOLD_BYTES)
 
 
 def _set_heap_thresholds(mmap_threshold_bytes: int) -> bool:

@@ -80,7 +80,10 @@ def _sessions_line(schedule: Schedule) -> str:
     streamed segment's)."""
     rebuilt = sum(not segment.persistent for segment in schedule.segments)
     kept = len(schedule.segments) - rebuilt
-    return f"sessions     {kept} kept across runs" + (f", {rebuilt} built on every run" if rebuilt else "")
+    line = f"sessions     {kept} kept across runs" + (f", {rebuilt} built on every run" if rebuilt else "")
+    if schedule.kept_heap_bytes:   # segment rule 14
+        line += f"; they share an arena of {format_size(schedule.kept_heap_bytes)} whose pages runs keep"
+    return line
 
 
 SUB_STEPS_SHOWN = 6   # tiles listed per tiled step; the rest are summed up in one line

@@ -175,25 +175,24 @@ def wide_then_narrow() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def test_a_kept_heap_replaces_each_steps_activations_by_the_heaps_footprint() -> None:
+def test_a_kept_arena_replaces_each_steps_activations_by_its_footprint() -> None:
     options = {"max_segment_steps": 1, "prefetch": False, "prepack_weights": False, "weight_cache_bytes": 0}
     returned = segmented(wide_then_narrow(), ExecutionMode.MEMORY_OPT, None, **options).segmentation
-    assert returned.kept_heap_bytes == 0                   # without a cap glibc is left alone
+    assert returned.kept_heap_bytes == 0                   # without a cap no arena is kept
     wide = 65536 * 4
     assert returned.step_bytes[0] == 2 * wide              # x and its Relu, at step 0: the high-water
     kept = segmented(wide_then_narrow(), ExecutionMode.MEMORY_OPT, 10 * wide, **options).segmentation
-    assert kept.kept_heap_bytes == 2 * wide and kept.spans == returned.spans
-    # The heap's footprint over two runs: the caller still holds the first run's output,
-    # carved from the Relu's freed block, so the second run's Relu takes a block from the top
-    # -- two Relu blocks (64-byte aligned, with glibc's header). It stands in for each step's
-    # own activations, not beside them; x is the caller's, outside the heap, while it is read.
-    heap = 2 * (wide + 64)
+    # The arena's footprint over two runs: the Relu's pages, reused by the second run, and the
+    # small Slice and MatMul outputs beside them -- less than two Relus.
+    arena = kept.kept_heap_bytes
+    assert wide < arena < 2 * wide and kept.spans == returned.spans
+    # It stands in for each step's own activations, not beside them; x is the caller's, outside
+    # the arena, while it is read.
     relu_step = returned.step_bytes[0] - 2 * wide           # x and r: no workspace
     slice_step = returned.step_bytes[1] - (wide + 256)      # r (held) and its slice s
-    assert kept.step_bytes[:2] == (relu_step + heap + wide, slice_step + heap)
-    # The MatMul's tensors (s held, y) and workspace are replaced too: less than the heap added.
-    assert kept.step_bytes[2] < returned.step_bytes[2] + heap - 2 * 256
-    # One step a segment already: no smaller segments to make room for it, so the heap goes back.
+    assert kept.step_bytes[:2] == (relu_step + arena + wide, slice_step + arena)
+    assert kept.step_bytes[2] <= returned.step_bytes[2] + arena - 2 * 256   # s (held) and y replaced too
+    # One step a segment already: no smaller segments to make room for it, so the arena goes back.
     tight = segmented(wide_then_narrow(), ExecutionMode.MEMORY_OPT, kept.peak_bytes - 1, **options).segmentation
     assert tight.kept_heap_bytes == 0 and tight.step_bytes == returned.step_bytes
 
@@ -217,34 +216,28 @@ def widening_chain(layers: int = 4, width: int = 16384) -> onnx.ModelProto:
 WIDENING = {"prefetch": False, "prepack_weights": False, "weight_cache_bytes": 0}
 
 
-def test_ever_wider_activations_make_the_heap_outgrow_their_high_water() -> None:
+def test_the_arena_is_counted_in_place_of_activations_not_beside_them() -> None:
     plain = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, None, **WIDENING).segmentation
     roomy = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, 100 * plain.peak_bytes, **WIDENING).segmentation
     assert roomy.spans == plain.spans and roomy.kept_heap_bytes > 0
-    # Each wider block fits no hole an earlier one left: kept, the plan's peak grows by more
-    # than the activations' high-water, which a heap reused block for block would add at most.
-    assert roomy.peak_bytes - plain.peak_bytes > roomy.kept_heap_bytes
+    assert 0 < roomy.peak_bytes - plain.peak_bytes < roomy.kept_heap_bytes
 
 
-def test_segments_are_grown_smaller_to_make_room_for_the_kept_heap() -> None:
-    plain = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, None, **WIDENING).segmentation
-    roomy = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, 100 * plain.peak_bytes, **WIDENING).segmentation
-    # Just under what one segment needs with the heap kept: two segments, each holding fewer
-    # weights and trimmed in between, keep it; the plan without it stays one segment.
-    cap = roomy.peak_bytes - 4096
-    kept = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, cap, **WIDENING).segmentation
+def test_segments_are_grown_smaller_to_make_room_for_the_kept_arena() -> None:
+    model = widening_chain(layers=6)
+    plain = segmented(model, ExecutionMode.MEMORY_OPT, None, **WIDENING).segmentation
+    roomy = segmented(model, ExecutionMode.MEMORY_OPT, 100 * plain.peak_bytes, **WIDENING).segmentation
+    # Just under what one segment needs with the arena kept: two segments, each holding fewer
+    # weights beside it, keep it; the plan without it stays one segment.
+    cap = roomy.peak_bytes * 99 // 100
+    kept = segmented(model, ExecutionMode.MEMORY_OPT, cap, **WIDENING).segmentation
     assert kept.kept_heap_bytes > 0 and len(kept.spans) > len(roomy.spans) and kept.peak_bytes <= cap
-    assert len(segmented(widening_chain(), ExecutionMode.MEMORY_OPT, cap, keep_heap=False,
-                         **WIDENING).segmentation.spans) == 1
+    assert len(segmented(model, ExecutionMode.MEMORY_OPT, cap, keep_heap=False, **WIDENING).segmentation.spans) == 1
 
 
-def test_a_plan_whose_heap_footprint_exceeds_the_cap_keeps_none() -> None:
-    plain = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, None, **WIDENING).segmentation
-    roomy = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, 100 * plain.peak_bytes, **WIDENING).segmentation
-    two = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, roomy.peak_bytes - 4096, **WIDENING).segmentation
-    # A cap the plan without a kept heap meets, but neither one segment nor two with the heap's
-    # footprint do: no heap kept, and the plan is the one without it.
-    cap = two.peak_bytes - 1
-    tight = segmented(widening_chain(), ExecutionMode.MEMORY_OPT, cap, **WIDENING).segmentation
-    assert plain.peak_bytes <= cap
+def test_a_plan_the_kept_arena_does_not_fit_keeps_none() -> None:
+    model = widening_chain(layers=6)
+    plain = segmented(model, ExecutionMode.MEMORY_OPT, None, **WIDENING).segmentation
+    # The plan without the arena just fits: neither one segment nor smaller ones do with it.
+    tight = segmented(model, ExecutionMode.MEMORY_OPT, plain.peak_bytes, **WIDENING).segmentation
     assert tight.kept_heap_bytes == 0 and tight.step_bytes == plain.step_bytes
