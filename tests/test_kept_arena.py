@@ -56,3 +56,22 @@ def test_inspect_says_when_the_sessions_share_a_kept_arena() -> None:
     assert "share an arena of 6.0 MiB" in summary(schedule)
     uncapped = hyperion.compile("hyperion/data/demo.onnx", input_shapes={"image": [8, 3, 64, 64]}).schedule
     assert "share an arena" not in summary(uncapped)
+
+
+def test_adaptive_streams_the_weights_when_only_that_leaves_room_for_the_arena() -> None:
+    # The light ShuffleNet at 12 MiB (half of onnxruntime's RSS on it): normal mode fits, but
+    # with every weight resident no arena does, so each run would fault its activations in.
+    # memory_opt keeps a 5.3 MiB arena and maps fewer weight bytes again than normal faults.
+    from pathlib import Path
+
+    import onnx
+
+    import hyperion
+
+    model = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_shufflenet.onnx"
+    cap = 12 * 2**20
+    normal = hyperion.compile(model, memory_limit=cap, mode="normal").schedule
+    assert normal.kept_heap_bytes == 0
+    chosen = hyperion.compile(model, memory_limit=cap).schedule
+    assert chosen.mode == "memory_opt" and chosen.kept_heap_bytes > 0 and chosen.peak_bytes <= cap
+    assert "leaves no room to keep an arena between runs" in chosen.mode_reason

@@ -46,6 +46,7 @@ from hyperion.digest import sha256
 from hyperion.errors import FeedError, RuntimeExecutionError, UnsupportedModelError
 from hyperion.frontend import ModelSource
 from hyperion.ir import ExecutionMode, TensorRole
+from hyperion.passes.memory.ort_arena import MAPPED_BLOCK_BYTES
 from hyperion.runtime import pages
 from hyperion.runtime.regions import region_model, run_region
 from hyperion.runtime.relayout import cached_relaid, relaid_model, scratch_folder
@@ -67,7 +68,7 @@ from hyperion.runtime.weights import FileSpan, WeightStore
 from hyperion.schedule import RowGather, Schedule, Segment, Tiles
 
 # With a cap, blocks of this size or more go back to the OS when freed (see sessions.return_freed_memory).
-MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = MAPPED_BLOCK_BYTES
 # In a region's segment (tiles, patches) whose session is built every run, blocks of this size
 # or more are mapped on their own and returned when freed. Its tiles allocate blocks of a
 # tile's size, a few hundred KiB, which glibc would otherwise carve from the heap between

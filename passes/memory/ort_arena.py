@@ -42,6 +42,9 @@ if TYPE_CHECKING:   # the runtime reads the arena's settings here without the co
     from hyperion.ir import Graph
     from hyperion.passes.liveness import Liveness
 
+# Under a cap, glibc maps a block of this size or more on its own and gives it back when freed
+# (runtime/sessions.return_freed_memory): without the arena, a run faults such tensors in anew.
+MAPPED_BLOCK_BYTES = 1 << 20
 # How the runtime configures the shared arena (runtime/sessions.shared_arena).
 ARENA_INITIAL_BYTES = 1 << 20
 ARENA_MIN_ALLOCATION_BYTES = 256          # onnxruntime's kMinAllocationSize
