@@ -77,7 +77,7 @@ def session_options(*, threads: int = 0, arena: bool = True, prepack: bool = Tru
     * ``external_folder``: where relative external-data locations resolve when the
       model is given as bytes (a segment model, or weights spilled to a file).
     * ``shared_arena``: the session allocates its tensors from the process's one shared
-      arena (:func:`shared_arena`), which keeps its pages between runs (segment rule 14),
+      arena (:func:`shared_arena_registered`), which keeps its pages between runs (segment rule 14),
       and its initializers outside it; no memory pattern (the plan's tensors, one by one).
 
     Warnings are off (severity 3): onnxruntime warns about things that are expected

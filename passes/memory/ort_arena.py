@@ -3,7 +3,7 @@
 Under a cap, a tensor of 1 MiB or more is mapped when allocated and returned when freed,
 so every run faults its activations in again: on MobileNetV3 at half of onnxruntime's
 RSS, 2,460 page faults and 6 of a run's 12 ms. A plan that can afford it instead gives
-every session one arena of onnxruntime's own, shared (``runtime/sessions.shared_arena``):
+every session one arena of onnxruntime's own, shared (``runtime/sessions.shared_arena_registered``):
 its regions stay mapped between runs and the next run's tensors reuse their pages. What
 that costs in RSS is not the live activations but the pages of the arena the runs have
 written, so the plan counts the arena's footprint *in place of* each step's activations,
@@ -45,7 +45,7 @@ if TYPE_CHECKING:   # the runtime reads the arena's settings here without the co
 # Under a cap, glibc maps a block of this size or more on its own and gives it back when freed
 # (runtime/sessions.return_freed_memory): without the arena, a run faults such tensors in anew.
 MAPPED_BLOCK_BYTES = 1 << 20
-# How the runtime configures the shared arena (runtime/sessions.shared_arena).
+# How the runtime configures the shared arena (runtime/sessions.shared_arena_registered).
 ARENA_INITIAL_BYTES = 1 << 20
 ARENA_MIN_ALLOCATION_BYTES = 256          # onnxruntime's kMinAllocationSize
 ARENA_MAX_DEAD_BYTES_PER_CHUNK = ARENA_MIN_ALLOCATION_BYTES
