@@ -142,8 +142,8 @@ class SegmentPass(Pass):
        (``kept_heap_bytes``: its footprint). A run's activations are then carved out of
        it, so the plan counts, at every step, the arena's footprint *in place of* the
        step's own activations (the graph inputs its segment holds, and the caller's,
-       beside it): the pages it has written over two runs of the
-       plan's allocations on a model of onnxruntime's arena
+       beside it): the pages it has written over two runs of the plan's allocations on a
+       model of onnxruntime's arena
        (:mod:`hyperion.passes.memory.ort_arena`; DenseNet-121's ever wider concatenations:
        1.6x its high-water; MobileNetV3 1.3x). The runs that build sessions give the
        arena's free regions back after every segment, so a session's creation is charged,
