@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -739,18 +740,22 @@ class _Layout:
         """The most activations, with workspace, that any step holds."""
         return max((max(span.step_activation) for span in self.spans), default=0)
 
+    @functools.cached_property
     def arena_idle_at_creation(self) -> list[int]:
         """Per segment, the arena's written pages no live tensor holds when the first run
         creates its session, shrinking the arena after every segment (rule 14)."""
-        return idle_bytes_at_segments(self._arena_events())
+        return idle_bytes_at_segments(self._arena_events)
 
     def arena_footprint(self) -> int:
         """The pages of the shared arena the runs write, live activations and workspace
         included (rule 14): simulated on a model of onnxruntime's arena
         (``passes/memory/ort_arena.py``). Graph inputs are the caller's, outside it."""
-        return arena_footprint(self._arena_events(), ARENA_SIMULATED_RUNS)
+        return arena_footprint(self._arena_events, ARENA_SIMULATED_RUNS)
 
+    @functools.cached_property
     def _arena_events(self) -> list[ArenaEvent]:
+        # A layout's spans never change: its allocations are replayed for the footprint and
+        # for every creation check from one sequence.
         costs = self.costs
         workspace = [0] * costs.n
         for span in self.spans:
@@ -764,7 +769,7 @@ class _Layout:
         inputs still needed beside it (they are the caller's, outside the arena); a session's
         creation, in a run that gives the arena back, with its pages no live tensor holds."""
         out: list[int] = []
-        idle = self.arena_idle_at_creation() if arena else []
+        idle = self.arena_idle_at_creation if arena else []
         for index in range(len(self.spans)):
             steps, creation = self._base(index)
             if not self.costs.normal:

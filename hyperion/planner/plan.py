@@ -192,7 +192,7 @@ def _keeping_an_arena(planner: Planner, memory_limit: int, normal: Program, reas
     runs fault activations in: then that one. Under a cap without the arena, every tensor
     of 1 MiB or more is faulted in on every run; with it, only the weights memory_opt does not
     cache are (the light ShuffleNet at half of onnxruntime's RSS: 13.1 ms a run in normal
-    mode, 8.5 ms in memory_opt with a 5.3 MiB arena)."""
+    mode, 8.5 and 5.2 ms in two measurements of memory_opt with a 5.3 MiB arena)."""
     if _arena_bytes(normal):
         return normal, reason
     try:

@@ -55,6 +55,7 @@ from hyperion.runtime.segment_model import build_segment_model, nodes_by_name
 from hyperion.runtime.sessions import (
     SessionPool,
     SessionTimes,
+    note_arena_kept,
     release_free_heap,
     return_freed_memory,
     session_options,
@@ -340,7 +341,9 @@ class Runtime:
         return_freed_memory(MMAP_THRESHOLD_BYTES)
         self._arena_kept = self._shared_arena and self.pool.all_kept()
         self._run_options = shrinking_run_options() if self._shared_arena and not self._arena_kept else None
-        if not self._arena_kept:
+        if self._arena_kept:
+            note_arena_kept()
+        else:
             release_free_heap()   # what another schedule's runs kept in this process, its plan does not count
         if not self._shared_arena:
             shrink_shared_arena()

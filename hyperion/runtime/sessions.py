@@ -118,12 +118,25 @@ def shared_arena_registered() -> None:
     ort.create_and_register_allocator(info, config)
 
 
+# Whether a run that kept the shared arena ended since it was last shrunk: a schedule that
+# keeps none shrinks it only then, not on every run (the shrink is one onnxruntime run).
+_arena_left_grown = False
+
+
+def note_arena_kept() -> None:
+    """A run kept the shared arena's pages: the next run without it shrinks it first."""
+    global _arena_left_grown
+    _arena_left_grown = True
+
+
 def shrink_shared_arena() -> None:
-    """Give the shared arena's free regions back, if a session ever used it: a schedule that
-    does not keep it does not count what another one's runs left in it."""
-    if shared_arena_registered.cache_info().currsize:
+    """Give the shared arena's free regions back if a run kept it since the last shrink: a
+    schedule that does not keep it does not count what another one's runs left in it."""
+    global _arena_left_grown
+    if _arena_left_grown:
         session, feeds = _shrinker()
         session.run(None, feeds, shrinking_run_options())
+        _arena_left_grown = False
 
 
 @functools.cache

@@ -194,7 +194,7 @@ def idle_bytes_at_segments(run: Sequence[ArenaEvent]) -> list[int]:
         else:
             arena.shrink()
             idle.append(max(0, arena.written_bytes - arena.live_bytes))
-    return idle[:-1] if len(idle) > 1 else idle
+    return idle[:-1]   # the last entry: after the last segment, which no session follows
 
 
 def allocation_sequence(graph: Graph, liveness: Liveness, spans: Iterable[tuple[int, int]],
